@@ -1,0 +1,57 @@
+"""The backend adapter interface, in the spirit of an httpx transport.
+
+An adapter knows one wire protocol. It builds the upstream request from the
+client's OpenAI request and turns the upstream answer back into OpenAI JSON
+or SSE chunks. The translation is pure code over bytes (no sockets), so it is
+tested on recorded responses; the router owns all I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    url: str
+    body: bytes
+    headers: Mapping[str, str]
+
+
+class StreamTranslator(Protocol):
+    def feed(self, chunk: bytes) -> bytes:
+        """Bytes of the upstream stream in, bytes of an OpenAI SSE stream out."""
+        ...
+
+    def close(self) -> bytes:
+        """Whatever is still owed to the client once the upstream stream ends."""
+        ...
+
+
+class Adapter(Protocol):
+    kind: str
+    #: Path probed for liveness (relative to the endpoint's URL).
+    health_path: str
+
+    def build(
+        self,
+        base_url: str,
+        path: str,
+        raw: bytes,
+        body: Mapping[str, Any],
+        served_name: str,
+        headers: Mapping[str, str],
+    ) -> UpstreamRequest:
+        """The upstream request for the OpenAI request ``body`` (raw bytes ``raw``)
+        that the client sent to ``path``."""
+        ...
+
+    def translate_json(self, path: str, body: bytes) -> bytes:
+        """A successful non-streamed upstream body as OpenAI JSON."""
+        ...
+
+    def stream_translator(self, path: str, body: Mapping[str, Any]) -> StreamTranslator | None:
+        """A translator for a streamed answer, or None to pass bytes through."""
+        ...

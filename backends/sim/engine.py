@@ -1,0 +1,318 @@
+"""The simulated inference engine shared by every simulator face.
+
+It runs vLLM's loop in miniature: continuous batching in discrete steps.
+Each step decodes one token for every running sequence and spends what is
+left of a token budget on prefill (chunked prefill), then takes as long as
+the latency model says:
+
+    step_seconds = step_base + prefill_tokens * prefill_per_token
+                              + decode_seqs * decode_per_seq
+
+So TTFT grows with uncached prompt tokens and with queueing (past
+``max_num_seqs`` or when the KV cache is full, requests wait), cached
+prefix tokens skip prefill entirely, and throughput saturates the way a real
+engine's does. With every latency parameter at zero the engine only yields
+to the event loop between steps (the overhead benchmark's backend).
+
+The engine keeps its own truth - prefix-cache queries and hits in tokens,
+requests by finish reason - which the faces publish under the backend's
+metric names. Benchmarks read hit rates from there, never from the router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import xxhash
+
+from backends.sim.kvcache import Block, PrefixCache, block_hashes
+from backends.sim.tokenizer import token_ids, tokenize
+
+# Each is one token of the simulators' tokenizer (a word of at most 6 letters).
+_WORD_LIST = (
+    "the of and to in is that it for on with as was at by this be from or have an are"
+    " not but what all were when we there can more if will one about so up out into"
+    " model cache token route prefix server batch stream"
+)
+WORDS = tuple(" " + word for word in _WORD_LIST.split())
+
+
+@dataclass(frozen=True)
+class EngineParams:
+    block_size: int = 16
+    num_blocks: int = 2049
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 2048
+    max_model_len: int = 8192
+    step_base: float = 0.005
+    prefill_per_token: float = 0.0001
+    decode_per_seq: float = 0.0002
+    seed: int = 0
+
+    @classmethod
+    def zero_latency(cls, **kw: int | float) -> EngineParams:
+        return cls(step_base=0.0, prefill_per_token=0.0, decode_per_seq=0.0, **kw)  # type: ignore[arg-type]
+
+
+@dataclass(eq=False)
+class Sequence_:
+    prompt_ids: list[int]
+    #: Prompt then output token ids, as far as emitted; full blocks get hashed.
+    all_ids: list[int]
+    max_tokens: int
+    finish_reason: str
+    output: list[str]
+    arrival: float
+    hashes: list[int] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
+    computed: int = 0
+    hit_tokens: int = 0
+    created_cache_tokens: int = 0
+    emitted: int = 0
+    first_token_at: float | None = None
+    done: bool = False
+    aborted: bool = False
+    queue: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.num_prompt + self.emitted
+
+
+@dataclass
+class EngineStats:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    queries: int = 0
+    hits: int = 0
+    finished: dict[str, int] = field(
+        default_factory=lambda: {"stop": 0, "length": 0, "abort": 0, "error": 0, "repetition": 0}
+    )
+    requests: int = 0
+
+
+class PromptTooLong(ValueError):
+    def __init__(self, n: int, limit: int) -> None:
+        super().__init__(
+            f"This model's maximum context length is {limit} tokens. However, your prompt "
+            f"contains at least {n} input tokens, which exceeds this limit even without any "
+            f"output tokens. Please reduce the length of the input prompt. "
+            f"(parameter=input_tokens, value={n})"
+        )
+
+
+def generate_text(prompt: str, n: int, seed: int) -> list[str]:
+    """Deterministic output tokens: the same prompt and seed give the same text."""
+    rng = random.Random(xxhash.xxh64_intdigest(prompt.encode(), seed=seed))
+    return [rng.choice(WORDS) for _ in range(n)]
+
+
+class Engine:
+    def __init__(self, params: EngineParams) -> None:
+        self.params = params
+        self.cache = PrefixCache(params.num_blocks, params.block_size)
+        self.stats = EngineStats()
+        self.waiting: deque[Sequence_] = deque()
+        self.running: list[Sequence_] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def submit(self, prompt: str, max_tokens: int | None, seed: int | None = None) -> Sequence_:
+        tokens = tokenize(prompt)
+        n = len(tokens)
+        if n + 1 > self.params.max_model_len:
+            raise PromptTooLong(n, self.params.max_model_len)
+        if max_tokens is None:
+            # An EOS from a model we do not run: a length drawn from the prompt.
+            rng = random.Random(xxhash.xxh64_intdigest(prompt.encode(), seed=self.params.seed))
+            length, reason = rng.randint(8, 64), "stop"
+        else:
+            length, reason = max_tokens, "length"
+        length = max(0, min(length, self.params.max_model_len - n))
+        seq_seed = self.params.seed if seed is None else seed
+        ids = token_ids(tokens)
+        seq = Sequence_(
+            prompt_ids=ids,
+            all_ids=list(ids),
+            max_tokens=length,
+            finish_reason=reason,
+            output=generate_text(prompt, length, seq_seed),
+            arrival=time.monotonic(),
+        )
+        seq.hashes = block_hashes(seq.prompt_ids, self.params.block_size)
+        self.stats.requests += 1
+        self.waiting.append(seq)
+        self._wake.set()
+        self.start()
+        return seq
+
+    def abort(self, seq: Sequence_) -> None:
+        """The client went away: stop the sequence and give back its blocks."""
+        if seq.done:
+            return
+        seq.done = seq.aborted = True
+        if seq in self.running:
+            self.running.remove(seq)
+            self.cache.free(seq.blocks)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.blocks = []
+        self.stats.finished["abort"] += 1
+        self._wake.set()
+
+    # -- the loop -----------------------------------------------------------
+
+    async def _loop(self) -> None:
+        p = self.params
+        while True:
+            if not self.running and not self.waiting:
+                self._wake.clear()
+                await self._wake.wait()
+            prefill, decodes = self._schedule()
+            prefill_tokens = sum(n for _, n in prefill)
+            seconds = (
+                p.step_base + prefill_tokens * p.prefill_per_token + len(decodes) * p.decode_per_seq
+            )
+            if not prefill and not decodes:
+                # Nothing fits (the cache is full of running sequences): wait for a change.
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await asyncio.sleep(seconds)
+            self._advance(prefill, decodes)
+
+    def _schedule(self) -> tuple[list[tuple[Sequence_, int]], list[Sequence_]]:
+        p = self.params
+        budget = p.max_batched_tokens
+        decodes: list[Sequence_] = []
+        prefill: list[tuple[Sequence_, int]] = []
+        for seq in list(self.running):
+            if seq.done:
+                continue
+            if seq.computed < seq.num_prompt:
+                n = min(seq.num_prompt - seq.computed, budget)
+                if n > 0:
+                    prefill.append((seq, n))
+                    budget -= n
+                continue
+            if not self._reserve(seq, seq.total_tokens + 1):
+                self._preempt(seq)
+                continue
+            decodes.append(seq)
+            budget -= 1
+        while self.waiting and len(self.running) < p.max_num_seqs and budget > 0:
+            seq = self.waiting[0]
+            if not self._admit(seq):
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            n = min(seq.num_prompt - seq.computed, budget)
+            prefill.append((seq, n))
+            budget -= n
+        return prefill, decodes
+
+    def _admit(self, seq: Sequence_) -> bool:
+        hit = self.cache.longest_hit(seq.hashes, seq.num_prompt)
+        need = -(-seq.num_prompt // self.params.block_size) - len(hit)
+        evictable_hits = sum(1 for b in hit if b.ref == 0)
+        if need > self.cache.free_blocks - evictable_hits:
+            return False
+        self.cache.touch(hit)
+        fresh = self.cache.allocate(need)
+        assert fresh is not None
+        seq.blocks = hit + fresh
+        seq.computed = seq.hit_tokens = len(hit) * self.params.block_size
+        seq.created_cache_tokens = (len(seq.hashes) - len(hit)) * self.params.block_size
+        self.stats.queries += seq.num_prompt
+        self.stats.hits += seq.hit_tokens
+        self.stats.prompt_tokens += seq.num_prompt
+        return True
+
+    def _reserve(self, seq: Sequence_, tokens: int) -> bool:
+        need = -(-tokens // self.params.block_size) - len(seq.blocks)
+        if need <= 0:
+            return True
+        fresh = self.cache.allocate(need)
+        if fresh is None:
+            return False
+        seq.blocks.extend(fresh)
+        return True
+
+    def _preempt(self, seq: Sequence_) -> None:
+        # vLLM recomputes a preempted sequence from scratch later.
+        self.running.remove(seq)
+        self.cache.free(seq.blocks)
+        seq.blocks = []
+        seq.computed = 0
+        self.waiting.appendleft(seq)
+
+    def _advance(
+        self, prefill: Sequence[tuple[Sequence_, int]], decodes: Sequence[Sequence_]
+    ) -> None:
+        now = time.monotonic()
+        bs = self.params.block_size
+        for seq, n in prefill:
+            if seq.done:
+                continue
+            seq.computed += n
+            full = min(seq.computed // bs, len(seq.hashes), len(seq.blocks))
+            for i in range(full):
+                self.cache.commit(seq.blocks[i], seq.hashes[i])
+            if seq.computed >= seq.num_prompt:
+                self._emit(seq, now)
+        for seq in decodes:
+            if not seq.done:
+                self._emit(seq, now)
+        if any(s.done for s in self.running):
+            self.running = [s for s in self.running if not s.done]
+
+    def _cache_output(self, seq: Sequence_, token: str) -> None:
+        # vLLM caches full blocks of generated tokens too (a later turn of a
+        # conversation can hit them).
+        bs = self.params.block_size
+        seq.all_ids.extend(token_ids((token,)))
+        while len(seq.hashes) < len(seq.all_ids) // bs:
+            i = len(seq.hashes)
+            parent = seq.hashes[-1] if seq.hashes else 0
+            h = block_hashes(seq.all_ids[i * bs : (i + 1) * bs], bs, parent)[0]
+            seq.hashes.append(h)
+            if i < len(seq.blocks):
+                self.cache.commit(seq.blocks[i], h)
+
+    def _emit(self, seq: Sequence_, now: float) -> None:
+        if seq.emitted < seq.max_tokens:
+            token = seq.output[seq.emitted]
+            seq.queue.put_nowait(token)
+            seq.emitted += 1
+            self._cache_output(seq, token)
+            self.stats.generation_tokens += 1
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+        if seq.emitted >= seq.max_tokens:
+            seq.done = True
+            self.cache.free(seq.blocks)
+            seq.blocks = []
+            self.stats.finished[seq.finish_reason] += 1
+            seq.queue.put_nowait(None)
+            self._wake.set()

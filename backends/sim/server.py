@@ -1,0 +1,115 @@
+"""``kvroute simulate``: one simulated backend as a real HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from backends.sim.common import Faults
+from backends.sim.engine import EngineParams
+from backends.sim.vllm import VLLMSimulator
+
+KINDS = ("vllm",)
+
+
+def build_simulator(
+    kind: str, models: Sequence[str], params: EngineParams, faults: Faults | None = None
+) -> VLLMSimulator:
+    if kind != "vllm":
+        raise ValueError(f"unknown simulator kind '{kind}' (known: {', '.join(KINDS)})")
+    return VLLMSimulator(models, params, faults)
+
+
+def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
+    d = EngineParams()
+    p.add_argument("--kind", choices=KINDS, default="vllm")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="a model name it serves (repeat for more names)",
+    )
+    g = p.add_argument_group("engine")
+    g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
+    g.add_argument(
+        "--num-blocks",
+        type=int,
+        default=d.num_blocks,
+        help="KV blocks, one of them reserved (vLLM's null block)",
+    )
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=d.max_num_seqs,
+        help="sequences decoded together; more wait",
+    )
+    g.add_argument(
+        "--max-batched-tokens",
+        type=int,
+        default=d.max_batched_tokens,
+        help="token budget of one step (decode + chunked prefill)",
+    )
+    g.add_argument("--max-model-len", type=int, default=d.max_model_len)
+    g.add_argument("--step-base", type=float, default=d.step_base, help="seconds per step")
+    g.add_argument(
+        "--prefill-per-token",
+        type=float,
+        default=d.prefill_per_token,
+        help="seconds per uncached prompt token",
+    )
+    g.add_argument(
+        "--decode-per-seq",
+        type=float,
+        default=d.decode_per_seq,
+        help="seconds per decoding sequence in a step",
+    )
+    g.add_argument(
+        "--zero-latency",
+        action="store_true",
+        help="all latency parameters 0: steps only yield to the event loop",
+    )
+    g.add_argument("--seed", type=int, default=d.seed)
+    f = p.add_argument_group("faults")
+    f.add_argument("--fail-rate", type=float, default=0.0)
+    f.add_argument("--fail-status", type=int, default=500)
+    f.add_argument(
+        "--stall", type=float, default=0.0, help="seconds before answering; negative hangs"
+    )
+    f.add_argument("--die-after-chunks", type=int, default=0, help="cut streams after N chunks")
+    f.add_argument("--log-level", default="warning")
+
+
+def params_from_args(args: argparse.Namespace) -> EngineParams:
+    latency = (
+        (0.0, 0.0, 0.0)
+        if args.zero_latency
+        else (args.step_base, args.prefill_per_token, args.decode_per_seq)
+    )
+    return EngineParams(
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_batched_tokens=args.max_batched_tokens,
+        max_model_len=args.max_model_len,
+        step_base=latency[0],
+        prefill_per_token=latency[1],
+        decode_per_seq=latency[2],
+        seed=args.seed,
+    )
+
+
+async def run_simulator(args: argparse.Namespace) -> int:
+    from router.serve import Server, uvicorn_config
+
+    faults = Faults(
+        fail_rate=args.fail_rate,
+        fail_status=args.fail_status,
+        stall=args.stall,
+        die_after_chunks=args.die_after_chunks,
+    )
+    sim = build_simulator(args.kind, args.model, params_from_args(args), faults)
+    server = Server(uvicorn_config(sim.app, args.host, args.port, args.log_level))
+    await server.serve()
+    return 0

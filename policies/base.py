@@ -1,0 +1,90 @@
+"""The policy interface: pure decisions over immutable views.
+
+A policy ranks the candidate endpoints for one request. The first is the
+primary; the rest are the failover order. Policies do no I/O, no logging and
+no metrics; randomness comes from the ``random.Random`` they are built with,
+so a seeded policy is exactly reproducible.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointView:
+    """What a policy may know of one endpoint, frozen at decision time."""
+
+    id: str
+    url: str
+    kind: str
+    weight: float = 1.0
+    in_flight: int = 0
+    #: Scraped from the backend's metrics; ``None`` when unknown or stale.
+    running: float | None = None
+    waiting: float | None = None
+    kv_usage: float | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """What a policy may know of one request."""
+
+    model: str
+    endpoint: str
+    body: Mapping[str, Any]
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    ranked: tuple[EndpointView, ...]
+    reason: str
+    #: Characters of the prompt prefix the chosen endpoint is believed to hold.
+    match_len: int = 0
+
+
+class Policy(Protocol):
+    name: str
+
+    def rank(self, request: RequestView, candidates: Sequence[EndpointView]) -> Decision:
+        """Order ``candidates`` (never empty) for ``request``."""
+        ...
+
+    def observe(self, request: RequestView, endpoint_id: str, ok: bool) -> None:
+        """Learn from a finished attempt (prefix index and the like)."""
+        ...
+
+    def forget(self, endpoint_id: str) -> None:
+        """Drop all state about an endpoint that left the fleet."""
+        ...
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyFactory:
+    """How a policy is built from YAML: its parameter model and a constructor."""
+
+    params_model: type[BaseModel]
+    build: Callable[[Any, random.Random], Policy]
+
+
+class StatelessPolicy:
+    """Base for policies that learn nothing from outcomes."""
+
+    name = "stateless"
+
+    def observe(self, request: RequestView, endpoint_id: str, ok: bool) -> None:
+        return None
+
+    def forget(self, endpoint_id: str) -> None:
+        return None

@@ -1,0 +1,201 @@
+"""The router's ASGI application.
+
+RequestMiddleware      request id, OpenAI-shaped errors, access log, request metrics
+  └── dispatch         POST /v1/{chat/completions,completions,embeddings} -> Proxy
+                       everything else -> the control app (Starlette)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from router.config import Config
+from router.errors import InvalidRequest, RouterError, error_body
+from router.logs import ACCESS, LOG
+from router.metrics import CONTENT_TYPE_LATEST
+from router.proxy import ROUTES, Proxy, RequestContext, error_response_messages
+from router.state import AppState
+from router.types import ASGIApp, Message, Receive, Scope, Send
+
+REQUEST_ID = b"x-request-id"
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+class RequestMiddleware:
+    """Gives every HTTP request an id (``x-request-id``, accepted or made and always
+    echoed), turns any error into OpenAI's shape, and logs one JSON line."""
+
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = ""
+        for name, value in scope["headers"]:
+            if name == REQUEST_ID:
+                request_id = value.decode("latin-1")[:128]
+                break
+        if not request_id:
+            request_id = uuid.uuid4().hex
+        ctx = RequestContext(request_id, time.perf_counter())
+        scope["kvroute.ctx"] = ctx
+        rid_header = (REQUEST_ID, request_id.encode("latin-1"))
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                ctx.status = message["status"]
+                message["headers"] = [*message.get("headers", ()), rid_header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except RouterError as err:
+            ctx.error = err.message
+            if not started:
+                for message in error_response_messages(err):
+                    await send_with_id(message)
+        except asyncio.CancelledError:
+            # The client went away while we were reading its request.
+            ctx.cancelled = True
+            ctx.status = ctx.status or 499
+        except Exception as exc:
+            LOG.exception("unhandled error", extra={"request_id": request_id})
+            ctx.error = f"internal error: {exc.__class__.__name__}"
+            if not started:
+                internal = RouterError("internal error in the router; see its logs")
+                for message in error_response_messages(internal):
+                    await send_with_id(message)
+        finally:
+            self._record(scope, ctx)
+
+    def _record(self, scope: Scope, ctx: RequestContext) -> None:
+        duration = time.perf_counter() - ctx.start
+        if ctx.model is not None:
+            endpoint = ctx.endpoint or "none"
+            metrics = self.state.metrics
+            metrics.requests.labels(ctx.model, endpoint, str(ctx.status)).inc()
+            series = metrics.series(ctx.model, endpoint)
+            series.duration.observe(duration)
+            if ctx.ttft is not None:
+                series.ttft.observe(ctx.ttft)
+        if self.state.config.server.access_log and ACCESS.isEnabledFor(logging.INFO):
+            line: dict[str, Any] = {
+                "event": "request",
+                "request_id": ctx.request_id,
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": ctx.status,
+                "duration_ms": round(duration * 1000, 3),
+            }
+            if ctx.model is not None:
+                line.update(
+                    model=ctx.model,
+                    endpoint=ctx.endpoint,
+                    policy=ctx.policy,
+                    reason=ctx.reason,
+                    stream=ctx.stream,
+                )
+            if ctx.ttft is not None:
+                line["ttft_ms"] = round(ctx.ttft * 1000, 3)
+            if ctx.error:
+                line["error"] = ctx.error
+            if ctx.cancelled:
+                line["cancelled"] = True
+            ACCESS.info(line)
+
+
+class Dispatch:
+    def __init__(self, proxy: Proxy, control: ASGIApp) -> None:
+        self.proxy = proxy
+        self.control = control
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in ROUTES:
+            if scope["method"] != "POST":
+                raise MethodNotAllowed(f"{scope['path']} takes POST, not {scope['method']}")
+            await self.proxy(scope, receive, send)
+            return
+        await self.control(scope, receive, send)
+
+
+class MethodNotAllowed(InvalidRequest):
+    status = 405
+    code: str | None = "method_not_allowed"
+
+
+def build_control_app(state: AppState) -> Starlette:
+    async def models(request: Request) -> Response:
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "kvroute"}
+            for name in state.routes.public_models()
+        ]
+        return json_response({"object": "list", "data": data})
+
+    async def health(request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        healthy = sum(1 for e in state.registry.all() if e.available)
+        if state.ready and healthy:
+            return json_response({"status": "ready", "healthy_endpoints": healthy})
+        return json_response({"status": "not ready", "healthy_endpoints": healthy}, 503)
+
+    async def metrics(request: Request) -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return json_response(
+            error_body(message, "invalid_request_error", None, code), exc.status_code
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await state.forwarder.start()
+        state.ready = True
+        try:
+            yield
+        finally:
+            state.ready = False
+            await state.forwarder.close()
+
+    return Starlette(
+        routes=[
+            Route("/v1/models", models),
+            Route("/health", health),
+            Route("/ready", ready),
+            Route("/metrics", metrics),
+        ],
+        exception_handlers={HTTPException: http_error},
+        lifespan=lifespan,
+    )
+
+
+def build_app(config: Config) -> RequestMiddleware:
+    state = AppState.from_config(config)
+    control = build_control_app(state)
+    return RequestMiddleware(Dispatch(Proxy(state), control), state)

@@ -1,0 +1,89 @@
+"""The ``kvroute`` command: serve, check, demo, simulate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from router.config import ConfigError, load_config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvroute", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the router on a config file")
+    serve.add_argument("--config", required=True, help="YAML config file")
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port")
+
+    check = sub.add_parser("check", help="validate a config file; exit 1 with every error")
+    check.add_argument("file")
+
+    demo = sub.add_parser("demo", help="the router in front of a simulated fleet")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument(
+        "--sim-base-port", type=int, default=9101, help="first of the simulators' ports"
+    )
+
+    from backends.sim.server import add_simulate_arguments
+
+    simulate = sub.add_parser("simulate", help="run one simulated backend server")
+    add_simulate_arguments(simulate)
+
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        return cmd_check(args.file)
+    if args.command == "serve":
+        return cmd_serve(args.config, args.host, args.port)
+    if args.command == "demo":
+        from router.demo import run_demo
+
+        return asyncio_run(run_demo(args.host, args.port, args.sim_base_port))
+    from backends.sim.server import run_simulator
+
+    return asyncio_run(run_simulator(args))
+
+
+def asyncio_run(coro: Coroutine[Any, Any, int]) -> int:
+    import uvloop
+
+    try:
+        return uvloop.run(coro)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_check(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"{path}: {line}", file=sys.stderr)
+        print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
+        return 1
+    print(f"{path}: ok ({len(config.endpoints)} endpoints, {len(config.models)} models)")
+    return 0
+
+
+def cmd_serve(path: str, host: str | None, port: int | None) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"{path}: {line}", file=sys.stderr)
+        return 1
+    server = config.server.model_copy(
+        update={k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    )
+    config = config.model_copy(update={"server": server})
+    from router.serve import serve
+
+    return asyncio_run(serve(config))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""The YAML configuration, validated into frozen pydantic models.
+
+Every error names its place in the file (``models.tiny.policy: unknown
+policy 'foo' (known: ...)``). Strings may reference the environment as
+``${VAR}`` or ``${VAR:-default}``, so secrets stay out of the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from backends import ADAPTERS
+from policies.registry import POLICIES, known_policies
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerConfig(Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    #: Requests with a larger body get 413.
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    #: One JSON line per request on stderr.
+    access_log: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Timeouts(Frozen):
+    """Seconds. ``first_byte`` bounds the wait for response headers, which for a
+    non-streamed completion is the whole generation; ``idle`` bounds the gap
+    between two chunks of a stream."""
+
+    connect: float = Field(5.0, gt=0)
+    first_byte: float = Field(300.0, gt=0)
+    idle: float = Field(60.0, gt=0)
+    total: float = Field(1800.0, gt=0)
+
+
+class ModelRef(Frozen):
+    name: str = Field(min_length=1)
+    #: The name the backend knows the model by, when it differs.
+    served_name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+class EndpointConfig(Frozen):
+    id: str = Field(pattern=r"^[A-Za-z0-9_.:-]+$")
+    url: str
+    #: The wire protocol: one of the adapters in ``backends.ADAPTERS``.
+    kind: str = "openai"
+    models: tuple[ModelRef, ...] = Field(min_length=1)
+    weight: float = Field(1.0, gt=0)
+    labels: dict[str, str] = Field(default_factory=dict)
+    #: Sent upstream as ``Authorization: Bearer``; the client's key never is.
+    api_key: SecretStr | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise PydanticCustomError(
+                "url", "must be an http:// or https:// URL, got '{url}'", {"url": url}
+            )
+        return url.rstrip("/")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        if kind not in ADAPTERS:
+            raise PydanticCustomError(
+                "unknown_kind",
+                "unknown endpoint kind '{kind}' (known: {known})",
+                {"kind": kind, "known": ", ".join(sorted(ADAPTERS))},
+            )
+        return kind
+
+
+class PolicySpec(Frozen):
+    """A policy by name, with parameters: ``least_load`` or ``{name: ..., ...}``."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    name: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _known(self) -> PolicySpec:
+        factory = POLICIES.get(self.name)
+        if factory is None:
+            raise PydanticCustomError(
+                "unknown_policy",
+                "unknown policy '{name}' (known: {known})",
+                {"name": self.name, "known": ", ".join(known_policies())},
+            )
+        try:
+            factory.params_model.model_validate(self.params)
+        except ValidationError as exc:
+            details = "; ".join(f"{_format_loc(e['loc'])}: {e['msg']}" for e in exc.errors())
+            raise PydanticCustomError(
+                "policy_params",
+                "bad parameters for policy '{name}': {details}",
+                {"name": self.name, "details": details},
+            ) from None
+        return self
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ModelConfig(Frozen):
+    policy: PolicySpec = PolicySpec(name="round_robin")
+    #: Other names clients may use for this model.
+    aliases: tuple[str, ...] = ()
+
+
+class Config(Frozen):
+    server: ServerConfig = ServerConfig()
+    timeouts: Timeouts = Timeouts()
+    endpoints: tuple[EndpointConfig, ...] = ()
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    #: For models that endpoints serve but ``models`` does not list.
+    default_policy: PolicySpec = PolicySpec(name="round_robin")
+    #: Seeds the policies' random choices; unset means a fresh seed per start.
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        seen: set[str] = set()
+        for ep in self.endpoints:
+            if ep.id in seen:
+                raise PydanticCustomError(
+                    "duplicate", "endpoint id '{id}' is used twice", {"id": ep.id}
+                )
+            seen.add(ep.id)
+        names: dict[str, str] = {name: name for name in self.models}
+        for name, model in self.models.items():
+            for alias in model.aliases:
+                if alias in names:
+                    raise PydanticCustomError(
+                        "duplicate",
+                        "alias '{alias}' of model '{model}' is already the name of '{other}'",
+                        {"alias": alias, "model": name, "other": names[alias]},
+                    )
+                names[alias] = name
+        return self
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``errors`` are ``path: message`` lines."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def expand_env(
+    node: Any, env: Mapping[str, str], errors: list[str], loc: tuple[int | str, ...] = ()
+) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of a YAML tree."""
+    if isinstance(node, str):
+
+        def sub(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            errors.append(f"{_format_loc(loc)}: environment variable '{name}' is not set")
+            return ""
+
+        return _ENV_REF.sub(sub, node)
+    if isinstance(node, list):
+        return [expand_env(item, env, errors, (*loc, i)) for i, item in enumerate(node)]
+    if isinstance(node, dict):
+        return {key: expand_env(value, env, errors, (*loc, key)) for key, value in node.items()}
+    return node
+
+
+def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{where}invalid YAML: {problem}"]) from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(["(top level): must be a mapping"])
+    errors: list[str] = []
+    raw = expand_env(raw, os.environ if env is None else env, errors)
+    if errors:
+        raise ConfigError(errors)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(
+            [f"{_format_loc(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        ) from exc
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    return parse_config(text, env)

@@ -1,0 +1,191 @@
+"""The router's exception tree; every error knows how it looks to an OpenAI client.
+
+    RouterError                      500 internal_error
+    ├── InvalidRequest               400 invalid_request_error   (param set when known)
+    │   ├── MalformedJSON            400 invalid_json
+    │   └── BodyTooLarge             413 request_too_large
+    ├── AuthError                    401 invalid_api_key
+    ├── ModelNotFound                404 model_not_found
+    ├── NoHealthyEndpoint            503 no_healthy_endpoint
+    └── UpstreamError                (status of the failure)
+        ├── UpstreamConnectError     502 upstream_connect_error
+        ├── UpstreamTimeout          504 upstream_timeout
+        └── UpstreamHTTPError        upstream status, upstream body normalised
+
+Lower-level exceptions (aiohttp, JSON decoders) are mapped at the boundary and
+re-raised ``from exc``; nothing else ever reaches a client as a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class RouterError(Exception):
+    status: int = 500
+    type: str = "internal_error"
+    code: str | None = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.body())
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return []
+
+
+class InvalidRequest(RouterError):
+    status = 400
+    type = "invalid_request_error"
+    code: str | None = None
+
+
+class MalformedJSON(InvalidRequest):
+    code = "invalid_json"
+
+
+class BodyTooLarge(InvalidRequest):
+    status = 413
+    code = "request_too_large"
+
+
+class AuthError(RouterError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(RouterError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist.", param="model")
+
+
+class NoHealthyEndpoint(RouterError):
+    status = 503
+    type = "service_unavailable"
+    code = "no_healthy_endpoint"
+
+
+class UpstreamError(RouterError):
+    status = 502
+    type = "upstream_error"
+    code: str | None = "upstream_error"
+
+
+class UpstreamConnectError(UpstreamError):
+    code = "upstream_connect_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "timeout"
+    code = "upstream_timeout"
+
+
+class UpstreamHTTPError(UpstreamError):
+    """An error status from a backend, its body normalised to OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: str | None = None,
+    ) -> None:
+        super().__init__(message, param=param)
+        self.status = status
+        self.type = type_ or default_type(status)
+        self.code: str | None = code
+        self.retry_after = retry_after
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        if self.retry_after:
+            return [(b"retry-after", self.retry_after.encode("latin-1"))]
+        return []
+
+
+def default_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 404:
+        return "not_found_error"
+    if status == 429:
+        return "rate_limit_error"
+    if 400 <= status < 500:
+        return "invalid_request_error"
+    return "upstream_error"
+
+
+def error_body(
+    message: str, type_: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def normalise_upstream_error(
+    status: int, body: bytes, retry_after: str | None = None
+) -> UpstreamHTTPError:
+    """Turn any backend error body into OpenAI's shape.
+
+    vLLM answers ``{"error": {..., "code": 404}}`` (an integer code), TGI
+    ``{"error": "...", "error_type": "..."}``, Triton ``{"error": "..."}``;
+    anything else is kept as text.
+    """
+    message: str = ""
+    type_: str | None = None
+    param: str | None = None
+    code: str | None = None
+    try:
+        parsed = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        err = parsed.get("error")
+        if isinstance(err, dict):
+            message = str(err.get("message") or "")
+            raw_type = err.get("type")
+            type_ = raw_type if isinstance(raw_type, str) and raw_type else None
+            raw_param = err.get("param")
+            param = raw_param if isinstance(raw_param, str) else None
+            raw_code = err.get("code")
+            code = raw_code if isinstance(raw_code, str) else None
+        elif isinstance(err, str):
+            message = err
+            raw_type = parsed.get("error_type")
+            type_ = raw_type if isinstance(raw_type, str) else None
+        elif isinstance(parsed.get("message"), str):
+            message = parsed["message"]
+        elif isinstance(parsed.get("detail"), str):
+            message = parsed["detail"]
+    if not message:
+        text = body.decode("utf-8", "replace").strip()
+        message = text[:2000] if text else f"upstream answered HTTP {status}"
+    if type_ is not None and not _looks_like_openai_type(type_):
+        type_ = None
+    return UpstreamHTTPError(
+        status, message, type_=type_, param=param, code=code, retry_after=retry_after
+    )
+
+
+def _looks_like_openai_type(type_: str) -> bool:
+    # vLLM sends Python class names ("NotFoundError", "Bad Request"); OpenAI
+    # clients expect snake_case types, so those are replaced by the status's.
+    return type_.islower() and " " not in type_

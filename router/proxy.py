@@ -1,0 +1,329 @@
+"""The request pipeline for the OpenAI inference routes.
+
+    read body (capped) -> parse once -> check fields -> model route ->
+    candidates -> policy -> adapter -> forward -> relay (stream or not) -> record
+
+A raw ASGI callable: the hot path owns its bytes and never re-serialises
+what it does not change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from backends.base import StreamTranslator, UpstreamRequest
+from policies.base import RequestView
+from router.errors import (
+    BodyTooLarge,
+    InvalidRequest,
+    MalformedJSON,
+    ModelNotFound,
+    NoHealthyEndpoint,
+    RouterError,
+    UpstreamConnectError,
+    UpstreamTimeout,
+    normalise_upstream_error,
+)
+from router.registry import EndpointState
+from router.state import AppState
+from router.types import Receive, Scope, Send
+
+#: path -> (short name, field a request must carry besides ``model``)
+ROUTES: dict[str, tuple[str, str]] = {
+    "/v1/chat/completions": ("chat", "messages"),
+    "/v1/completions": ("completions", "prompt"),
+    "/v1/embeddings": ("embeddings", "input"),
+}
+
+# Client headers that never go upstream: hop-by-hop ones, those the client
+# library sets for its own connection, and the client's credentials.
+DROP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "authorization",
+        "api-key",
+        "x-api-key",
+        "cookie",
+        "accept-encoding",
+        "content-type",
+        "x-request-id",
+    }
+)
+JSON_HEADERS = [(b"content-type", b"application/json")]
+SSE_CONTENT_TYPE = b"text/event-stream"
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What one request's handling learns; the access log reads it at the end."""
+
+    request_id: str
+    start: float
+    status: int = 0
+    model: str | None = None
+    endpoint: str | None = None
+    policy: str | None = None
+    reason: str | None = None
+    stream: bool = False
+    ttft: float | None = None
+    error: str | None = None
+    cancelled: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                raise InvalidRequest("invalid Content-Length header") from None
+            if declared > limit:
+                raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
+            break
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError("client disconnected while sending the body")
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def parse_request(raw: bytes, required: str) -> dict[str, Any]:
+    if not raw:
+        raise MalformedJSON("request body is empty; expected a JSON object")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedJSON(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' is required and must be a non-empty string", param="model")
+    if required not in body:
+        raise InvalidRequest(f"'{required}' is a required property", param=required)
+    if required == "messages":
+        messages = body["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequest("'messages' must be a non-empty array", param="messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise InvalidRequest(
+                    f"messages[{i}] must be an object with a 'role'", param=f"messages[{i}]"
+                )
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean", param="stream")
+    return body
+
+
+def upstream_headers(scope: Scope, base: Mapping[str, str], request_id: str) -> dict[str, str]:
+    headers = dict(base)
+    for name, value in scope["headers"]:
+        key = name.decode("latin-1")
+        if key not in DROP_HEADERS:
+            headers[key] = value.decode("latin-1")
+    headers["x-request-id"] = request_id
+    return headers
+
+
+class Proxy:
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx: RequestContext = scope["kvroute.ctx"]
+        name, required = ROUTES[scope["path"]]
+        state = self.state
+        raw = await read_body(scope, receive, state.config.server.max_body_bytes)
+        body = parse_request(raw, required)
+        ctx.model = model = body["model"]
+        ctx.stream = stream = body.get("stream") is True
+        route = state.routes.resolve(model)
+        if route is None:
+            raise ModelNotFound(model)
+        ctx.model = route.model
+        candidates = state.registry.candidates(route.model)
+        if not candidates:
+            raise NoHealthyEndpoint(f"no healthy endpoint serves model '{route.model}'")
+        request_view = RequestView(model=route.model, endpoint=name, body=body)
+        decision = route.policy.rank(request_view, [c.view() for c in candidates])
+        ctx.policy, ctx.reason = route.policy_name, decision.reason
+        state.metrics.decisions.labels(route.model, route.policy_name, decision.reason).inc()
+        endpoint = state.registry.get(decision.ranked[0].id)
+        assert endpoint is not None
+        ctx.endpoint = endpoint.id
+        adapter = endpoint.adapter
+        upstream = adapter.build(
+            endpoint.url,
+            scope["path"],
+            raw,
+            body,
+            endpoint.served.get(route.model) or route.model,
+            upstream_headers(scope, endpoint.headers, ctx.request_id),
+        )
+        endpoint.in_flight += 1
+        gauge = state.metrics.in_flight.labels(endpoint.id)
+        gauge.inc()
+        translator = adapter.stream_translator(scope["path"], body) if stream else None
+        ok = False
+        try:
+            relay = self._relay(send, ctx, upstream, stream, translator, endpoint, scope["path"])
+            await self._until_disconnect(receive, ctx, relay)
+            ok = True
+        except (UpstreamConnectError, UpstreamTimeout) as exc:
+            endpoint.last_error = exc.message
+            state.metrics.upstream_errors.labels(endpoint.id, exc.code or "error").inc()
+            raise
+        finally:
+            endpoint.in_flight -= 1
+            gauge.dec()
+            route.policy.observe(request_view, endpoint.id, ok)
+
+    async def _until_disconnect(
+        self, receive: Receive, ctx: RequestContext, relay: Coroutine[Any, Any, None]
+    ) -> None:
+        work = asyncio.ensure_future(relay)
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            work.cancel()
+            watcher.cancel()
+            raise
+        if work in done:
+            watcher.cancel()
+            work.result()
+            return
+        # The client left: cancelling the relay closes the upstream connection,
+        # which is how an OpenAI server learns to abort the generation.
+        ctx.cancelled = True
+        ctx.status = ctx.status or 499
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await work
+
+    async def _relay(
+        self,
+        send: Send,
+        ctx: RequestContext,
+        upstream: UpstreamRequest,
+        stream: bool,
+        translator: StreamTranslator | None,
+        endpoint: EndpointState,
+        path: str,
+    ) -> None:
+        resp = await self.state.forwarder.send(upstream, stream)
+        try:
+            if resp.status >= 400:
+                data = await _read_all(resp)
+                raise normalise_upstream_error(resp.status, data, resp.headers.get("retry-after"))
+            content_type = resp.headers.get("content-type", "application/json").encode("latin-1")
+            if stream and content_type.startswith(SSE_CONTENT_TYPE):
+                await self._relay_stream(send, ctx, resp, translator, content_type, endpoint.id)
+                return
+            data = endpoint.adapter.translate_json(path, await _read_all(resp))
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", content_type),
+                        (b"content-length", str(len(data)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": data})
+        finally:
+            resp.release()
+
+    async def _relay_stream(
+        self,
+        send: Send,
+        ctx: RequestContext,
+        resp: aiohttp.ClientResponse,
+        translator: StreamTranslator | None,
+        content_type: bytes,
+        endpoint_id: str,
+    ) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", content_type), (b"cache-control", b"no-cache")],
+            }
+        )
+        first = True
+        try:
+            async for chunk in resp.content.iter_any():
+                if translator is not None:
+                    chunk = translator.feed(chunk)
+                    if not chunk:
+                        continue
+                if first:
+                    ctx.ttft = time.perf_counter() - ctx.start
+                    first = False
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            tail = translator.close() if translator is not None else b""
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            # Headers are out: the only honest signal left is an error event.
+            self.state.metrics.stream_errors.labels(endpoint_id).inc()
+            timed_out = isinstance(exc, asyncio.TimeoutError)
+            err = (UpstreamTimeout if timed_out else UpstreamConnectError)(
+                f"upstream stream from {endpoint_id} broke off: {exc.__class__.__name__}"
+            )
+            ctx.error = err.message
+            tail = b"data: " + err.to_bytes() + b"\n\n"
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+async def _read_all(resp: aiohttp.ClientResponse) -> bytes:
+    try:
+        return await resp.read()
+    except TimeoutError as exc:
+        raise UpstreamTimeout("upstream stopped sending its answer") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamConnectError(f"upstream answer broke off: {exc}") from exc
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def error_response_messages(err: RouterError) -> tuple[dict[str, Any], dict[str, Any]]:
+    data = err.to_bytes()
+    headers = [*JSON_HEADERS, (b"content-length", str(len(data)).encode()), *err.headers()]
+    return (
+        {"type": "http.response.start", "status": err.status, "headers": headers},
+        {"type": "http.response.body", "body": data},
+    )

@@ -1,0 +1,167 @@
+"""Endpoints and their live state, and the routes from model names to policies.
+
+Policies never see these mutable objects: ``EndpointState.view()`` freezes
+what a policy may know at decision time.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from backends import ADAPTERS, Adapter
+from policies.base import EndpointView, Policy
+from policies.registry import build_policy
+from router.config import Config, EndpointConfig, PolicySpec
+
+
+@dataclass(eq=False)
+class EndpointState:
+    config: EndpointConfig
+    adapter: Adapter
+    #: model name -> the name the backend serves it under (None: the same).
+    served: dict[str, str | None]
+    headers: dict[str, str]
+    healthy: bool = True
+    draining: bool = False
+    in_flight: int = 0
+    running: float | None = None
+    waiting: float | None = None
+    kv_usage: float | None = None
+    last_error: str | None = None
+    _labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: EndpointConfig) -> EndpointState:
+        headers = {"content-type": "application/json"}
+        if cfg.api_key is not None:
+            headers["authorization"] = f"Bearer {cfg.api_key.get_secret_value()}"
+        return cls(
+            config=cfg,
+            adapter=ADAPTERS[cfg.kind],
+            served={m.name: m.served_name for m in cfg.models},
+            headers=headers,
+            _labels=dict(cfg.labels),
+        )
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    @property
+    def url(self) -> str:
+        return self.config.url
+
+    @property
+    def available(self) -> bool:
+        return self.healthy and not self.draining
+
+    def view(self) -> EndpointView:
+        return EndpointView(
+            id=self.config.id,
+            url=self.config.url,
+            kind=self.config.kind,
+            weight=self.config.weight,
+            in_flight=self.in_flight,
+            running=self.running,
+            waiting=self.waiting,
+            kv_usage=self.kv_usage,
+            labels=self._labels,
+        )
+
+
+class EndpointRegistry:
+    """All known endpoints, indexed by the models they serve."""
+
+    def __init__(self, endpoints: Iterable[EndpointConfig] = ()) -> None:
+        self._by_id: dict[str, EndpointState] = {}
+        self._by_model: dict[str, list[EndpointState]] = {}
+        for cfg in endpoints:
+            self.upsert(cfg)
+
+    def upsert(self, cfg: EndpointConfig) -> EndpointState:
+        old = self._by_id.get(cfg.id)
+        state = EndpointState.from_config(cfg)
+        if old is not None:
+            state.healthy, state.draining, state.in_flight = (
+                old.healthy,
+                old.draining,
+                old.in_flight,
+            )
+            self.remove(cfg.id)
+        self._by_id[cfg.id] = state
+        for model in state.served:
+            self._by_model.setdefault(model, []).append(state)
+        return state
+
+    def remove(self, endpoint_id: str) -> EndpointState | None:
+        state = self._by_id.pop(endpoint_id, None)
+        if state is not None:
+            for model in state.served:
+                members = self._by_model[model]
+                members.remove(state)
+                if not members:
+                    del self._by_model[model]
+        return state
+
+    def get(self, endpoint_id: str) -> EndpointState | None:
+        return self._by_id.get(endpoint_id)
+
+    def all(self) -> list[EndpointState]:
+        return list(self._by_id.values())
+
+    def models(self) -> list[str]:
+        return sorted(self._by_model)
+
+    def serving(self, model: str) -> list[EndpointState]:
+        return self._by_model.get(model, [])
+
+    def candidates(self, model: str) -> list[EndpointState]:
+        return [s for s in self._by_model.get(model, ()) if s.available]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    model: str
+    policy_name: str
+    policy: Policy
+
+
+class RouteTable:
+    """Model names and aliases -> routes; one policy instance per model."""
+
+    def __init__(self, config: Config, registry: EndpointRegistry) -> None:
+        self._registry = registry
+        self._default = config.default_policy
+        self._rng = random.Random(config.seed)
+        self._routes: dict[str, Route] = {}
+        self._names: dict[str, str] = {}
+        for name, model in config.models.items():
+            self._routes[name] = self._build(name, model.policy)
+            self._names[name] = name
+            for alias in model.aliases:
+                self._names[alias] = name
+
+    def _build(self, model: str, spec: PolicySpec) -> Route:
+        rng = random.Random(self._rng.getrandbits(64))
+        return Route(model, spec.name, build_policy(spec.name, spec.params, rng))
+
+    def resolve(self, name: str) -> Route | None:
+        canonical = self._names.get(name)
+        if canonical is not None:
+            return self._routes[canonical]
+        if self._registry.serving(name):
+            # A model only endpoints know of (e.g. found by discovery): default policy.
+            route = self._build(name, self._default)
+            self._routes[name] = route
+            self._names[name] = name
+            return route
+        return None
+
+    def public_models(self) -> list[str]:
+        names = set(self._registry.models())
+        for alias, canonical in self._names.items():
+            if self._registry.serving(canonical):
+                names.add(alias)
+        return sorted(names)

@@ -1,0 +1,31 @@
+"""Everything one router process shares at run time, built from one config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from router.config import Config
+from router.forward import Forwarder
+from router.metrics import Metrics
+from router.registry import EndpointRegistry, RouteTable
+
+
+@dataclass
+class AppState:
+    config: Config
+    registry: EndpointRegistry
+    routes: RouteTable
+    forwarder: Forwarder
+    metrics: Metrics
+    ready: bool = False
+
+    @classmethod
+    def from_config(cls, config: Config) -> AppState:
+        registry = EndpointRegistry(config.endpoints)
+        return cls(
+            config=config,
+            registry=registry,
+            routes=RouteTable(config, registry),
+            forwarder=Forwarder(config.timeouts),
+            metrics=Metrics(),
+        )

@@ -1,0 +1,95 @@
+"""Real servers on loopback for the tests: uvicorn on ephemeral ports, in the test's loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from backends.sim.common import Faults
+from backends.sim.engine import EngineParams
+from backends.sim.vllm import VLLMSimulator
+from router.app import build_app
+from router.config import Config, parse_config
+from router.serve import Server, uvicorn_config
+from router.types import ASGIApp
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+FIXTURES = SHARED / "fixtures"
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: ASGIApp) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on 127.0.0.1:<free port>; yield its base URL."""
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    server = Server(uvicorn_config(app, "127.0.0.1", port, quiet=True), owns_signals=False)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("server exited before it started")
+            await asyncio.sleep(0.005)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+        sock.close()
+
+
+@contextlib.asynccontextmanager
+async def simulator(
+    models: list[str] | None = None,
+    params: EngineParams | None = None,
+    faults: Faults | None = None,
+) -> AsyncIterator[tuple[str, VLLMSimulator]]:
+    sim = VLLMSimulator(models or ["tiny"], params or EngineParams.zero_latency(), faults)
+    async with serve_app(sim.app) as url:
+        yield url, sim
+
+
+def router_config(endpoints: list[dict[str, Any]], **extra: Any) -> Config:
+    import yaml
+
+    raw: dict[str, Any] = {"endpoints": endpoints, "seed": 7, **extra}
+    raw.setdefault("server", {})
+    raw["server"].setdefault("access_log", False)
+    return parse_config(yaml.safe_dump(raw))
+
+
+@contextlib.asynccontextmanager
+async def router(config: Config) -> AsyncIterator[str]:
+    async with serve_app(build_app(config)) as url:
+        yield url
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], within: float = 20.0, interval: float = 0.02
+) -> None:
+    """Wait until ``check`` holds; the timeout is a generous bound, not a measurement."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(interval)
+
+
+async def sim_stats(url: str) -> dict[str, Any]:
+    async with httpx.AsyncClient() as client:
+        r = await client.get(url + "/sim/stats")
+        r.raise_for_status()
+        data: dict[str, Any] = r.json()
+        return data
