@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from policies import EndpointView, RequestView, build_policy, known_policies
+
+REQ = RequestView(model="m", endpoint="chat", body={"model": "m"})
+
+
+def views(*loads: int, waiting: tuple[float | None, ...] = ()) -> list[EndpointView]:
+    return [
+        EndpointView(
+            id=f"e{i}",
+            url=f"http://e{i}",
+            kind="vllm",
+            in_flight=load,
+            waiting=waiting[i] if i < len(waiting) else None,
+        )
+        for i, load in enumerate(loads)
+    ]
+
+
+def ids(decision_ranked: tuple[EndpointView, ...]) -> list[str]:
+    return [e.id for e in decision_ranked]
+
+
+def test_known_policies() -> None:
+    assert known_policies() == ["least_load", "round_robin"]
+
+
+def test_round_robin_rotates_and_ranks_the_rest_as_failover() -> None:
+    policy = build_policy("round_robin", {}, random.Random(1))
+    cands = views(0, 0, 0)
+    order = [ids(policy.rank(REQ, cands).ranked) for _ in range(4)]
+    assert order == [
+        ["e0", "e1", "e2"],
+        ["e1", "e2", "e0"],
+        ["e2", "e0", "e1"],
+        ["e0", "e1", "e2"],
+    ]
+    assert policy.rank(REQ, cands).reason == "round_robin"
+
+
+def test_round_robin_survives_a_shrinking_candidate_list() -> None:
+    policy = build_policy("round_robin", {}, random.Random(1))
+    policy.rank(REQ, views(0, 0, 0))
+    policy.rank(REQ, views(0, 0, 0))
+    assert ids(policy.rank(REQ, views(0, 0)).ranked) == ["e0", "e1"]
+
+
+def test_least_load_orders_by_in_flight() -> None:
+    policy = build_policy("least_load", {}, random.Random(1))
+    decision = policy.rank(REQ, views(5, 1, 3))
+    assert ids(decision.ranked) == ["e1", "e2", "e0"]
+    assert decision.reason == "least_load"
+
+
+def test_least_load_counts_the_scraped_queue_and_weight() -> None:
+    policy = build_policy("least_load", {}, random.Random(1))
+    # e0: 1 in flight + 6 queued elsewhere; e1: 3 in flight.
+    assert ids(policy.rank(REQ, views(1, 3, waiting=(6.0, None))).ranked) == ["e1", "e0"]
+    heavy = EndpointView(id="big", url="u", kind="vllm", weight=4.0, in_flight=4)
+    light = EndpointView(id="small", url="u", kind="vllm", weight=1.0, in_flight=2)
+    assert ids(policy.rank(REQ, [light, heavy]).ranked) == ["big", "small"]
+
+
+def test_least_load_breaks_ties_with_the_seeded_rng_exactly() -> None:
+    firsts = []
+    policy = build_policy("least_load", {}, random.Random(42))
+    for _ in range(6):
+        firsts.append(policy.rank(REQ, views(0, 0, 0, 0)).ranked[0].id)
+    again = build_policy("least_load", {}, random.Random(42))
+    assert firsts == [again.rank(REQ, views(0, 0, 0, 0)).ranked[0].id for _ in range(6)]
+    assert firsts == ["e2", "e3", "e1", "e1", "e1", "e1"]
+
+
+def test_unknown_parameters_fail() -> None:
+    with pytest.raises(ValueError):
+        build_policy("least_load", {"nope": 1}, random.Random(0))
