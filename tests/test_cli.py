@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,25 @@ def free_port() -> int:
     return port
 
 
+def free_port_run(n: int) -> int:
+    """The first of ``n`` consecutive ports that are free right now."""
+    for _ in range(50):
+        base = free_port()
+        socks = []
+        try:
+            for port in range(base, base + n):
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", port))
+                socks.append(sock)
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 def wait_ready(url: str, proc: subprocess.Popen[bytes], within: float = 30.0) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
@@ -38,7 +58,7 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], within: float = 30.0) ->
 
 
 def test_demo_serves_the_openai_sdk_and_stops_cleanly_on_ctrl_c() -> None:
-    port, sim_base = free_port(), free_port()
+    port, sim_base = free_port(), free_port_run(4)
     proc = subprocess.Popen(
         [str(KVROUTE), "demo", "--port", str(port), "--sim-base-port", str(sim_base)],
         stdout=subprocess.PIPE,
