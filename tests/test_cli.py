@@ -58,7 +58,8 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], within: float = 30.0) ->
 
 
 def test_demo_serves_the_openai_sdk_and_stops_cleanly_on_ctrl_c() -> None:
-    port, sim_base = free_port(), free_port_run(4)
+    port = free_port_run(5)
+    sim_base = port + 1
     proc = subprocess.Popen(
         [str(KVROUTE), "demo", "--port", str(port), "--sim-base-port", str(sim_base)],
         stdout=subprocess.PIPE,
