@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from router.config import parse_config
+from router.registry import EndpointRegistry, RouteTable
+
+CONFIG = """
+seed: 1
+default_policy: least_load
+endpoints:
+  - {id: a, url: "http://a:1", kind: vllm, models: [chat, {name: code, served_name: org/code}]}
+  - {id: b, url: "http://b:1", kind: vllm, models: [chat], weight: 2, labels: {zone: z1}}
+  - {id: c, url: "http://c:1", kind: openai, models: [extra], api_key: sk-1}
+models:
+  chat: {policy: round_robin, aliases: [gpt-4o-mini]}
+  ghost: {policy: round_robin}
+"""
+
+
+def build() -> tuple[EndpointRegistry, RouteTable]:
+    config = parse_config(CONFIG, {})
+    registry = EndpointRegistry(config.endpoints)
+    return registry, RouteTable(config, registry)
+
+
+def test_models_index_and_served_names() -> None:
+    registry, _ = build()
+    assert registry.models() == ["chat", "code", "extra"]
+    assert [e.id for e in registry.serving("chat")] == ["a", "b"]
+    a = registry.get("a")
+    assert a is not None and a.served == {"chat": None, "code": "org/code"}
+    c = registry.get("c")
+    assert c is not None and c.headers["authorization"] == "Bearer sk-1"
+    assert "authorization" not in a.headers
+
+
+def test_candidates_skip_unhealthy_and_draining() -> None:
+    registry, _ = build()
+    a, b = registry.get("a"), registry.get("b")
+    assert a is not None and b is not None
+    a.healthy = False
+    assert registry.candidates("chat") == [b]
+    b.draining = True
+    assert registry.candidates("chat") == []
+    assert [e.id for e in registry.serving("chat")] == ["a", "b"]
+
+
+def test_views_are_frozen_snapshots() -> None:
+    registry, _ = build()
+    b = registry.get("b")
+    assert b is not None
+    b.in_flight = 3
+    view = b.view()
+    b.in_flight = 4
+    assert (view.in_flight, view.weight, dict(view.labels)) == (3, 2.0, {"zone": "z1"})
+
+
+def test_upsert_keeps_live_state_and_remove_unindexes() -> None:
+    config = parse_config(CONFIG, {})
+    registry = EndpointRegistry(config.endpoints)
+    a = registry.get("a")
+    assert a is not None
+    a.healthy, a.in_flight = False, 2
+    moved = config.endpoints[0].model_copy(update={"url": "http://a2:1"})
+    new = registry.upsert(moved)
+    assert (new.url, new.healthy, new.in_flight) == ("http://a2:1", False, 2)
+    assert [e.id for e in registry.serving("chat")] == ["b", "a"]
+    registry.remove("a")
+    assert registry.models() == ["chat", "extra"]
+    assert registry.get("a") is None
+
+
+def test_routes_resolve_names_aliases_and_defaults() -> None:
+    _, routes = build()
+    chat = routes.resolve("chat")
+    assert chat is not None and routes.resolve("gpt-4o-mini") is chat
+    assert chat.policy_name == "round_robin"
+    code = routes.resolve("code")  # served by an endpoint, not listed: default policy
+    assert code is not None and code.policy_name == "least_load"
+    assert routes.resolve("code") is code  # built once
+    assert routes.resolve("nope") is None
+    # Listed in models, but nobody serves it: resolvable, and then 503 (no candidates).
+    assert routes.resolve("ghost") is not None
+    assert routes.public_models() == ["chat", "code", "extra", "gpt-4o-mini"]
