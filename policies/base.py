@@ -29,6 +29,8 @@ class EndpointView:
     running: float | None = None
     waiting: float | None = None
     kv_usage: float | None = None
+    #: Tokens the endpoint's KV cache holds (scraped or configured), if known.
+    kv_capacity_tokens: int | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -46,8 +48,12 @@ class RequestView:
 class Decision:
     ranked: tuple[EndpointView, ...]
     reason: str
-    #: Characters of the prompt prefix the chosen endpoint is believed to hold.
+    #: Characters of the prompt prefix the chosen endpoint is believed to hold,
+    #: and of the whole prompt (0 when the policy does not look at prompts).
     match_len: int = 0
+    prompt_len: int = 0
+    #: The policy's own note to itself, handed back to ``observe``.
+    memo: Any = None
 
 
 class Policy(Protocol):
@@ -57,13 +63,20 @@ class Policy(Protocol):
         """Order ``candidates`` (never empty) for ``request``."""
         ...
 
-    def observe(self, request: RequestView, endpoint_id: str, ok: bool) -> None:
-        """Learn from a finished attempt (prefix index and the like)."""
+    def observe(self, decision: Decision, endpoint_id: str, ok: bool) -> None:
+        """Learn from a finished attempt at ``endpoint_id`` (which need not be
+        the first ranked: failover moves on down the list)."""
         ...
 
     def forget(self, endpoint_id: str) -> None:
         """Drop all state about an endpoint that left the fleet."""
         ...
+
+
+def load_of(endpoint: EndpointView) -> float:
+    """Work an endpoint holds: this router's in-flight requests plus the
+    backend's own queue (scraped; it includes what other routers sent)."""
+    return endpoint.in_flight + (endpoint.waiting or 0.0)
 
 
 class NoParams(BaseModel):
@@ -83,7 +96,7 @@ class StatelessPolicy:
 
     name = "stateless"
 
-    def observe(self, request: RequestView, endpoint_id: str, ok: bool) -> None:
+    def observe(self, decision: Decision, endpoint_id: str, ok: bool) -> None:
         return None
 
     def forget(self, endpoint_id: str) -> None:

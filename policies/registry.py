@@ -6,11 +6,26 @@ import random
 from typing import Any
 
 from policies.base import NoParams, Policy, PolicyFactory
-from policies.simple import LeastLoad, RoundRobin
+from policies.composite import RANDOM_PRESET, WEIGHTED_PRESET, Composite, CompositeParams
+from policies.keyed import (
+    ConsistentHash,
+    ConsistentHashParams,
+    SessionAffinity,
+    SessionAffinityParams,
+)
+from policies.prefix import PrefixAffinity, PrefixAffinityParams
+from policies.simple import LeastLoad, PowerOfTwo, RoundRobin
 
 POLICIES: dict[str, PolicyFactory] = {
     "round_robin": PolicyFactory(NoParams, lambda params, rng: RoundRobin(rng)),
     "least_load": PolicyFactory(NoParams, lambda params, rng: LeastLoad(rng)),
+    "power_of_two": PolicyFactory(NoParams, lambda params, rng: PowerOfTwo(rng)),
+    "random": PolicyFactory(NoParams, lambda params, rng: Composite(RANDOM_PRESET, rng)),
+    "weighted": PolicyFactory(NoParams, lambda params, rng: Composite(WEIGHTED_PRESET, rng)),
+    "consistent_hash": PolicyFactory(ConsistentHashParams, ConsistentHash),
+    "session_affinity": PolicyFactory(SessionAffinityParams, SessionAffinity),
+    "prefix_affinity": PolicyFactory(PrefixAffinityParams, PrefixAffinity),
+    "composite": PolicyFactory(CompositeParams, Composite),
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from policies.base import Decision, EndpointView, RequestView, StatelessPolicy
+from policies.base import Decision, EndpointView, RequestView, StatelessPolicy, load_of
 
 
 class RoundRobin(StatelessPolicy):
@@ -23,16 +23,6 @@ class RoundRobin(StatelessPolicy):
         return Decision(ranked, "round_robin")
 
 
-def load_of(endpoint: EndpointView) -> float:
-    """Work an endpoint holds, per unit of weight.
-
-    The router's own in-flight count is exact for this router; the scraped
-    queue adds what other routers (or clients) put there.
-    """
-    queued = endpoint.waiting or 0.0
-    return (endpoint.in_flight + queued) / endpoint.weight
-
-
 class LeastLoad(StatelessPolicy):
     """The least loaded first; ties broken by the injected RNG."""
 
@@ -44,5 +34,25 @@ class LeastLoad(StatelessPolicy):
     def rank(self, request: RequestView, candidates: Sequence[EndpointView]) -> Decision:
         shuffled = list(candidates)
         self._rng.shuffle(shuffled)
-        shuffled.sort(key=lambda e: (load_of(e), e.kv_usage or 0.0))
+        shuffled.sort(key=lambda e: (load_of(e) / e.weight, e.kv_usage or 0.0))
         return Decision(tuple(shuffled), "least_load")
+
+
+class PowerOfTwo(StatelessPolicy):
+    """Two random candidates; the less loaded goes first, then the rest by load."""
+
+    name = "power_of_two"
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+
+    def rank(self, request: RequestView, candidates: Sequence[EndpointView]) -> Decision:
+        if len(candidates) == 1:
+            return Decision(tuple(candidates), "power_of_two")
+        a, b = self._rng.sample(range(len(candidates)), 2)
+        first, second = sorted((a, b), key=lambda i: load_of(candidates[i]) / candidates[i].weight)
+        rest = sorted(
+            (e for i, e in enumerate(candidates) if i not in (a, b)),
+            key=lambda e: load_of(e) / e.weight,
+        )
+        return Decision((candidates[first], candidates[second], *rest), "power_of_two")

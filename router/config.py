@@ -72,6 +72,9 @@ class EndpointConfig(Frozen):
     kind: str = "openai"
     models: tuple[ModelRef, ...] = Field(min_length=1)
     weight: float = Field(1.0, gt=0)
+    #: Tokens of KV cache the server holds, for prefix-affinity's index (until
+    #: it can be read from the server's metrics).
+    kv_capacity_tokens: int | None = Field(None, gt=0)
     labels: dict[str, str] = Field(default_factory=dict)
     #: Sent upstream as ``Authorization: Bearer``; the client's key never is.
     api_key: SecretStr | None = None

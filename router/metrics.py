@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from policies.base import Decision
+from policies.prefix_index import IndexStats
 
 LATENCY_BUCKETS = (
     0.001,
@@ -27,7 +33,7 @@ LATENCY_BUCKETS = (
     300.0,
 )
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "IndexCollector", "Metrics"]
 
 
 @dataclass(slots=True)
@@ -84,7 +90,19 @@ class Metrics:
             ["endpoint"],
             registry=r,
         )
+        self.prefix_match = Histogram(
+            "kvroute_prefix_match_ratio",
+            "Share of the prompt the chosen endpoint was believed to hold in KV cache.",
+            ["model"],
+            buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0),
+            registry=r,
+        )
         self._series: dict[tuple[str, str], _EndpointSeries] = {}
+
+    def record_decision(self, model: str, policy: str, decision: Decision) -> None:
+        self.decisions.labels(model, policy, decision.reason).inc()
+        if decision.prompt_len:
+            self.prefix_match.labels(model).observe(decision.match_len / decision.prompt_len)
 
     def series(self, model: str, endpoint: str) -> _EndpointSeries:
         key = (model, endpoint)
@@ -98,3 +116,30 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class IndexCollector(Collector):
+    """Prefix-index size and evictions per model, read at scrape time."""
+
+    def __init__(self, source: Callable[[], Iterable[tuple[str, IndexStats]]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        entries = GaugeMetricFamily(
+            "kvroute_prefix_index_entries",
+            "Entries (block x endpoint) in the prefix index.",
+            labels=["model"],
+        )
+        blocks = GaugeMetricFamily(
+            "kvroute_prefix_index_blocks", "Distinct prompt blocks indexed.", labels=["model"]
+        )
+        evictions = CounterMetricFamily(
+            "kvroute_prefix_index_evictions",
+            "Index entries dropped for capacity.",
+            labels=["model"],
+        )
+        for model, stats in self._source():
+            entries.add_metric([model], stats.entries)
+            blocks.add_metric([model], stats.distinct_blocks)
+            evictions.add_metric([model], stats.evictions)
+        return [entries, blocks, evictions]

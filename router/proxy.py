@@ -144,12 +144,17 @@ def parse_request(raw: bytes, required: str) -> dict[str, Any]:
     return body
 
 
-def upstream_headers(scope: Scope, base: Mapping[str, str], request_id: str) -> dict[str, str]:
+def client_headers(scope: Scope) -> dict[str, str]:
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+
+
+def upstream_headers(
+    client: Mapping[str, str], base: Mapping[str, str], request_id: str
+) -> dict[str, str]:
     headers = dict(base)
-    for name, value in scope["headers"]:
-        key = name.decode("latin-1")
+    for key, value in client.items():
         if key not in DROP_HEADERS:
-            headers[key] = value.decode("latin-1")
+            headers[key] = value
     headers["x-request-id"] = request_id
     return headers
 
@@ -173,10 +178,11 @@ class Proxy:
         candidates = state.registry.candidates(route.model)
         if not candidates:
             raise NoHealthyEndpoint(f"no healthy endpoint serves model '{route.model}'")
-        request_view = RequestView(model=route.model, endpoint=name, body=body)
+        headers = client_headers(scope)
+        request_view = RequestView(model=route.model, endpoint=name, body=body, headers=headers)
         decision = route.policy.rank(request_view, [c.view() for c in candidates])
         ctx.policy, ctx.reason = route.policy_name, decision.reason
-        state.metrics.decisions.labels(route.model, route.policy_name, decision.reason).inc()
+        state.metrics.record_decision(route.model, route.policy_name, decision)
         endpoint = state.registry.get(decision.ranked[0].id)
         assert endpoint is not None
         ctx.endpoint = endpoint.id
@@ -187,7 +193,7 @@ class Proxy:
             raw,
             body,
             endpoint.served.get(route.model) or route.model,
-            upstream_headers(scope, endpoint.headers, ctx.request_id),
+            upstream_headers(headers, endpoint.headers, ctx.request_id),
         )
         endpoint.in_flight += 1
         gauge = state.metrics.in_flight.labels(endpoint.id)
@@ -205,7 +211,7 @@ class Proxy:
         finally:
             endpoint.in_flight -= 1
             gauge.dec()
-            route.policy.observe(request_view, endpoint.id, ok)
+            route.policy.observe(decision, endpoint.id, ok)
 
     async def _until_disconnect(
         self, receive: Receive, ctx: RequestContext, relay: Coroutine[Any, Any, None]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from backends import ADAPTERS, Adapter
 from policies.base import EndpointView, Policy
+from policies.prefix_index import IndexStats, PrefixIndex
 from policies.registry import build_policy
 from router.config import Config, EndpointConfig, PolicySpec
 
@@ -29,6 +30,7 @@ class EndpointState:
     running: float | None = None
     waiting: float | None = None
     kv_usage: float | None = None
+    kv_capacity_tokens: int | None = None
     last_error: str | None = None
     _labels: dict[str, str] = field(default_factory=dict)
 
@@ -42,6 +44,7 @@ class EndpointState:
             adapter=ADAPTERS[cfg.kind],
             served={m.name: m.served_name for m in cfg.models},
             headers=headers,
+            kv_capacity_tokens=cfg.kv_capacity_tokens,
             _labels=dict(cfg.labels),
         )
 
@@ -67,6 +70,7 @@ class EndpointState:
             running=self.running,
             waiting=self.waiting,
             kv_usage=self.kv_usage,
+            kv_capacity_tokens=self.kv_capacity_tokens,
             labels=self._labels,
         )
 
@@ -158,6 +162,17 @@ class RouteTable:
             self._names[name] = name
             return route
         return None
+
+    def routes(self) -> list[Route]:
+        return list(self._routes.values())
+
+    def index_stats(self) -> list[tuple[str, IndexStats]]:
+        out = []
+        for route in self._routes.values():
+            index = getattr(route.policy, "index", None)
+            if isinstance(index, PrefixIndex):
+                out.append((route.model, index.stats()))
+        return out
 
     def public_models(self) -> list[str]:
         names = set(self._registry.models())

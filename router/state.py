@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from router.config import Config
 from router.forward import Forwarder
-from router.metrics import Metrics
+from router.metrics import IndexCollector, Metrics
 from router.registry import EndpointRegistry, RouteTable
 
 
@@ -22,10 +22,13 @@ class AppState:
     @classmethod
     def from_config(cls, config: Config) -> AppState:
         registry = EndpointRegistry(config.endpoints)
+        routes = RouteTable(config, registry)
+        metrics = Metrics()
+        metrics.registry.register(IndexCollector(routes.index_stats))
         return cls(
             config=config,
             registry=registry,
-            routes=RouteTable(config, registry),
+            routes=routes,
             forwarder=Forwarder(config.timeouts),
-            metrics=Metrics(),
+            metrics=metrics,
         )

@@ -27,7 +27,17 @@ def ids(decision_ranked: tuple[EndpointView, ...]) -> list[str]:
 
 
 def test_known_policies() -> None:
-    assert known_policies() == ["least_load", "round_robin"]
+    assert known_policies() == [
+        "composite",
+        "consistent_hash",
+        "least_load",
+        "power_of_two",
+        "prefix_affinity",
+        "random",
+        "round_robin",
+        "session_affinity",
+        "weighted",
+    ]
 
 
 def test_round_robin_rotates_and_ranks_the_rest_as_failover() -> None:
@@ -79,3 +89,27 @@ def test_least_load_breaks_ties_with_the_seeded_rng_exactly() -> None:
 def test_unknown_parameters_fail() -> None:
     with pytest.raises(ValueError):
         build_policy("least_load", {"nope": 1}, random.Random(0))
+
+
+def test_power_of_two_picks_the_less_loaded_of_two_random() -> None:
+    policy = build_policy("power_of_two", {}, random.Random(3))
+    cands = views(9, 0, 5, 7)
+    firsts = [policy.rank(REQ, cands).ranked[0].id for _ in range(8)]
+    again = build_policy("power_of_two", {}, random.Random(3))
+    assert firsts == [again.rank(REQ, cands).ranked[0].id for _ in range(8)]
+    # e0 (load 9) is never first: whatever it is paired with is less loaded.
+    assert "e0" not in firsts
+    assert ids(policy.rank(REQ, views(4)).ranked) == ["e0"]
+
+
+def test_random_and_weighted_presets_are_seeded() -> None:
+    heavy = [
+        EndpointView(id="a", url="u", kind="vllm", weight=9.0),
+        EndpointView(id="b", url="u", kind="vllm", weight=1.0),
+    ]
+    policy = build_policy("weighted", {}, random.Random(5))
+    firsts = [policy.rank(REQ, heavy).ranked[0].id for _ in range(200)]
+    assert firsts.count("a") == 179  # ~90%, exactly reproducible
+    rnd = build_policy("random", {}, random.Random(5))
+    picks = [rnd.rank(REQ, views(0, 0, 0)).ranked[0].id for _ in range(300)]
+    assert (picks.count("e0"), picks.count("e1"), picks.count("e2")) == (98, 103, 99)

@@ -1,0 +1,139 @@
+"""prefix_affinity: send a request where its prompt prefix is probably cached.
+
+Three stages, first match wins:
+
+1. ``load_guard``: when the candidates' loads are imbalanced beyond an
+   absolute AND a relative threshold, cache affinity waits; least load first.
+2. ``prefix_hit``: the endpoint with the longest indexed prefix match (at
+   least ``min_match_blocks``) among those not overloaded; equal matches go
+   to the less loaded, then to ring order. "Overloaded" is the bounded-load
+   rule: past ``(1 + epsilon)`` times a fair share of the total load. That
+   rule is also what stops one replica holding a prompt everyone shares (a
+   huge system prompt) from taking every request: it fills up to its bound,
+   the rest spill to others, which then hold the prompt too.
+3. ``ring_owner`` / ``ring_spill``: a prefix with no history goes to the
+   owner of its first block on a bounded-load consistent-hash ring, so
+   router replicas that share no state send a new prefix to the same place.
+
+The index records the chosen endpoint at decision time (so a burst of
+requests for one new prefix follows the first), and the endpoint that
+actually served the request when failover moved it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from policies.base import Decision, EndpointView, RequestView, load_of
+from policies.prefix_index import PrefixIndex, capacity_blocks
+from policies.prompt import block_hashes, canonical_prompt, model_seed
+from policies.ring import RingCache, bounded_capacity, ring_order
+
+
+class PrefixAffinityParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: Characters per indexed block (about ``block_chars / 4`` tokens).
+    block_chars: int = Field(256, ge=16)
+    #: Shorter matches count as no match.
+    min_match_blocks: int = Field(1, ge=1)
+    #: Load guard: act when max - min load > abs AND max > rel * min.
+    balance_abs_threshold: float = Field(8.0, ge=0)
+    balance_rel_threshold: float = Field(1.5, ge=1)
+    #: Bounded load: an endpoint past (1 + epsilon) x its fair share is overloaded.
+    epsilon: float = Field(0.25, gt=0)
+    #: To size each endpoint's share of the index from its KV capacity in tokens.
+    chars_per_token: float = Field(4.0, gt=0)
+    #: KV capacity assumed for an endpoint that reports none.
+    default_capacity_tokens: int = Field(262_144, gt=0)
+    #: Hard cap on index entries (block x endpoint) across the model's endpoints.
+    max_index_entries: int = Field(1_000_000, ge=1)
+    #: Virtual nodes per unit of weight on the hash ring.
+    vnodes: int = Field(100, ge=1)
+
+
+class PrefixAffinity:
+    name = "prefix_affinity"
+
+    def __init__(self, params: PrefixAffinityParams, rng: random.Random) -> None:
+        self.params = params
+        self.index = PrefixIndex(params.max_index_entries)
+        self._rings = RingCache(params.vnodes)
+        self._seeds: dict[str, int] = {}
+
+    def capacity_blocks(self, endpoint: EndpointView) -> int:
+        p = self.params
+        return capacity_blocks(
+            endpoint, p.default_capacity_tokens, p.chars_per_token, p.block_chars
+        )
+
+    def hashes(self, request: RequestView) -> tuple[list[int], int]:
+        seed = self._seeds.get(request.model)
+        if seed is None:
+            seed = self._seeds[request.model] = model_seed(request.model)
+        text = canonical_prompt(request.body)
+        return block_hashes(text, self.params.block_chars, seed), len(text)
+
+    def rank(self, request: RequestView, candidates: Sequence[EndpointView]) -> Decision:
+        p = self.params
+        hashes, prompt_len = self.hashes(request)
+        loads = {e.id: load_of(e) for e in candidates}
+        ring = self._rings.ring(candidates)
+        key = hashes[0] if hashes else self._seeds[request.model]
+        ring_ranked, owner_ok = ring_order(ring, key, candidates, p.epsilon)
+        position = {e.id: i for i, e in enumerate(ring_ranked)}
+
+        chosen: EndpointView
+        matches: dict[str, int] = {}
+        match_blocks = 0
+        low, high = min(loads.values()), max(loads.values())
+        if high - low > p.balance_abs_threshold and high > p.balance_rel_threshold * low:
+            chosen = min(candidates, key=lambda e: (loads[e.id], position[e.id]))
+            reason = "load_guard"
+        else:
+            matches = self.index.match(hashes, loads) if hashes else {}
+            cap = bounded_capacity(candidates, p.epsilon)
+            eligible = [
+                e
+                for e in candidates
+                if matches.get(e.id, 0) >= p.min_match_blocks and loads[e.id] + 1 <= cap[e.id]
+            ]
+            if eligible:
+                match_blocks = max(matches[e.id] for e in eligible)
+                chosen = min(
+                    (e for e in eligible if matches[e.id] == match_blocks),
+                    key=lambda e: (loads[e.id], position[e.id]),
+                )
+                reason = "prefix_hit"
+            else:
+                chosen = ring_ranked[0]
+                reason = "ring_owner" if owner_ok else "ring_spill"
+        rest = sorted(
+            (e for e in candidates if e is not chosen),
+            key=lambda e: (-matches.get(e.id, 0), loads[e.id], position[e.id]),
+        )
+        self.index.insert(hashes, chosen.id, self.capacity_blocks(chosen))
+        return Decision(
+            (chosen, *rest),
+            reason,
+            match_len=min(prompt_len, match_blocks * p.block_chars),
+            prompt_len=prompt_len,
+            memo=(hashes, chosen.id, candidates),
+        )
+
+    def observe(self, decision: Decision, endpoint_id: str, ok: bool) -> None:
+        memo = decision.memo
+        if not ok or memo is None:
+            return
+        hashes, recorded, candidates = memo
+        if endpoint_id == recorded:
+            return
+        for endpoint in candidates:
+            if endpoint.id == endpoint_id:
+                self.index.insert(hashes, endpoint_id, self.capacity_blocks(endpoint))
+
+    def forget(self, endpoint_id: str) -> None:
+        self.index.forget(endpoint_id)

@@ -1,0 +1,122 @@
+"""Which endpoints probably still hold which prompt blocks in their KV cache.
+
+Per endpoint, an LRU of block hashes whose capacity mirrors the endpoint's KV
+cache (in blocks of our characters, converted from its capacity in tokens);
+an entry falls out when the endpoint would have evicted it. Across all
+endpoints, a hard cap on entries bounds memory: past it, the endpoint with
+the most entries gives up its least recent one.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from policies.base import EndpointView
+
+
+def capacity_blocks(
+    endpoint: EndpointView, default_tokens: int, chars_per_token: float, block_chars: int
+) -> int:
+    """How many of our blocks an endpoint's KV cache holds."""
+    tokens = endpoint.kv_capacity_tokens or default_tokens
+    return max(1, int(tokens * chars_per_token / block_chars))
+
+
+@dataclass(frozen=True, slots=True)
+class IndexStats:
+    entries: int
+    distinct_blocks: int
+    evictions: int
+    endpoints: dict[str, int]
+    capacity: dict[str, int]
+    max_entries: int
+
+
+class PrefixIndex:
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._holders: dict[int, set[str]] = {}
+        self._lru: dict[str, OrderedDict[int, None]] = {}
+        self._capacity: dict[str, int] = {}
+        self.entries = 0
+        self.evictions = 0
+
+    def match(self, hashes: Sequence[int], endpoint_ids: Collection[str]) -> dict[str, int]:
+        """For each endpoint that holds the first block: how many leading blocks it holds."""
+        matches: dict[str, int] = {}
+        holders = self._holders
+        active: set[str] | None = None
+        for i, h in enumerate(hashes):
+            held = holders.get(h)
+            if not held:
+                break
+            active = {e for e in endpoint_ids if e in held} if active is None else active & held
+            if not active:
+                break
+            for e in active:
+                matches[e] = i + 1
+        return matches
+
+    def insert(self, hashes: Sequence[int], endpoint_id: str, capacity_blocks: int) -> None:
+        """Record that ``endpoint_id`` now holds these blocks.
+
+        Like vLLM, which frees a finished request's blocks tail first, the
+        leading blocks become the most recent: a prompt's tail is forgotten
+        before its shared head.
+        """
+        if capacity_blocks <= 0 or not hashes:
+            return
+        lru = self._lru.get(endpoint_id)
+        if lru is None:
+            lru = self._lru[endpoint_id] = OrderedDict()
+        self._capacity[endpoint_id] = capacity_blocks
+        holders = self._holders
+        for h in reversed(hashes[:capacity_blocks]):
+            if h in lru:
+                lru.move_to_end(h)
+                continue
+            lru[h] = None
+            held = holders.get(h)
+            if held is None:
+                holders[h] = {endpoint_id}
+            else:
+                held.add(endpoint_id)
+            self.entries += 1
+        while len(lru) > capacity_blocks:
+            self._evict_one(endpoint_id, lru)
+        while self.entries > self.max_entries:
+            largest = max(self._lru, key=lambda e: len(self._lru[e]))
+            self._evict_one(largest, self._lru[largest])
+
+    def _evict_one(self, endpoint_id: str, lru: OrderedDict[int, None]) -> None:
+        h, _ = lru.popitem(last=False)
+        held = self._holders[h]
+        held.discard(endpoint_id)
+        if not held:
+            del self._holders[h]
+        self.entries -= 1
+        self.evictions += 1
+
+    def forget(self, endpoint_id: str) -> None:
+        lru = self._lru.pop(endpoint_id, None)
+        self._capacity.pop(endpoint_id, None)
+        if lru is None:
+            return
+        for h in lru:
+            held = self._holders[h]
+            held.discard(endpoint_id)
+            if not held:
+                del self._holders[h]
+        self.entries -= len(lru)
+
+    def stats(self) -> IndexStats:
+        return IndexStats(
+            entries=self.entries,
+            distinct_blocks=len(self._holders),
+            evictions=self.evictions,
+            endpoints={e: len(lru) for e, lru in self._lru.items()},
+            capacity=dict(self._capacity),
+            max_entries=self.max_entries,
+        )

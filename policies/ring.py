@@ -1,0 +1,96 @@
+"""A consistent-hash ring with virtual nodes and bounded load.
+
+Each endpoint owns ``vnodes x weight`` points on a 64-bit ring, placed by
+hashing its id, so every router process builds the same ring from the same
+endpoint set, with no coordination. A key belongs to the first endpoint
+clockwise from its hash. Adding or removing one of N endpoints moves about
+1/N of the keys.
+
+Bounded load (Mirrokni et al., "Consistent Hashing with Bounded Loads"): an
+endpoint whose load would exceed ``(1 + epsilon)`` times its fair share of
+the total passes the key on to the next endpoint along the ring.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+
+import xxhash
+
+from policies.base import EndpointView, load_of
+
+
+class HashRing:
+    def __init__(self, members: Sequence[tuple[str, float]], vnodes: int = 100) -> None:
+        points: list[tuple[int, str]] = []
+        for endpoint_id, weight in members:
+            for i in range(max(1, round(vnodes * weight))):
+                points.append(
+                    (xxhash.xxh3_64_intdigest(f"{endpoint_id}#{i}".encode()), endpoint_id)
+                )
+        points.sort()
+        self._hashes = [h for h, _ in points]
+        self._owners = [o for _, o in points]
+        self.size = len({m for m, _ in members})
+
+    def walk(self, key: int) -> Iterator[str]:
+        """Distinct endpoints clockwise from ``key``: the owner first."""
+        n = len(self._hashes)
+        if n == 0:
+            return
+        start = bisect.bisect_left(self._hashes, key) % n
+        seen: set[str] = set()
+        for i in range(n):
+            owner = self._owners[(start + i) % n]
+            if owner not in seen:
+                seen.add(owner)
+                yield owner
+                if len(seen) == self.size:
+                    return
+
+
+class RingCache:
+    """Rings by endpoint set, so that health flapping does not rebuild them."""
+
+    def __init__(self, vnodes: int = 100, keep: int = 8) -> None:
+        self.vnodes = vnodes
+        self._keep = keep
+        self._rings: OrderedDict[tuple[tuple[str, float], ...], HashRing] = OrderedDict()
+
+    def ring(self, candidates: Sequence[EndpointView]) -> HashRing:
+        members = tuple(sorted((e.id, e.weight) for e in candidates))
+        ring = self._rings.get(members)
+        if ring is None:
+            ring = HashRing(members, self.vnodes)
+            self._rings[members] = ring
+            if len(self._rings) > self._keep:
+                self._rings.popitem(last=False)
+        else:
+            self._rings.move_to_end(members)
+        return ring
+
+
+def bounded_capacity(candidates: Sequence[EndpointView], epsilon: float) -> dict[str, float]:
+    """Each endpoint's load ceiling once one more request is placed."""
+    total = sum(load_of(e) for e in candidates) + 1
+    weight = sum(e.weight for e in candidates)
+    return {e.id: math.ceil((1 + epsilon) * total * e.weight / weight) for e in candidates}
+
+
+def ring_order(
+    ring: HashRing, key: int, candidates: Sequence[EndpointView], epsilon: float | None
+) -> tuple[list[EndpointView], bool]:
+    """Candidates in ring order from ``key``, the first one able to take the
+    request first; and whether that is the key's owner itself."""
+    by_id = {e.id: e for e in candidates}
+    order = [by_id[i] for i in ring.walk(key) if i in by_id]
+    if epsilon is None:
+        return order, True
+    cap = bounded_capacity(candidates, epsilon)
+    for i, e in enumerate(order):
+        if load_of(e) + 1 <= cap[e.id]:
+            return [e, *order[:i], *order[i + 1 :]], i == 0
+    return order, True
