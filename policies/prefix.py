@@ -7,7 +7,8 @@ Three stages, first match wins:
 2. ``prefix_hit``: the endpoint with the longest indexed prefix match (at
    least ``min_match_blocks``) among those not overloaded; equal matches go
    to the less loaded, then to ring order. "Overloaded" is the bounded-load
-   rule: past ``(1 + epsilon)`` times a fair share of the total load. That
+   rule: past ``(1 + epsilon)`` times a fair share of the total load (and at
+   least ``min_overload`` requests). That
    rule is also what stops one replica holding a prompt everyone shares (a
    huge system prompt) from taking every request: it fills up to its bound,
    the rest spill to others, which then hold the prompt too.
@@ -45,6 +46,8 @@ class PrefixAffinityParams(BaseModel):
     balance_rel_threshold: float = Field(1.5, ge=1)
     #: Bounded load: an endpoint past (1 + epsilon) x its fair share is overloaded.
     epsilon: float = Field(0.25, gt=0)
+    #: ... but an endpoint with fewer requests than this is never overloaded.
+    min_overload: float = Field(4.0, ge=0)
     #: To size each endpoint's share of the index from its KV capacity in tokens.
     chars_per_token: float = Field(4.0, gt=0)
     #: KV capacity assumed for an endpoint that reports none.
@@ -83,7 +86,7 @@ class PrefixAffinity:
         loads = {e.id: load_of(e) for e in candidates}
         ring = self._rings.ring(candidates)
         key = hashes[0] if hashes else self._seeds[request.model]
-        ring_ranked, owner_ok = ring_order(ring, key, candidates, p.epsilon)
+        ring_ranked, owner_ok = ring_order(ring, key, candidates, p.epsilon, p.min_overload)
         position = {e.id: i for i, e in enumerate(ring_ranked)}
 
         chosen: EndpointView
@@ -95,7 +98,7 @@ class PrefixAffinity:
             reason = "load_guard"
         else:
             matches = self.index.match(hashes, loads) if hashes else {}
-            cap = bounded_capacity(candidates, p.epsilon)
+            cap = bounded_capacity(candidates, p.epsilon, p.min_overload)
             eligible = [
                 e
                 for e in candidates

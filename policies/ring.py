@@ -73,15 +73,24 @@ class RingCache:
         return ring
 
 
-def bounded_capacity(candidates: Sequence[EndpointView], epsilon: float) -> dict[str, float]:
-    """Each endpoint's load ceiling once one more request is placed."""
+def bounded_capacity(
+    candidates: Sequence[EndpointView], epsilon: float, floor: float = 0.0
+) -> dict[str, float]:
+    """Each endpoint's load ceiling once one more request is placed (never
+    below ``floor``: a few requests in flight overload nobody)."""
     total = sum(load_of(e) for e in candidates) + 1
     weight = sum(e.weight for e in candidates)
-    return {e.id: math.ceil((1 + epsilon) * total * e.weight / weight) for e in candidates}
+    return {
+        e.id: max(floor, math.ceil((1 + epsilon) * total * e.weight / weight)) for e in candidates
+    }
 
 
 def ring_order(
-    ring: HashRing, key: int, candidates: Sequence[EndpointView], epsilon: float | None
+    ring: HashRing,
+    key: int,
+    candidates: Sequence[EndpointView],
+    epsilon: float | None,
+    floor: float = 0.0,
 ) -> tuple[list[EndpointView], bool]:
     """Candidates in ring order from ``key``, the first one able to take the
     request first; and whether that is the key's owner itself."""
@@ -89,7 +98,7 @@ def ring_order(
     order = [by_id[i] for i in ring.walk(key) if i in by_id]
     if epsilon is None:
         return order, True
-    cap = bounded_capacity(candidates, epsilon)
+    cap = bounded_capacity(candidates, epsilon, floor)
     for i, e in enumerate(order):
         if load_of(e) + 1 <= cap[e.id]:
             return [e, *order[:i], *order[i + 1 :]], i == 0

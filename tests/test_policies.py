@@ -112,4 +112,4 @@ def test_random_and_weighted_presets_are_seeded() -> None:
     assert firsts.count("a") == 179  # ~90%, exactly reproducible
     rnd = build_policy("random", {}, random.Random(5))
     picks = [rnd.rank(REQ, views(0, 0, 0)).ranked[0].id for _ in range(300)]
-    assert (picks.count("e0"), picks.count("e1"), picks.count("e2")) == (98, 103, 99)
+    assert (picks.count("e0"), picks.count("e1"), picks.count("e2")) == (98, 92, 110)

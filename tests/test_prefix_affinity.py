@@ -1,0 +1,272 @@
+"""prefix_affinity, the ring and the index: exact, seeded, property-checked."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policies import EndpointView, RequestView, build_policy
+from policies.base import Decision
+from policies.prefix import PrefixAffinity
+from policies.prefix_index import PrefixIndex
+from policies.prompt import block_hashes, canonical_prompt, model_seed
+from policies.ring import HashRing, bounded_capacity, ring_order
+
+SYSTEM = "You are a support agent for ACME. " * 40  # ~1.3k characters
+
+
+def chat(system: str, question: str, model: str = "m", **extra: Any) -> RequestView:
+    body = {
+        "model": model,
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": question},
+        ],
+        **extra,
+    }
+    return RequestView(model=model, endpoint="chat", body=body)
+
+
+def fleet(n: int, loads: dict[str, int] | None = None, **kw: Any) -> list[EndpointView]:
+    loads = loads or {}
+    return [
+        EndpointView(
+            id=f"e{i}", url=f"http://e{i}", kind="vllm", in_flight=loads.get(f"e{i}", 0), **kw
+        )
+        for i in range(n)
+    ]
+
+
+def policy(**params: Any) -> PrefixAffinity:
+    p = build_policy("prefix_affinity", params, random.Random(0))
+    assert isinstance(p, PrefixAffinity)
+    return p
+
+
+# -- prompts -------------------------------------------------------------------
+
+
+def test_canonical_prompt_ignores_sampling_params_and_keeps_order() -> None:
+    a = canonical_prompt(chat("sys", "q", temperature=0.1).body)
+    b = canonical_prompt(chat("sys", "q", temperature=0.9, max_tokens=3).body)
+    assert a == b
+    swapped = {"messages": [{"role": "user", "content": "sys"}, {"role": "system", "content": "q"}]}
+    assert canonical_prompt(swapped) != a
+    assert canonical_prompt({"prompt": "hello"}) == "hello"
+
+
+def test_multimodal_parts_count_by_text_and_a_hash() -> None:
+    def body(url: str) -> dict[str, Any]:
+        return {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {"url": url}},
+                    ],
+                }
+            ]
+        }
+
+    one, same, other = (canonical_prompt(body(u)) for u in ("data:a", "data:a", "data:b"))
+    assert one == same != other
+    assert "what is this?" in one
+
+
+def test_block_hashes_chain_and_are_seeded_by_model() -> None:
+    seed = model_seed("m")
+    a = block_hashes("x" * 100 + "A" * 50, 50, seed)
+    b = block_hashes("x" * 100 + "B" * 50, 50, seed)
+    assert len(a) == 3 and a[:2] == b[:2] and a[2] != b[2]
+    assert block_hashes("x" * 100, 50, model_seed("other"))[0] != a[0]
+    # A block's hash covers what came before it.
+    assert block_hashes("y" * 50 + "x" * 50, 50, seed)[1] != a[1]
+    assert block_hashes("é" * 60, 50, seed) == block_hashes("é" * 60, 50, seed)
+    assert len(block_hashes("é" * 60, 50, seed)) == 2  # blocks count characters
+
+
+# -- ring ----------------------------------------------------------------------
+
+
+def owners(ring: HashRing, keys: list[int]) -> list[str]:
+    return [next(ring.walk(k)) for k in keys]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 12), st.integers(0, 2**32))
+def test_adding_an_endpoint_moves_only_keys_to_it_about_one_nth(n: int, salt: int) -> None:
+    keys = [random.Random(salt + i).getrandbits(64) for i in range(2000)]
+    before = owners(HashRing([(f"e{i}", 1.0) for i in range(n)]), keys)
+    after = owners(HashRing([(f"e{i}", 1.0) for i in range(n + 1)]), keys)
+    moved = [(x, y) for x, y in zip(before, after, strict=True) if x != y]
+    assert all(y == f"e{n}" for _, y in moved)
+    share = len(moved) / len(keys)
+    assert 0.5 / (n + 1) <= share <= 1.6 / (n + 1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(3, 12), st.integers(0, 2**32))
+def test_removing_an_endpoint_moves_only_its_keys(n: int, salt: int) -> None:
+    keys = [random.Random(salt + i).getrandbits(64) for i in range(2000)]
+    full = owners(HashRing([(f"e{i}", 1.0) for i in range(n)]), keys)
+    gone = f"e{salt % n}"
+    less = owners(HashRing([(f"e{i}", 1.0) for i in range(n) if f"e{i}" != gone]), keys)
+    for x, y in zip(full, less, strict=True):
+        assert x == y or x == gone
+
+
+def test_bounded_load_passes_keys_on() -> None:
+    cands = fleet(4)
+    ring = HashRing([(e.id, 1.0) for e in cands])
+    key = 12345
+    owner = next(ring.walk(key))
+    order, is_owner = ring_order(ring, key, cands, 0.25)
+    assert order[0].id == owner and is_owner
+    busy = fleet(4, loads={owner: 10})
+    # total 10 + 1 -> fair share 2.75, cap ceil(1.25 * 2.75) = 4 < 11
+    assert bounded_capacity(busy, 0.25)[owner] == 4
+    order, is_owner = ring_order(ring, key, busy, 0.25)
+    assert order[0].id != owner and not is_owner
+    assert order[1].id == owner  # still next in the failover order
+
+
+# -- prefix_affinity --------------------------------------------------------------
+
+
+def test_new_prefix_goes_to_ring_owner_then_hits() -> None:
+    p = policy()
+    cands = fleet(4)
+    first = p.rank(chat(SYSTEM, "one"), cands)
+    assert first.reason == "ring_owner"
+    second = p.rank(chat(SYSTEM, "two"), cands)
+    assert second.reason == "prefix_hit"
+    assert second.ranked[0].id == first.ranked[0].id
+    assert second.match_len >= len(SYSTEM) - 256
+    assert second.prompt_len == len(canonical_prompt(chat(SYSTEM, "two").body))
+
+
+def test_two_routers_with_no_shared_state_agree_on_new_prefixes() -> None:
+    a, b = policy(), policy()
+    cands = fleet(8)
+    for i in range(50):
+        req = chat(f"tenant {i}: " + SYSTEM, "hi")
+        assert a.rank(req, cands).ranked[0].id == b.rank(req, list(reversed(cands))).ranked[0].id
+
+
+def test_load_guard_wins_over_affinity() -> None:
+    p = policy(balance_abs_threshold=4, balance_rel_threshold=1.5)
+    cands = fleet(2)
+    home = p.rank(chat(SYSTEM, "q"), cands).ranked[0].id
+    other = "e1" if home == "e0" else "e0"
+    busy = fleet(2, loads={home: 10, other: 2})
+    d = p.rank(chat(SYSTEM, "q2"), busy)
+    assert (d.reason, d.ranked[0].id) == ("load_guard", other)
+    # The guarded request taught the index that `other` holds the prompt too, so
+    # the next one goes to the less loaded of the two holders.
+    d = p.rank(chat(SYSTEM, "q3"), fleet(2, loads={home: 3, other: 2}))
+    assert (d.reason, d.ranked[0].id) == ("prefix_hit", other)
+    # Without the guard, affinity holds up to the bounded-load cap.
+    fresh = policy(balance_abs_threshold=100)
+    assert fresh.rank(chat(SYSTEM, "q"), cands).ranked[0].id == home
+    d = fresh.rank(chat(SYSTEM, "q4"), fleet(2, loads={home: 3, other: 0}))
+    assert (d.reason, d.ranked[0].id) == ("prefix_hit", home)
+    # Past min_overload, the bounded-load cap applies: 5 + 0 + 1 -> cap ceil(3.75) = 4.
+    d = fresh.rank(chat(SYSTEM, "q5"), fleet(2, loads={home: 5, other: 0}))
+    assert (d.reason, d.ranked[0].id) == ("ring_spill", other)
+
+
+def test_overloaded_holder_is_skipped() -> None:
+    p = policy(balance_abs_threshold=1000)
+    cands = fleet(4)
+    home = p.rank(chat(SYSTEM, "q"), cands).ranked[0].id
+    d = p.rank(chat(SYSTEM, "q2"), fleet(4, loads={home: 6}))
+    assert d.ranked[0].id != home
+    assert d.reason in ("ring_owner", "ring_spill")
+    assert d.ranked[1].id == home  # the best match is still first in failover order
+
+
+def test_shared_system_prompt_does_not_pin_one_replica() -> None:
+    p = policy()
+    n = 4
+    loads = {f"e{i}": 0 for i in range(n)}
+    for i in range(400):
+        d = p.rank(chat(SYSTEM, f"question {i}"), fleet(n, loads=loads))
+        loads[d.ranked[0].id] += 1
+    assert max(loads.values()) / (sum(loads.values()) / n) <= 1.3
+
+
+def test_min_match_blocks() -> None:
+    p = policy(min_match_blocks=3, block_chars=64)
+    cands = fleet(4)
+    p.rank(chat("s" * 100, "a"), cands)
+    d = p.rank(chat("s" * 100, "b"), cands)  # shares about one block only
+    assert d.reason in ("ring_owner", "ring_spill")
+
+
+def test_index_capacity_follows_kv_capacity() -> None:
+    p = policy(block_chars=64, chars_per_token=4.0)
+    cands = fleet(1, kv_capacity_tokens=160)  # 160 tokens * 4 / 64 = 10 blocks
+    assert p.capacity_blocks(cands[0]) == 10
+    for i in range(5):
+        p.rank(chat(f"{i}" * 300, "q"), cands)
+    stats = p.index.stats()
+    assert stats.endpoints == {"e0": 10} and stats.evictions > 0
+
+
+def test_forget_drops_an_endpoint_and_failover_records_the_server() -> None:
+    p = policy()
+    cands = fleet(3)
+    d = p.rank(chat(SYSTEM, "q"), cands)
+    home, backup = d.ranked[0].id, d.ranked[1].id
+    p.observe(d, backup, ok=True)  # the request failed over and succeeded there
+    matches = p.index.match(p.hashes(chat(SYSTEM, "q"))[0], [e.id for e in cands])
+    assert set(matches) == {home, backup}
+    p.forget(home)
+    matches = p.index.match(p.hashes(chat(SYSTEM, "q"))[0], [e.id for e in cands])
+    assert set(matches) == {backup}
+
+
+def test_decision_ranks_every_candidate_once() -> None:
+    p = policy()
+    d: Decision = p.rank(chat(SYSTEM, "q"), fleet(5))
+    assert sorted(e.id for e in d.ranked) == [f"e{i}" for i in range(5)]
+
+
+# -- the index -------------------------------------------------------------------
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.lists(st.integers(0, 30), min_size=1, max_size=20)),
+        min_size=1,
+        max_size=60,
+    ),
+    st.integers(1, 40),
+)
+def test_index_never_exceeds_its_cap(
+    inserts: list[tuple[int, list[int]]], max_entries: int
+) -> None:
+    index = PrefixIndex(max_entries)
+    for endpoint, hashes in inserts:
+        index.insert(hashes, f"e{endpoint}", capacity_blocks=8)
+        stats = index.stats()
+        assert stats.entries <= max_entries
+        assert stats.entries == sum(stats.endpoints.values())
+        assert all(n <= 8 for n in stats.endpoints.values())
+    for e in range(4):
+        index.forget(f"e{e}")
+    assert index.stats().entries == 0 and index.stats().distinct_blocks == 0
+
+
+def test_index_match_counts_leading_blocks_per_endpoint() -> None:
+    index = PrefixIndex(100)
+    index.insert([1, 2, 3], "a", 10)
+    index.insert([1, 2, 9], "b", 10)
+    assert index.match([1, 2, 3, 4], ["a", "b", "c"]) == {"a": 3, "b": 2}
+    assert index.match([7, 1], ["a", "b"]) == {}
+    assert index.match([1, 2, 3], ["b"]) == {"b": 2}
