@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -55,7 +55,7 @@ class RequestMiddleware:
                 request_id = value.decode("latin-1")[:128]
                 break
         if not request_id:
-            request_id = uuid.uuid4().hex
+            request_id = os.urandom(16).hex()
         ctx = RequestContext(request_id, time.perf_counter())
         scope["kvroute.ctx"] = ctx
         rid_header = (REQUEST_ID, request_id.encode("latin-1"))

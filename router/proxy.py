@@ -10,7 +10,6 @@ what it does not change.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -84,6 +83,8 @@ class RequestContext:
     stream: bool = False
     ttft: float | None = None
     error: str | None = None
+    #: Set just before the last body message: a disconnect after it is no abort.
+    finishing: bool = False
     cancelled: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -216,25 +217,24 @@ class Proxy:
     async def _until_disconnect(
         self, receive: Receive, ctx: RequestContext, relay: Coroutine[Any, Any, None]
     ) -> None:
-        work = asyncio.ensure_future(relay)
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        """Run ``relay`` in this task; if the client leaves first, cancel it.
+
+        Cancelling the relay closes the upstream connection, which is how an
+        OpenAI server learns to abort the generation. One watcher task, not
+        two, keeps the per-request cost down.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(receive, task, ctx))
         try:
-            done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            await relay
         except asyncio.CancelledError:
-            work.cancel()
+            if not ctx.cancelled:
+                raise
+            ctx.status = ctx.status or 499
+            task.uncancel()
+        finally:
             watcher.cancel()
-            raise
-        if work in done:
-            watcher.cancel()
-            work.result()
-            return
-        # The client left: cancelling the relay closes the upstream connection,
-        # which is how an OpenAI server learns to abort the generation.
-        ctx.cancelled = True
-        ctx.status = ctx.status or 499
-        work.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await work
 
     async def _relay(
         self,
@@ -266,6 +266,7 @@ class Proxy:
                     ],
                 }
             )
+            ctx.finishing = True
             await send({"type": "http.response.body", "body": data})
         finally:
             resp.release()
@@ -307,6 +308,7 @@ class Proxy:
             )
             ctx.error = err.message
             tail = b"data: " + err.to_bytes() + b"\n\n"
+        ctx.finishing = True
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
@@ -319,10 +321,16 @@ async def _read_all(resp: aiohttp.ClientResponse) -> bytes:
         raise UpstreamConnectError(f"upstream answer broke off: {exc}") from exc
 
 
-async def _wait_disconnect(receive: Receive) -> None:
+async def _cancel_on_disconnect(
+    receive: Receive, task: asyncio.Task[Any], ctx: RequestContext
+) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
+            # uvicorn also reports a disconnect once the response is complete.
+            if not ctx.finishing:
+                ctx.cancelled = True
+                task.cancel()
             return
 
 
