@@ -15,6 +15,10 @@ Three stages, first match wins:
 3. ``ring_owner`` / ``ring_spill``: a prefix with no history goes to the
    owner of its first block on a bounded-load consistent-hash ring, so
    router replicas that share no state send a new prefix to the same place.
+   ``cache_spill``: the same, but the owner's share of the index is full
+   (its KV cache holds other prefixes) while an endpoint further along the
+   ring has room; a few prefixes hashed unevenly would otherwise thrash one
+   cache while another sits empty.
 
 The index records the chosen endpoint at decision time (so a burst of
 requests for one new prefix follows the first), and the endpoint that
@@ -112,8 +116,7 @@ class PrefixAffinity:
                 )
                 reason = "prefix_hit"
             else:
-                chosen = ring_ranked[0]
-                reason = "ring_owner" if owner_ok else "ring_spill"
+                chosen, reason = self._place_new(ring_ranked, owner_ok)
         rest = sorted(
             (e for e in candidates if e is not chosen),
             key=lambda e: (-matches.get(e.id, 0), loads[e.id], position[e.id]),
@@ -126,6 +129,21 @@ class PrefixAffinity:
             prompt_len=prompt_len,
             memo=(hashes, chosen.id, candidates),
         )
+
+    def _place_new(
+        self, ring_ranked: list[EndpointView], owner_ok: bool
+    ) -> tuple[EndpointView, str]:
+        """The ring's choice for a prefix with no history, unless that endpoint's
+        cache is already full of other prefixes while one further along the
+        ring has room: then the prefix goes there (``cache_spill``)."""
+        first = ring_ranked[0]
+        occupied = self.index.occupancy
+        if occupied(first.id) < self.capacity_blocks(first):
+            return first, "ring_owner" if owner_ok else "ring_spill"
+        for e in ring_ranked[1:]:
+            if occupied(e.id) < self.capacity_blocks(e):
+                return e, "cache_spill"
+        return first, "ring_owner" if owner_ok else "ring_spill"
 
     def observe(self, decision: Decision, endpoint_id: str, ok: bool) -> None:
         memo = decision.memo

@@ -99,6 +99,11 @@ class PrefixIndex:
         self.entries -= 1
         self.evictions += 1
 
+    def occupancy(self, endpoint_id: str) -> int:
+        """Blocks indexed for ``endpoint_id``."""
+        lru = self._lru.get(endpoint_id)
+        return len(lru) if lru is not None else 0
+
     def forget(self, endpoint_id: str) -> None:
         lru = self._lru.pop(endpoint_id, None)
         self._capacity.pop(endpoint_id, None)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hmac
 import logging
 import os
 import time
@@ -165,6 +167,25 @@ def build_control_app(state: AppState) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def admin_denied(request: Request) -> Response | None:
+        token = state.config.admin_token
+        if token is None:
+            return None
+        given = request.headers.get("authorization", "")
+        if hmac.compare_digest(given.encode(), f"Bearer {token.get_secret_value()}".encode()):
+            return None
+        return json_response(
+            error_body("admin token required", "authentication_error", None, "invalid_api_key"),
+            401,
+        )
+
+    async def prefix_index(request: Request) -> Response:
+        if (denied := admin_denied(request)) is not None:
+            return denied
+        return json_response(
+            {model: dataclasses.asdict(stats) for model, stats in state.routes.index_stats()}
+        )
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
@@ -189,6 +210,7 @@ def build_control_app(state: AppState) -> Starlette:
             Route("/health", health),
             Route("/ready", ready),
             Route("/metrics", metrics),
+            Route("/admin/prefix-index", prefix_index),
         ],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,

@@ -157,6 +157,8 @@ class Config(Frozen):
     default_policy: PolicySpec = PolicySpec(name="round_robin")
     #: Seeds the policies' random choices; unset means a fresh seed per start.
     seed: int | None = None
+    #: When set, /admin/* requires ``Authorization: Bearer <admin_token>``.
+    admin_token: SecretStr | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

@@ -270,3 +270,13 @@ def test_index_match_counts_leading_blocks_per_endpoint() -> None:
     assert index.match([1, 2, 3, 4], ["a", "b", "c"]) == {"a": 3, "b": 2}
     assert index.match([7, 1], ["a", "b"]) == {}
     assert index.match([1, 2, 3], ["b"]) == {"b": 2}
+
+
+def test_new_prefixes_spill_past_a_full_cache() -> None:
+    p = policy(block_chars=64)
+    cands = fleet(2, kv_capacity_tokens=64)  # 64 * 4 / 64 = 4 blocks each
+    homes = [p.rank(chat(f"tenant {i} " * 10, "q"), cands) for i in range(6)]
+    reasons = [d.reason for d in homes]
+    assert "cache_spill" in reasons
+    # Both caches got used although the ring alone may favour one.
+    assert {d.ranked[0].id for d in homes} == {"e0", "e1"}
