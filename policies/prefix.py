@@ -35,7 +35,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from policies.base import Decision, EndpointView, RequestView, load_of
 from policies.prefix_index import PrefixIndex, capacity_blocks
 from policies.prompt import block_hashes, canonical_prompt, model_seed
-from policies.ring import RingCache, bounded_capacity, ring_order
+from policies.ring import Capacity, RingCache
+
+#: Ring steps taken looking for a cache with room before settling for the owner.
+MAX_SPILL_WALK = 8
 
 
 class PrefixAffinityParams(BaseModel):
@@ -88,38 +91,33 @@ class PrefixAffinity:
         p = self.params
         hashes, prompt_len = self.hashes(request)
         loads = {e.id: load_of(e) for e in candidates}
-        ring = self._rings.ring(candidates)
-        key = hashes[0] if hashes else self._seeds[request.model]
-        ring_ranked, owner_ok = ring_order(ring, key, candidates, p.epsilon, p.min_overload)
-        position = {e.id: i for i, e in enumerate(ring_ranked)}
-
-        chosen: EndpointView
+        capacity = Capacity(candidates, p.epsilon, p.min_overload)
         matches: dict[str, int] = {}
         match_blocks = 0
         low, high = min(loads.values()), max(loads.values())
         if high - low > p.balance_abs_threshold and high > p.balance_rel_threshold * low:
-            chosen = min(candidates, key=lambda e: (loads[e.id], position[e.id]))
+            chosen = min(candidates, key=lambda e: (loads[e.id], e.id))
             reason = "load_guard"
         else:
             matches = self.index.match(hashes, loads) if hashes else {}
-            cap = bounded_capacity(candidates, p.epsilon, p.min_overload)
             eligible = [
                 e
                 for e in candidates
-                if matches.get(e.id, 0) >= p.min_match_blocks and loads[e.id] + 1 <= cap[e.id]
+                if matches.get(e.id, 0) >= p.min_match_blocks and capacity.fits(e, loads[e.id])
             ]
             if eligible:
                 match_blocks = max(matches[e.id] for e in eligible)
                 chosen = min(
                     (e for e in eligible if matches[e.id] == match_blocks),
-                    key=lambda e: (loads[e.id], position[e.id]),
+                    key=lambda e: (loads[e.id], e.id),
                 )
                 reason = "prefix_hit"
             else:
-                chosen, reason = self._place_new(ring_ranked, owner_ok)
+                key = hashes[0] if hashes else self._seeds[request.model]
+                chosen, reason = self._place_new(key, candidates, loads, capacity)
         rest = sorted(
             (e for e in candidates if e is not chosen),
-            key=lambda e: (-matches.get(e.id, 0), loads[e.id], position[e.id]),
+            key=lambda e: (-matches.get(e.id, 0), loads[e.id], e.id),
         )
         self.index.insert(hashes, chosen.id, self.capacity_blocks(chosen))
         return Decision(
@@ -131,19 +129,37 @@ class PrefixAffinity:
         )
 
     def _place_new(
-        self, ring_ranked: list[EndpointView], owner_ok: bool
+        self,
+        key: int,
+        candidates: Sequence[EndpointView],
+        loads: dict[str, float],
+        capacity: Capacity,
     ) -> tuple[EndpointView, str]:
-        """The ring's choice for a prefix with no history, unless that endpoint's
-        cache is already full of other prefixes while one further along the
-        ring has room: then the prefix goes there (``cache_spill``)."""
-        first = ring_ranked[0]
-        occupied = self.index.occupancy
-        if occupied(first.id) < self.capacity_blocks(first):
-            return first, "ring_owner" if owner_ok else "ring_spill"
-        for e in ring_ranked[1:]:
-            if occupied(e.id) < self.capacity_blocks(e):
-                return e, "cache_spill"
-        return first, "ring_owner" if owner_ok else "ring_spill"
+        """A prefix with no history: the first endpoint along the ring from its
+        key that is not overloaded (``ring_owner`` if that is the owner itself,
+        else ``ring_spill``), passing over endpoints whose share of the index is
+        full while one further on has room (``cache_spill``): a few prefixes
+        hashed unevenly would otherwise thrash one cache while another sits
+        empty. Only the first few ring steps are walked, not the whole ring."""
+        by_id = {e.id: e for e in candidates}
+        owner: EndpointView | None = None
+        first_fit: tuple[EndpointView, str] | None = None
+        for n, endpoint_id in enumerate(self._rings.ring(candidates).walk(key)):
+            e = by_id[endpoint_id]
+            owner = owner or e
+            if not capacity.fits(e, loads[endpoint_id]):
+                continue
+            if self.index.occupancy(endpoint_id) < self.capacity_blocks(e):
+                if first_fit is not None:
+                    return e, "cache_spill"
+                return e, "ring_owner" if n == 0 else "ring_spill"
+            first_fit = first_fit or (e, "ring_owner" if n == 0 else "ring_spill")
+            if n + 1 >= MAX_SPILL_WALK:
+                break
+        if first_fit is not None:
+            return first_fit
+        assert owner is not None
+        return owner, "fallback"
 
     def observe(self, decision: Decision, endpoint_id: str, ok: bool) -> None:
         memo = decision.memo

@@ -5,6 +5,10 @@ cache (in blocks of our characters, converted from its capacity in tokens);
 an entry falls out when the endpoint would have evicted it. Across all
 endpoints, a hard cap on entries bounds memory: past it, the endpoint with
 the most entries gives up its least recent one.
+
+Holders of a block are a bit mask over endpoint slots, not a set: matching
+is integer arithmetic, and the index holds no per-block container objects
+for the garbage collector to walk.
 """
 
 from __future__ import annotations
@@ -37,27 +41,47 @@ class IndexStats:
 class PrefixIndex:
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        self._holders: dict[int, set[str]] = {}
+        self._holders: dict[int, int] = {}
         self._lru: dict[str, OrderedDict[int, None]] = {}
         self._capacity: dict[str, int] = {}
+        self._slot: dict[str, int] = {}
+        self._free_slots: list[int] = []
         self.entries = 0
         self.evictions = 0
 
     def match(self, hashes: Sequence[int], endpoint_ids: Collection[str]) -> dict[str, int]:
         """For each endpoint that holds the first block: how many leading blocks it holds."""
-        matches: dict[str, int] = {}
+        slots = self._slot
+        wanted = 0
+        for e in endpoint_ids:
+            slot = slots.get(e)
+            if slot is not None:
+                wanted |= 1 << slot
+        if not wanted:
+            return {}
         holders = self._holders
-        active: set[str] | None = None
+        active = wanted
+        depth: dict[int, int] = {}
+        i = 0
         for i, h in enumerate(hashes):
-            held = holders.get(h)
-            if not held:
-                break
-            active = {e for e in endpoint_ids if e in held} if active is None else active & held
-            if not active:
-                break
-            for e in active:
-                matches[e] = i + 1
-        return matches
+            now = active & holders.get(h, 0)
+            if now != active:
+                dropped = active & ~now
+                while dropped:
+                    low = dropped & -dropped
+                    depth[low.bit_length() - 1] = i
+                    dropped ^= low
+                active = now
+                if not active:
+                    break
+        else:
+            i = len(hashes)
+        while active:
+            low = active & -active
+            depth[low.bit_length() - 1] = i
+            active ^= low
+        by_slot = {slot: e for e, slot in slots.items()}
+        return {by_slot[s]: n for s, n in depth.items() if n > 0}
 
     def insert(self, hashes: Sequence[int], endpoint_id: str, capacity_blocks: int) -> None:
         """Record that ``endpoint_id`` now holds these blocks.
@@ -71,18 +95,18 @@ class PrefixIndex:
         lru = self._lru.get(endpoint_id)
         if lru is None:
             lru = self._lru[endpoint_id] = OrderedDict()
+            self._slot[endpoint_id] = (
+                self._free_slots.pop() if self._free_slots else len(self._slot)
+            )
         self._capacity[endpoint_id] = capacity_blocks
+        bit = 1 << self._slot[endpoint_id]
         holders = self._holders
         for h in reversed(hashes[:capacity_blocks]):
             if h in lru:
                 lru.move_to_end(h)
                 continue
             lru[h] = None
-            held = holders.get(h)
-            if held is None:
-                holders[h] = {endpoint_id}
-            else:
-                held.add(endpoint_id)
+            holders[h] = holders.get(h, 0) | bit
             self.entries += 1
         while len(lru) > capacity_blocks:
             self._evict_one(endpoint_id, lru)
@@ -92,12 +116,16 @@ class PrefixIndex:
 
     def _evict_one(self, endpoint_id: str, lru: OrderedDict[int, None]) -> None:
         h, _ = lru.popitem(last=False)
-        held = self._holders[h]
-        held.discard(endpoint_id)
-        if not held:
-            del self._holders[h]
+        self._drop(h, 1 << self._slot[endpoint_id])
         self.entries -= 1
         self.evictions += 1
+
+    def _drop(self, h: int, bit: int) -> None:
+        held = self._holders[h] & ~bit
+        if held:
+            self._holders[h] = held
+        else:
+            del self._holders[h]
 
     def occupancy(self, endpoint_id: str) -> int:
         """Blocks indexed for ``endpoint_id``."""
@@ -109,12 +137,11 @@ class PrefixIndex:
         self._capacity.pop(endpoint_id, None)
         if lru is None:
             return
+        slot = self._slot.pop(endpoint_id)
         for h in lru:
-            held = self._holders[h]
-            held.discard(endpoint_id)
-            if not held:
-                del self._holders[h]
+            self._drop(h, 1 << slot)
         self.entries -= len(lru)
+        self._free_slots.append(slot)
 
     def stats(self) -> IndexStats:
         return IndexStats(

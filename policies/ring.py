@@ -61,10 +61,12 @@ class RingCache:
         self._rings: OrderedDict[tuple[tuple[str, float], ...], HashRing] = OrderedDict()
 
     def ring(self, candidates: Sequence[EndpointView]) -> HashRing:
-        members = tuple(sorted((e.id, e.weight) for e in candidates))
+        # Keyed in the order given (no sort on the hot path); the ring itself
+        # depends only on the set, so every order builds the same one.
+        members = tuple((e.id, e.weight) for e in candidates)
         ring = self._rings.get(members)
         if ring is None:
-            ring = HashRing(members, self.vnodes)
+            ring = HashRing(sorted(members), self.vnodes)
             self._rings[members] = ring
             if len(self._rings) > self._keep:
                 self._rings.popitem(last=False)
@@ -83,6 +85,20 @@ def bounded_capacity(
     return {
         e.id: max(floor, math.ceil((1 + epsilon) * total * e.weight / weight)) for e in candidates
     }
+
+
+class Capacity:
+    """The bounded-load rule for one decision: may ``e`` take one more request?"""
+
+    def __init__(self, candidates: Sequence[EndpointView], epsilon: float, floor: float = 0.0):
+        self._total = sum(load_of(e) for e in candidates) + 1
+        self._weight = sum(e.weight for e in candidates)
+        self._epsilon = epsilon
+        self._floor = floor
+
+    def fits(self, e: EndpointView, load: float) -> bool:
+        cap = math.ceil((1 + self._epsilon) * self._total * e.weight / self._weight)
+        return load + 1 <= max(self._floor, cap)
 
 
 def ring_order(

@@ -89,6 +89,13 @@ class Sequence_:
         return self.num_prompt + self.emitted
 
 
+@dataclass(frozen=True, slots=True)
+class Step:
+    prefill: list[tuple[Sequence_, int]]
+    decodes: list[Sequence_]
+    seconds: float
+
+
 @dataclass
 class EngineStats:
     prompt_tokens: int = 0
@@ -138,7 +145,16 @@ class Engine:
                 await self._task
             self._task = None
 
-    def submit(self, prompt: str, max_tokens: int | None, seed: int | None = None) -> Sequence_:
+    def submit(
+        self,
+        prompt: str,
+        max_tokens: int | None,
+        seed: int | None = None,
+        now: float | None = None,
+        run: bool = True,
+    ) -> Sequence_:
+        """Queue a generation. ``now`` and ``run=False`` are for virtual time: the
+        caller then drives ``plan_step``/``finish_step`` itself."""
         tokens = tokenize(prompt)
         n = len(tokens)
         if n + 1 > self.params.max_model_len:
@@ -158,13 +174,14 @@ class Engine:
             max_tokens=length,
             finish_reason=reason,
             output=generate_text(prompt, length, seq_seed),
-            arrival=time.monotonic(),
+            arrival=time.monotonic() if now is None else now,
         )
         seq.hashes = block_hashes(seq.prompt_ids, self.params.block_size)
         self.stats.requests += 1
         self.waiting.append(seq)
-        self._wake.set()
-        self.start()
+        if run:
+            self._wake.set()
+            self.start()
         return seq
 
     def abort(self, seq: Sequence_) -> None:
@@ -184,23 +201,35 @@ class Engine:
     # -- the loop -----------------------------------------------------------
 
     async def _loop(self) -> None:
-        p = self.params
         while True:
             if not self.running and not self.waiting:
                 self._wake.clear()
                 await self._wake.wait()
-            prefill, decodes = self._schedule()
-            prefill_tokens = sum(n for _, n in prefill)
-            seconds = (
-                p.step_base + prefill_tokens * p.prefill_per_token + len(decodes) * p.decode_per_seq
-            )
-            if not prefill and not decodes:
+            step = self.plan_step()
+            if step is None:
                 # Nothing fits (the cache is full of running sequences): wait for a change.
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            await asyncio.sleep(seconds)
-            self._advance(prefill, decodes)
+            await asyncio.sleep(step.seconds)
+            self.finish_step(step, time.monotonic())
+
+    # -- one step, for the loop above or a discrete-event harness (virtual time) --
+
+    def plan_step(self) -> Step | None:
+        """Schedule the next step; None when nothing can run."""
+        p = self.params
+        prefill, decodes = self._schedule()
+        if not prefill and not decodes:
+            return None
+        prefill_tokens = sum(n for _, n in prefill)
+        seconds = (
+            p.step_base + prefill_tokens * p.prefill_per_token + len(decodes) * p.decode_per_seq
+        )
+        return Step(prefill, decodes, seconds)
+
+    def finish_step(self, step: Step, now: float) -> None:
+        self._advance(step.prefill, step.decodes, now)
 
     def _schedule(self) -> tuple[list[tuple[Sequence_, int]], list[Sequence_]]:
         p = self.params
@@ -268,9 +297,8 @@ class Engine:
         self.waiting.appendleft(seq)
 
     def _advance(
-        self, prefill: Sequence[tuple[Sequence_, int]], decodes: Sequence[Sequence_]
+        self, prefill: Sequence[tuple[Sequence_, int]], decodes: Sequence[Sequence_], now: float
     ) -> None:
-        now = time.monotonic()
         bs = self.params.block_size
         for seq, n in prefill:
             if seq.done:
