@@ -45,6 +45,16 @@ class RequestView:
 
 
 @dataclass(frozen=True, slots=True)
+class Outcome:
+    """How an attempt at an endpoint went, as far as the router saw it."""
+
+    ok: bool
+    #: From the response's ``usage``, when the router saw it.
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     ranked: tuple[EndpointView, ...]
     reason: str
@@ -63,7 +73,7 @@ class Policy(Protocol):
         """Order ``candidates`` (never empty) for ``request``."""
         ...
 
-    def observe(self, decision: Decision, endpoint_id: str, ok: bool) -> None:
+    def observe(self, decision: Decision, endpoint_id: str, outcome: Outcome) -> None:
         """Learn from a finished attempt at ``endpoint_id`` (which need not be
         the first ranked: failover moves on down the list)."""
         ...
@@ -74,9 +84,14 @@ class Policy(Protocol):
 
 
 def load_of(endpoint: EndpointView) -> float:
-    """Work an endpoint holds: this router's in-flight requests plus the
-    backend's own queue (scraped; it includes what other routers sent)."""
-    return endpoint.in_flight + (endpoint.waiting or 0.0)
+    """Requests an endpoint holds. This router's in-flight count is exact for
+    its own traffic; the backend's scraped running + waiting also counts what
+    other routers sent, but lags. The larger of the two, so neither is missed
+    nor counted twice."""
+    if endpoint.running is None and endpoint.waiting is None:
+        return float(endpoint.in_flight)
+    scraped = (endpoint.running or 0.0) + (endpoint.waiting or 0.0)
+    return max(float(endpoint.in_flight), scraped)
 
 
 class NoParams(BaseModel):
@@ -96,7 +111,7 @@ class StatelessPolicy:
 
     name = "stateless"
 
-    def observe(self, decision: Decision, endpoint_id: str, ok: bool) -> None:
+    def observe(self, decision: Decision, endpoint_id: str, outcome: Outcome) -> None:
         return None
 
     def forget(self, endpoint_id: str) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from policies.base import Decision, EndpointView, RequestView, load_of
+from policies.base import Decision, EndpointView, Outcome, RequestView, load_of
 from policies.prefix_index import PrefixIndex
 from policies.prompt import block_hashes, canonical_prompt, model_seed
 from policies.ring import RingCache, bounded_capacity, ring_order
@@ -309,7 +309,7 @@ class Composite:
             scorer.picked(memo, ranked[0])
         return Decision((*ranked, *dropped), "score", prompt_len=0)
 
-    def observe(self, decision: Decision, endpoint_id: str, ok: bool) -> None:
+    def observe(self, decision: Decision, endpoint_id: str, outcome: Outcome) -> None:
         return None
 
     def forget(self, endpoint_id: str) -> None:

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from policies.base import Decision, EndpointView, RequestView, load_of
+from policies.base import Decision, EndpointView, Outcome, RequestView, load_of
 from policies.prefix_index import PrefixIndex, capacity_blocks
 from policies.prompt import block_hashes, canonical_prompt, model_seed
 from policies.ring import Capacity, RingCache
@@ -55,8 +55,10 @@ class PrefixAffinityParams(BaseModel):
     epsilon: float = Field(0.25, gt=0)
     #: ... but an endpoint with fewer requests than this is never overloaded.
     min_overload: float = Field(4.0, ge=0)
-    #: To size each endpoint's share of the index from its KV capacity in tokens.
+    #: To size each endpoint's share of the index from its KV capacity in tokens:
+    #: the starting guess, then learned from responses' usage unless turned off.
     chars_per_token: float = Field(4.0, gt=0)
+    learn_chars_per_token: bool = True
     #: KV capacity assumed for an endpoint that reports none.
     default_capacity_tokens: int = Field(262_144, gt=0)
     #: Hard cap on index entries (block x endpoint) across the model's endpoints.
@@ -73,11 +75,13 @@ class PrefixAffinity:
         self.index = PrefixIndex(params.max_index_entries)
         self._rings = RingCache(params.vnodes)
         self._seeds: dict[str, int] = {}
+        self.chars_per_token = params.chars_per_token
+        self._ratio_samples = 0
 
     def capacity_blocks(self, endpoint: EndpointView) -> int:
         p = self.params
         return capacity_blocks(
-            endpoint, p.default_capacity_tokens, p.chars_per_token, p.block_chars
+            endpoint, p.default_capacity_tokens, self.chars_per_token, p.block_chars
         )
 
     def hashes(self, request: RequestView) -> tuple[list[int], int]:
@@ -161,10 +165,18 @@ class PrefixAffinity:
         assert owner is not None
         return owner, "fallback"
 
-    def observe(self, decision: Decision, endpoint_id: str, ok: bool) -> None:
+    def observe(self, decision: Decision, endpoint_id: str, outcome: Outcome) -> None:
         memo = decision.memo
-        if not ok or memo is None:
+        if not outcome.ok or memo is None:
             return
+        if outcome.prompt_tokens and decision.prompt_len and self.params.learn_chars_per_token:
+            # The index counts characters, caches count tokens: learn the ratio
+            # of this model's tokenizer from the usage the backend reports.
+            # A running mean at first, then an exponential one that follows drift.
+            self._ratio_samples += 1
+            ratio = decision.prompt_len / outcome.prompt_tokens
+            weight = max(0.02, 1.0 / self._ratio_samples)
+            self.chars_per_token += (ratio - self.chars_per_token) * weight
         hashes, recorded, candidates = memo
         if endpoint_id == recorded:
             return

@@ -102,6 +102,9 @@ class RequestMiddleware:
             series.duration.observe(duration)
             if ctx.ttft is not None:
                 series.ttft.observe(ctx.ttft)
+            if ctx.prompt_tokens is not None:
+                metrics.prompt_tokens.labels(ctx.model, endpoint).inc(ctx.prompt_tokens)
+                metrics.cached_tokens.labels(ctx.model, endpoint).inc(ctx.cached_tokens or 0)
         if self.state.config.server.access_log and ACCESS.isEnabledFor(logging.INFO):
             line: dict[str, Any] = {
                 "event": "request",
@@ -121,6 +124,8 @@ class RequestMiddleware:
                 )
             if ctx.ttft is not None:
                 line["ttft_ms"] = round(ctx.ttft * 1000, 3)
+            if ctx.prompt_tokens is not None:
+                line.update(prompt_tokens=ctx.prompt_tokens, cached_tokens=ctx.cached_tokens)
             if ctx.error:
                 line["error"] = ctx.error
             if ctx.cancelled:

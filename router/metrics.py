@@ -90,6 +90,18 @@ class Metrics:
             ["endpoint"],
             registry=r,
         )
+        self.prompt_tokens = Counter(
+            "kvroute_prompt_tokens_total",
+            "Prompt tokens, as the backends reported them in usage.",
+            ["model", "endpoint"],
+            registry=r,
+        )
+        self.cached_tokens = Counter(
+            "kvroute_cached_prompt_tokens_total",
+            "Prompt tokens the backends reported served from their prefix cache.",
+            ["model", "endpoint"],
+            registry=r,
+        )
         self.prefix_match = Histogram(
             "kvroute_prefix_match_ratio",
             "Share of the prompt the chosen endpoint was believed to hold in KV cache.",

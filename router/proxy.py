@@ -19,7 +19,7 @@ import aiohttp
 import orjson
 
 from backends.base import StreamTranslator, UpstreamRequest
-from policies.base import RequestView
+from policies.base import Outcome, RequestView
 from router.errors import (
     BodyTooLarge,
     InvalidRequest,
@@ -34,6 +34,7 @@ from router.errors import (
 from router.registry import EndpointState
 from router.state import AppState
 from router.types import Receive, Scope, Send
+from router.usage import scan_usage
 
 #: path -> (short name, field a request must carry besides ``model``)
 ROUTES: dict[str, tuple[str, str]] = {
@@ -83,6 +84,8 @@ class RequestContext:
     stream: bool = False
     ttft: float | None = None
     error: str | None = None
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
     #: Set just before the last body message: a disconnect after it is no abort.
     finishing: bool = False
     cancelled: bool = False
@@ -212,7 +215,8 @@ class Proxy:
         finally:
             endpoint.in_flight -= 1
             gauge.dec()
-            route.policy.observe(decision, endpoint.id, ok)
+            outcome = Outcome(ok, ctx.prompt_tokens, ctx.cached_tokens)
+            route.policy.observe(decision, endpoint.id, outcome)
 
     async def _until_disconnect(
         self, receive: Receive, ctx: RequestContext, relay: Coroutine[Any, Any, None]
@@ -256,6 +260,7 @@ class Proxy:
                 await self._relay_stream(send, ctx, resp, translator, content_type, endpoint.id)
                 return
             data = endpoint.adapter.translate_json(path, await _read_all(resp))
+            ctx.prompt_tokens, ctx.cached_tokens = scan_usage(data)
             await send(
                 {
                     "type": "http.response.start",
@@ -297,6 +302,8 @@ class Proxy:
                 if first:
                     ctx.ttft = time.perf_counter() - ctx.start
                     first = False
+                if b'"usage"' in chunk:
+                    ctx.prompt_tokens, ctx.cached_tokens = scan_usage(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             tail = translator.close() if translator is not None else b""
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policies import EndpointView, RequestView, build_policy
-from policies.base import Decision
+from policies.base import Decision, Outcome
 from policies.prefix import PrefixAffinity
 from policies.prefix_index import PrefixIndex
 from policies.prompt import block_hashes, canonical_prompt, model_seed
@@ -222,7 +222,7 @@ def test_forget_drops_an_endpoint_and_failover_records_the_server() -> None:
     cands = fleet(3)
     d = p.rank(chat(SYSTEM, "q"), cands)
     home, backup = d.ranked[0].id, d.ranked[1].id
-    p.observe(d, backup, ok=True)  # the request failed over and succeeded there
+    p.observe(d, backup, Outcome(ok=True))  # the request failed over and succeeded there
     matches = p.index.match(p.hashes(chat(SYSTEM, "q"))[0], [e.id for e in cands])
     assert set(matches) == {home, backup}
     p.forget(home)

@@ -66,8 +66,9 @@ class PrefixCache:
     def usage(self) -> float:
         return self.used_blocks / self.usable_blocks
 
-    def cached_block_hashes(self) -> set[int]:
-        return set(self._cached)
+    def holds(self, block_hash: int) -> bool:
+        """Whether a full block with this chained hash is cached (in use or free)."""
+        return block_hash in self._cached
 
     def longest_hit(self, hashes: Sequence[int], num_tokens: int) -> list[Block]:
         """Cached blocks for the leading ``hashes``, never covering the last token."""
