@@ -94,11 +94,12 @@ class PrefixAffinity:
     def rank(self, request: RequestView, candidates: Sequence[EndpointView]) -> Decision:
         p = self.params
         hashes, prompt_len = self.hashes(request)
-        loads = {e.id: load_of(e) for e in candidates}
-        capacity = Capacity(candidates, p.epsilon, p.min_overload)
+        load_list = [load_of(e) for e in candidates]
+        loads = dict(zip([e.id for e in candidates], load_list, strict=True))
+        capacity = Capacity(candidates, p.epsilon, p.min_overload, sum(load_list))
         matches: dict[str, int] = {}
         match_blocks = 0
-        low, high = min(loads.values()), max(loads.values())
+        low, high = min(load_list), max(load_list)
         if high - low > p.balance_abs_threshold and high > p.balance_rel_threshold * low:
             chosen = min(candidates, key=lambda e: (loads[e.id], e.id))
             reason = "load_guard"
@@ -119,10 +120,14 @@ class PrefixAffinity:
             else:
                 key = hashes[0] if hashes else self._seeds[request.model]
                 chosen, reason = self._place_new(key, candidates, loads, capacity)
-        rest = sorted(
-            (e for e in candidates if e is not chosen),
-            key=lambda e: (-matches.get(e.id, 0), loads[e.id], e.id),
-        )
+        if matches:
+            rest = sorted(
+                (e for e in candidates if e is not chosen),
+                key=lambda e: (-matches.get(e.id, 0), loads[e.id], e.id),
+            )
+        else:  # the common case: order by load alone, with a C-level key
+            order = sorted(range(len(candidates)), key=load_list.__getitem__)
+            rest = [candidates[i] for i in order if candidates[i] is not chosen]
         self.index.insert(hashes, chosen.id, self.capacity_blocks(chosen))
         return Decision(
             (chosen, *rest),

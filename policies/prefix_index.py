@@ -28,6 +28,13 @@ def capacity_blocks(
     return max(1, int(tokens * chars_per_token / block_chars))
 
 
+def _assign(depth: dict[int, int], bits: int, value: int) -> None:
+    while bits:
+        low = bits & -bits
+        depth[low.bit_length() - 1] = value
+        bits ^= low
+
+
 @dataclass(frozen=True, slots=True)
 class IndexStats:
     entries: int
@@ -50,38 +57,47 @@ class PrefixIndex:
         self.evictions = 0
 
     def match(self, hashes: Sequence[int], endpoint_ids: Collection[str]) -> dict[str, int]:
-        """For each endpoint that holds the first block: how many leading blocks it holds."""
+        """For each endpoint that holds the first block: how many leading blocks it holds.
+
+        An endpoint's blocks leave its LRU tail first (see ``insert``), so the
+        holders of block ``i + 1`` are a subset of the holders of block ``i``:
+        bisection finds where each endpoint drops out in O(log n) lookups per
+        endpoint instead of one lookup per block.
+        """
         slots = self._slot
         wanted = 0
         for e in endpoint_ids:
             slot = slots.get(e)
             if slot is not None:
                 wanted |= 1 << slot
-        if not wanted:
+        if not wanted or not hashes:
             return {}
         holders = self._holders
-        active = wanted
+
+        def mask(i: int) -> int:
+            return holders.get(hashes[i], 0) & wanted
+
         depth: dict[int, int] = {}
-        i = 0
-        for i, h in enumerate(hashes):
-            now = active & holders.get(h, 0)
-            if now != active:
-                dropped = active & ~now
-                while dropped:
-                    low = dropped & -dropped
-                    depth[low.bit_length() - 1] = i
-                    dropped ^= low
-                active = now
-                if not active:
-                    break
-        else:
-            i = len(hashes)
-        while active:
-            low = active & -active
-            depth[low.bit_length() - 1] = i
-            active ^= low
+        # Stack of (lo, hi, mask at lo, mask at hi); masks only shrink with i.
+        first, n = mask(0), len(hashes)
+        if not first:
+            return {}
+        last = mask(n - 1)
+        _assign(depth, last, n)
+        stack = [(0, n - 1, first, last)]
+        while stack:
+            lo, hi, m_lo, m_hi = stack.pop()
+            if m_lo == m_hi:
+                continue
+            if hi - lo == 1:
+                _assign(depth, m_lo & ~m_hi, hi)
+                continue
+            mid = (lo + hi) // 2
+            m_mid = mask(mid) & m_lo
+            stack.append((lo, mid, m_lo, m_mid))
+            stack.append((mid, hi, m_mid, m_hi))
         by_slot = {slot: e for e, slot in slots.items()}
-        return {by_slot[s]: n for s, n in depth.items() if n > 0}
+        return {by_slot[s]: d for s, d in depth.items()}
 
     def insert(self, hashes: Sequence[int], endpoint_id: str, capacity_blocks: int) -> None:
         """Record that ``endpoint_id`` now holds these blocks.

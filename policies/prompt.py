@@ -79,8 +79,10 @@ def block_hashes(text: str, block_chars: int, seed: int) -> list[int]:
     data = text.encode("utf-8", "surrogatepass")
     # Characters, not bytes, define the blocks (so non-ASCII text does not shift them).
     if len(data) == len(text):
+        view = memoryview(data)
+        digest = xxhash.xxh3_64_intdigest
         for start in range(0, len(data), block_chars):
-            h = xxhash.xxh3_64_intdigest(data[start : start + block_chars], seed=h)
+            h = digest(view[start : start + block_chars], seed=h)
             out.append(h)
     else:
         for start in range(0, len(text), block_chars):

@@ -90,8 +90,16 @@ def bounded_capacity(
 class Capacity:
     """The bounded-load rule for one decision: may ``e`` take one more request?"""
 
-    def __init__(self, candidates: Sequence[EndpointView], epsilon: float, floor: float = 0.0):
-        self._total = sum(load_of(e) for e in candidates) + 1
+    def __init__(
+        self,
+        candidates: Sequence[EndpointView],
+        epsilon: float,
+        floor: float = 0.0,
+        total_load: float | None = None,
+    ):
+        if total_load is None:
+            total_load = sum(load_of(e) for e in candidates)
+        self._total = total_load + 1
         self._weight = sum(e.weight for e in candidates)
         self._epsilon = epsilon
         self._floor = floor

@@ -280,3 +280,42 @@ def test_new_prefixes_spill_past_a_full_cache() -> None:
     assert "cache_spill" in reasons
     # Both caches got used although the ring alone may favour one.
     assert {d.ranked[0].id for d in homes} == {"e0", "e1"}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 5), st.integers(0, 3), st.integers(1, 12)),
+        min_size=1,
+        max_size=40,
+    ),
+    st.integers(2, 30),
+)
+def test_bisection_match_equals_a_linear_walk(
+    inserts: list[tuple[int, int, int]], capacity: int
+) -> None:
+    """Prompts share heads (tenant) and differ in tails; eviction must keep the
+    holders of block i+1 a subset of those of block i, which bisection relies on."""
+    index = PrefixIndex(10_000)
+
+    def prompt(tenant: int, length: int) -> list[int]:
+        return block_hashes("".join(f"{tenant}:{k};" for k in range(length)), 8, 1)
+
+    for endpoint, tenant, length in inserts:
+        index.insert(prompt(tenant, length), f"e{endpoint}", capacity)
+    for tenant in range(4):
+        query = prompt(tenant, 12)
+        expected: dict[str, int] = {}
+        for e in (f"e{i}" for i in range(6)):
+            depth = 0
+            for h in query:
+                if not _holds(index, h, e):
+                    break
+                depth += 1
+            if depth:
+                expected[e] = depth
+        assert index.match(query, [f"e{i}" for i in range(6)]) == expected
+
+
+def _holds(index: PrefixIndex, h: int, endpoint: str) -> bool:
+    return index.match([h], [endpoint]) == {endpoint: 1}
