@@ -160,6 +160,11 @@ class Config(Frozen):
     #: When set, /admin/* requires ``Authorization: Bearer <admin_token>``.
     admin_token: SecretStr | None = None
 
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         seen: set[str] = set()

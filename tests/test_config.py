@@ -122,11 +122,14 @@ endpoints:
     assert errors_of(text) == ["endpoints[0].url: environment variable 'BACKEND_URL' is not set"]
 
 
-def test_empty_api_key_means_none() -> None:
+def test_empty_secrets_mean_none() -> None:
     config = parse_config(
-        "endpoints: [{id: a, url: 'http://h:1', api_key: '${K:-}', models: [m]}]", {}
+        "admin_token: '${T:-}'\nendpoints: [{id: a, url: 'http://h:1', api_key: '${K:-}', "
+        "models: [m]}]",
+        {},
     )
     assert config.endpoints[0].api_key is None
+    assert config.admin_token is None
 
 
 def test_yaml_syntax_error_names_line() -> None:
