@@ -19,6 +19,12 @@ class AppState:
     metrics: Metrics
     ready: bool = False
 
+    def remove_endpoint(self, endpoint_id: str) -> None:
+        """An endpoint left the fleet: forget it everywhere, policies included."""
+        self.registry.remove(endpoint_id)
+        for route in self.routes.routes():
+            route.policy.forget(endpoint_id)
+
     @classmethod
     def from_config(cls, config: Config) -> AppState:
         registry = EndpointRegistry(config.endpoints)

@@ -14,7 +14,8 @@ import httpx
 import yaml
 
 from backends.sim.engine import EngineParams
-from tests.helpers import free_socket, router, router_config, sim_stats, simulator
+from router.app import build_app
+from tests.helpers import free_socket, router, router_config, serve_app, sim_stats, simulator
 
 KVROUTE = Path(sys.executable).with_name("kvroute")
 # 64 usable blocks of 16 tokens per simulator: about six tenants' prompts.
@@ -173,3 +174,30 @@ async def test_admin_prefix_index_stats_and_metrics() -> None:
         if line.startswith("kvroute_cached_prompt_tokens_total{")
     ]
     assert float(cached[0].split()[-1]) > 0
+
+
+async def test_an_endpoint_that_leaves_drops_out_of_the_index() -> None:
+    async with AsyncExitStack() as stack:
+        sims = [await stack.enter_async_context(simulator(params=SMALL_KV)) for _ in range(2)]
+        cfg = router_config(
+            [
+                {"id": f"s{i}", "url": url, "kind": "vllm", "models": ["tiny"]}
+                for i, (url, _) in enumerate(sims)
+            ],
+            models={"tiny": {"policy": "prefix_affinity"}},
+        )
+        app = build_app(cfg)
+        url = await stack.enter_async_context(serve_app(app))
+        async with httpx.AsyncClient(base_url=url) as c:
+            for tenant in range(6):
+                assert (await c.post("/v1/chat/completions", json=chat(tenant, "q"))).is_success
+            stats = (await c.get("/admin/prefix-index")).json()["tiny"]
+            holders = set(stats["endpoints"])
+            gone = sorted(holders)[0]
+            app.state.remove_endpoint(gone)
+            after = (await c.get("/admin/prefix-index")).json()["tiny"]
+            assert gone not in after["endpoints"]
+            assert after["entries"] == stats["entries"] - stats["endpoints"][gone]
+            # Requests keep flowing to what is left.
+            r = await c.post("/v1/chat/completions", json=chat(0, "again"))
+            assert r.status_code == 200
