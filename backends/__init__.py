@@ -1,6 +1,6 @@
 """Backend adapters, one per wire protocol, and the simulated backends."""
 
-from backends.base import Adapter, StreamTranslator, UpstreamRequest
+from backends.base import Adapter, Load, StreamTranslator, UpstreamRequest
 from backends.openai import OpenAIAdapter, VLLMAdapter
 
 ADAPTERS: dict[str, Adapter] = {
@@ -11,6 +11,7 @@ ADAPTERS: dict[str, Adapter] = {
 __all__ = [
     "ADAPTERS",
     "Adapter",
+    "Load",
     "OpenAIAdapter",
     "StreamTranslator",
     "UpstreamRequest",

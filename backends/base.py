@@ -30,10 +30,26 @@ class StreamTranslator(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Load:
+    """What a backend's metrics say about its load; None where it says nothing."""
+
+    running: float | None = None
+    waiting: float | None = None
+    kv_usage: float | None = None
+    kv_capacity_tokens: int | None = None
+
+
 class Adapter(Protocol):
     kind: str
     #: Path probed for liveness (relative to the endpoint's URL).
     health_path: str
+    #: Path of the Prometheus metrics (relative to the endpoint's URL), or None.
+    metrics_path: str | None
+
+    def parse_load(self, metrics_text: str) -> Load:
+        """The load in a scrape of ``metrics_path`` (Prometheus text format)."""
+        ...
 
     def build(
         self,

@@ -10,13 +10,18 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
-from backends.base import StreamTranslator, UpstreamRequest
+from backends.base import Load, StreamTranslator, UpstreamRequest
 
 
 class OpenAIAdapter:
     kind = "openai"
     health_path = "/health"
+    metrics_path: str | None = None
+
+    def parse_load(self, metrics_text: str) -> Load:
+        return Load()
 
     def build(
         self,
@@ -40,3 +45,36 @@ class OpenAIAdapter:
 
 class VLLMAdapter(OpenAIAdapter):
     kind = "vllm"
+    metrics_path: str | None = "/metrics"
+
+    def parse_load(self, metrics_text: str) -> Load:
+        """vLLM's gauges, summed over its ``engine`` label (data-parallel engines);
+        KV usage is the mean over engines, capacity the sum of usable blocks (one
+        block per engine is vLLM's reserved null block)."""
+        running = waiting = 0.0
+        usage: list[float] = []
+        capacity = 0
+        seen = set()
+        for family in text_string_to_metric_families(metrics_text):
+            for sample in family.samples:
+                name = sample.name
+                if name == "vllm:num_requests_running":
+                    running += sample.value
+                elif name == "vllm:num_requests_waiting":
+                    waiting += sample.value
+                elif name == "vllm:kv_cache_usage_perc":
+                    usage.append(sample.value)
+                elif name == "vllm:cache_config_info":
+                    blocks = sample.labels.get("num_gpu_blocks", "")
+                    size = sample.labels.get("block_size", "")
+                    if blocks.isdigit() and size.isdigit():
+                        capacity += (int(blocks) - 1) * int(size)
+                else:
+                    continue
+                seen.add(name)
+        return Load(
+            running=running if "vllm:num_requests_running" in seen else None,
+            waiting=waiting if "vllm:num_requests_waiting" in seen else None,
+            kv_usage=sum(usage) / len(usage) if usage else None,
+            kv_capacity_tokens=capacity or None,
+        )

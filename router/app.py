@@ -164,7 +164,8 @@ def build_control_app(state: AppState) -> Starlette:
         return json_response({"status": "ok"})
 
     async def ready(request: Request) -> Response:
-        healthy = sum(1 for e in state.registry.all() if e.available)
+        now = state.registry.clock()
+        healthy = sum(1 for e in state.registry.all() if e.admits(now))
         if state.ready and healthy:
             return json_response({"status": "ready", "healthy_endpoints": healthy})
         return json_response({"status": "not ready", "healthy_endpoints": healthy}, 503)

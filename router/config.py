@@ -54,6 +54,60 @@ class Timeouts(Frozen):
     total: float = Field(1800.0, gt=0)
 
 
+class HealthConfig(Frozen):
+    """Active health probes (each backend kind's health route)."""
+
+    enabled: bool = True
+    interval: float = Field(5.0, gt=0)
+    timeout: float = Field(2.0, gt=0)
+    #: Each round waits interval x (1 +- jitter), so probes of many routers spread out.
+    jitter: float = Field(0.1, ge=0, lt=1)
+    #: Consecutive failed probes that mark an endpoint down, and successes that mark it up.
+    fall: int = Field(2, ge=1)
+    rise: int = Field(2, ge=1)
+
+
+class ScrapeConfig(Frozen):
+    """Load read from each backend's Prometheus metrics."""
+
+    enabled: bool = True
+    interval: float = Field(2.0, gt=0)
+    timeout: float = Field(2.0, gt=0)
+    #: Scraped numbers older than this are forgotten (policies then use in-flight only).
+    stale_after: float = Field(10.0, gt=0)
+
+
+class CircuitConfig(Frozen):
+    """Passive outlier detection: consecutive failures open an endpoint's circuit."""
+
+    failures: int = Field(5, ge=1)
+    base_backoff: float = Field(1.0, gt=0)
+    max_backoff: float = Field(60.0, gt=0)
+
+
+class RetryConfig(Frozen):
+    """Failover before the first byte reaches the client."""
+
+    #: Attempts per request, across endpoints (and fallback models).
+    max_attempts: int = Field(3, ge=1)
+    #: No new attempt starts this many seconds after the request arrived.
+    deadline: float = Field(30.0, gt=0)
+    #: Retries may be at most this share of requests (over ``budget_window``
+    #: seconds), beyond ``budget_min`` retries, so retries cannot amplify an outage.
+    budget_ratio: float = Field(0.2, ge=0)
+    budget_window: float = Field(10.0, gt=0)
+    budget_min: int = Field(10, ge=0)
+
+
+class ShutdownConfig(Frozen):
+    """On SIGTERM: /ready answers 503 at once; new requests are still taken for
+    ``grace`` seconds (while load balancers notice), then in-flight requests get
+    up to ``timeout`` seconds to finish."""
+
+    grace: float = Field(2.0, ge=0)
+    timeout: float = Field(30.0, gt=0)
+
+
 class ModelRef(Frozen):
     name: str = Field(min_length=1)
     #: The name the backend knows the model by, when it differs.
@@ -78,6 +132,8 @@ class EndpointConfig(Frozen):
     labels: dict[str, str] = Field(default_factory=dict)
     #: Sent upstream as ``Authorization: Bearer``; the client's key never is.
     api_key: SecretStr | None = None
+    #: Where the backend's Prometheus metrics are, when not at ``url`` + /metrics.
+    metrics_url: str | None = None
 
     @field_validator("url")
     @classmethod
@@ -146,11 +202,18 @@ class ModelConfig(Frozen):
     policy: PolicySpec = PolicySpec(name="round_robin")
     #: Other names clients may use for this model.
     aliases: tuple[str, ...] = ()
+    #: Models to try, in order, when every endpoint of this one failed.
+    fallbacks: tuple[str, ...] = ()
 
 
 class Config(Frozen):
     server: ServerConfig = ServerConfig()
     timeouts: Timeouts = Timeouts()
+    health: HealthConfig = HealthConfig()
+    scrape: ScrapeConfig = ScrapeConfig()
+    circuit: CircuitConfig = CircuitConfig()
+    retries: RetryConfig = RetryConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
     endpoints: tuple[EndpointConfig, ...] = ()
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     #: For models that endpoints serve but ``models`` does not list.

@@ -32,6 +32,9 @@ class RouterError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+        #: Sent as ``x-should-retry`` when set: False once the router has retried,
+        #: so OpenAI clients do not multiply the attempts.
+        self.should_retry: bool | None = None
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
@@ -40,7 +43,9 @@ class RouterError(Exception):
         return orjson.dumps(self.body())
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        return []
+        if self.should_retry is None:
+            return []
+        return [(b"x-should-retry", b"true" if self.should_retry else b"false")]
 
 
 class InvalidRequest(RouterError):
@@ -115,9 +120,10 @@ class UpstreamHTTPError(UpstreamError):
         self.retry_after = retry_after
 
     def headers(self) -> list[tuple[bytes, bytes]]:
+        out = super().headers()
         if self.retry_after:
-            return [(b"retry-after", self.retry_after.encode("latin-1"))]
-        return []
+            out.append((b"retry-after", self.retry_after.encode("latin-1")))
+        return out
 
 
 def default_type(status: int) -> str:

@@ -90,6 +90,17 @@ class Metrics:
             ["endpoint"],
             registry=r,
         )
+        self.retries = Counter(
+            "kvroute_retries_total",
+            "Attempts beyond the first (failover to another endpoint or model).",
+            ["model"],
+            registry=r,
+        )
+        self.retries_denied = Counter(
+            "kvroute_retries_denied_total",
+            "Retries not made because the fleet-wide retry budget was spent.",
+            registry=r,
+        )
         self.prompt_tokens = Counter(
             "kvroute_prompt_tokens_total",
             "Prompt tokens, as the backends reported them in usage.",

@@ -10,6 +10,7 @@ what it does not change.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import aiohttp
 import orjson
 
 from backends.base import StreamTranslator, UpstreamRequest
-from policies.base import Outcome, RequestView
+from policies.base import Decision, Outcome, RequestView
 from router.errors import (
     BodyTooLarge,
     InvalidRequest,
@@ -28,10 +29,12 @@ from router.errors import (
     NoHealthyEndpoint,
     RouterError,
     UpstreamConnectError,
+    UpstreamError,
+    UpstreamHTTPError,
     UpstreamTimeout,
     normalise_upstream_error,
 )
-from router.registry import EndpointState
+from router.registry import EndpointState, Route
 from router.state import AppState
 from router.types import Receive, Scope, Send
 from router.usage import scan_usage
@@ -86,6 +89,7 @@ class RequestContext:
     error: str | None = None
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
+    attempts: int = 0
     #: Set just before the last body message: a disconnect after it is no abort.
     finishing: bool = False
     cancelled: bool = False
@@ -148,6 +152,59 @@ def parse_request(raw: bytes, required: str) -> dict[str, Any]:
     return body
 
 
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One parsed client request, as every attempt at it sees it."""
+
+    scope: Scope
+    name: str
+    raw: bytes
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+def retryable(exc: UpstreamError) -> bool:
+    """Failures another endpoint may not have: connection, timeout, 5xx, 429."""
+    if isinstance(exc, UpstreamHTTPError):
+        return exc.status >= 500 or exc.status == 429
+    return True
+
+
+def retry_after_seconds(value: str, ceiling: float = 60.0) -> float:
+    try:
+        return min(max(float(value), 0.0), ceiling)
+    except ValueError:
+        return 1.0  # an HTTP date: rare from inference servers; wait a little
+
+
+class RetryBudget:
+    """Retries may be at most ``ratio`` of requests over a sliding window (plus a
+    floor of ``minimum``), so a sick fleet is not hit with a multiple of its load."""
+
+    def __init__(self, ratio: float, window: float, minimum: int) -> None:
+        self.ratio, self.window, self.minimum = ratio, window, minimum
+        self._requests: collections.deque[float] = collections.deque()
+        self._retries: collections.deque[float] = collections.deque()
+
+    def _trim(self, now: float) -> None:
+        edge = now - self.window
+        for q in (self._requests, self._retries):
+            while q and q[0] < edge:
+                q.popleft()
+
+    def record_request(self, now: float) -> None:
+        self._requests.append(now)
+        if len(self._requests) > 4096 and self._requests[0] < now - self.window:
+            self._trim(now)
+
+    def allow_retry(self, now: float) -> bool:
+        self._trim(now)
+        if len(self._retries) >= max(self.minimum, self.ratio * len(self._requests)):
+            return False
+        self._retries.append(now)
+        return True
+
+
 def client_headers(scope: Scope) -> dict[str, str]:
     return {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
 
@@ -166,57 +223,143 @@ def upstream_headers(
 class Proxy:
     def __init__(self, state: AppState) -> None:
         self.state = state
+        cfg = state.config.retries
+        self.budget = RetryBudget(cfg.budget_ratio, cfg.budget_window, cfg.budget_min)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx: RequestContext = scope["kvroute.ctx"]
         name, required = ROUTES[scope["path"]]
-        state = self.state
-        raw = await read_body(scope, receive, state.config.server.max_body_bytes)
+        raw = await read_body(scope, receive, self.state.config.server.max_body_bytes)
         body = parse_request(raw, required)
         ctx.model = model = body["model"]
-        ctx.stream = stream = body.get("stream") is True
-        route = state.routes.resolve(model)
+        ctx.stream = body.get("stream") is True
+        route = self.state.routes.resolve(model)
         if route is None:
             raise ModelNotFound(model)
         ctx.model = route.model
-        candidates = state.registry.candidates(route.model)
-        if not candidates:
-            raise NoHealthyEndpoint(f"no healthy endpoint serves model '{route.model}'")
-        headers = client_headers(scope)
-        request_view = RequestView(model=route.model, endpoint=name, body=body, headers=headers)
-        decision = route.policy.rank(request_view, [c.view() for c in candidates])
-        ctx.policy, ctx.reason = route.policy_name, decision.reason
-        state.metrics.record_decision(route.model, route.policy_name, decision)
-        endpoint = state.registry.get(decision.ranked[0].id)
-        assert endpoint is not None
+        request = Request(scope, name, raw, body, client_headers(scope))
+        await self._until_disconnect(receive, ctx, self._serve(send, ctx, request, route))
+
+    async def _serve(self, send: Send, ctx: RequestContext, req: Request, route: Route) -> None:
+        """Try the ranked endpoints of the model, then of its fallbacks, until one
+        answers; failures before the first byte reached the client move on."""
+        state = self.state
+        retries = state.config.retries
+        clock = state.registry.clock
+        deadline = clock() + retries.deadline
+        self.budget.record_request(clock())
+        attempts = 0
+        last: RouterError | None = None
+        for current in self._route_chain(route):
+            candidates = state.registry.candidates(current.model)
+            if not candidates:
+                last = last or NoHealthyEndpoint(
+                    f"no healthy endpoint serves model '{current.model}'"
+                )
+                continue
+            view = RequestView(
+                model=current.model, endpoint=req.name, body=req.body, headers=req.headers
+            )
+            decision = current.policy.rank(view, [c.view() for c in candidates])
+            ctx.policy, ctx.reason = current.policy_name, decision.reason
+            state.metrics.record_decision(current.model, current.policy_name, decision)
+            for choice in decision.ranked:
+                if attempts >= retries.max_attempts or clock() > deadline:
+                    break
+                endpoint = state.registry.get(choice.id)
+                if endpoint is None or not endpoint.admits(clock()):
+                    continue
+                if attempts and not self.budget.allow_retry(clock()):
+                    state.metrics.retries_denied.inc()
+                    break
+                if attempts:
+                    state.metrics.retries.labels(current.model).inc()
+                attempts += 1
+                ctx.attempts = attempts
+                try:
+                    await self._attempt(send, ctx, req, current, decision, endpoint)
+                    return
+                except UpstreamError as exc:
+                    if ctx.status or not retryable(exc):
+                        raise
+                    last = exc
+            if attempts >= retries.max_attempts or clock() > deadline:
+                break
+        assert last is not None or attempts == 0
+        err = last or NoHealthyEndpoint(f"no healthy endpoint serves model '{route.model}'")
+        if attempts > 1:
+            err.should_retry = False
+        raise err
+
+    def _route_chain(self, route: Route) -> list[Route]:
+        chain = [route]
+        for name in self.state.routes.fallbacks(route.model):
+            fallback = self.state.routes.resolve(name)
+            if fallback is not None and fallback not in chain:
+                chain.append(fallback)
+        return chain
+
+    async def _attempt(
+        self,
+        send: Send,
+        ctx: RequestContext,
+        req: Request,
+        route: Route,
+        decision: Decision,
+        endpoint: EndpointState,
+    ) -> None:
+        state = self.state
+        clock = state.registry.clock
         ctx.endpoint = endpoint.id
+        ctx.model = route.model
         adapter = endpoint.adapter
+        path = req.scope["path"]
         upstream = adapter.build(
             endpoint.url,
-            scope["path"],
-            raw,
-            body,
+            path,
+            req.raw,
+            req.body,
             endpoint.served.get(route.model) or route.model,
-            upstream_headers(headers, endpoint.headers, ctx.request_id),
+            upstream_headers(req.headers, endpoint.headers, ctx.request_id),
         )
+        translator = adapter.stream_translator(path, req.body) if ctx.stream else None
+        endpoint.circuit.begin(clock())
         endpoint.in_flight += 1
         gauge = state.metrics.in_flight.labels(endpoint.id)
         gauge.inc()
-        translator = adapter.stream_translator(scope["path"], body) if stream else None
+        started = clock()
         ok = False
         try:
-            relay = self._relay(send, ctx, upstream, stream, translator, endpoint, scope["path"])
-            await self._until_disconnect(receive, ctx, relay)
+            await self._relay(send, ctx, upstream, ctx.stream, translator, endpoint, path)
             ok = True
-        except (UpstreamConnectError, UpstreamTimeout) as exc:
+        except UpstreamError as exc:
             endpoint.last_error = exc.message
             state.metrics.upstream_errors.labels(endpoint.id, exc.code or "error").inc()
+            self._penalise(endpoint, exc, clock())
+            raise
+        except asyncio.CancelledError:
+            # The client left: no verdict on the endpoint, but a trial slot is freed.
+            endpoint.circuit.trial_in_flight = False
             raise
         finally:
             endpoint.in_flight -= 1
             gauge.dec()
             outcome = Outcome(ok, ctx.prompt_tokens, ctx.cached_tokens)
             route.policy.observe(decision, endpoint.id, outcome)
+        endpoint.circuit.success()
+        endpoint.record_latency(clock() - started)
+
+    def _penalise(self, endpoint: EndpointState, exc: UpstreamError, now: float) -> None:
+        if isinstance(exc, UpstreamHTTPError) and exc.status in (429, 503) and exc.retry_after:
+            endpoint.cooldown_until = now + retry_after_seconds(exc.retry_after)
+        if isinstance(exc, UpstreamHTTPError) and exc.status == 429:
+            endpoint.cooldown_until = max(endpoint.cooldown_until, now + 1.0)
+            endpoint.circuit.trial_in_flight = False
+            return
+        if isinstance(exc, UpstreamHTTPError) and exc.status < 500:
+            endpoint.circuit.success()  # it answered, and correctly refused the request
+            return
+        endpoint.circuit.failure(now)
 
     async def _until_disconnect(
         self, receive: Receive, ctx: RequestContext, relay: Coroutine[Any, Any, None]
@@ -276,6 +419,12 @@ class Proxy:
         finally:
             resp.release()
 
+    @staticmethod
+    async def _forward_chunk(send: Send, ctx: RequestContext, chunk: bytes) -> None:
+        if b'"usage"' in chunk:
+            ctx.prompt_tokens, ctx.cached_tokens = scan_usage(chunk)
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
     async def _relay_stream(
         self,
         send: Send,
@@ -285,6 +434,25 @@ class Proxy:
         content_type: bytes,
         endpoint_id: str,
     ) -> None:
+        chunks = resp.content.iter_any()
+        # Nothing goes to the client before the first chunk: a backend that dies
+        # before it still counts as a failure before the first byte (failover).
+        first = b""
+        try:
+            while not first:
+                first = await anext(chunks)
+                if translator is not None:
+                    first = translator.feed(first)
+        except StopAsyncIteration:
+            pass
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            if isinstance(exc, TimeoutError):
+                raise UpstreamTimeout(f"no first chunk from {endpoint_id} in time") from exc
+            raise UpstreamConnectError(
+                f"stream from {endpoint_id} broke off before its first "
+                f"chunk: {exc.__class__.__name__}"
+            ) from exc
+        ctx.ttft = time.perf_counter() - ctx.start
         await send(
             {
                 "type": "http.response.start",
@@ -292,19 +460,15 @@ class Proxy:
                 "headers": [(b"content-type", content_type), (b"cache-control", b"no-cache")],
             }
         )
-        first = True
         try:
-            async for chunk in resp.content.iter_any():
+            if first:
+                await self._forward_chunk(send, ctx, first)
+            async for chunk in chunks:
                 if translator is not None:
                     chunk = translator.feed(chunk)
                     if not chunk:
                         continue
-                if first:
-                    ctx.ttft = time.perf_counter() - ctx.start
-                    first = False
-                if b'"usage"' in chunk:
-                    ctx.prompt_tokens, ctx.cached_tokens = scan_usage(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await self._forward_chunk(send, ctx, chunk)
             tail = translator.close() if translator is not None else b""
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             # Headers are out: the only honest signal left is an error event.

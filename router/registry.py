@@ -7,14 +7,16 @@ what a policy may know at decision time.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from backends import ADAPTERS, Adapter
 from policies.base import EndpointView, Policy
 from policies.prefix_index import IndexStats, PrefixIndex
 from policies.registry import build_policy
-from router.config import Config, EndpointConfig, PolicySpec
+from router.circuit import Circuit
+from router.config import CircuitConfig, Config, EndpointConfig, PolicySpec
 
 
 @dataclass(eq=False)
@@ -24,18 +26,28 @@ class EndpointState:
     #: model name -> the name the backend serves it under (None: the same).
     served: dict[str, str | None]
     headers: dict[str, str]
+    circuit: Circuit
     healthy: bool = True
     draining: bool = False
     in_flight: int = 0
+    #: Scraped load; None when unknown or stale.
     running: float | None = None
     waiting: float | None = None
     kv_usage: float | None = None
     kv_capacity_tokens: int | None = None
+    scraped_at: float | None = None
+    #: Health-probe streaks for hysteresis.
+    probe_failures: int = 0
+    probe_successes: int = 0
+    #: A 429 or 503 with Retry-After keeps the endpoint out of rotation until then.
+    cooldown_until: float = 0.0
+    #: Seconds to the response headers, exponentially weighted.
+    latency_ewma: float | None = None
     last_error: str | None = None
     _labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, cfg: EndpointConfig) -> EndpointState:
+    def from_config(cls, cfg: EndpointConfig, circuit: CircuitConfig) -> EndpointState:
         headers = {"content-type": "application/json"}
         if cfg.api_key is not None:
             headers["authorization"] = f"Bearer {cfg.api_key.get_secret_value()}"
@@ -44,9 +56,23 @@ class EndpointState:
             adapter=ADAPTERS[cfg.kind],
             served={m.name: m.served_name for m in cfg.models},
             headers=headers,
+            circuit=Circuit(circuit),
             kv_capacity_tokens=cfg.kv_capacity_tokens,
             _labels=dict(cfg.labels),
         )
+
+    def admits(self, now: float) -> bool:
+        """Healthy, not draining, circuit not open, not cooling down after a 429."""
+        return (
+            self.healthy
+            and not self.draining
+            and now >= self.cooldown_until
+            and self.circuit.admits(now)
+        )
+
+    def record_latency(self, seconds: float) -> None:
+        prev = self.latency_ewma
+        self.latency_ewma = seconds if prev is None else prev + (seconds - prev) * 0.2
 
     @property
     def id(self) -> str:
@@ -55,10 +81,6 @@ class EndpointState:
     @property
     def url(self) -> str:
         return self.config.url
-
-    @property
-    def available(self) -> bool:
-        return self.healthy and not self.draining
 
     def view(self) -> EndpointView:
         return EndpointView(
@@ -75,24 +97,45 @@ class EndpointState:
         )
 
 
+LIVE_STATE = (
+    "healthy",
+    "draining",
+    "in_flight",
+    "circuit",
+    "latency_ewma",
+    "probe_failures",
+    "probe_successes",
+    "cooldown_until",
+    "running",
+    "waiting",
+    "kv_usage",
+    "scraped_at",
+)
+
+
 class EndpointRegistry:
     """All known endpoints, indexed by the models they serve."""
 
-    def __init__(self, endpoints: Iterable[EndpointConfig] = ()) -> None:
+    def __init__(
+        self,
+        endpoints: Iterable[EndpointConfig] = (),
+        circuit: CircuitConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._by_id: dict[str, EndpointState] = {}
         self._by_model: dict[str, list[EndpointState]] = {}
+        self._circuit = circuit or CircuitConfig()
+        self.clock = clock
         for cfg in endpoints:
             self.upsert(cfg)
 
     def upsert(self, cfg: EndpointConfig) -> EndpointState:
         old = self._by_id.get(cfg.id)
-        state = EndpointState.from_config(cfg)
+        state = EndpointState.from_config(cfg, self._circuit)
         if old is not None:
-            state.healthy, state.draining, state.in_flight = (
-                old.healthy,
-                old.draining,
-                old.in_flight,
-            )
+            # Live state survives a change of the endpoint's config.
+            for name in LIVE_STATE:
+                setattr(state, name, getattr(old, name))
             self.remove(cfg.id)
         self._by_id[cfg.id] = state
         for model in state.served:
@@ -122,7 +165,8 @@ class EndpointRegistry:
         return self._by_model.get(model, [])
 
     def candidates(self, model: str) -> list[EndpointState]:
-        return [s for s in self._by_model.get(model, ()) if s.available]
+        now = self.clock()
+        return [s for s in self._by_model.get(model, ()) if s.admits(now)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +185,7 @@ class RouteTable:
         self._rng = random.Random(config.seed)
         self._routes: dict[str, Route] = {}
         self._names: dict[str, str] = {}
+        self._fallbacks = {name: model.fallbacks for name, model in config.models.items()}
         for name, model in config.models.items():
             self._routes[name] = self._build(name, model.policy)
             self._names[name] = name
@@ -162,6 +207,9 @@ class RouteTable:
             self._names[name] = name
             return route
         return None
+
+    def fallbacks(self, model: str) -> tuple[str, ...]:
+        return self._fallbacks.get(model, ())
 
     def routes(self) -> list[Route]:
         return list(self._routes.values())

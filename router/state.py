@@ -27,7 +27,7 @@ class AppState:
 
     @classmethod
     def from_config(cls, config: Config) -> AppState:
-        registry = EndpointRegistry(config.endpoints)
+        registry = EndpointRegistry(config.endpoints, config.circuit)
         routes = RouteTable(config, registry)
         metrics = Metrics()
         metrics.registry.register(IndexCollector(routes.index_stats))

@@ -1,0 +1,58 @@
+"""Per-endpoint circuit breaker: passive outlier detection with exponential backoff.
+
+    closed --(N consecutive failures)--> open --(backoff elapsed)--> half-open
+    half-open --(trial succeeds)--> closed
+    half-open --(trial fails)--> open, backoff doubled (up to a ceiling)
+
+Failures are what the router saw: connection errors, timeouts, 5xx answers.
+Time comes from the caller, so tests drive it exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from router.config import CircuitConfig
+
+
+@dataclass
+class Circuit:
+    config: CircuitConfig
+    state: str = "closed"
+    failures: int = 0
+    opened_at: float = 0.0
+    backoff: float = 0.0
+    trial_in_flight: bool = False
+
+    def admits(self, now: float) -> bool:
+        """May a request be sent now? (A half-open circuit admits one trial.)"""
+        if self.state == "closed":
+            return True
+        if self.state == "open" and now < self.opened_at + self.backoff:
+            return False
+        return not self.trial_in_flight
+
+    def begin(self, now: float) -> None:
+        if self.state == "open" and now >= self.opened_at + self.backoff:
+            self.state = "half_open"
+        if self.state == "half_open":
+            self.trial_in_flight = True
+
+    def success(self) -> None:
+        self.state = "closed"
+        self.failures = 0
+        self.backoff = 0.0
+        self.trial_in_flight = False
+
+    def failure(self, now: float) -> None:
+        self.failures += 1
+        if self.state == "half_open":
+            self.trial_in_flight = False
+            self._open(now, min(self.backoff * 2, self.config.max_backoff))
+        elif self.state == "closed" and self.failures >= self.config.failures:
+            self._open(now, self.config.base_backoff)
+
+    def _open(self, now: float, backoff: float) -> None:
+        self.state = "open"
+        self.opened_at = now
+        self.backoff = backoff

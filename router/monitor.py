@@ -1,0 +1,141 @@
+"""Background watch over the fleet: active health probes and load scrapes.
+
+Both are asyncio tasks owned by the app's lifespan. Each round checks every
+endpoint concurrently (one slow endpoint delays nobody), then waits its
+interval with jitter. The control plane speaks httpx; the data path does not
+share its connections.
+
+Health has hysteresis: ``fall`` failed probes in a row mark an endpoint down,
+``rise`` good ones mark it up again. Scraped load ages out after
+``stale_after`` seconds, so a backend whose metrics stop answering falls back
+to the router's own in-flight count instead of frozen numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+
+import httpx
+
+from router.registry import EndpointState
+from router.state import AppState
+
+LOG = logging.getLogger("kvroute.monitor")
+
+
+class Monitor:
+    def __init__(
+        self,
+        state: AppState,
+        client: httpx.AsyncClient | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.state = state
+        self._client = client
+        self._own_client = client is None
+        self._rng = rng or random.Random()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        if self._client is None:
+            self._client = httpx.AsyncClient(follow_redirects=False)
+        cfg = self.state.config
+        if cfg.health.enabled:
+            self._tasks.append(
+                asyncio.create_task(self._every(cfg.health.interval, self.probe_all))
+            )
+        if cfg.scrape.enabled:
+            self._tasks.append(
+                asyncio.create_task(self._every(cfg.scrape.interval, self.scrape_all))
+            )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._own_client and self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def _every(self, interval: float, work: Callable[[], Awaitable[None]]) -> None:
+        jitter = self.state.config.health.jitter
+        while True:
+            try:
+                await work()
+            except Exception:  # a bug here must not end the watch
+                LOG.exception("monitor round failed")
+            await asyncio.sleep(interval * (1 + self._rng.uniform(-jitter, jitter)))
+
+    # -- health ------------------------------------------------------------------
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self.probe(ep) for ep in self.state.registry.all()))
+
+    async def probe(self, endpoint: EndpointState) -> None:
+        assert self._client is not None
+        cfg = self.state.config.health
+        try:
+            r = await self._client.get(
+                endpoint.url + endpoint.adapter.health_path, timeout=cfg.timeout
+            )
+            ok = r.status_code < 300
+            error = None if ok else f"health probe answered HTTP {r.status_code}"
+        except httpx.HTTPError as exc:
+            ok, error = False, f"health probe failed: {exc.__class__.__name__}"
+        self.record_probe(endpoint, ok, error)
+
+    def record_probe(self, endpoint: EndpointState, ok: bool, error: str | None) -> None:
+        cfg = self.state.config.health
+        if ok:
+            endpoint.probe_failures = 0
+            endpoint.probe_successes += 1
+            if not endpoint.healthy and endpoint.probe_successes >= cfg.rise:
+                endpoint.healthy = True
+                LOG.info({"event": "endpoint_up", "endpoint": endpoint.id})
+        else:
+            endpoint.probe_successes = 0
+            endpoint.probe_failures += 1
+            endpoint.last_error = error
+            if endpoint.healthy and endpoint.probe_failures >= cfg.fall:
+                endpoint.healthy = False
+                LOG.warning({"event": "endpoint_down", "endpoint": endpoint.id, "error": error})
+
+    # -- load --------------------------------------------------------------------
+
+    async def scrape_all(self) -> None:
+        await asyncio.gather(*(self.scrape(ep) for ep in self.state.registry.all()))
+        self.expire_stale()
+
+    async def scrape(self, endpoint: EndpointState) -> None:
+        assert self._client is not None
+        path = endpoint.adapter.metrics_path
+        url = endpoint.config.metrics_url or (endpoint.url + path if path else None)
+        if url is None:
+            return
+        try:
+            r = await self._client.get(url, timeout=self.state.config.scrape.timeout)
+            r.raise_for_status()
+            load = endpoint.adapter.parse_load(r.text)
+        except (httpx.HTTPError, ValueError) as exc:
+            LOG.debug({"event": "scrape_failed", "endpoint": endpoint.id, "error": str(exc)})
+            return
+        endpoint.running, endpoint.waiting = load.running, load.waiting
+        endpoint.kv_usage = load.kv_usage
+        if load.kv_capacity_tokens and endpoint.config.kv_capacity_tokens is None:
+            endpoint.kv_capacity_tokens = load.kv_capacity_tokens
+        endpoint.scraped_at = self.state.registry.clock()
+
+    def expire_stale(self) -> None:
+        now = self.state.registry.clock()
+        horizon = self.state.config.scrape.stale_after
+        for endpoint in self.state.registry.all():
+            if endpoint.scraped_at is not None and now - endpoint.scraped_at > horizon:
+                endpoint.running = endpoint.waiting = endpoint.kv_usage = None
+                endpoint.scraped_at = None
