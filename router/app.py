@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import hmac
 import logging
 import os
 import time
@@ -24,10 +22,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from router.admin import admin_routes
 from router.config import Config
 from router.errors import InvalidRequest, RouterError, error_body
 from router.logs import ACCESS, LOG
 from router.metrics import CONTENT_TYPE_LATEST
+from router.monitor import Monitor
 from router.proxy import ROUTES, Proxy, RequestContext, error_response_messages
 from router.state import AppState
 from router.types import ASGIApp, Message, Receive, Scope, Send
@@ -166,31 +166,12 @@ def build_control_app(state: AppState) -> Starlette:
     async def ready(request: Request) -> Response:
         now = state.registry.clock()
         healthy = sum(1 for e in state.registry.all() if e.admits(now))
-        if state.ready and healthy:
+        if state.ready and not state.shutting_down and healthy:
             return json_response({"status": "ready", "healthy_endpoints": healthy})
         return json_response({"status": "not ready", "healthy_endpoints": healthy}, 503)
 
     async def metrics(request: Request) -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    def admin_denied(request: Request) -> Response | None:
-        token = state.config.admin_token
-        if token is None:
-            return None
-        given = request.headers.get("authorization", "")
-        if hmac.compare_digest(given.encode(), f"Bearer {token.get_secret_value()}".encode()):
-            return None
-        return json_response(
-            error_body("admin token required", "authentication_error", None, "invalid_api_key"),
-            401,
-        )
-
-    async def prefix_index(request: Request) -> Response:
-        if (denied := admin_denied(request)) is not None:
-            return denied
-        return json_response(
-            {model: dataclasses.asdict(stats) for model, stats in state.routes.index_stats()}
-        )
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -202,12 +183,15 @@ def build_control_app(state: AppState) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        monitor = Monitor(state)
         await state.forwarder.start()
+        await monitor.start()
         state.ready = True
         try:
             yield
         finally:
             state.ready = False
+            await monitor.stop()
             await state.forwarder.close()
 
     return Starlette(
@@ -216,7 +200,7 @@ def build_control_app(state: AppState) -> Starlette:
             Route("/health", health),
             Route("/ready", ready),
             Route("/metrics", metrics),
-            Route("/admin/prefix-index", prefix_index),
+            *admin_routes(state),
         ],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,

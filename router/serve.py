@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import socket
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
+from types import FrameType
 
 import uvicorn
 import uvicorn.config
 
 from router.app import build_app
 from router.config import Config
-from router.logs import setup_logging
+from router.logs import LOG, setup_logging
 from router.types import ASGIApp
 
 
@@ -21,17 +23,46 @@ class Server(uvicorn.Server):
 
     Only the server that ``owns_signals`` listens for SIGINT/SIGTERM, and it
     does not re-raise them after a graceful stop, so the process exits 0.
+
+    With ``on_signal``, the first signal calls it (the router marks itself
+    not ready) and the server keeps taking requests for ``grace`` seconds
+    before it stops accepting; uvicorn then gives in-flight requests up to
+    ``timeout_graceful_shutdown`` seconds. A second signal stops at once.
     """
 
-    def __init__(self, config: uvicorn.Config, owns_signals: bool = True) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        owns_signals: bool = True,
+        on_signal: Callable[[], None] | None = None,
+        grace: float = 0.0,
+    ) -> None:
         super().__init__(config)
         self.owns_signals = owns_signals
+        self.on_signal = on_signal
+        self.grace = grace
+        self._signalled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.on_signal is None or self._signalled or self._loop is None:
+            super().handle_exit(sig, frame)
+            if self._signalled:
+                self.force_exit = True
+            return
+        self._signalled = True
+        self.on_signal()
+        self._loop.call_soon_threadsafe(self._loop.call_later, self.grace, self._stop_accepting)
+
+    def _stop_accepting(self) -> None:
+        self.should_exit = True
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         if not self.owns_signals:
             yield
             return
+        self._loop = asyncio.get_running_loop()
         previous = {
             sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
         }
@@ -43,7 +74,12 @@ class Server(uvicorn.Server):
 
 
 def uvicorn_config(
-    app: ASGIApp, host: str, port: int, log_level: str = "info", quiet: bool = False
+    app: ASGIApp,
+    host: str,
+    port: int,
+    log_level: str = "info",
+    quiet: bool = False,
+    graceful_timeout: float = 30.0,
 ) -> uvicorn.Config:
     """``quiet`` leaves uvicorn's logging setup alone (for servers that share a process)."""
     return uvicorn.Config(
@@ -55,7 +91,7 @@ def uvicorn_config(
         lifespan="on",
         access_log=False,
         log_level=log_level,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=int(graceful_timeout) or 1,
         log_config=None if quiet else uvicorn.config.LOGGING_CONFIG,
     )
 
@@ -71,8 +107,21 @@ def bind(host: str, port: int) -> socket.socket:
 async def serve(config: Config, sockets: Sequence[socket.socket] | None = None) -> int:
     setup_logging(config.server.log_level)
     app = build_app(config)
+
+    def not_ready() -> None:
+        app.state.shutting_down = True
+        LOG.info({"event": "shutdown", "grace_s": config.shutdown.grace})
+
     server = Server(
-        uvicorn_config(app, config.server.host, config.server.port, config.server.log_level)
+        uvicorn_config(
+            app,
+            config.server.host,
+            config.server.port,
+            config.server.log_level,
+            graceful_timeout=config.shutdown.timeout,
+        ),
+        on_signal=not_ready,
+        grace=config.shutdown.grace,
     )
     await server.serve(sockets=list(sockets) if sockets else None)
     return 0

@@ -18,6 +18,8 @@ class AppState:
     forwarder: Forwarder
     metrics: Metrics
     ready: bool = False
+    #: Set at SIGTERM: /ready says 503 while in-flight requests finish.
+    shutting_down: bool = False
 
     def remove_endpoint(self, endpoint_id: str) -> None:
         """An endpoint left the fleet: forget it everywhere, policies included."""

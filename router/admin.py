@@ -1,0 +1,109 @@
+"""The admin API, under /admin, behind ``admin_token`` when one is set.
+
+GET  /admin/endpoints                 every endpoint and its live state
+POST /admin/endpoints/{id}/drain      no new requests; in-flight ones finish
+POST /admin/endpoints/{id}/undrain
+GET  /admin/config                    the effective config, secrets redacted
+GET  /admin/prefix-index              prefix-index size per model and endpoint
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from router.errors import error_body
+from router.registry import EndpointState
+from router.state import AppState
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def describe(endpoint: EndpointState, now: float) -> dict[str, Any]:
+    c = endpoint.circuit
+    return {
+        "id": endpoint.id,
+        "url": endpoint.url,
+        "kind": endpoint.config.kind,
+        "source": "static",
+        "models": {m: served or m for m, served in endpoint.served.items()},
+        "weight": endpoint.config.weight,
+        "healthy": endpoint.healthy,
+        "available": endpoint.admits(now),
+        "draining": endpoint.draining,
+        "circuit": {"state": c.state, "failures": c.failures, "backoff_s": c.backoff},
+        "cooldown_s": max(0.0, round(endpoint.cooldown_until - now, 3)),
+        "in_flight": endpoint.in_flight,
+        "load": {
+            "running": endpoint.running,
+            "waiting": endpoint.waiting,
+            "kv_usage": endpoint.kv_usage,
+            "kv_capacity_tokens": endpoint.kv_capacity_tokens,
+            "age_s": None if endpoint.scraped_at is None else round(now - endpoint.scraped_at, 3),
+        },
+        "latency_ewma_s": endpoint.latency_ewma,
+        "last_error": endpoint.last_error,
+    }
+
+
+def admin_routes(state: AppState) -> list[BaseRoute]:
+    def denied(request: Request) -> Response | None:
+        token = state.config.admin_token
+        if token is None:
+            return None
+        given = request.headers.get("authorization", "").encode()
+        if hmac.compare_digest(given, f"Bearer {token.get_secret_value()}".encode()):
+            return None
+        body = error_body("admin token required", "authentication_error", None, "invalid_api_key")
+        return json_response(body, 401)
+
+    def endpoint_or_404(request: Request) -> EndpointState | Response:
+        endpoint = state.registry.get(request.path_params["endpoint_id"])
+        if endpoint is None:
+            msg = f"no endpoint '{request.path_params['endpoint_id']}'"
+            return json_response(error_body(msg, "invalid_request_error", None, "not_found"), 404)
+        return endpoint
+
+    async def endpoints(request: Request) -> Response:
+        if (no := denied(request)) is not None:
+            return no
+        now = state.registry.clock()
+        return json_response({"endpoints": [describe(e, now) for e in state.registry.all()]})
+
+    async def drain(request: Request) -> Response:
+        if (no := denied(request)) is not None:
+            return no
+        endpoint = endpoint_or_404(request)
+        if isinstance(endpoint, Response):
+            return endpoint
+        endpoint.draining = request.url.path.endswith("/drain")
+        return json_response(describe(endpoint, state.registry.clock()))
+
+    async def config(request: Request) -> Response:
+        if (no := denied(request)) is not None:
+            return no
+        # pydantic's JSON mode prints every SecretStr as "**********".
+        return json_response(state.config.model_dump(mode="json"))
+
+    async def prefix_index(request: Request) -> Response:
+        if (no := denied(request)) is not None:
+            return no
+        return json_response(
+            {model: dataclasses.asdict(stats) for model, stats in state.routes.index_stats()}
+        )
+
+    return [
+        Route("/admin/endpoints", endpoints),
+        Route("/admin/endpoints/{endpoint_id}/drain", drain, methods=["POST"]),
+        Route("/admin/endpoints/{endpoint_id}/undrain", drain, methods=["POST"]),
+        Route("/admin/config", config),
+        Route("/admin/prefix-index", prefix_index),
+    ]
