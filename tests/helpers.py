@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -93,3 +95,51 @@ async def sim_stats(url: str) -> dict[str, Any]:
         r.raise_for_status()
         data: dict[str, Any] = r.json()
         return data
+
+
+KVROUTE = Path(sys.executable).with_name("kvroute")
+
+
+@contextlib.asynccontextmanager
+async def sim_process(*args: str, model: str = "tiny") -> AsyncIterator[tuple[str, Any]]:
+    """``kvroute simulate`` as a separate process (so it can be killed for real)."""
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen(
+        [str(KVROUTE), "simulate", "--port", str(port), "--model", model, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient() as client:
+
+            async def up() -> bool:
+                assert proc.poll() is None, "simulator exited"
+                try:
+                    return (await client.get(url + "/health")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await eventually(up)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+async def set_faults(url: str, **faults: Any) -> None:
+    async with httpx.AsyncClient() as client:
+        (await client.post(url + "/sim/faults", json=faults)).raise_for_status()
+
+
+async def admin_endpoints(url: str) -> dict[str, dict[str, Any]]:
+    async with httpx.AsyncClient() as client:
+        data = (await client.get(url + "/admin/endpoints")).json()
+    return {e["id"]: e for e in data["endpoints"]}

@@ -31,8 +31,11 @@ class Faults:
     fail_status: int = 500
     #: Seconds to wait before handling a request; negative hangs until the client leaves.
     stall: float = 0.0
-    #: Cut the connection after this many chunks of a stream (0: never).
-    die_after_chunks: int = 0
+    #: Cut the connection after this many chunks of a stream (0: right after the
+    #: headers, before any chunk; negative: never).
+    die_after_chunks: int = -1
+    #: Sent as Retry-After (seconds) with simulated failures, when set.
+    retry_after: int | None = None
     #: Seconds the health route takes to answer, and whether it says healthy.
     health_delay: float = 0.0
     unhealthy: bool = False

@@ -77,7 +77,12 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument(
         "--stall", type=float, default=0.0, help="seconds before answering; negative hangs"
     )
-    f.add_argument("--die-after-chunks", type=int, default=0, help="cut streams after N chunks")
+    f.add_argument(
+        "--die-after-chunks",
+        type=int,
+        default=-1,
+        help="cut streams after N chunks (0: before the first; negative: never)",
+    )
     f.add_argument("--log-level", default="warning")
 
 

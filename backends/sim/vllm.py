@@ -173,7 +173,10 @@ class VLLMSimulator:
             return vllm_error(msg, "BadRequestError", "max_tokens", 400)
         if self.fault_state.should_fail():
             status = self.faults.fail_status
-            return vllm_error("simulated failure", "InternalServerError", None, status)
+            failure = vllm_error("simulated failure", "InternalServerError", None, status)
+            if self.faults.retry_after is not None:
+                failure.headers["retry-after"] = str(self.faults.retry_after)
+            return failure
         return body
 
     def _submit(self, prompt: str, body: dict[str, Any]) -> Sequence_ | Response:
@@ -288,11 +291,13 @@ class VLLMSimulator:
         sent = 0
         n = 0
         async for token in tokens(self.engine, seq):
+            if die_after == 0:
+                raise SimulatedCrash("die_after_chunks")
             if chat and n == 0:
                 # vLLM sends the role chunk once the first token exists, not before.
                 yield sse(role_chunk(head))
                 sent += 1
-            if die_after and sent >= die_after:
+            if die_after > 0 and sent >= die_after:
                 raise SimulatedCrash("die_after_chunks")
             n += 1
             last = n == seq.max_tokens
