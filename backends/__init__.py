@@ -1,19 +1,48 @@
-"""Backend adapters, one per wire protocol, and the simulated backends."""
+"""Backend adapters, one per wire protocol, and the simulated backends.
 
-from backends.base import Adapter, Load, StreamTranslator, UpstreamRequest
+``ADAPTERS`` maps an endpoint's ``kind`` to the factory of its adapter: the
+model of its ``options`` (validated with the config) and a constructor.
+"""
+
+from backends.base import (
+    Adapter,
+    AdapterFactory,
+    Load,
+    NoOptions,
+    StreamTranslator,
+    Target,
+    UpstreamProtocolError,
+    UpstreamRequest,
+)
 from backends.openai import OpenAIAdapter, VLLMAdapter
+from backends.tgi import TGIAdapter, TGIOptions
+from backends.triton import TritonAdapter, TritonOptions
 
-ADAPTERS: dict[str, Adapter] = {
-    "openai": OpenAIAdapter(),
-    "vllm": VLLMAdapter(),
+ADAPTERS: dict[str, AdapterFactory] = {
+    "openai": AdapterFactory(NoOptions, lambda options: OpenAIAdapter()),
+    "vllm": AdapterFactory(NoOptions, lambda options: VLLMAdapter()),
+    "tgi": AdapterFactory(TGIOptions, TGIAdapter),
+    "triton": AdapterFactory(TritonOptions, TritonAdapter),
 }
+
+
+def build_adapter(kind: str, options: object) -> Adapter:
+    factory = ADAPTERS[kind]
+    return factory.build(factory.options_model.model_validate(options))
+
 
 __all__ = [
     "ADAPTERS",
     "Adapter",
+    "AdapterFactory",
     "Load",
     "OpenAIAdapter",
     "StreamTranslator",
+    "TGIAdapter",
+    "Target",
+    "TritonAdapter",
+    "UpstreamProtocolError",
     "UpstreamRequest",
     "VLLMAdapter",
+    "build_adapter",
 ]

@@ -8,9 +8,11 @@ tested on recorded responses; the router owns all I/O.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,15 +42,29 @@ class Load:
     kv_capacity_tokens: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The model a request goes to on one endpoint."""
+
+    #: The name the client used (after aliases), for response bodies.
+    model: str
+    #: The name the backend knows it by.
+    served: str
+    #: For text-prompt backends: a chat template preset or Jinja2 source.
+    chat_template: str | None = None
+
+
 class Adapter(Protocol):
     kind: str
-    #: Path probed for liveness (relative to the endpoint's URL).
-    health_path: str
     #: Path of the Prometheus metrics (relative to the endpoint's URL), or None.
     metrics_path: str | None
 
+    def health_paths(self, served: Sequence[str]) -> list[str]:
+        """Paths that must all answer 2xx for the endpoint to count as healthy."""
+        ...
+
     def parse_load(self, metrics_text: str) -> Load:
-        """The load in a scrape of ``metrics_path`` (Prometheus text format)."""
+        """The load in a scrape of the metrics (Prometheus text format)."""
         ...
 
     def build(
@@ -57,17 +73,38 @@ class Adapter(Protocol):
         path: str,
         raw: bytes,
         body: Mapping[str, Any],
-        served_name: str,
+        target: Target,
         headers: Mapping[str, str],
     ) -> UpstreamRequest:
         """The upstream request for the OpenAI request ``body`` (raw bytes ``raw``)
         that the client sent to ``path``."""
         ...
 
-    def translate_json(self, path: str, body: bytes) -> bytes:
-        """A successful non-streamed upstream body as OpenAI JSON."""
+    def translate_json(
+        self, path: str, body: Mapping[str, Any], target: Target, data: bytes
+    ) -> bytes:
+        """A successful non-streamed upstream body as OpenAI JSON. Raises
+        ``UpstreamProtocolError`` for an error the backend hid in a 200."""
         ...
 
-    def stream_translator(self, path: str, body: Mapping[str, Any]) -> StreamTranslator | None:
+    def stream_translator(
+        self, path: str, body: Mapping[str, Any], target: Target
+    ) -> StreamTranslator | None:
         """A translator for a streamed answer, or None to pass bytes through."""
         ...
+
+
+class UpstreamProtocolError(Exception):
+    """The backend answered 2xx with an error inside (Triton does)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterFactory:
+    """How an endpoint's ``kind`` and ``options`` become its adapter."""
+
+    options_model: type[BaseModel]
+    build: Callable[[Any], Adapter]
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")

@@ -6,19 +6,21 @@ by another name, in which case only ``model`` is rewritten.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from backends.base import Load, StreamTranslator, UpstreamRequest
+from backends.base import Load, StreamTranslator, Target, UpstreamRequest
 
 
 class OpenAIAdapter:
     kind = "openai"
-    health_path = "/health"
     metrics_path: str | None = None
+
+    def health_paths(self, served: Sequence[str]) -> list[str]:
+        return ["/health"]
 
     def parse_load(self, metrics_text: str) -> Load:
         return Load()
@@ -29,17 +31,21 @@ class OpenAIAdapter:
         path: str,
         raw: bytes,
         body: Mapping[str, Any],
-        served_name: str,
+        target: Target,
         headers: Mapping[str, str],
     ) -> UpstreamRequest:
-        if body.get("model") != served_name:
-            raw = orjson.dumps({**body, "model": served_name})
+        if body.get("model") != target.served:
+            raw = orjson.dumps({**body, "model": target.served})
         return UpstreamRequest(base_url + path, raw, headers)
 
-    def translate_json(self, path: str, body: bytes) -> bytes:
-        return body
+    def translate_json(
+        self, path: str, body: Mapping[str, Any], target: Target, data: bytes
+    ) -> bytes:
+        return data
 
-    def stream_translator(self, path: str, body: Mapping[str, Any]) -> StreamTranslator | None:
+    def stream_translator(
+        self, path: str, body: Mapping[str, Any], target: Target
+    ) -> StreamTranslator | None:
         return None
 
 

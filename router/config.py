@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from backends import ADAPTERS
+from backends.templates import ChatTemplateError, check_template
 from policies.registry import POLICIES, known_policies
 
 
@@ -112,6 +113,19 @@ class ModelRef(Frozen):
     name: str = Field(min_length=1)
     #: The name the backend knows the model by, when it differs.
     served_name: str | None = None
+    #: For text-prompt backends (TGI generate, Triton): a preset (chatml,
+    #: llama-3, mistral, plain) or Jinja2 source; default: the endpoint's.
+    chat_template: str | None = None
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                check_template(value)
+            except ChatTemplateError as exc:
+                raise PydanticCustomError("chat_template", "{error}", {"error": str(exc)}) from None
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -132,8 +146,12 @@ class EndpointConfig(Frozen):
     labels: dict[str, str] = Field(default_factory=dict)
     #: Sent upstream as ``Authorization: Bearer``; the client's key never is.
     api_key: SecretStr | None = None
-    #: Where the backend's Prometheus metrics are, when not at ``url`` + /metrics.
+    #: Where the backend's Prometheus metrics are, when not at ``url`` + the
+    #: kind's metrics path (Triton serves them on a port of its own).
     metrics_url: str | None = None
+    #: Settings of the kind's adapter (tgi: api, chat_template; triton: fields,
+    #: output_mode, chat_template, default_max_tokens).
+    options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("url")
     @classmethod
@@ -159,6 +177,22 @@ class EndpointConfig(Frozen):
                 {"kind": kind, "known": ", ".join(sorted(ADAPTERS))},
             )
         return kind
+
+    @model_validator(mode="after")
+    def _options_fit_kind(self) -> EndpointConfig:
+        factory = ADAPTERS.get(self.kind)
+        if factory is None:
+            return self
+        try:
+            factory.options_model.model_validate(self.options)
+        except ValidationError as exc:
+            details = "; ".join(f"{_format_loc(e['loc'])}: {e['msg']}" for e in exc.errors())
+            raise PydanticCustomError(
+                "options",
+                "bad options for kind '{kind}': {details}",
+                {"kind": self.kind, "details": details},
+            ) from None
+        return self
 
 
 class PolicySpec(Frozen):

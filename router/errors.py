@@ -159,6 +159,9 @@ def normalise_upstream_error(
     type_: str | None = None
     param: str | None = None
     code: str | None = None
+    if body.startswith(b"data:"):
+        # Triton sends a model's first-response error as one SSE event on a 4xx.
+        body = body[5:].strip().split(b"\n", 1)[0]
     try:
         parsed = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:

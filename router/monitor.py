@@ -81,12 +81,14 @@ class Monitor:
     async def probe(self, endpoint: EndpointState) -> None:
         assert self._client is not None
         cfg = self.state.config.health
+        served = [t.served for t in endpoint.targets.values()]
+        ok, error = True, None
         try:
-            r = await self._client.get(
-                endpoint.url + endpoint.adapter.health_path, timeout=cfg.timeout
-            )
-            ok = r.status_code < 300
-            error = None if ok else f"health probe answered HTTP {r.status_code}"
+            for path in endpoint.adapter.health_paths(served):
+                r = await self._client.get(endpoint.url + path, timeout=cfg.timeout)
+                if r.status_code >= 300:
+                    ok, error = False, f"health probe {path} answered HTTP {r.status_code}"
+                    break
         except httpx.HTTPError as exc:
             ok, error = False, f"health probe failed: {exc.__class__.__name__}"
         self.record_probe(endpoint, ok, error)

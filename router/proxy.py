@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from backends.base import StreamTranslator, UpstreamRequest
+from backends.base import StreamTranslator, Target, UpstreamProtocolError, UpstreamRequest
 from policies.base import Decision, Outcome, RequestView
 from router.errors import (
     BodyTooLarge,
@@ -314,15 +314,16 @@ class Proxy:
         ctx.model = route.model
         adapter = endpoint.adapter
         path = req.scope["path"]
+        target = endpoint.targets[route.model]
         upstream = adapter.build(
             endpoint.url,
             path,
             req.raw,
             req.body,
-            endpoint.served.get(route.model) or route.model,
+            target,
             upstream_headers(req.headers, endpoint.headers, ctx.request_id),
         )
-        translator = adapter.stream_translator(path, req.body) if ctx.stream else None
+        translator = adapter.stream_translator(path, req.body, target) if ctx.stream else None
         endpoint.circuit.begin(clock())
         endpoint.in_flight += 1
         gauge = state.metrics.in_flight.labels(endpoint.id)
@@ -330,7 +331,7 @@ class Proxy:
         started = clock()
         ok = False
         try:
-            await self._relay(send, ctx, upstream, ctx.stream, translator, endpoint, path)
+            await self._relay(send, ctx, req, upstream, translator, endpoint, target)
             ok = True
         except UpstreamError as exc:
             endpoint.last_error = exc.message
@@ -387,22 +388,30 @@ class Proxy:
         self,
         send: Send,
         ctx: RequestContext,
+        req: Request,
         upstream: UpstreamRequest,
-        stream: bool,
         translator: StreamTranslator | None,
         endpoint: EndpointState,
-        path: str,
+        target: Target,
     ) -> None:
-        resp = await self.state.forwarder.send(upstream, stream)
+        resp = await self.state.forwarder.send(upstream, ctx.stream)
         try:
             if resp.status >= 400:
                 data = await _read_all(resp)
                 raise normalise_upstream_error(resp.status, data, resp.headers.get("retry-after"))
             content_type = resp.headers.get("content-type", "application/json").encode("latin-1")
-            if stream and content_type.startswith(SSE_CONTENT_TYPE):
+            if ctx.stream and content_type.startswith(SSE_CONTENT_TYPE):
                 await self._relay_stream(send, ctx, resp, translator, content_type, endpoint.id)
                 return
-            data = endpoint.adapter.translate_json(path, await _read_all(resp))
+            raw = await _read_all(resp)
+            path = req.scope["path"]
+            try:
+                data = endpoint.adapter.translate_json(path, req.body, target, raw)
+            except UpstreamProtocolError as exc:
+                raise UpstreamHTTPError(502, str(exc), type_="upstream_error") from exc
+            if translator is not None:
+                # A stream was asked for, but the backend answered plain JSON.
+                content_type = b"application/json"
             ctx.prompt_tokens, ctx.cached_tokens = scan_usage(data)
             await send(
                 {

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from backends import ADAPTERS, Adapter
+from backends import Adapter, Target, build_adapter
 from policies.base import EndpointView, Policy
 from policies.prefix_index import IndexStats, PrefixIndex
 from policies.registry import build_policy
@@ -25,6 +25,8 @@ class EndpointState:
     adapter: Adapter
     #: model name -> the name the backend serves it under (None: the same).
     served: dict[str, str | None]
+    #: model name -> what the adapter needs to address it.
+    targets: dict[str, Target]
     headers: dict[str, str]
     circuit: Circuit
     healthy: bool = True
@@ -53,8 +55,11 @@ class EndpointState:
             headers["authorization"] = f"Bearer {cfg.api_key.get_secret_value()}"
         return cls(
             config=cfg,
-            adapter=ADAPTERS[cfg.kind],
+            adapter=build_adapter(cfg.kind, cfg.options),
             served={m.name: m.served_name for m in cfg.models},
+            targets={
+                m.name: Target(m.name, m.served_name or m.name, m.chat_template) for m in cfg.models
+            },
             headers=headers,
             circuit=Circuit(circuit),
             kv_capacity_tokens=cfg.kv_capacity_tokens,

@@ -15,7 +15,7 @@ import httpx
 
 from backends.sim.common import Faults
 from backends.sim.engine import EngineParams
-from backends.sim.vllm import VLLMSimulator
+from backends.sim.server import build_simulator
 from router.app import build_app
 from router.config import Config, parse_config
 from router.serve import Server, uvicorn_config
@@ -57,8 +57,9 @@ async def simulator(
     models: list[str] | None = None,
     params: EngineParams | None = None,
     faults: Faults | None = None,
-) -> AsyncIterator[tuple[str, VLLMSimulator]]:
-    sim = VLLMSimulator(models or ["tiny"], params or EngineParams.zero_latency(), faults)
+    kind: str = "vllm",
+) -> AsyncIterator[tuple[str, Any]]:
+    sim = build_simulator(kind, models or ["tiny"], params or EngineParams.zero_latency(), faults)
     async with serve_app(sim.app) as url:
         yield url, sim
 

@@ -86,7 +86,7 @@ endpoints:
         "server.port: Input should be less than or equal to 65535",
         "server.surprise: Extra inputs are not permitted",
         "endpoints[0].url: must be an http:// or https:// URL, got 'ftp://nowhere'",
-        "endpoints[0].kind: unknown endpoint kind 'tgx' (known: openai, vllm)",
+        "endpoints[0].kind: unknown endpoint kind 'tgx' (known: openai, tgi, triton, vllm)",
         "endpoints[0].models: Tuple should have at least 1 item after validation, not 0",
     ]
 

@@ -7,17 +7,25 @@ from collections.abc import Sequence
 
 from backends.sim.common import Faults
 from backends.sim.engine import EngineParams
+from backends.sim.tgi import TGISimulator
+from backends.sim.triton import TritonSimulator
 from backends.sim.vllm import VLLMSimulator
 
-KINDS = ("vllm",)
+Simulator = VLLMSimulator | TGISimulator | TritonSimulator
+SIMULATORS: dict[str, type[Simulator]] = {
+    "vllm": VLLMSimulator,
+    "tgi": TGISimulator,
+    "triton": TritonSimulator,
+}
+KINDS = tuple(SIMULATORS)
 
 
 def build_simulator(
     kind: str, models: Sequence[str], params: EngineParams, faults: Faults | None = None
-) -> VLLMSimulator:
-    if kind != "vllm":
+) -> Simulator:
+    if kind not in SIMULATORS:
         raise ValueError(f"unknown simulator kind '{kind}' (known: {', '.join(KINDS)})")
-    return VLLMSimulator(models, params, faults)
+    return SIMULATORS[kind](models, params, faults)
 
 
 def add_simulate_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,43 @@
+"""Server-sent events, incrementally: bytes in (split anywhere), data payloads out.
+
+Handles ``data:`` with or without the space, LF or CRLF line ends, several
+``data:`` lines in one event (joined with newlines), comments and other
+fields (ignored). Pure code, no I/O (the h11 way).
+"""
+
+from __future__ import annotations
+
+
+class SSEParser:
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """Complete events' data in ``chunk`` (and what came before it)."""
+        self._buffer += chunk
+        events: list[bytes] = []
+        while True:
+            nl = self._buffer.find(b"\n")
+            if nl < 0:
+                return events
+            line = self._buffer[:nl]
+            self._buffer = self._buffer[nl + 1 :]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if self._data:
+                    events.append(b"\n".join(self._data))
+                    self._data = []
+                continue
+            if line.startswith(b"data:"):
+                value = line[5:]
+                self._data.append(value[1:] if value.startswith(b" ") else value)
+
+    def close(self) -> list[bytes]:
+        """An event left open when the stream ended (no blank line after it)."""
+        events = self.feed(b"\n") if self._buffer else []
+        if self._data:
+            events.append(b"\n".join(self._data))
+            self._data = []
+        return events

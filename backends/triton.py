@@ -1,0 +1,230 @@
+"""NVIDIA Triton serving a TensorRT-LLM ensemble (``kind: triton``), through
+Triton's generate extension.
+
+    POST /v2/models/{model}/generate          one JSON answer
+    POST /v2/models/{model}/generate_stream   one SSE event per response, no [DONE]
+
+Request fields (names configurable per endpoint, since TensorRT-LLM model
+repositories differ): text_input, max_tokens, stream, temperature, top_p,
+top_k, seed, stop_words, bad_words. Chats are rendered with the model's chat
+template. Shapes as recorded from Triton 2.51 (tests/fixtures/triton):
+
+- an error Triton finds before the model runs is plain JSON ``{"error": ...}``
+  with 4xx/5xx, even on generate_stream; a model error on the first response
+  is a 400 whose body is one SSE event; a model error later is an extra
+  ``data: {"error": ...}`` event inside the 200 stream: every event is checked.
+- generate on a decoupled model that sends several responses answers 200 with
+  an ``{"error": ...}`` body: that is an error, not an answer.
+- the end of a stream is the end of the body; an empty final response sends
+  no event.
+- ``text_output`` is a delta (TensorRT-LLM's streaming) or the text so far
+  (some ensembles): ``output_mode`` says which, ``auto`` detects it from the
+  first events (an event that starts with everything seen so far is
+  accumulated text).
+
+Usage: Triton reports no token counts. Completion tokens are the number of
+streamed responses (TensorRT-LLM streams one token per response); prompt
+tokens are reported as 0. Both are documented as such.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, ConfigDict, Field
+
+from backends.base import Load, StreamTranslator, Target, UpstreamProtocolError, UpstreamRequest
+from backends.openai_shapes import ChunkWriter, completion, error_event
+from backends.sse import SSEParser
+from backends.tgi import prompt_of
+
+DEFAULT_FIELDS = {
+    "text_input": "text_input",
+    "text_output": "text_output",
+    "max_tokens": "max_tokens",
+    "stream": "stream",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "seed": "seed",
+    "stop_words": "stop_words",
+    "bad_words": "bad_words",
+}
+
+
+class TritonOptions(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: Field names in the generate request/response, where they differ from
+    #: TensorRT-LLM's ensemble (e.g. {"seed": "random_seed"}).
+    fields: dict[str, str] = Field(default_factory=dict)
+    output_mode: Literal["auto", "delta", "accumulated"] = "auto"
+    chat_template: str = "chatml"
+    default_max_tokens: int = Field(256, ge=1)
+
+    def field(self, name: str) -> str:
+        return self.fields.get(name, DEFAULT_FIELDS[name])
+
+
+def parse_triton_load(metrics_text: str) -> Load:
+    pending = active = None
+    used = max_blocks = tokens_per = None
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name == "nv_inference_pending_request_count":
+                pending = (pending or 0.0) + s.value
+            elif s.name == "nv_trt_llm_request_metrics":
+                if s.labels.get("request_type") == "active":
+                    active = (active or 0.0) + s.value
+            elif s.name == "nv_trt_llm_kv_cache_block_metrics":
+                kind = s.labels.get("kv_cache_block_type")
+                if kind == "used":
+                    used = (used or 0.0) + s.value
+                elif kind == "max":
+                    max_blocks = (max_blocks or 0.0) + s.value
+                elif kind == "tokens_per":
+                    tokens_per = s.value
+    usage = used / max_blocks if used is not None and max_blocks else None
+    capacity = int(max_blocks * tokens_per) if max_blocks and tokens_per else None
+    return Load(running=active, waiting=pending, kv_usage=usage, kv_capacity_tokens=capacity)
+
+
+class TritonAdapter:
+    kind = "triton"
+    #: Triton serves metrics on a port of its own: set the endpoint's metrics_url.
+    metrics_path: str | None = None
+
+    def __init__(self, options: TritonOptions) -> None:
+        self.options = options
+
+    def health_paths(self, served: Sequence[str]) -> list[str]:
+        return ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in served)]
+
+    def parse_load(self, metrics_text: str) -> Load:
+        return parse_triton_load(metrics_text)
+
+    def build(
+        self,
+        base_url: str,
+        path: str,
+        raw: bytes,
+        body: Mapping[str, Any],
+        target: Target,
+        headers: Mapping[str, str],
+    ) -> UpstreamRequest:
+        o = self.options
+        template = target.chat_template or o.chat_template
+        stream = body.get("stream") is True
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        payload: dict[str, Any] = {
+            o.field("text_input"): prompt_of(path, body, template),
+            o.field("max_tokens"): max_tokens
+            if isinstance(max_tokens, int)
+            else o.default_max_tokens,
+            o.field("stream"): stream,
+        }
+        for name in ("temperature", "top_p", "top_k", "seed"):
+            if body.get(name) is not None:
+                payload[o.field(name)] = body[name]
+        stop = body.get("stop")
+        if isinstance(stop, str):
+            stop = [stop]
+        if isinstance(stop, list) and stop:
+            payload[o.field("stop_words")] = [s for s in stop if isinstance(s, str)]
+        route = "generate_stream" if stream else "generate"
+        url = f"{base_url}/v2/models/{target.served}/{route}"
+        return UpstreamRequest(url, orjson.dumps(payload), headers)
+
+    def translate_json(
+        self, path: str, body: Mapping[str, Any], target: Target, data: bytes
+    ) -> bytes:
+        try:
+            answer = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamProtocolError("Triton answered with invalid JSON") from exc
+        if not isinstance(answer, dict):
+            raise UpstreamProtocolError(f"unexpected Triton answer: {data[:200]!r}")
+        if "error" in answer:
+            raise UpstreamProtocolError(f"Triton: {answer['error']}")
+        text = answer.get(self.options.field("text_output"))
+        if isinstance(text, list):
+            text = "".join(str(t) for t in text)
+        return completion(
+            path.endswith("chat/completions"), target.model, str(text or ""), "stop", 0, 0
+        )
+
+    def stream_translator(
+        self, path: str, body: Mapping[str, Any], target: Target
+    ) -> StreamTranslator | None:
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        limit = max_tokens if isinstance(max_tokens, int) else self.options.default_max_tokens
+        writer = ChunkWriter(path.endswith("chat/completions"), target.model, body)
+        return TritonStream(writer, self.options, limit)
+
+
+class TritonStream:
+    """Triton generate_stream events -> OpenAI chunks."""
+
+    def __init__(self, writer: ChunkWriter, options: TritonOptions, max_tokens: int) -> None:
+        self.writer = writer
+        self.parser = SSEParser()
+        self.output = options.field("text_output")
+        self.mode = options.output_mode
+        self.max_tokens = max_tokens
+        self.text = ""
+        self.responses = 0
+        self.failed = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._events(self.parser.feed(chunk))
+
+    def close(self) -> bytes:
+        out = self._events(self.parser.close())
+        if self.failed:
+            return out
+        # The end of the body is the end of the answer: an empty delta carries
+        # the finish reason (vLLM does the same).
+        finish = "length" if self.responses >= self.max_tokens else "stop"
+        return out + self.writer.delta("", finish) + self.writer.end(0, self.responses)
+
+    def _delta(self, value: str) -> str:
+        if self.mode == "auto" and self.responses >= 1:
+            # Accumulated text is longer than, and starts with, everything so far
+            # (two equal deltas in a row, "ab" then "ab", are not accumulation).
+            grows = len(value) > len(self.text) and value.startswith(self.text)
+            self.mode = "accumulated" if self.text and grows else "delta"
+        if self.mode == "accumulated":
+            delta = value[len(self.text) :] if value.startswith(self.text) else value
+            self.text = value
+            return delta
+        self.text += value
+        return value
+
+    def _events(self, events: list[bytes]) -> bytes:
+        out = b""
+        for data in events:
+            if self.failed:
+                break
+            try:
+                event = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(event, dict):
+                continue
+            if "error" in event:
+                self.failed = True
+                out += error_event(f"Triton: {event['error']}")
+                break
+            value = event.get(self.output)
+            if isinstance(value, list):
+                value = "".join(str(v) for v in value)
+            if not isinstance(value, str):
+                continue
+            delta = self._delta(value)
+            self.responses += 1
+            if delta:
+                out += self.writer.delta(delta)
+        return out
