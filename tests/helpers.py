@@ -113,13 +113,14 @@ async def sim_process(*args: str, model: str = "tiny") -> AsyncIterator[tuple[st
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
+    health = "/v2/health/ready" if "triton" in args else "/health"
     try:
         async with httpx.AsyncClient() as client:
 
             async def up() -> bool:
                 assert proc.poll() is None, "simulator exited"
                 try:
-                    return (await client.get(url + "/health")).status_code == 200
+                    return (await client.get(url + health)).status_code == 200
                 except httpx.TransportError:
                     return False
 

@@ -53,7 +53,12 @@ SSE = "text/event-stream; charset=utf-8"
 
 
 def json_bytes(body: Any, status: int = 200, media_type: str = "application/json") -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type=media_type)
+    # Set the header itself: Starlette would add a charset to text/plain.
+    return Response(orjson.dumps(body), status_code=status, headers={"content-type": media_type})
+
+
+def empty(status: int = 200) -> Response:
+    return Response(status_code=status, headers={"content-type": "text/plain"})
 
 
 def sse(body: Any) -> bytes:
@@ -126,8 +131,7 @@ class TritonSimulator:
         )
 
     async def live(self, request: Request) -> Response:
-        status = 400 if self.faults.unhealthy else 200
-        return Response(status_code=status, media_type="text/plain")
+        return empty(400 if self.faults.unhealthy else 200)
 
     def _unknown(self, model: str) -> Response:
         return json_bytes({"error": f"Request for unknown model: '{model}' is not found"}, 404)
@@ -135,7 +139,7 @@ class TritonSimulator:
     async def model_ready(self, request: Request) -> Response:
         if request.path_params["model"] not in self.models or self.faults.unhealthy:
             return json_bytes({"error": "Model version not ready"}, 400, "text/plain")
-        return Response(status_code=200, media_type="text/plain")
+        return empty()
 
     async def model_metadata(self, request: Request) -> Response:
         model = request.path_params["model"]
