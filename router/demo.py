@@ -22,15 +22,23 @@ def demo_config(host: str, port: int, sim_base_port: int) -> Config:
     config = parse_config(text)
     shift = sim_base_port - DEMO_BASE_PORT
     endpoints = tuple(
-        ep.model_copy(update={"url": _shift_port(ep.url, shift)}) for ep in config.endpoints
+        ep.model_copy(
+            update={
+                "url": _shift_port(ep.url, shift),
+                "metrics_url": ep.metrics_url and _shift_port(ep.metrics_url, shift),
+            }
+        )
+        for ep in config.endpoints
     )
     server = config.server.model_copy(update={"host": host, "port": port})
     return config.model_copy(update={"endpoints": endpoints, "server": server})
 
 
 def _shift_port(url: str, shift: int) -> str:
-    head, _, port = url.rpartition(":")
-    return f"{head}:{int(port) + shift}"
+    scheme, _, rest = url.partition("://")
+    hostport, slash, path = rest.partition("/")
+    host, _, port = hostport.rpartition(":")
+    return f"{scheme}://{host}:{int(port) + shift}{slash}{path}"
 
 
 async def run_demo(host: str, port: int, sim_base_port: int) -> int:
@@ -42,7 +50,7 @@ async def run_demo(host: str, port: int, sim_base_port: int) -> int:
     try:
         sockets = [bind(host, port)]
         for ep in config.endpoints:
-            sim_port = int(ep.url.rpartition(":")[2])
+            sim_port = int(ep.url.rpartition(":")[2].split("/")[0])
             sim = build_simulator(ep.kind, [m.name for m in ep.models], params)
             sims.append(
                 Server(
@@ -56,7 +64,7 @@ async def run_demo(host: str, port: int, sim_base_port: int) -> int:
     pairs = zip(sims, sockets[1:], strict=True)
     tasks = [asyncio.create_task(s.serve(sockets=[sock])) for s, sock in pairs]
     print(
-        f"kvroute demo: {len(sims)} simulated vLLM replicas on ports "
+        f"kvroute demo: {len(sims)} simulated replicas (vLLM, TGI, Triton) on ports "
         f"{sim_base_port}-{sim_base_port + len(sims) - 1}; router on http://{host}:{port}/v1 "
         "(Ctrl-C stops everything)",
         file=sys.stderr,

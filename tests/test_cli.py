@@ -33,8 +33,8 @@ def free_port_run(n: int) -> int:
         try:
             for port in range(base, base + n):
                 sock = socket.socket()
-                sock.bind(("127.0.0.1", port))
                 socks.append(sock)
+                sock.bind(("127.0.0.1", port))
             return base
         except OSError:
             continue
@@ -58,7 +58,7 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], within: float = 30.0) ->
 
 
 def test_demo_serves_the_openai_sdk_and_stops_cleanly_on_ctrl_c() -> None:
-    port = free_port_run(5)
+    port = free_port_run(7)
     sim_base = port + 1
     proc = subprocess.Popen(
         [str(KVROUTE), "demo", "--port", str(port), "--sim-base-port", str(sim_base)],
