@@ -1,0 +1,168 @@
+"""Real engines for the real-engine tier, set up by the test suite itself.
+
+Triton: the ``tritonserver`` 2.51 binary bundled in the ``nvidia-pytriton``
+wheel, in a virtualenv of its own under .cache/ (kept between runs where the
+machine keeps the checkout), serving a decoupled Python model that streams
+like a TensorRT-LLM ensemble. Setup failures raise: this tier fails loudly,
+it never skips.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHE = ROOT / ".cache" / "real-engines"
+TRITON_VENV = CACHE / "triton-venv"
+PYTRITON = "nvidia-pytriton==0.7.0"
+CONFIG = """
+name: "ensemble"
+backend: "python"
+max_batch_size: 0
+model_transaction_policy { decoupled: true }
+input [
+  { name: "text_input", data_type: TYPE_STRING, dims: [ 1 ] },
+  { name: "max_tokens", data_type: TYPE_INT32, dims: [ 1 ] },
+  { name: "stream", data_type: TYPE_BOOL, dims: [ 1 ], optional: true },
+  { name: "temperature", data_type: TYPE_FP32, dims: [ 1 ], optional: true },
+  { name: "top_p", data_type: TYPE_FP32, dims: [ 1 ], optional: true },
+  { name: "seed", data_type: TYPE_UINT64, dims: [ 1 ], optional: true },
+  { name: "stop_words", data_type: TYPE_STRING, dims: [ -1 ], optional: true }
+]
+output [ { name: "text_output", data_type: TYPE_STRING, dims: [ -1 ] } ]
+instance_group [ { count: 1, kind: KIND_CPU } ]
+"""
+
+
+class SetupError(RuntimeError):
+    """The real engine could not be set up; the message says why."""
+
+
+def _run(cmd: list[str], **kw: object) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+    if result.returncode != 0:
+        raise SetupError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+
+
+def ensure_triton() -> Path:
+    """The pytriton package directory in a venv of its own, installed if missing."""
+    python = TRITON_VENV / "bin" / "python"
+    site = TRITON_VENV / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    package = site / "site-packages" / "pytriton" / "tritonserver"
+    if not (package / "bin" / "tritonserver").exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        if not python.exists():
+            _run([sys.executable, "-m", "venv", str(TRITON_VENV)])
+        _run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                PYTRITON,
+            ],
+            timeout=1200,
+        )
+    if not (package / "bin" / "tritonserver").exists():
+        raise SetupError(f"{PYTRITON} installed, but {package}/bin/tritonserver is missing")
+    return package
+
+
+@dataclass
+class Triton:
+    url: str
+    metrics_url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def triton_server(workdir: Path) -> Iterator[Triton]:
+    package = ensure_triton()
+    repo = workdir / "models"
+    (repo / "ensemble" / "1").mkdir(parents=True)
+    (repo / "ensemble" / "config.pbtxt").write_text(CONFIG)
+    shutil.copy(Path(__file__).with_name("triton_model.py"), repo / "ensemble" / "1" / "model.py")
+    # The wheel's python backend ships without its stub: add the one for this Python.
+    backends = workdir / "backends" / "python"
+    shutil.copytree(package / "backends" / "python", backends)
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    shutil.copy(
+        package / "python_backend_stubs" / version / "triton_python_backend_stub",
+        backends / "triton_python_backend_stub",
+    )
+    site = package.parents[1]
+    env = {
+        **os.environ,
+        # Else the stub loads Debian's libpython and fails on _thread.RLock.
+        "LD_LIBRARY_PATH": os.pathsep.join(
+            [str(sysconfig.get_config_var("LIBDIR")), str(site / "nvidia_pytriton.libs")]
+        ),
+        "PATH": os.pathsep.join([str(TRITON_VENV / "bin"), os.environ.get("PATH", "")]),
+    }
+    http, grpc, metrics = _free_port(), _free_port(), _free_port()
+    log = workdir / "tritonserver.log"
+    cmd = [
+        str(package / "bin" / "tritonserver"),
+        f"--model-repository={repo}",
+        f"--backend-directory={workdir / 'backends'}",
+        "--http-address=127.0.0.1",
+        f"--http-port={http}",
+        "--grpc-address=127.0.0.1",
+        f"--grpc-port={grpc}",
+        "--metrics-address=127.0.0.1",
+        f"--metrics-port={metrics}",
+        "--allow-metrics=true",
+        "--allow-gpu-metrics=false",
+        "--strict-readiness=true",
+    ]
+    with log.open("wb") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{http}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise SetupError(
+                    f"tritonserver exited ({process.returncode}):\n{log.read_text()[-4000:]}"
+                )
+            try:
+                if httpx.get(url + "/v2/models/ensemble/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise SetupError(f"tritonserver not ready in 120 s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.2)
+        yield Triton(url, f"http://127.0.0.1:{metrics}/metrics", process, log)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
