@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute, Route
 
 from router.errors import error_body
 from router.registry import EndpointState
+from router.reload import Reloader
 from router.state import AppState
 
 
@@ -33,7 +34,7 @@ def describe(endpoint: EndpointState, now: float) -> dict[str, Any]:
         "id": endpoint.id,
         "url": endpoint.url,
         "kind": endpoint.config.kind,
-        "source": "static",
+        "source": endpoint.source,
         "models": {m: served or m for m, served in endpoint.served.items()},
         "weight": endpoint.config.weight,
         "healthy": endpoint.healthy,
@@ -54,7 +55,7 @@ def describe(endpoint: EndpointState, now: float) -> dict[str, Any]:
     }
 
 
-def admin_routes(state: AppState) -> list[BaseRoute]:
+def admin_routes(state: AppState, reloader: Reloader) -> list[BaseRoute]:
     def denied(request: Request) -> Response | None:
         token = state.config.admin_token
         if token is None:
@@ -91,7 +92,19 @@ def admin_routes(state: AppState) -> list[BaseRoute]:
         if (no := denied(request)) is not None:
             return no
         # pydantic's JSON mode prints every SecretStr as "**********".
-        return json_response(state.config.model_dump(mode="json"))
+        return json_response(
+            {
+                "config": state.config.model_dump(mode="json"),
+                "reload": state.reload_status,
+                "discovery": state.discovery,
+            }
+        )
+
+    async def reload(request: Request) -> Response:
+        if (no := denied(request)) is not None:
+            return no
+        outcome = reloader.reload("admin")
+        return json_response(outcome, 200 if outcome["result"] == "success" else 422)
 
     async def prefix_index(request: Request) -> Response:
         if (no := denied(request)) is not None:
@@ -105,5 +118,6 @@ def admin_routes(state: AppState) -> list[BaseRoute]:
         Route("/admin/endpoints/{endpoint_id}/drain", drain, methods=["POST"]),
         Route("/admin/endpoints/{endpoint_id}/undrain", drain, methods=["POST"]),
         Route("/admin/config", config),
+        Route("/admin/reload", reload, methods=["POST"]),
         Route("/admin/prefix-index", prefix_index),
     ]

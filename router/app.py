@@ -24,11 +24,13 @@ from starlette.routing import Route
 
 from router.admin import admin_routes
 from router.config import Config
+from router.consul import ConsulDiscovery
 from router.errors import InvalidRequest, RouterError, error_body
 from router.logs import ACCESS, LOG
 from router.metrics import CONTENT_TYPE_LATEST
 from router.monitor import Monitor
 from router.proxy import ROUTES, Proxy, RequestContext, error_response_messages
+from router.reload import Reloader
 from router.state import AppState
 from router.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -152,7 +154,7 @@ class MethodNotAllowed(InvalidRequest):
     code: str | None = "method_not_allowed"
 
 
-def build_control_app(state: AppState) -> Starlette:
+def build_control_app(state: AppState, reloader: Reloader) -> Starlette:
     async def models(request: Request) -> Response:
         data = [
             {"id": name, "object": "model", "created": 0, "owned_by": "kvroute"}
@@ -184,13 +186,21 @@ def build_control_app(state: AppState) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         monitor = Monitor(state)
+        consul = state.config.discovery.consul
+        discovery = ConsulDiscovery(state, consul) if consul is not None else None
         await state.forwarder.start()
         await monitor.start()
+        await reloader.start()
+        if discovery is not None:
+            await discovery.start()
         state.ready = True
         try:
             yield
         finally:
             state.ready = False
+            if discovery is not None:
+                await discovery.stop()
+            await reloader.stop()
             await monitor.stop()
             await state.forwarder.close()
 
@@ -200,14 +210,14 @@ def build_control_app(state: AppState) -> Starlette:
             Route("/health", health),
             Route("/ready", ready),
             Route("/metrics", metrics),
-            *admin_routes(state),
+            *admin_routes(state, reloader),
         ],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )
 
 
-def build_app(config: Config) -> RequestMiddleware:
-    state = AppState.from_config(config)
-    control = build_control_app(state)
+def build_app(config: Config, config_path: str | None = None) -> RequestMiddleware:
+    state = AppState.from_config(config, config_path)
+    control = build_control_app(state, Reloader(state))
     return RequestMiddleware(Dispatch(Proxy(state), control), state)

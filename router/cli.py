@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from router.config import ConfigError, load_config
+from router.config import Config, ConfigError, load_config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -21,6 +22,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     check = sub.add_parser("check", help="validate a config file; exit 1 with every error")
     check.add_argument("file")
+
+    sub.add_parser("schema", help="print the JSON Schema of the config file")
 
     demo = sub.add_parser("demo", help="the router in front of a simulated fleet")
     demo.add_argument("--port", type=int, default=8080)
@@ -37,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "check":
         return cmd_check(args.file)
+    if args.command == "schema":
+        print(json.dumps(Config.model_json_schema(), indent=2))
+        return 0
     if args.command == "serve":
         return cmd_serve(args.config, args.host, args.port)
     if args.command == "demo":
@@ -82,7 +88,7 @@ def cmd_serve(path: str, host: str | None, port: int | None) -> int:
     config = config.model_copy(update={"server": server})
     from router.serve import serve
 
-    return asyncio_run(serve(config))
+    return asyncio_run(serve(config, config_path=path))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -109,6 +109,46 @@ class ShutdownConfig(Frozen):
     timeout: float = Field(30.0, gt=0)
 
 
+class ConsulService(Frozen):
+    name: str = Field(min_length=1)
+    tag: str | None = None
+    dc: str | None = None
+    #: A Consul filter expression, passed through.
+    filter: str | None = None
+
+
+class ConsulConfig(Frozen):
+    """Endpoints found through Consul's health API (blocking queries)."""
+
+    url: str = "http://127.0.0.1:8500"
+    token: SecretStr | None = None
+    services: tuple[ConsulService, ...] = Field(min_length=1)
+    #: How long Consul may hold a blocking query ("5m", "30s", "500ms").
+    wait: str = Field("30s", pattern=r"^[0-9]+(ms|s|m)$")
+    #: Token bucket for each service's query loop: queries per second, and burst.
+    rate: float = Field(2.0, gt=0)
+    burst: int = Field(5, ge=1)
+    #: Backoff after errors: base x 2^n (with jitter), at most max seconds.
+    backoff_base: float = Field(0.5, gt=0)
+    backoff_max: float = Field(30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise PydanticCustomError("url", "must be an http:// or https:// URL", {})
+        return url.rstrip("/")
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+
+class DiscoveryConfig(Frozen):
+    consul: ConsulConfig | None = None
+
+
 class ModelRef(Frozen):
     name: str = Field(min_length=1)
     #: The name the backend knows the model by, when it differs.
@@ -248,6 +288,7 @@ class Config(Frozen):
     circuit: CircuitConfig = CircuitConfig()
     retries: RetryConfig = RetryConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
     endpoints: tuple[EndpointConfig, ...] = ()
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     #: For models that endpoints serve but ``models`` does not list.

@@ -15,6 +15,10 @@ from router.errors import UpstreamConnectError, UpstreamTimeout
 
 class Forwarder:
     def __init__(self, timeouts: Timeouts) -> None:
+        self.set_timeouts(timeouts)
+        self._session: aiohttp.ClientSession | None = None
+
+    def set_timeouts(self, timeouts: Timeouts) -> None:
         self.timeouts = timeouts
         # Headers of a non-streamed answer arrive when generation ends, so they
         # get the first-byte bound; a stream's headers and chunks get the idle one.
@@ -24,7 +28,6 @@ class Forwarder:
         self._stream = aiohttp.ClientTimeout(
             total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.idle
         )
-        self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)

@@ -113,6 +113,36 @@ class Metrics:
             ["model", "endpoint"],
             registry=r,
         )
+        self.discovery_errors = Counter(
+            "kvroute_discovery_errors_total",
+            "Failed discovery queries (the last known endpoints keep serving).",
+            ["source"],
+            registry=r,
+        )
+        self.discovery_invalid = Counter(
+            "kvroute_discovery_invalid_instances_total",
+            "Discovered instances skipped for unusable metadata.",
+            ["source"],
+            registry=r,
+        )
+        self.discovery_up = Gauge(
+            "kvroute_discovery_up",
+            "1 while the discovery source answers, 0 during an outage.",
+            ["source"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "kvroute_config_reload",
+            "Config reloads, by result (success: swapped in; error: invalid, nothing changed).",
+            ["result"],
+            registry=r,
+        )
+        self.last_reload = Gauge(
+            "kvroute_config_last_success_timestamp_seconds",
+            "When the running config was last loaded successfully.",
+            registry=r,
+        )
+        self.last_reload.set_to_current_time()
         self.prefix_match = Histogram(
             "kvroute_prefix_match_ratio",
             "Share of the prompt the chosen endpoint was believed to hold in KV cache.",

@@ -10,7 +10,6 @@ what it does not change.
 from __future__ import annotations
 
 import asyncio
-import collections
 import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from router.errors import (
     normalise_upstream_error,
 )
 from router.registry import EndpointState, Route
+from router.retry import retry_after_seconds
 from router.state import AppState
 from router.types import Receive, Scope, Send
 from router.usage import scan_usage
@@ -170,41 +170,6 @@ def retryable(exc: UpstreamError) -> bool:
     return True
 
 
-def retry_after_seconds(value: str, ceiling: float = 60.0) -> float:
-    try:
-        return min(max(float(value), 0.0), ceiling)
-    except ValueError:
-        return 1.0  # an HTTP date: rare from inference servers; wait a little
-
-
-class RetryBudget:
-    """Retries may be at most ``ratio`` of requests over a sliding window (plus a
-    floor of ``minimum``), so a sick fleet is not hit with a multiple of its load."""
-
-    def __init__(self, ratio: float, window: float, minimum: int) -> None:
-        self.ratio, self.window, self.minimum = ratio, window, minimum
-        self._requests: collections.deque[float] = collections.deque()
-        self._retries: collections.deque[float] = collections.deque()
-
-    def _trim(self, now: float) -> None:
-        edge = now - self.window
-        for q in (self._requests, self._retries):
-            while q and q[0] < edge:
-                q.popleft()
-
-    def record_request(self, now: float) -> None:
-        self._requests.append(now)
-        if len(self._requests) > 4096 and self._requests[0] < now - self.window:
-            self._trim(now)
-
-    def allow_retry(self, now: float) -> bool:
-        self._trim(now)
-        if len(self._retries) >= max(self.minimum, self.ratio * len(self._requests)):
-            return False
-        self._retries.append(now)
-        return True
-
-
 def client_headers(scope: Scope) -> dict[str, str]:
     return {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
 
@@ -223,8 +188,6 @@ def upstream_headers(
 class Proxy:
     def __init__(self, state: AppState) -> None:
         self.state = state
-        cfg = state.config.retries
-        self.budget = RetryBudget(cfg.budget_ratio, cfg.budget_window, cfg.budget_min)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx: RequestContext = scope["kvroute.ctx"]
@@ -247,7 +210,7 @@ class Proxy:
         retries = state.config.retries
         clock = state.registry.clock
         deadline = clock() + retries.deadline
-        self.budget.record_request(clock())
+        state.budget.record_request(clock())
         attempts = 0
         last: RouterError | None = None
         for current in self._route_chain(route):
@@ -269,7 +232,7 @@ class Proxy:
                 endpoint = state.registry.get(choice.id)
                 if endpoint is None or not endpoint.admits(clock()):
                     continue
-                if attempts and not self.budget.allow_retry(clock()):
+                if attempts and not state.budget.allow_retry(clock()):
                     state.metrics.retries_denied.inc()
                     break
                 if attempts:

@@ -29,6 +29,8 @@ class EndpointState:
     targets: dict[str, Target]
     headers: dict[str, str]
     circuit: Circuit
+    #: Where the endpoint came from: "static" (the config file) or "consul".
+    source: str = "static"
     healthy: bool = True
     draining: bool = False
     in_flight: int = 0
@@ -134,9 +136,10 @@ class EndpointRegistry:
         for cfg in endpoints:
             self.upsert(cfg)
 
-    def upsert(self, cfg: EndpointConfig) -> EndpointState:
+    def upsert(self, cfg: EndpointConfig, source: str = "static") -> EndpointState:
         old = self._by_id.get(cfg.id)
         state = EndpointState.from_config(cfg, self._circuit)
+        state.source = source
         if old is not None:
             # Live state survives a change of the endpoint's config.
             for name in LIVE_STATE:
@@ -156,6 +159,13 @@ class EndpointRegistry:
                 if not members:
                     del self._by_model[model]
         return state
+
+    def set_circuit_config(self, circuit: CircuitConfig) -> None:
+        """For endpoints added from now on; existing circuits keep their state."""
+        self._circuit = circuit
+
+    def ids(self, source: str) -> set[str]:
+        return {e.id for e in self._by_id.values() if e.source == source}
 
     def get(self, endpoint_id: str) -> EndpointState | None:
         return self._by_id.get(endpoint_id)
@@ -179,39 +189,55 @@ class Route:
     model: str
     policy_name: str
     policy: Policy
+    spec: PolicySpec
 
 
 class RouteTable:
     """Model names and aliases -> routes; one policy instance per model."""
 
-    def __init__(self, config: Config, registry: EndpointRegistry) -> None:
+    def __init__(
+        self, config: Config, registry: EndpointRegistry, previous: RouteTable | None = None
+    ) -> None:
+        """With ``previous`` (a reload), a model whose policy spec did not change
+        keeps its policy object, and with it what it learned (the prefix index)."""
         self._registry = registry
         self._default = config.default_policy
         self._rng = random.Random(config.seed)
         self._routes: dict[str, Route] = {}
         self._names: dict[str, str] = {}
         self._fallbacks = {name: model.fallbacks for name, model in config.models.items()}
+        self._configured = set(config.models)
+        kept = previous._routes if previous is not None else {}
         for name, model in config.models.items():
-            self._routes[name] = self._build(name, model.policy)
+            old = kept.get(name)
+            same = old is not None and old.spec == model.policy
+            self._routes[name] = old if same and old else self._build(name, model.policy)
             self._names[name] = name
             for alias in model.aliases:
                 self._names[alias] = name
+        for name, old in kept.items():
+            if name not in self._routes and old.spec == self._default:
+                self._routes[name] = old
+                self._names[name] = name
 
     def _build(self, model: str, spec: PolicySpec) -> Route:
         rng = random.Random(self._rng.getrandbits(64))
-        return Route(model, spec.name, build_policy(spec.name, spec.params, rng))
+        return Route(model, spec.name, build_policy(spec.name, spec.params, rng), spec)
 
     def resolve(self, name: str) -> Route | None:
         canonical = self._names.get(name)
-        if canonical is not None:
+        if canonical is not None and canonical in self._configured:
             return self._routes[canonical]
-        if self._registry.serving(name):
-            # A model only endpoints know of (e.g. found by discovery): default policy.
+        if not self._registry.serving(name):
+            # A model only endpoints named (e.g. found by discovery), now served by
+            # none: unknown again. Its route is kept for when it comes back.
+            return None
+        route = self._routes.get(name)
+        if route is None:
             route = self._build(name, self._default)
             self._routes[name] = route
             self._names[name] = name
-            return route
-        return None
+        return route
 
     def fallbacks(self, model: str) -> tuple[str, ...]:
         return self._fallbacks.get(model, ())

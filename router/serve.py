@@ -104,9 +104,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(config: Config, sockets: Sequence[socket.socket] | None = None) -> int:
+async def serve(
+    config: Config,
+    sockets: Sequence[socket.socket] | None = None,
+    config_path: str | None = None,
+) -> int:
     setup_logging(config.server.log_level)
-    app = build_app(config)
+    app = build_app(config, config_path)
 
     def not_ready() -> None:
         app.state.shutting_down = True

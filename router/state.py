@@ -1,13 +1,22 @@
-"""Everything one router process shares at run time, built from one config."""
+"""Everything one router process shares at run time, built from one config.
+
+``apply`` swaps in a new config (a reload) without losing what was learned:
+endpoints that stay keep their health, circuit and load; models whose policy
+did not change keep their policy (and its prefix index). Requests in flight
+hold their own references, so they finish on the config they started with.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
-from router.config import Config
+from router.config import Config, EndpointConfig
 from router.forward import Forwarder
 from router.metrics import IndexCollector, Metrics
 from router.registry import EndpointRegistry, RouteTable
+from router.retry import RetryBudget
 
 
 @dataclass
@@ -17,26 +26,56 @@ class AppState:
     routes: RouteTable
     forwarder: Forwarder
     metrics: Metrics
+    budget: RetryBudget
     ready: bool = False
     #: Set at SIGTERM: /ready says 503 while in-flight requests finish.
     shutting_down: bool = False
+    #: Where the config came from (for reloads), and how the last reload went.
+    config_path: str | None = None
+    reload_status: dict[str, Any] = field(default_factory=dict)
+    #: Discovery sources by name, for the admin API ("consul": {...}).
+    discovery: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def upsert_endpoint(self, cfg: EndpointConfig, source: str) -> None:
+        self.registry.upsert(cfg, source)
 
     def remove_endpoint(self, endpoint_id: str) -> None:
-        """An endpoint left the fleet: forget it everywhere, policies included."""
+        """An endpoint left the fleet: no new requests (those in flight finish on
+        the references they hold), and every policy forgets it."""
         self.registry.remove(endpoint_id)
         for route in self.routes.routes():
             route.policy.forget(endpoint_id)
 
+    def apply(self, config: Config) -> None:
+        """Swap in a validated config."""
+        wanted = {ep.id: ep for ep in config.endpoints}
+        for endpoint_id in self.registry.ids("static") - set(wanted):
+            self.remove_endpoint(endpoint_id)
+        for ep in config.endpoints:
+            current = self.registry.get(ep.id)
+            if current is None or current.config != ep:
+                self.registry.upsert(ep, "static")
+        self.registry.set_circuit_config(config.circuit)
+        self.routes = RouteTable(config, self.registry, previous=self.routes)
+        if config.timeouts != self.config.timeouts:
+            self.forwarder.set_timeouts(config.timeouts)
+        if config.retries != self.config.retries:
+            self.budget = RetryBudget.from_config(config.retries)
+        self.config = config
+        self.reload_status.update(last_success=time.time(), last_error=None)
+
     @classmethod
-    def from_config(cls, config: Config) -> AppState:
+    def from_config(cls, config: Config, config_path: str | None = None) -> AppState:
         registry = EndpointRegistry(config.endpoints, config.circuit)
-        routes = RouteTable(config, registry)
-        metrics = Metrics()
-        metrics.registry.register(IndexCollector(routes.index_stats))
-        return cls(
+        state = cls(
             config=config,
             registry=registry,
-            routes=routes,
+            routes=RouteTable(config, registry),
             forwarder=Forwarder(config.timeouts),
-            metrics=metrics,
+            metrics=Metrics(),
+            budget=RetryBudget.from_config(config.retries),
+            config_path=config_path,
         )
+        state.metrics.registry.register(IndexCollector(lambda: state.routes.index_stats()))
+        state.reload_status.update(path=config_path, last_success=time.time(), last_error=None)
+        return state

@@ -206,7 +206,7 @@ async def test_drain_and_undrain() -> None:
             listed = (await c.get("/admin/endpoints", headers=auth)).json()["endpoints"]
             assert {e["id"] for e in listed} == {"s0", "s1"}
             assert listed[0]["load"]["running"] is not None  # scraped from /metrics
-            config = (await c.get("/admin/config", headers=auth)).json()
+            config = (await c.get("/admin/config", headers=auth)).json()["config"]
             assert config["admin_token"] == "**********"
 
 

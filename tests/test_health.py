@@ -8,7 +8,7 @@ from backends import ADAPTERS
 from router.circuit import Circuit
 from router.config import CircuitConfig
 from router.monitor import Monitor
-from router.proxy import RetryBudget, retry_after_seconds
+from router.retry import RetryBudget, retry_after_seconds
 from router.state import AppState
 from tests.helpers import FIXTURES, router_config
 

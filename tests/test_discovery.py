@@ -1,0 +1,210 @@
+"""Consul discovery against a fake agent with real blocking semantics."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+from typing import Any
+
+import httpx
+import pytest
+
+from router.consul import DiscoveryError, instance_endpoint, next_index
+from tests.fake_consul import FakeConsul
+from tests.helpers import admin_endpoints, eventually, router, router_config, serve_app, simulator
+
+MSG = [{"role": "user", "content": "hi"}]
+META = {"kvroute-kind": "vllm", "kvroute-models": "tiny", "zone": "a"}
+
+
+def consul_config(url: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "discovery": {
+            "consul": {
+                "url": url,
+                "services": [{"name": "llm"}],
+                "wait": "1s",
+                "backoff_base": 0.05,
+                "backoff_max": 0.2,
+                **extra,
+            }
+        },
+        "health": {"enabled": False},
+    }
+
+
+def port_of(url: str) -> int:
+    return int(url.rpartition(":")[2])
+
+
+def test_index_rules() -> None:
+    assert next_index(0, "15") == 15
+    assert next_index(15, "17") == 17
+    assert next_index(15, "3") == 0  # backwards: reset
+    assert next_index(0, "0") == 1  # never below 1
+    with pytest.raises(DiscoveryError, match="X-Consul-Index"):
+        next_index(5, None)
+
+
+def test_instance_mapping() -> None:
+    entry = {
+        "Node": {"Node": "n", "Address": "10.0.0.9"},
+        "Service": {
+            "ID": "v1",
+            "Address": "",
+            "Port": 8000,
+            "Tags": ["kvroute-kind=tgi", "kvroute-weight=3"],
+            "Meta": {
+                "kvroute-models": "chat=org/chat,code",
+                "rack": "r7",
+                "kvroute-options": '{"api": "messages"}',
+            },
+        },
+    }
+    ep = instance_endpoint("llm", entry)
+    assert (ep.id, ep.url, ep.kind, ep.weight) == (
+        "consul:llm:v1",
+        "http://10.0.0.9:8000",
+        "tgi",
+        3.0,
+    )
+    assert [(m.name, m.served_name) for m in ep.models] == [("chat", "org/chat"), ("code", None)]
+    assert ep.labels == {"rack": "r7", "consul_node": "n"}
+    assert ep.options == {"api": "messages"}
+    with pytest.raises(ValueError, match="kvroute-models"):
+        instance_endpoint("llm", {"Service": {"ID": "x", "Address": "a", "Port": 1, "Meta": {}}})
+
+
+async def test_instances_come_and_go_and_mix_with_static() -> None:
+    consul = FakeConsul()
+    async with AsyncExitStack() as stack:
+        consul_url = await stack.enter_async_context(serve_app(consul.app))
+        sim_a, _ = await stack.enter_async_context(simulator())
+        sim_b, _ = await stack.enter_async_context(simulator())
+        static = [
+            {
+                "id": "static-0",
+                "url": sim_b,
+                "kind": "vllm",
+                "models": [{"name": "other", "served_name": "tiny"}],
+            }
+        ]
+        url = await stack.enter_async_context(
+            router(router_config(static, **consul_config(consul_url)))
+        )
+        consul.register("llm", "a", port_of(sim_a), META)
+
+        async def has(ids: set[str]) -> bool:
+            return set(await admin_endpoints(url)) == ids
+
+        await eventually(lambda: has({"static-0", "consul:llm:a"}))
+        state = (await admin_endpoints(url))["consul:llm:a"]
+        assert (state["source"], state["kind"]) == ("consul", "vllm")
+        async with httpx.AsyncClient(base_url=url) as c:
+            r = await c.post("/v1/chat/completions", json={"model": "tiny", "messages": MSG})
+            assert r.status_code == 200
+            consul.deregister("llm", "a")
+            await eventually(lambda: has({"static-0"}))
+            r = await c.post("/v1/chat/completions", json={"model": "tiny", "messages": MSG})
+            assert r.status_code == 404  # nothing serves it any more
+            assert (
+                await c.post("/v1/chat/completions", json={"model": "other", "messages": MSG})
+            ).status_code == 200
+
+
+async def test_blocking_queries_do_not_busy_loop() -> None:
+    consul = FakeConsul()
+    async with AsyncExitStack() as stack:
+        consul_url = await stack.enter_async_context(serve_app(consul.app))
+        sim, _ = await stack.enter_async_context(simulator())
+        consul.register("llm", "a", port_of(sim), META)
+        await stack.enter_async_context(router(router_config([], **consul_config(consul_url))))
+        await eventually(lambda: _count(consul, 2))
+        first = len(consul.requests)
+        await asyncio.sleep(2.5)
+        # wait=1s: at most a few queries in 2.5 s with nothing changing, each blocking.
+        assert len(consul.requests) - first <= 4
+        assert all("index" in q for q in consul.requests[1:])
+        assert consul.requests[0].get("index") is None and consul.requests[0]["passing"]
+
+
+async def _count(consul: FakeConsul, n: int) -> bool:
+    return len(consul.requests) >= n
+
+
+async def test_index_going_backwards_resets_to_a_full_read() -> None:
+    consul = FakeConsul()
+    async with AsyncExitStack() as stack:
+        consul_url = await stack.enter_async_context(serve_app(consul.app))
+        sim, _ = await stack.enter_async_context(simulator())
+        consul.register("llm", "a", port_of(sim), META)
+        await stack.enter_async_context(router(router_config([], **consul_config(consul_url))))
+        await eventually(lambda: _count(consul, 2))
+        consul.go_backwards(3)
+        await eventually(lambda: _has_query_without_index(consul))
+
+
+async def _has_query_without_index(consul: FakeConsul) -> bool:
+    return any("index" not in q for q in consul.requests[1:])
+
+
+async def test_outage_keeps_the_last_set_and_shows_it() -> None:
+    consul = FakeConsul()
+    async with AsyncExitStack() as stack:
+        consul_url = await stack.enter_async_context(serve_app(consul.app))
+        sim, _ = await stack.enter_async_context(simulator())
+        consul.register("llm", "a", port_of(sim), META)
+        url = await stack.enter_async_context(
+            router(router_config([], **consul_config(consul_url)))
+        )
+
+        async def found() -> bool:
+            return "consul:llm:a" in await admin_endpoints(url)
+
+        await eventually(found)
+        consul.down = True
+        consul.register("llm", "b", 1, META)  # wake the blocked query into the outage
+        async with httpx.AsyncClient(base_url=url) as c:
+
+            async def outage_visible() -> bool:
+                cfg = (await c.get("/admin/config")).json()
+                return cfg["discovery"]["consul"]["up"] is False
+
+            await eventually(outage_visible)
+            r = await c.post("/v1/chat/completions", json={"model": "tiny", "messages": MSG})
+            assert r.status_code == 200  # the last known set keeps serving
+            metrics = (await c.get("/metrics")).text
+            assert 'kvroute_discovery_up{source="consul"} 0.0' in metrics
+            assert 'kvroute_discovery_errors_total{source="consul"}' in metrics
+            errors_then = len(consul.requests)
+            await asyncio.sleep(1.0)
+            # Backoff (capped at 0.2 s in this test, with a token bucket) - not a busy loop.
+            assert len(consul.requests) - errors_then <= 12
+            consul.down = False
+
+            async def back() -> bool:
+                cfg = (await c.get("/admin/config")).json()
+                return cfg["discovery"]["consul"]["up"] is True
+
+            await eventually(back)
+
+
+async def test_missing_index_header_is_an_error_not_a_busy_loop() -> None:
+    consul = FakeConsul()
+    consul.omit_index = True
+    async with AsyncExitStack() as stack:
+        consul_url = await stack.enter_async_context(serve_app(consul.app))
+        url = await stack.enter_async_context(
+            router(router_config([], **consul_config(consul_url)))
+        )
+        async with httpx.AsyncClient(base_url=url) as c:
+
+            async def error_shown() -> bool:
+                cfg = (await c.get("/admin/config")).json()
+                service = cfg["discovery"]["consul"]["services"].get("llm", {})
+                return "X-Consul-Index" in (service.get("last_error") or "")
+
+            await eventually(error_shown)
+        before = len(consul.requests)
+        await asyncio.sleep(1.0)
+        assert len(consul.requests) - before <= 12
