@@ -42,6 +42,9 @@ class ServerConfig(Frozen):
     #: One JSON line per request on stderr.
     access_log: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: Reload when the config file changes on disk (SIGHUP and POST /admin/reload
+    #: work either way).
+    watch_config: bool = True
 
 
 class Timeouts(Frozen):

@@ -71,7 +71,8 @@ class Reloader:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, self.reload, "sighup")
-        self._task = asyncio.create_task(self._watch())
+        if self.state.config.server.watch_config:
+            self._task = asyncio.create_task(self._watch())
 
     async def stop(self) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):

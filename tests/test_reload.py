@@ -1,0 +1,220 @@
+"""Hot reload: file edits, SIGHUP, /admin/reload; never serving from a broken config."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from backends.sim.engine import EngineParams
+from router.app import build_app
+from router.config import load_config
+from tests.helpers import KVROUTE, eventually, free_socket, serve_app, simulator
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def write(path: Path, endpoints: list[dict[str, Any]], **extra: Any) -> None:
+    raw = {
+        "endpoints": endpoints,
+        "server": {"access_log": False},
+        "health": {"enabled": False},
+        "scrape": {"enabled": False},
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(raw))
+
+
+def ep(i: int, url: str, **extra: Any) -> dict[str, Any]:
+    return {"id": f"s{i}", "url": url, "kind": "vllm", "models": ["tiny"], **extra}
+
+
+async def models(c: httpx.AsyncClient) -> list[str]:
+    return [m["id"] for m in (await c.get("/v1/models")).json()["data"]]
+
+
+async def test_admin_reload_and_file_watch(tmp_path: Path) -> None:
+    path = tmp_path / "kvroute.yaml"
+    async with AsyncExitStack() as stack:
+        sim, _ = await stack.enter_async_context(simulator())
+        write(path, [ep(0, sim)])
+        app = build_app(load_config(path), str(path))
+        url = await stack.enter_async_context(serve_app(app))
+        async with httpx.AsyncClient(base_url=url) as c:
+            assert await models(c) == ["tiny"]
+            write(path, [ep(0, sim)], models={"tiny": {"aliases": ["gpt-4o-mini"]}})
+            r = await c.post("/admin/reload")
+            assert r.json() == {"result": "success"}
+            assert await models(c) == ["gpt-4o-mini", "tiny"]
+
+            # The file watcher picks up an edit by itself.
+            write(path, [ep(0, sim)], models={"tiny": {"aliases": ["small"]}})
+
+            async def watched() -> bool:
+                return await models(c) == ["small", "tiny"]
+
+            await eventually(watched)
+            metrics = (await c.get("/metrics")).text
+            assert 'kvroute_config_reload_total{result="success"} 2.0' in metrics
+
+
+async def test_invalid_reload_under_load_loses_nothing_and_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "kvroute.yaml"
+    async with AsyncExitStack() as stack:
+        sim, _ = await stack.enter_async_context(simulator())
+        write(path, [ep(0, sim)], models={"tiny": {"policy": "least_load"}})
+        app = build_app(load_config(path), str(path))
+        url = await stack.enter_async_context(serve_app(app))
+        before = app.state.config
+        statuses: list[int] = []
+        async with httpx.AsyncClient(base_url=url) as c:
+
+            async def load() -> None:
+                for _ in range(60):
+                    r = await c.post(
+                        "/v1/chat/completions",
+                        json={"model": "tiny", "messages": MSG, "max_tokens": 2},
+                    )
+                    statuses.append(r.status_code)
+
+            workers = [asyncio.create_task(load()) for _ in range(3)]
+            path.write_text(path.read_text().replace("least_load", "no_such_policy"))
+            r = await c.post("/admin/reload")
+            assert r.status_code == 422
+            assert r.json()["errors"] == [
+                "models.tiny.policy: unknown policy 'no_such_policy' (known: composite, "
+                "consistent_hash, least_load, power_of_two, prefix_affinity, random, "
+                "round_robin, session_affinity, weighted)"
+            ]
+            path.write_text("endpoints: [oops")
+            assert (await c.post("/admin/reload")).status_code == 422
+            await asyncio.gather(*workers)
+            status = (await c.get("/admin/config")).json()["reload"]
+            assert "invalid YAML" in status["last_error"][0]
+            metrics = (await c.get("/metrics")).text
+        assert statuses == [200] * 180
+        assert app.state.config is before
+        assert 'kvroute_config_reload_total{result="error"}' in metrics
+
+
+async def test_state_that_should_survive_a_reload_does(tmp_path: Path) -> None:
+    path = tmp_path / "kvroute.yaml"
+    async with AsyncExitStack() as stack:
+        a, _ = await stack.enter_async_context(simulator())
+        b, _ = await stack.enter_async_context(simulator())
+        write(path, [ep(0, a), ep(1, b)], models={"tiny": {"policy": "prefix_affinity"}})
+        app = build_app(load_config(path), str(path))
+        url = await stack.enter_async_context(serve_app(app))
+        async with httpx.AsyncClient(base_url=url) as c:
+            for q in ("a", "b", "c"):
+                await c.post(
+                    "/v1/chat/completions",
+                    json={
+                        "model": "tiny",
+                        "max_tokens": 2,
+                        "messages": [
+                            {"role": "system", "content": "S" * 3000},
+                            {"role": "user", "content": q},
+                        ],
+                    },
+                )
+            s1 = app.state.registry.get("s1")
+            assert s1 is not None
+            s1.healthy = False
+            s1.circuit.failure(0.0)
+            index_before = (await c.get("/admin/prefix-index")).json()["tiny"]["entries"]
+            assert index_before > 0
+            # An unrelated change: a weight, and a new model elsewhere.
+            write(
+                path,
+                [ep(0, a), ep(1, b, weight=2)],
+                models={"tiny": {"policy": "prefix_affinity"}, "extra": {}},
+            )
+            assert (await c.post("/admin/reload")).json() == {"result": "success"}
+            s1 = app.state.registry.get("s1")
+            assert s1 is not None
+            assert (s1.healthy, s1.circuit.failures, s1.config.weight) == (False, 1, 2.0)
+            index_after = (await c.get("/admin/prefix-index")).json()["tiny"]["entries"]
+            assert index_after == index_before
+
+
+async def test_removed_endpoint_drains_instead_of_cutting(tmp_path: Path) -> None:
+    path = tmp_path / "kvroute.yaml"
+    slow = EngineParams(step_base=0.02, prefill_per_token=0, decode_per_seq=0)
+    async with AsyncExitStack() as stack:
+        a, _ = await stack.enter_async_context(simulator(params=slow))
+        b, _ = await stack.enter_async_context(simulator())
+        write(path, [ep(0, a)])
+        app = build_app(load_config(path), str(path))
+        url = await stack.enter_async_context(serve_app(app))
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            body = {"model": "tiny", "messages": MSG, "max_tokens": 40, "stream": True}
+            flight = asyncio.create_task(c.post("/v1/chat/completions", json=body))
+
+            async def in_flight() -> bool:
+                s0 = app.state.registry.get("s0")
+                return s0 is not None and s0.in_flight == 1
+
+            await eventually(in_flight)
+            write(path, [ep(1, b)])
+            assert (await c.post("/admin/reload")).json() == {"result": "success"}
+            assert app.state.registry.get("s0") is None
+            r = await flight
+            assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+            r = await c.post(
+                "/v1/chat/completions", json={"model": "tiny", "messages": MSG, "max_tokens": 2}
+            )
+            assert r.status_code == 200
+
+
+async def test_sighup_reloads(tmp_path: Path) -> None:
+    path = tmp_path / "kvroute.yaml"
+    async with simulator() as (sim, _):
+        sock = free_socket()
+        port = sock.getsockname()[1]
+        sock.close()
+        write(path, [ep(0, sim)])
+        raw = yaml.safe_load(path.read_text())
+        raw["server"].update(port=port, watch_config=False)  # only the signal reloads
+        path.write_text(yaml.safe_dump(raw))
+        proc = subprocess.Popen(
+            [str(KVROUTE), "serve", "--config", str(path)], stderr=subprocess.PIPE
+        )
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+
+                async def ready() -> bool:
+                    try:
+                        return (await c.get("/ready")).status_code == 200
+                    except httpx.TransportError:
+                        return False
+
+                await eventually(ready)
+                raw["models"] = {"tiny": {"aliases": ["via-sighup"]}}
+                path.write_text(yaml.safe_dump(raw))
+                proc.send_signal(signal.SIGHUP)
+
+                async def reloaded() -> bool:
+                    return "via-sighup" in await models(c)
+
+                await eventually(reloaded)
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=30)
+        assert proc.returncode == 0
+
+
+def test_schema_command(capsys: Any) -> None:
+    from router.cli import main
+
+    assert main(["schema"]) == 0
+    import json
+
+    schema = json.loads(capsys.readouterr().out)
+    assert "endpoints" in schema["properties"] and "discovery" in schema["properties"]
