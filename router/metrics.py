@@ -33,7 +33,13 @@ LATENCY_BUCKETS = (
     300.0,
 )
 
-__all__ = ["CONTENT_TYPE_LATEST", "IndexCollector", "Metrics"]
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "EndpointCollector",
+    "EndpointSnapshot",
+    "IndexCollector",
+    "Metrics",
+]
 
 
 @dataclass(slots=True)
@@ -196,3 +202,48 @@ class IndexCollector(Collector):
             blocks.add_metric([model], stats.distinct_blocks)
             evictions.add_metric([model], stats.evictions)
         return [entries, blocks, evictions]
+
+
+class EndpointCollector(Collector):
+    """Each endpoint's live state, read at scrape time: up, circuit, scraped load."""
+
+    def __init__(self, source: Callable[[], Iterable[EndpointSnapshot]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        up = GaugeMetricFamily(
+            "kvroute_endpoint_up",
+            "1 when the endpoint takes requests (healthy, not draining, circuit not open).",
+            labels=["endpoint"],
+        )
+        circuit = GaugeMetricFamily(
+            "kvroute_endpoint_circuit_open",
+            "1 while the endpoint's circuit is open.",
+            labels=["endpoint"],
+        )
+        load = GaugeMetricFamily(
+            "kvroute_endpoint_load",
+            "Load scraped from the endpoint's metrics (running, waiting, kv_usage).",
+            labels=["endpoint", "kind"],
+        )
+        for snap in self._source():
+            up.add_metric([snap.id], 1.0 if snap.available else 0.0)
+            circuit.add_metric([snap.id], 1.0 if snap.circuit_open else 0.0)
+            for kind, value in (
+                ("running", snap.running),
+                ("waiting", snap.waiting),
+                ("kv_usage", snap.kv_usage),
+            ):
+                if value is not None:
+                    load.add_metric([snap.id, kind], value)
+        return [up, circuit, load]
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSnapshot:
+    id: str
+    available: bool
+    circuit_open: bool
+    running: float | None
+    waiting: float | None
+    kv_usage: float | None

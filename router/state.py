@@ -14,7 +14,7 @@ from typing import Any
 
 from router.config import Config, EndpointConfig
 from router.forward import Forwarder
-from router.metrics import IndexCollector, Metrics
+from router.metrics import EndpointCollector, EndpointSnapshot, IndexCollector, Metrics
 from router.registry import EndpointRegistry, RouteTable
 from router.retry import RetryBudget
 
@@ -35,6 +35,15 @@ class AppState:
     reload_status: dict[str, Any] = field(default_factory=dict)
     #: Discovery sources by name, for the admin API ("consul": {...}).
     discovery: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def endpoint_snapshots(self) -> list[EndpointSnapshot]:
+        now = self.registry.clock()
+        return [
+            EndpointSnapshot(
+                e.id, e.admits(now), e.circuit.state == "open", e.running, e.waiting, e.kv_usage
+            )
+            for e in self.registry.all()
+        ]
 
     def upsert_endpoint(self, cfg: EndpointConfig, source: str) -> None:
         self.registry.upsert(cfg, source)
@@ -77,5 +86,6 @@ class AppState:
             config_path=config_path,
         )
         state.metrics.registry.register(IndexCollector(lambda: state.routes.index_stats()))
+        state.metrics.registry.register(EndpointCollector(state.endpoint_snapshots))
         state.reload_status.update(path=config_path, last_success=time.time(), last_error=None)
         return state

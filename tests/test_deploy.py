@@ -1,0 +1,71 @@
+"""The deploy files: parse, carry valid kvroute configs, and chart real metric names."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from router.config import parse_config
+from router.state import AppState
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+
+
+def test_kubernetes_manifest_and_its_config() -> None:
+    docs = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "kvroute.yaml").read_text()))
+    kinds = [d["kind"] for d in docs]
+    assert kinds == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget"]
+    config = parse_config(docs[0]["data"]["kvroute.yaml"], {})
+    assert config.models["llama-3-8b"].policy.name == "prefix_affinity"
+    pod = docs[1]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    # The pod must outlive kvroute's own graceful shutdown.
+    assert pod["terminationGracePeriodSeconds"] > config.shutdown.grace + config.shutdown.timeout
+
+
+def test_compose_and_consul_files() -> None:
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    assert compose["services"]["consul"]["image"].startswith("hashicorp/consul")
+    config = parse_config((DEPLOY / "kvroute-consul.yaml").read_text(), {})
+    assert config.discovery.consul is not None
+    services = json.loads((DEPLOY / "consul" / "llm-services.json").read_text())["services"]
+    from router.consul import instance_endpoint
+
+    for svc in services:
+        entry = {
+            "Node": {"Node": "n", "Address": "10.0.0.1"},
+            "Service": {
+                "ID": svc["id"],
+                "Address": svc["address"],
+                "Port": svc["port"],
+                "Meta": svc["meta"],
+                "Tags": [],
+            },
+        }
+        assert instance_endpoint("llm", entry).kind == svc["meta"]["kvroute-kind"]
+
+
+def test_dockerfile_copies_what_exists() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    for source in re.findall(r"^COPY (\S+)", text, re.M):
+        assert (ROOT / source).exists(), source
+
+
+def test_dashboard_charts_only_metrics_kvroute_exports() -> None:
+    state = AppState.from_config(parse_config("{}", {}))
+    exported = {m.name for m in state.metrics.registry.collect()}
+    exported |= {f"{n}_total" for n in exported} | {f"{n}_bucket" for n in exported}
+    dashboard = json.loads((DEPLOY / "grafana" / "kvroute-dashboard.json").read_text())
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"kvroute_[a-z_]+", target["expr"])
+    }
+    assert used and used <= exported, used - exported
