@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from backends import ADAPTERS
+from backends import build_adapter
 from router.circuit import Circuit
 from router.config import CircuitConfig
 from router.monitor import Monitor
@@ -108,7 +108,7 @@ async def test_probe_and_scrape_over_http() -> None:
     ep = state.registry.get("a")
     assert ep is not None
     await monitor.probe_all()
-    assert not ep.healthy and ep.last_error == "health probe answered HTTP 503"
+    assert not ep.healthy and ep.last_error == "health probe /health answered HTTP 503"
     await monitor.scrape_all()
     assert (ep.running, ep.waiting, ep.kv_usage) == (3.0, 0.0, 0.0)
     assert ep.kv_capacity_tokens == 80 * 32  # 81 blocks of 32, one reserved
@@ -124,6 +124,6 @@ def test_vllm_load_parsing_sums_engines() -> None:
         'vllm:num_requests_waiting{engine="1",model_name="tiny"} 4.0\n'
         'vllm:kv_cache_usage_perc{engine="1",model_name="tiny"} 0.5\n'
     )
-    load = ADAPTERS["vllm"].parse_load(two_engines)
+    load = build_adapter("vllm", {}).parse_load(two_engines)
     assert (load.waiting, load.kv_usage) == (4.0, 0.25)
-    assert ADAPTERS["openai"].parse_load(VLLM_METRICS).running is None
+    assert build_adapter("openai", {}).parse_load(VLLM_METRICS).running is None
