@@ -142,6 +142,7 @@ def fault_routes_handlers(
                 "waiting": len(engine.waiting),
                 "kv_cache_usage": engine.cache.usage(),
                 "cache_evictions": engine.cache.evictions,
+                "preemptions": s.preemptions,
             }
         )
 

@@ -28,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import xxhash
 
@@ -54,6 +55,8 @@ class EngineParams:
     prefill_per_token: float = 0.0001
     decode_per_seq: float = 0.0002
     seed: int = 0
+    #: A Hugging Face tokenizer.json to count tokens with instead of the built-in one.
+    tokenizer: str | None = None
 
     @classmethod
     def zero_latency(cls, **kw: int | float) -> EngineParams:
@@ -73,6 +76,7 @@ class Sequence_:
     blocks: list[Block] = field(default_factory=list)
     computed: int = 0
     hit_tokens: int = 0
+    preemptions: int = 0
     created_cache_tokens: int = 0
     emitted: int = 0
     first_token_at: float | None = None
@@ -106,6 +110,9 @@ class EngineStats:
         default_factory=lambda: {"stop": 0, "length": 0, "abort": 0, "error": 0, "repetition": 0}
     )
     requests: int = 0
+    preemptions: int = 0
+    preempted_queries: int = 0
+    preempted_hits: int = 0
 
 
 class PromptTooLong(ValueError):
@@ -133,6 +140,11 @@ class Engine:
         self.running: list[Sequence_] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._hf_tokenizer: Any = None
+        if params.tokenizer:
+            from tokenizers import Tokenizer  # optional: only for calibration runs
+
+            self._hf_tokenizer = Tokenizer.from_file(params.tokenizer)
 
     def start(self) -> None:
         if self._task is None:
@@ -155,8 +167,8 @@ class Engine:
     ) -> Sequence_:
         """Queue a generation. ``now`` and ``run=False`` are for virtual time: the
         caller then drives ``plan_step``/``finish_step`` itself."""
-        tokens = tokenize(prompt)
-        n = len(tokens)
+        ids = self.encode(prompt)
+        n = len(ids)
         if n + 1 > self.params.max_model_len:
             raise PromptTooLong(n, self.params.max_model_len)
         if max_tokens is None:
@@ -167,7 +179,6 @@ class Engine:
             length, reason = max_tokens, "length"
         length = max(0, min(length, self.params.max_model_len - n))
         seq_seed = self.params.seed if seed is None else seed
-        ids = token_ids(tokens)
         seq = Sequence_(
             prompt_ids=ids,
             all_ids=list(ids),
@@ -183,6 +194,14 @@ class Engine:
             self._wake.set()
             self.start()
         return seq
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids: the built-in tokenizer, or a Hugging Face ``tokenizer.json``
+        (to match a real engine's model exactly, for calibration)."""
+        if self._hf_tokenizer is not None:
+            ids: list[int] = self._hf_tokenizer.encode(text, add_special_tokens=False).ids
+            return ids
+        return token_ids(tokenize(text))
 
     def abort(self, seq: Sequence_) -> None:
         """The client went away: stop the sequence and give back its blocks."""
@@ -271,7 +290,14 @@ class Engine:
         fresh = self.cache.allocate(need)
         assert fresh is not None
         seq.blocks = hit + fresh
-        seq.computed = seq.hit_tokens = len(hit) * self.params.block_size
+        seq.computed = len(hit) * self.params.block_size
+        if seq.preemptions:
+            # vLLM keeps a preempted request's recompute out of its prefix-cache
+            # counters (PrefixCacheStats.preempted_*) and out of its usage.
+            self.stats.preempted_queries += seq.num_prompt
+            self.stats.preempted_hits += seq.computed
+            return True
+        seq.hit_tokens = seq.computed
         seq.created_cache_tokens = (len(seq.hashes) - len(hit)) * self.params.block_size
         self.stats.queries += seq.num_prompt
         self.stats.hits += seq.hit_tokens
@@ -290,6 +316,8 @@ class Engine:
 
     def _preempt(self, seq: Sequence_) -> None:
         # vLLM recomputes a preempted sequence from scratch later.
+        self.stats.preemptions += 1
+        seq.preemptions += 1
         self.running.remove(seq)
         self.cache.free(seq.blocks)
         seq.blocks = []

