@@ -95,3 +95,24 @@ def test_block_accounting_never_leaks(requests: list[tuple[int, int]]) -> None:
     for blocks in live:
         cache.free(blocks)
     assert cache.free_blocks == cache.usable_blocks
+
+
+def test_preempted_recompute_stays_out_of_the_prefix_counters() -> None:
+    from backends.sim.engine import Engine, EngineParams
+
+    # 4 usable blocks of 4 tokens; two 7-token prompts decoding 6 tokens each must
+    # collide: one is preempted and recomputed later, as vLLM does.
+    engine = Engine(EngineParams.zero_latency(block_size=4, num_blocks=5, max_model_len=64))
+    a = engine.submit("a b c d e f g", 6, run=False)
+    b = engine.submit("h i j k l m n", 6, run=False)
+    now = 0.0
+    while not (a.done and b.done):
+        step = engine.plan_step()
+        assert step is not None
+        now += 1
+        engine.finish_step(step, now)
+    stats = engine.stats
+    assert stats.preemptions >= 1
+    assert stats.queries == a.num_prompt + b.num_prompt  # each request counted once
+    assert stats.preempted_queries >= a.num_prompt
+    assert (a.emitted, b.emitted) == (6, 6)
