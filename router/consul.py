@@ -30,7 +30,6 @@ never imports this module: it only sees endpoints appear and go.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -43,6 +42,7 @@ from pydantic import ValidationError
 
 from router.config import ConsulConfig, ConsulService, EndpointConfig
 from router.state import AppState
+from router.tasks import cancel_all
 
 LOG = logging.getLogger("kvroute.consul")
 SOURCE = "consul"
@@ -158,11 +158,7 @@ class ConsulDiscovery:
             self._tasks.append(asyncio.create_task(self._watch(service)))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         self._tasks.clear()
         if self._own_client and self._client is not None:
             await self._client.aclose()

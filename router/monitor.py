@@ -14,7 +14,6 @@ to the router's own in-flight count instead of frozen numbers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -23,6 +22,7 @@ import httpx
 
 from router.registry import EndpointState
 from router.state import AppState
+from router.tasks import cancel_all
 
 LOG = logging.getLogger("kvroute.monitor")
 
@@ -54,11 +54,7 @@ class Monitor:
             )
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         self._tasks.clear()
         if self._own_client and self._client is not None:
             await self._client.aclose()

@@ -113,6 +113,19 @@ async def tokens(engine: Engine, seq: Sequence_) -> AsyncIterator[str]:
         engine.abort(seq)
 
 
+def engine_lifespan(engine: Engine) -> Any:
+    """A Starlette lifespan that stops the engine's loop on shutdown."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    return lifespan
+
+
 def json_response(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 

@@ -28,6 +28,7 @@ from backends.sim.common import (
     FaultState,
     SimulatedCrash,
     collect,
+    engine_lifespan,
     fault_routes_handlers,
     json_response,
     tokens,
@@ -80,7 +81,7 @@ class TGISimulator:
                 Route("/sim/faults", faults_route, methods=["GET", "POST"]),
                 Route("/sim/stats", stats_route),
             ],
-            lifespan=self.messages._lifespan,
+            lifespan=engine_lifespan(self.engine),
         )
 
     async def health(self, request: Request) -> Response:
@@ -155,6 +156,17 @@ class TGISimulator:
             return failure
         return body["inputs"], params
 
+    async def _start(self, request: Request) -> tuple[Sequence_, dict[str, Any]] | Response:
+        """Parse, apply the stall knob, submit: the sequence, or the answer to give."""
+        parsed = await self._parse(request)
+        if isinstance(parsed, Response):
+            return parsed
+        prompt, params = parsed
+        if self.faults.stall and not await until_disconnect(request, self.fault_state.stall()):
+            return Response(status_code=499)
+        seq = self._submit(prompt, params)
+        return seq if isinstance(seq, Response) else (seq, params)
+
     def _submit(self, prompt: str, params: dict[str, Any]) -> Sequence_ | Response:
         seed = params.get("seed")
         try:
@@ -173,15 +185,10 @@ class TGISimulator:
         return await self._generate(request, as_list=False)
 
     async def _generate(self, request: Request, as_list: bool) -> Response:
-        parsed = await self._parse(request)
-        if isinstance(parsed, Response):
-            return parsed
-        prompt, params = parsed
-        if self.faults.stall and not await until_disconnect(request, self.fault_state.stall()):
-            return Response(status_code=499)
-        seq = self._submit(prompt, params)
-        if isinstance(seq, Response):
-            return seq
+        started = await self._start(request)
+        if isinstance(started, Response):
+            return started
+        seq, params = started
         out = await until_disconnect(request, collect(self.engine, seq))
         if out is None:
             return Response(status_code=499)
@@ -196,15 +203,10 @@ class TGISimulator:
         return json_response([answer] if as_list else answer)
 
     async def generate_stream(self, request: Request) -> Response:
-        parsed = await self._parse(request)
-        if isinstance(parsed, Response):
-            return parsed
-        prompt, params = parsed
-        if self.faults.stall and not await until_disconnect(request, self.fault_state.stall()):
-            return Response(status_code=499)
-        seq = self._submit(prompt, params)
-        if isinstance(seq, Response):
-            return seq
+        started = await self._start(request)
+        if isinstance(started, Response):
+            return started
+        seq, params = started
         return StreamingResponse(self._stream(seq, params), media_type="text/event-stream")
 
     async def _stream(self, seq: Sequence_, params: dict[str, Any]) -> AsyncIterator[bytes]:

@@ -17,7 +17,6 @@ error when the model sends more than one response.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -32,6 +31,7 @@ from backends.sim.common import (
     FaultState,
     SimulatedCrash,
     collect,
+    engine_lifespan,
     fault_routes_handlers,
     tokens,
     until_disconnect,
@@ -96,15 +96,8 @@ class TritonSimulator:
                 Route("/sim/faults", faults_route, methods=["GET", "POST"]),
                 Route("/sim/stats", stats_route),
             ],
-            lifespan=self._lifespan,
+            lifespan=engine_lifespan(self.engine),
         )
-
-    @contextlib.asynccontextmanager
-    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            await self.engine.stop()
 
     # -- metadata and health -------------------------------------------------------
 

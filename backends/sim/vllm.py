@@ -10,7 +10,6 @@ the usage chunk with ``choices: []``, ``data: [DONE]``, vLLM's error bodies
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -28,6 +27,7 @@ from backends.sim.common import (
     FaultState,
     SimulatedCrash,
     collect,
+    engine_lifespan,
     fault_routes_handlers,
     json_response,
     tokens,
@@ -87,15 +87,8 @@ class VLLMSimulator:
                 Route("/sim/faults", faults_route, methods=["GET", "POST"]),
                 Route("/sim/stats", stats_route),
             ],
-            lifespan=self._lifespan,
+            lifespan=engine_lifespan(self.engine),
         )
-
-    @contextlib.asynccontextmanager
-    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            await self.engine.stop()
 
     # -- plain routes ---------------------------------------------------------
 
