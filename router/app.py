@@ -99,14 +99,15 @@ class RequestMiddleware:
         if ctx.model is not None:
             endpoint = ctx.endpoint or "none"
             metrics = self.state.metrics
-            metrics.requests.labels(ctx.model, endpoint, str(ctx.status)).inc()
+            metrics.child(metrics.requests, ctx.model, endpoint, str(ctx.status)).inc()
             series = metrics.series(ctx.model, endpoint)
             series.duration.observe(duration)
             if ctx.ttft is not None:
                 series.ttft.observe(ctx.ttft)
             if ctx.prompt_tokens is not None:
-                metrics.prompt_tokens.labels(ctx.model, endpoint).inc(ctx.prompt_tokens)
-                metrics.cached_tokens.labels(ctx.model, endpoint).inc(ctx.cached_tokens or 0)
+                metrics.child(metrics.prompt_tokens, ctx.model, endpoint).inc(ctx.prompt_tokens)
+                cached = ctx.cached_tokens or 0
+                metrics.child(metrics.cached_tokens, ctx.model, endpoint).inc(cached)
         if self.state.config.server.access_log and ACCESS.isEnabledFor(logging.INFO):
             line: dict[str, Any] = {
                 "event": "request",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -157,9 +158,19 @@ class Metrics:
             registry=r,
         )
         self._series: dict[tuple[str, str], _EndpointSeries] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: prometheus-client's own lookup takes a
+        lock and builds a tuple on every call, which shows on the hot path."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def record_decision(self, model: str, policy: str, decision: Decision) -> None:
-        self.decisions.labels(model, policy, decision.reason).inc()
+        self.child(self.decisions, model, policy, decision.reason).inc()
         if decision.prompt_len:
             self.prefix_match.labels(model).observe(decision.match_len / decision.prompt_len)
 
