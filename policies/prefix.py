@@ -95,7 +95,8 @@ class PrefixAffinity:
         p = self.params
         hashes, prompt_len = self.hashes(request)
         load_list = [load_of(e) for e in candidates]
-        loads = dict(zip([e.id for e in candidates], load_list, strict=True))
+        position = {e.id: i for i, e in enumerate(candidates)}
+        loads = dict(zip(position, load_list, strict=True))
         capacity = Capacity(candidates, p.epsilon, p.min_overload, sum(load_list))
         matches: dict[str, int] = {}
         match_blocks = 0
@@ -105,10 +106,12 @@ class PrefixAffinity:
             reason = "load_guard"
         else:
             matches = self.index.match(hashes, loads) if hashes else {}
+            # Only the endpoints that hold the prompt's head are worth a look.
             eligible = [
-                e
-                for e in candidates
-                if matches.get(e.id, 0) >= p.min_match_blocks and capacity.fits(e, loads[e.id])
+                candidates[position[eid]]
+                for eid, blocks in matches.items()
+                if blocks >= p.min_match_blocks
+                and capacity.fits(candidates[position[eid]], loads[eid])
             ]
             if eligible:
                 match_blocks = max(matches[e.id] for e in eligible)
@@ -120,14 +123,18 @@ class PrefixAffinity:
             else:
                 key = hashes[0] if hashes else self._seeds[request.model]
                 chosen, reason = self._place_new(key, candidates, loads, capacity)
-        if matches:
-            rest = sorted(
-                (e for e in candidates if e is not chosen),
-                key=lambda e: (-matches.get(e.id, 0), loads[e.id], e.id),
-            )
-        else:  # the common case: order by load alone, with a C-level key
-            order = sorted(range(len(candidates)), key=load_list.__getitem__)
-            rest = [candidates[i] for i in order if candidates[i] is not chosen]
+        # Failover order: holders of the prefix by match length, then the rest by
+        # load (a C-level sort key: this runs for every request).
+        held = sorted(
+            (candidates[position[eid]] for eid in matches if eid != chosen.id),
+            key=lambda e: (-matches[e.id], loads[e.id], e.id),
+        )
+        order = sorted(range(len(candidates)), key=load_list.__getitem__)
+        rest = held + [
+            candidates[i]
+            for i in order
+            if candidates[i] is not chosen and candidates[i].id not in matches
+        ]
         self.index.insert(hashes, chosen.id, self.capacity_blocks(chosen))
         return Decision(
             (chosen, *rest),
