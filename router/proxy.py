@@ -236,7 +236,7 @@ class Proxy:
                     state.metrics.retries_denied.inc()
                     break
                 if attempts:
-                    state.metrics.retries.labels(current.model).inc()
+                    state.metrics.child(state.metrics.retries, current.model).inc()
                 attempts += 1
                 ctx.attempts = attempts
                 try:
@@ -289,7 +289,7 @@ class Proxy:
         translator = adapter.stream_translator(path, req.body, target) if ctx.stream else None
         endpoint.circuit.begin(clock())
         endpoint.in_flight += 1
-        gauge = state.metrics.in_flight.labels(endpoint.id)
+        gauge = state.metrics.child(state.metrics.in_flight, endpoint.id)
         gauge.inc()
         started = clock()
         ok = False
