@@ -41,12 +41,34 @@ class OpenAIAdapter:
     def translate_json(
         self, path: str, body: Mapping[str, Any], target: Target, data: bytes
     ) -> bytes:
-        return data
+        if target.served == target.model:
+            return data
+        return ModelRename(target).feed(data)
 
     def stream_translator(
         self, path: str, body: Mapping[str, Any], target: Target
     ) -> StreamTranslator | None:
-        return None
+        # Bytes pass through untouched unless the backend knows the model by
+        # another name: then the client still sees the name it routes by.
+        return None if target.served == target.model else ModelRename(target)
+
+
+class ModelRename:
+    """Puts the router's model name back where the backend wrote its served name.
+
+    A byte replacement of the compact ``"model":"<served>"`` (vLLM and OpenAI
+    servers write compact JSON), not a parse: the body is otherwise untouched.
+    """
+
+    def __init__(self, target: Target) -> None:
+        self._old = b'"model":' + orjson.dumps(target.served)
+        self._new = b'"model":' + orjson.dumps(target.model)
+
+    def feed(self, chunk: bytes) -> bytes:
+        return chunk.replace(self._old, self._new)
+
+    def close(self) -> bytes:
+        return b""
 
 
 class VLLMAdapter(OpenAIAdapter):

@@ -119,7 +119,12 @@ async def test_alias_and_served_name_rewrite() -> None:
                     "/v1/chat/completions", json={"model": name, "messages": MSG, "max_tokens": 2}
                 )
                 assert r.status_code == 200, r.text
-                assert r.json()["model"] == "org/tiny-model"
+                # The backend answered as org/tiny-model; the client sees the routed name.
+                assert r.json()["model"] == "tiny"
+            body = {"model": "tiny", "messages": MSG, "max_tokens": 2, "stream": True}
+            streamed = await c.post("/v1/chat/completions", json=body)
+            assert b'"model":"tiny"' in streamed.content
+            assert b"org/tiny-model" not in streamed.content
             listed = (await c.get("/v1/models")).json()
             assert [m["id"] for m in listed["data"]] == ["gpt-4o-mini", "tiny"]
 
