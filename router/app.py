@@ -24,7 +24,6 @@ from starlette.routing import Route
 
 from router.admin import admin_routes
 from router.config import Config
-from router.consul import ConsulDiscovery
 from router.errors import InvalidRequest, RouterError, error_body
 from router.logs import ACCESS, LOG
 from router.metrics import CONTENT_TYPE_LATEST
@@ -187,20 +186,16 @@ def build_control_app(state: AppState, reloader: Reloader) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         monitor = Monitor(state)
-        consul = state.config.discovery.consul
-        discovery = ConsulDiscovery(state, consul) if consul is not None else None
         await state.forwarder.start()
         await monitor.start()
         await reloader.start()
-        if discovery is not None:
-            await discovery.start()
+        await reloader.discovery.ensure()
         state.ready = True
         try:
             yield
         finally:
             state.ready = False
-            if discovery is not None:
-                await discovery.stop()
+            await reloader.discovery.stop()
             await reloader.stop()
             await monitor.stop()
             await state.forwarder.close()

@@ -137,6 +137,37 @@ def instance_endpoint(service: str, entry: Mapping[str, Any]) -> EndpointConfig:
         raise ValueError("; ".join(e["msg"] for e in exc.errors())) from exc
 
 
+class DiscoverySupervisor:
+    """Runs the discovery the config asks for, and swaps it when a reload changes it."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self.current: ConsulDiscovery | None = None
+        self.config: ConsulConfig | None = None
+
+    async def ensure(self) -> None:
+        wanted = self.state.config.discovery.consul
+        if wanted == self.config:
+            return
+        if self.current is not None:
+            await self.current.stop()
+            self.current = None
+        watched = {s.name for s in wanted.services} if wanted else set()
+        for endpoint_id in self.state.registry.ids(SOURCE):
+            if endpoint_id.split(":")[1] not in watched:
+                self.state.remove_endpoint(endpoint_id)
+        self.state.discovery.pop(SOURCE, None)
+        self.config = wanted
+        if wanted is not None:
+            self.current = ConsulDiscovery(self.state, wanted)
+            await self.current.start()
+
+    async def stop(self) -> None:
+        if self.current is not None:
+            await self.current.stop()
+            self.current = None
+
+
 class ConsulDiscovery:
     def __init__(
         self, state: AppState, config: ConsulConfig, client: httpx.AsyncClient | None = None
@@ -146,7 +177,11 @@ class ConsulDiscovery:
         self._client = client
         self._own_client = client is None
         self._tasks: list[asyncio.Task[None]] = []
-        self._known: dict[str, set[str]] = {}
+        # What an earlier watcher (before a reload) registered is ours to update.
+        self._known: dict[str, set[str]] = {
+            s.name: {i for i in state.registry.ids(SOURCE) if i.startswith(f"consul:{s.name}:")}
+            for s in config.services
+        }
         self._rng = random.Random()
         self.status: dict[str, Any] = {"up": None, "services": {}}
         state.discovery[SOURCE] = self.status

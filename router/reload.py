@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from router.config import ConfigError, load_config
+from router.consul import DiscoverySupervisor
 from router.state import AppState
 
 LOG = logging.getLogger("kvroute.reload")
@@ -37,7 +38,9 @@ class Reloader:
         self.poll_interval = poll_interval
         self._seen = signature(self.path) if self.path else None
         self._task: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
+        #: Discovery follows the config: a reload that changes it restarts it.
+        self.discovery = DiscoverySupervisor(state)
+        self._pending: set[asyncio.Task[None]] = set()
 
     def reload(self, trigger: str) -> dict[str, Any]:
         """Load, validate and apply the file now; the outcome as a dict."""
@@ -60,6 +63,10 @@ class Reloader:
             )
             return {"result": "error", "errors": exc.errors}
         state.apply(config)
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing to restart
+            task = asyncio.get_running_loop().create_task(self.discovery.ensure())
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
         state.metrics.reloads.labels("success").inc()
         state.metrics.last_reload.set(state.reload_status["last_success"])
         LOG.info({"event": "config_reload", "result": "success", "trigger": trigger})

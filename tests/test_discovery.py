@@ -208,3 +208,42 @@ async def test_missing_index_header_is_an_error_not_a_busy_loop() -> None:
         before = len(consul.requests)
         await asyncio.sleep(1.0)
         assert len(consul.requests) - before <= 12
+
+
+async def test_a_reload_starts_and_stops_discovery(tmp_path: Any) -> None:
+    import yaml
+
+    from router.app import build_app
+    from router.config import load_config
+
+    consul = FakeConsul()
+    async with AsyncExitStack() as stack:
+        consul_url = await stack.enter_async_context(serve_app(consul.app))
+        sim, _ = await stack.enter_async_context(simulator())
+        consul.register("llm", "a", port_of(sim), META)
+        path = tmp_path / "kvroute.yaml"
+        static = [{"id": "static-0", "url": sim, "kind": "vllm", "models": ["tiny"]}]
+        base = {
+            "endpoints": static,
+            "health": {"enabled": False},
+            "server": {"access_log": False, "watch_config": False},
+        }
+        path.write_text(yaml.safe_dump(base))
+        app = build_app(load_config(path), str(path))
+        url = await stack.enter_async_context(serve_app(app))
+        async with httpx.AsyncClient(base_url=url) as c:
+            assert set(await admin_endpoints(url)) == {"static-0"}
+            path.write_text(yaml.safe_dump({**base, **consul_config(consul_url)}))
+            assert (await c.post("/admin/reload")).json() == {"result": "success"}
+
+            async def both() -> bool:
+                return set(await admin_endpoints(url)) == {"static-0", "consul:llm:a"}
+
+            await eventually(both)
+            path.write_text(yaml.safe_dump(base))
+            assert (await c.post("/admin/reload")).json() == {"result": "success"}
+
+            async def static_only() -> bool:
+                return set(await admin_endpoints(url)) == {"static-0"}
+
+            await eventually(static_only)
