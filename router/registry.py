@@ -161,8 +161,10 @@ class EndpointRegistry:
         return state
 
     def set_circuit_config(self, circuit: CircuitConfig) -> None:
-        """For endpoints added from now on; existing circuits keep their state."""
+        """New thresholds for every circuit; each keeps its state (open stays open)."""
         self._circuit = circuit
+        for endpoint in self._by_id.values():
+            endpoint.circuit.config = circuit
 
     def ids(self, source: str) -> set[str]:
         return {e.id for e in self._by_id.values() if e.source == source}

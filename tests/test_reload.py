@@ -135,11 +135,13 @@ async def test_state_that_should_survive_a_reload_does(tmp_path: Path) -> None:
                 path,
                 [ep(0, a), ep(1, b, weight=2)],
                 models={"tiny": {"policy": "prefix_affinity"}, "extra": {}},
+                circuit={"failures": 7},
             )
             assert (await c.post("/admin/reload")).json() == {"result": "success"}
             s1 = app.state.registry.get("s1")
             assert s1 is not None
             assert (s1.healthy, s1.circuit.failures, s1.config.weight) == (False, 1, 2.0)
+            assert s1.circuit.config.failures == 7  # new thresholds, same state
             index_after = (await c.get("/admin/prefix-index")).json()["tiny"]["entries"]
             assert index_after == index_before
 
