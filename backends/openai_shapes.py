@@ -12,6 +12,22 @@ import orjson
 DONE = b"data: [DONE]\n\n"
 
 
+def max_tokens_of(body: Mapping[str, Any], default: int) -> int:
+    """The request's output cap (``max_tokens`` or ``max_completion_tokens``)."""
+    value = body.get("max_tokens", body.get("max_completion_tokens"))
+    return value if isinstance(value, int) else default
+
+
+def stop_of(body: Mapping[str, Any]) -> list[str]:
+    """The request's stop sequences, as a list (OpenAI allows one string too)."""
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list):
+        return [s for s in stop if isinstance(s, str)]
+    return []
+
+
 def new_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex()
 

@@ -7,6 +7,11 @@ fields (ignored). Pure code, no I/O (the h11 way).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+
 
 class SSEParser:
     def __init__(self) -> None:
@@ -41,3 +46,14 @@ class SSEParser:
             events.append(b"\n".join(self._data))
             self._data = []
         return events
+
+
+def json_events(events: list[bytes]) -> Iterator[dict[str, Any]]:
+    """The events that are JSON objects; anything else in a stream is skipped."""
+    for data in events:
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(event, dict):
+            yield event

@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict
 
 from backends.base import Load, StreamTranslator, Target, UpstreamProtocolError, UpstreamRequest
 from backends.openai import OpenAIAdapter
-from backends.openai_shapes import ChunkWriter, completion, error_event
-from backends.sse import SSEParser
+from backends.openai_shapes import ChunkWriter, completion, error_event, max_tokens_of, stop_of
+from backends.sse import SSEParser, json_events
 from backends.templates import render
 
 FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
@@ -95,11 +95,8 @@ class TGIAdapter:
         if not self._native(path):
             return self._messages.build(base_url, path, raw, body, target, headers)
         template = target.chat_template or self.options.chat_template
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
         params: dict[str, Any] = {
-            "max_new_tokens": max_tokens
-            if isinstance(max_tokens, int)
-            else self.options.default_max_tokens,
+            "max_new_tokens": max_tokens_of(body, self.options.default_max_tokens),
             "details": True,
         }
         for name in ("temperature", "top_p", "seed", "frequency_penalty"):
@@ -107,11 +104,8 @@ class TGIAdapter:
                 params[name] = body[name]
         if isinstance(params.get("temperature"), int | float) and params["temperature"] == 0:
             del params["temperature"]  # TGI wants > 0; 0 means greedy, its default
-        stop = body.get("stop")
-        if isinstance(stop, str):
-            stop = [stop]
-        if isinstance(stop, list) and stop:
-            params["stop"] = [s for s in stop if isinstance(s, str)][:MAX_STOP]
+        if stop := stop_of(body):
+            params["stop"] = stop[:MAX_STOP]
         stream = body.get("stream") is True
         payload = {"inputs": prompt_of(path, body, template), "parameters": params}
         route = "/generate_stream" if stream else "/generate"
@@ -176,13 +170,9 @@ class TGIStream:
 
     def _events(self, events: list[bytes]) -> bytes:
         out = b""
-        for data in events:
+        for event in json_events(events):
             if self.done:
                 break
-            try:
-                event = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                continue
             if "error" in event:
                 self.done = True
                 out += error_event(str(event["error"]), "upstream_error", event.get("error_type"))

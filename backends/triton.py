@@ -37,8 +37,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field
 
 from backends.base import Load, StreamTranslator, Target, UpstreamProtocolError, UpstreamRequest
-from backends.openai_shapes import ChunkWriter, completion, error_event
-from backends.sse import SSEParser
+from backends.openai_shapes import ChunkWriter, completion, error_event, max_tokens_of, stop_of
+from backends.sse import SSEParser, json_events
 from backends.tgi import prompt_of
 
 DEFAULT_FIELDS = {
@@ -118,22 +118,16 @@ class TritonAdapter:
         o = self.options
         template = target.chat_template or o.chat_template
         stream = body.get("stream") is True
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
         payload: dict[str, Any] = {
             o.field("text_input"): prompt_of(path, body, template),
-            o.field("max_tokens"): max_tokens
-            if isinstance(max_tokens, int)
-            else o.default_max_tokens,
+            o.field("max_tokens"): max_tokens_of(body, o.default_max_tokens),
             o.field("stream"): stream,
         }
         for name in ("temperature", "top_p", "top_k", "seed"):
             if body.get(name) is not None:
                 payload[o.field(name)] = body[name]
-        stop = body.get("stop")
-        if isinstance(stop, str):
-            stop = [stop]
-        if isinstance(stop, list) and stop:
-            payload[o.field("stop_words")] = [s for s in stop if isinstance(s, str)]
+        if stop := stop_of(body):
+            payload[o.field("stop_words")] = stop
         route = "generate_stream" if stream else "generate"
         url = f"{base_url}/v2/models/{target.served}/{route}"
         return UpstreamRequest(url, orjson.dumps(payload), headers)
@@ -159,8 +153,7 @@ class TritonAdapter:
     def stream_translator(
         self, path: str, body: Mapping[str, Any], target: Target
     ) -> StreamTranslator | None:
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-        limit = max_tokens if isinstance(max_tokens, int) else self.options.default_max_tokens
+        limit = max_tokens_of(body, self.options.default_max_tokens)
         writer = ChunkWriter(path.endswith("chat/completions"), target.model, body)
         return TritonStream(writer, self.options, limit)
 
@@ -205,15 +198,9 @@ class TritonStream:
 
     def _events(self, events: list[bytes]) -> bytes:
         out = b""
-        for data in events:
+        for event in json_events(events):
             if self.failed:
                 break
-            try:
-                event = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(event, dict):
-                continue
             if "error" in event:
                 self.failed = True
                 out += error_event(f"Triton: {event['error']}")

@@ -40,6 +40,10 @@ class Faults:
     health_delay: float = 0.0
     unhealthy: bool = False
 
+    def failure_headers(self) -> dict[str, str]:
+        """Headers a simulated failure carries (Retry-After, when set)."""
+        return {} if self.retry_after is None else {"retry-after": str(self.retry_after)}
+
     def update(self, changes: dict[str, Any]) -> None:
         names = {f.name: f.type for f in fields(self)}
         for key, value in changes.items():

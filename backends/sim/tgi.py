@@ -151,8 +151,7 @@ class TGISimulator:
             status = self.faults.fail_status
             kind = "overloaded" if status == 429 else "generation"
             failure = tgi_error("simulated failure", kind, status if status != 500 else 424)
-            if self.faults.retry_after is not None:
-                failure.headers["retry-after"] = str(self.faults.retry_after)
+            failure.headers.update(self.faults.failure_headers())
             return failure
         return body["inputs"], params
 

@@ -167,8 +167,7 @@ class VLLMSimulator:
         if self.fault_state.should_fail():
             status = self.faults.fail_status
             failure = vllm_error("simulated failure", "InternalServerError", None, status)
-            if self.faults.retry_after is not None:
-                failure.headers["retry-after"] = str(self.faults.retry_after)
+            failure.headers.update(self.faults.failure_headers())
             return failure
         return body
 
