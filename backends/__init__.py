@@ -7,12 +7,16 @@ model of its ``options`` (validated with the config) and a constructor.
 from backends.base import (
     Adapter,
     AdapterFactory,
+    Exchange,
     Load,
     NoOptions,
-    StreamTranslator,
+    OpenAIRequest,
+    Operation,
+    Sampling,
     Target,
+    Translator,
     UpstreamProtocolError,
-    UpstreamRequest,
+    Usage,
 )
 from backends.openai import OpenAIAdapter, VLLMAdapter
 from backends.tgi import TGIAdapter, TGIOptions
@@ -27,6 +31,8 @@ ADAPTERS: dict[str, AdapterFactory] = {
 
 
 def build_adapter(kind: str, options: object) -> Adapter:
+    """An adapter from raw options (the config validates them once and builds
+    with ``ADAPTERS[kind].build`` itself; this is for tools and tests)."""
     factory = ADAPTERS[kind]
     return factory.build(factory.options_model.model_validate(options))
 
@@ -35,14 +41,18 @@ __all__ = [
     "ADAPTERS",
     "Adapter",
     "AdapterFactory",
+    "Exchange",
     "Load",
     "OpenAIAdapter",
-    "StreamTranslator",
+    "OpenAIRequest",
+    "Operation",
+    "Sampling",
     "TGIAdapter",
     "Target",
+    "Translator",
     "TritonAdapter",
     "UpstreamProtocolError",
-    "UpstreamRequest",
+    "Usage",
     "VLLMAdapter",
     "build_adapter",
 ]

@@ -1,13 +1,20 @@
 """The backend adapter interface, in the spirit of an httpx transport.
 
-An adapter knows one wire protocol. It builds the upstream request from the
-client's OpenAI request and turns the upstream answer back into OpenAI JSON
-or SSE chunks. The translation is pure code over bytes (no sockets), so it is
-tested on recorded responses; the router owns all I/O.
+An adapter knows one wire protocol. From one client request (an OpenAI
+operation, already parsed and validated by the router) it prepares one
+``Exchange``: the upstream request (a path under the endpoint's URL and a
+body) and the ``Translator`` that turns the answer back into OpenAI JSON or
+SSE. Translation is pure code over bytes (no sockets), so it is tested on
+recorded responses; the router owns all I/O, URLs and headers.
+
+An adapter also says which requests it can serve at all (``unsupported``):
+TGI and Triton generate text, they do not embed, so the router never sends
+them an embedding request.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -15,14 +22,72 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict
 
 
+class Operation(enum.Enum):
+    """The OpenAI operations kvroute routes; the value is the route's path."""
+
+    CHAT = "/v1/chat/completions"
+    COMPLETION = "/v1/completions"
+    EMBEDDING = "/v1/embeddings"
+
+    @property
+    def path(self) -> str:
+        return self.value
+
+    @property
+    def generates(self) -> bool:
+        return self is not Operation.EMBEDDING
+
+
 @dataclass(frozen=True, slots=True)
-class UpstreamRequest:
-    url: str
-    body: bytes
-    headers: Mapping[str, str]
+class Sampling:
+    """The OpenAI request fields that adapters translate, read and type-checked
+    once by the router (None: the client did not set it)."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    frequency_penalty: float | None = None
+    #: ``stream_options.include_usage``: a final chunk with usage.
+    include_usage: bool = False
 
 
-class StreamTranslator(Protocol):
+class OpenAIRequest(Protocol):
+    """What an adapter may know of the client's request."""
+
+    @property
+    def op(self) -> Operation: ...
+    @property
+    def raw(self) -> bytes: ...
+    @property
+    def body(self) -> Mapping[str, Any]: ...
+    @property
+    def stream(self) -> bool: ...
+    @property
+    def sampling(self) -> Sampling: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one answer. ``estimated``: counted by kvroute, not the engine."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    estimated: bool = False
+
+
+class Translator(Protocol):
+    """Upstream answer -> OpenAI answer, for one exchange."""
+
+    def answer(self, data: bytes) -> bytes:
+        """A whole successful (2xx) upstream body as OpenAI JSON. Raises
+        ``UpstreamProtocolError`` for an error the backend hid in a 2xx."""
+        ...
+
     def feed(self, chunk: bytes) -> bytes:
         """Bytes of the upstream stream in, bytes of an OpenAI SSE stream out."""
         ...
@@ -30,6 +95,21 @@ class StreamTranslator(Protocol):
     def close(self) -> bytes:
         """Whatever is still owed to the client once the upstream stream ends."""
         ...
+
+    @property
+    def usage(self) -> Usage | None:
+        """The answer's usage, once seen (after ``answer``, or during a stream)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One upstream call: where to send what, and how to read the answer."""
+
+    #: Path under the endpoint's base URL.
+    path: str
+    body: bytes
+    translator: Translator
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,35 +147,21 @@ class Adapter(Protocol):
         """The load in a scrape of the metrics (Prometheus text format)."""
         ...
 
-    def build(
-        self,
-        base_url: str,
-        path: str,
-        raw: bytes,
-        body: Mapping[str, Any],
-        target: Target,
-        headers: Mapping[str, str],
-    ) -> UpstreamRequest:
-        """The upstream request for the OpenAI request ``body`` (raw bytes ``raw``)
-        that the client sent to ``path``."""
+    def unsupported(self, request: OpenAIRequest) -> str | None:
+        """Why this backend cannot serve ``request`` at all, or None if it can."""
         ...
 
-    def translate_json(
-        self, path: str, body: Mapping[str, Any], target: Target, data: bytes
-    ) -> bytes:
-        """A successful non-streamed upstream body as OpenAI JSON. Raises
-        ``UpstreamProtocolError`` for an error the backend hid in a 200."""
-        ...
-
-    def stream_translator(
-        self, path: str, body: Mapping[str, Any], target: Target
-    ) -> StreamTranslator | None:
-        """A translator for a streamed answer, or None to pass bytes through."""
+    def prepare(self, request: OpenAIRequest, target: Target) -> Exchange:
+        """The upstream call for ``request`` to ``target``. Raises
+        ``ChatTemplateRejected`` when the model's chat template refuses the
+        conversation (the client's fault) and ``ChatTemplateFailed`` when the
+        template breaks (the endpoint's)."""
         ...
 
 
 class UpstreamProtocolError(Exception):
-    """The backend answered 2xx with an error inside (Triton does)."""
+    """The backend answered 2xx with an error inside (Triton does), or with
+    something that is not its protocol."""
 
 
 @dataclass(frozen=True, slots=True)

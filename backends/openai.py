@@ -1,18 +1,23 @@
 """OpenAI-protocol backends (vLLM, SGLang, TGI's Messages API, any OpenAI server).
 
 The client's body passes through untouched unless the backend knows the model
-by another name, in which case only ``model`` is rewritten.
+by another name, in which case only ``model`` is rewritten, and the answer's
+``model`` is put back to the name the client routed by.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+import re
+from collections.abc import Sequence
 
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from backends.base import Load, StreamTranslator, Target, UpstreamRequest
+from backends.base import Exchange, Load, OpenAIRequest, Target, Usage
+from backends.usage import scan_usage
+
+#: Bytes of an unfinished SSE event held back for renaming, at most.
+MAX_PENDING = 1 << 20
 
 
 class OpenAIAdapter:
@@ -25,50 +30,80 @@ class OpenAIAdapter:
     def parse_load(self, metrics_text: str) -> Load:
         return Load()
 
-    def build(
-        self,
-        base_url: str,
-        path: str,
-        raw: bytes,
-        body: Mapping[str, Any],
-        target: Target,
-        headers: Mapping[str, str],
-    ) -> UpstreamRequest:
-        if body.get("model") != target.served:
-            raw = orjson.dumps({**body, "model": target.served})
-        return UpstreamRequest(base_url + path, raw, headers)
+    def unsupported(self, request: OpenAIRequest) -> str | None:
+        return None
 
-    def translate_json(
-        self, path: str, body: Mapping[str, Any], target: Target, data: bytes
-    ) -> bytes:
-        if target.served == target.model:
-            return data
-        return ModelRename(target).feed(data)
-
-    def stream_translator(
-        self, path: str, body: Mapping[str, Any], target: Target
-    ) -> StreamTranslator | None:
-        # Bytes pass through untouched unless the backend knows the model by
-        # another name: then the client still sees the name it routes by.
-        return None if target.served == target.model else ModelRename(target)
+    def prepare(self, request: OpenAIRequest, target: Target) -> Exchange:
+        raw = request.raw
+        if request.body.get("model") != target.served:
+            raw = orjson.dumps({**request.body, "model": target.served})
+        translator = Passthrough() if target.served == target.model else ModelRename(target)
+        return Exchange(request.op.path, raw, translator)
 
 
-class ModelRename:
-    """Puts the router's model name back where the backend wrote its served name.
+class Passthrough:
+    """An OpenAI answer as it came; usage read off the bytes."""
 
-    A byte replacement of the compact ``"model":"<served>"`` (vLLM and OpenAI
-    servers write compact JSON), not a parse: the body is otherwise untouched.
-    """
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
 
-    def __init__(self, target: Target) -> None:
-        self._old = b'"model":' + orjson.dumps(target.served)
-        self._new = b'"model":' + orjson.dumps(target.model)
+    def answer(self, data: bytes) -> bytes:
+        self.usage = scan_usage(data)
+        return data
 
     def feed(self, chunk: bytes) -> bytes:
-        return chunk.replace(self._old, self._new)
+        if b'"usage"' in chunk:
+            self.usage = scan_usage(chunk) or self.usage
+        return chunk
 
     def close(self) -> bytes:
         return b""
+
+
+class ModelRename(Passthrough):
+    """Puts the router's model name back where the backend wrote its served name.
+
+    Per JSON answer and per SSE event, not per network chunk: a stream is cut
+    at event boundaries (a blank line) first, so a name split across two
+    chunks is still found. ``"model": "<served>"`` is matched with or without
+    spaces; inside strings quotes are escaped, so only the key itself matches
+    (in a JSON answer, only its first occurrence: the top-level one). The
+    rest of the bytes are untouched.
+    """
+
+    def __init__(self, target: Target) -> None:
+        super().__init__()
+        served = re.escape(orjson.dumps(target.served))
+        self._pattern = re.compile(rb'("model"\s*:\s*)' + served)
+        self._new = rb"\g<1>" + orjson.dumps(target.model).replace(b"\\", b"\\\\")
+        self._pending = b""
+
+    def answer(self, data: bytes) -> bytes:
+        return super().answer(self._pattern.sub(self._new, data, count=1))
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk
+        end = _last_event_end(data)
+        if end < 0:
+            if len(data) <= MAX_PENDING:
+                self._pending = data
+                return b""
+            end = len(data)  # no event framing from this backend: do not hoard it
+        self._pending = data[end:]
+        return super().feed(self._pattern.sub(self._new, data[:end]))
+
+    def close(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        return super().feed(self._pattern.sub(self._new, rest)) if rest else b""
+
+
+def _last_event_end(data: bytes) -> int:
+    """Offset just past the last complete SSE event in ``data`` (-1 if none)."""
+    lf = data.rfind(b"\n\n")
+    crlf = data.rfind(b"\r\n\r\n")
+    if crlf >= 0 and crlf + 4 > lf + 2:
+        return crlf + 4
+    return lf + 2 if lf >= 0 else -1
 
 
 class VLLMAdapter(OpenAIAdapter):

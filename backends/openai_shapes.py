@@ -4,28 +4,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
 DONE = b"data: [DONE]\n\n"
-
-
-def max_tokens_of(body: Mapping[str, Any], default: int) -> int:
-    """The request's output cap (``max_tokens`` or ``max_completion_tokens``)."""
-    value = body.get("max_tokens", body.get("max_completion_tokens"))
-    return value if isinstance(value, int) else default
-
-
-def stop_of(body: Mapping[str, Any]) -> list[str]:
-    """The request's stop sequences, as a list (OpenAI allows one string too)."""
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        return [stop]
-    if isinstance(stop, list):
-        return [s for s in stop if isinstance(s, str)]
-    return []
 
 
 def new_id(chat: bool) -> str:
@@ -74,10 +57,9 @@ class ChunkWriter:
     """OpenAI stream chunks for one response: the role first, deltas, the finish,
     the usage chunk when asked for, ``[DONE]``."""
 
-    def __init__(self, chat: bool, model: str, body: Mapping[str, Any]) -> None:
+    def __init__(self, chat: bool, model: str, include_usage: bool) -> None:
         self.chat = chat
-        options = body.get("stream_options")
-        self.include_usage = isinstance(options, Mapping) and options.get("include_usage") is True
+        self.include_usage = include_usage
         self._head = {
             "id": new_id(chat),
             "object": "chat.completion.chunk" if chat else "text_completion",

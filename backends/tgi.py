@@ -25,9 +25,17 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict
 
-from backends.base import Load, StreamTranslator, Target, UpstreamProtocolError, UpstreamRequest
+from backends.base import (
+    Exchange,
+    Load,
+    OpenAIRequest,
+    Operation,
+    Target,
+    UpstreamProtocolError,
+    Usage,
+)
 from backends.openai import OpenAIAdapter
-from backends.openai_shapes import ChunkWriter, completion, error_event, max_tokens_of, stop_of
+from backends.openai_shapes import ChunkWriter, completion, error_event
 from backends.sse import SSEParser, json_events
 from backends.templates import render
 
@@ -45,14 +53,23 @@ class TGIOptions(BaseModel):
     default_max_tokens: int = 256
 
 
-def prompt_of(path: str, body: Mapping[str, Any], template: str) -> str:
-    if path.endswith("chat/completions"):
-        messages = body.get("messages")
-        return render(template, messages if isinstance(messages, list) else [])
-    prompt = body.get("prompt", "")
+def prompt_of(request: OpenAIRequest, template: str) -> str:
+    """The one prompt string a text-generation backend gets for ``request``."""
+    if request.op is Operation.CHAT:
+        return render(template, request.body["messages"])
+    prompt = request.body.get("prompt", "")
     if isinstance(prompt, list):
         prompt = "".join(p for p in prompt if isinstance(p, str))
     return prompt if isinstance(prompt, str) else ""
+
+
+def text_only(request: OpenAIRequest, kind: str) -> str | None:
+    """Why a text-generation backend cannot serve ``request``, or None."""
+    if not request.op.generates:
+        return f"{kind} endpoints do not serve {request.op.path}"
+    if request.sampling.n != 1:
+        return f"{kind} endpoints generate one choice per request (n must be 1)"
+    return None
 
 
 def parse_tgi_load(metrics_text: str) -> Load:
@@ -80,66 +97,37 @@ class TGIAdapter:
     def parse_load(self, metrics_text: str) -> Load:
         return parse_tgi_load(metrics_text)
 
-    def _native(self, path: str) -> bool:
-        return self.options.api == "generate" or not path.endswith("chat/completions")
+    def unsupported(self, request: OpenAIRequest) -> str | None:
+        if self.options.api == "messages" and request.op is Operation.CHAT:
+            return None
+        return text_only(request, "TGI")
 
-    def build(
-        self,
-        base_url: str,
-        path: str,
-        raw: bytes,
-        body: Mapping[str, Any],
-        target: Target,
-        headers: Mapping[str, str],
-    ) -> UpstreamRequest:
-        if not self._native(path):
-            return self._messages.build(base_url, path, raw, body, target, headers)
-        template = target.chat_template or self.options.chat_template
+    def prepare(self, request: OpenAIRequest, target: Target) -> Exchange:
+        if self.options.api == "messages" and request.op is Operation.CHAT:
+            return self._messages.prepare(request, target)
+        sampling = request.sampling
         params: dict[str, Any] = {
-            "max_new_tokens": max_tokens_of(body, self.options.default_max_tokens),
+            "max_new_tokens": sampling.max_tokens or self.options.default_max_tokens,
             "details": True,
         }
-        for name in ("temperature", "top_p", "seed", "frequency_penalty"):
-            if body.get(name) is not None:
-                params[name] = body[name]
-        if isinstance(params.get("temperature"), int | float) and params["temperature"] == 0:
-            del params["temperature"]  # TGI wants > 0; 0 means greedy, its default
-        if stop := stop_of(body):
-            params["stop"] = stop[:MAX_STOP]
-        stream = body.get("stream") is True
-        payload = {"inputs": prompt_of(path, body, template), "parameters": params}
-        route = "/generate_stream" if stream else "/generate"
-        return UpstreamRequest(base_url + route, orjson.dumps(payload), headers)
-
-    def translate_json(
-        self, path: str, body: Mapping[str, Any], target: Target, data: bytes
-    ) -> bytes:
-        if not self._native(path):
-            return data
-        try:
-            answer = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise UpstreamProtocolError("TGI answered with invalid JSON") from exc
-        if isinstance(answer, list) and answer:
-            answer = answer[0]
-        if not isinstance(answer, dict) or "generated_text" not in answer:
-            raise UpstreamProtocolError(f"unexpected TGI answer: {data[:200]!r}")
-        details = answer.get("details") or {}
-        return completion(
-            path.endswith("chat/completions"),
-            target.model,
-            str(answer["generated_text"]),
-            FINISH.get(details.get("finish_reason", ""), "stop"),
-            prompt_tokens_of(details),
-            int(details.get("generated_tokens") or 0),
-        )
-
-    def stream_translator(
-        self, path: str, body: Mapping[str, Any], target: Target
-    ) -> StreamTranslator | None:
-        if not self._native(path):
-            return None
-        return TGIStream(ChunkWriter(path.endswith("chat/completions"), target.model, body))
+        # TGI wants temperature > 0; 0 means greedy, its default.
+        if sampling.temperature:
+            params["temperature"] = sampling.temperature
+        for name, value in (
+            ("top_p", sampling.top_p),
+            ("seed", sampling.seed),
+            ("frequency_penalty", sampling.frequency_penalty),
+        ):
+            if value is not None:
+                params[name] = value
+        if sampling.stop:
+            params["stop"] = list(sampling.stop[:MAX_STOP])
+        template = target.chat_template or self.options.chat_template
+        payload = {"inputs": prompt_of(request, template), "parameters": params}
+        chat = request.op is Operation.CHAT
+        writer = ChunkWriter(chat, target.model, sampling.include_usage)
+        path = "/generate_stream" if request.stream else "/generate"
+        return Exchange(path, orjson.dumps(payload), TGITranslator(chat, target.model, writer))
 
 
 def prompt_tokens_of(details: Mapping[str, Any]) -> int:
@@ -149,14 +137,40 @@ def prompt_tokens_of(details: Mapping[str, Any]) -> int:
     return len(prefill) if isinstance(prefill, list) else 0
 
 
-class TGIStream:
-    """TGI ``generate_stream`` events -> OpenAI chunks."""
+class TGITranslator:
+    """TGI ``generate`` answers and ``generate_stream`` events -> OpenAI."""
 
-    def __init__(self, writer: ChunkWriter) -> None:
+    def __init__(self, chat: bool, model: str, writer: ChunkWriter) -> None:
+        self.chat = chat
+        self.model = model
         self.writer = writer
         self.parser = SSEParser()
         self.generated = 0
         self.done = False
+        self.usage: Usage | None = None
+
+    def answer(self, data: bytes) -> bytes:
+        try:
+            answer = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamProtocolError("TGI answered with invalid JSON") from exc
+        if isinstance(answer, list) and answer:
+            answer = answer[0]
+        if not isinstance(answer, dict) or "generated_text" not in answer:
+            raise UpstreamProtocolError(f"unexpected TGI answer: {data[:200]!r}")
+        details = answer.get("details") or {}
+        if not isinstance(details, dict):
+            raise UpstreamProtocolError("TGI answer's details are not an object")
+        prompt, generated = prompt_tokens_of(details), int(details.get("generated_tokens") or 0)
+        self.usage = Usage(prompt, generated)
+        return completion(
+            self.chat,
+            self.model,
+            str(answer["generated_text"]),
+            FINISH.get(details.get("finish_reason", ""), "stop"),
+            prompt,
+            generated,
+        )
 
     def feed(self, chunk: bytes) -> bytes:
         return self._events(self.parser.feed(chunk))
@@ -179,13 +193,17 @@ class TGIStream:
                 break
             token = event.get("token") or {}
             details = event.get("details")
+            if not isinstance(token, dict) or not isinstance(details, dict | None):
+                raise UpstreamProtocolError(f"malformed TGI stream event: {str(event)[:200]}")
             text = "" if token.get("special") else str(token.get("text", ""))
             self.generated += 1
             if details:
                 finish = FINISH.get(details.get("finish_reason", ""), "stop")
                 generated = int(details.get("generated_tokens") or self.generated)
+                prompt = prompt_tokens_of(details)
+                self.usage = Usage(prompt, generated)
                 out += self.writer.delta(text, finish)
-                out += self.writer.end(prompt_tokens_of(details), generated)
+                out += self.writer.end(prompt, generated)
                 self.done = True
             else:
                 out += self.writer.delta(text)

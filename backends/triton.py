@@ -29,17 +29,25 @@ tokens are reported as 0. Both are documented as such.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.base import Load, StreamTranslator, Target, UpstreamProtocolError, UpstreamRequest
-from backends.openai_shapes import ChunkWriter, completion, error_event, max_tokens_of, stop_of
+from backends.base import (
+    Exchange,
+    Load,
+    OpenAIRequest,
+    Operation,
+    Target,
+    UpstreamProtocolError,
+    Usage,
+)
+from backends.openai_shapes import ChunkWriter, completion, error_event
 from backends.sse import SSEParser, json_events
-from backends.tgi import prompt_of
+from backends.tgi import prompt_of, text_only
 
 DEFAULT_FIELDS = {
     "text_input": "text_input",
@@ -106,62 +114,43 @@ class TritonAdapter:
     def parse_load(self, metrics_text: str) -> Load:
         return parse_triton_load(metrics_text)
 
-    def build(
-        self,
-        base_url: str,
-        path: str,
-        raw: bytes,
-        body: Mapping[str, Any],
-        target: Target,
-        headers: Mapping[str, str],
-    ) -> UpstreamRequest:
+    def unsupported(self, request: OpenAIRequest) -> str | None:
+        return text_only(request, "Triton")
+
+    def prepare(self, request: OpenAIRequest, target: Target) -> Exchange:
         o = self.options
-        template = target.chat_template or o.chat_template
-        stream = body.get("stream") is True
+        sampling = request.sampling
+        max_tokens = sampling.max_tokens or o.default_max_tokens
         payload: dict[str, Any] = {
-            o.field("text_input"): prompt_of(path, body, template),
-            o.field("max_tokens"): max_tokens_of(body, o.default_max_tokens),
-            o.field("stream"): stream,
+            o.field("text_input"): prompt_of(request, target.chat_template or o.chat_template),
+            o.field("max_tokens"): max_tokens,
+            o.field("stream"): request.stream,
         }
-        for name in ("temperature", "top_p", "top_k", "seed"):
-            if body.get(name) is not None:
-                payload[o.field(name)] = body[name]
-        if stop := stop_of(body):
-            payload[o.field("stop_words")] = stop
-        route = "generate_stream" if stream else "generate"
-        url = f"{base_url}/v2/models/{target.served}/{route}"
-        return UpstreamRequest(url, orjson.dumps(payload), headers)
-
-    def translate_json(
-        self, path: str, body: Mapping[str, Any], target: Target, data: bytes
-    ) -> bytes:
-        try:
-            answer = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise UpstreamProtocolError("Triton answered with invalid JSON") from exc
-        if not isinstance(answer, dict):
-            raise UpstreamProtocolError(f"unexpected Triton answer: {data[:200]!r}")
-        if "error" in answer:
-            raise UpstreamProtocolError(f"Triton: {answer['error']}")
-        text = answer.get(self.options.field("text_output"))
-        if isinstance(text, list):
-            text = "".join(str(t) for t in text)
-        return completion(
-            path.endswith("chat/completions"), target.model, str(text or ""), "stop", 0, 0
-        )
-
-    def stream_translator(
-        self, path: str, body: Mapping[str, Any], target: Target
-    ) -> StreamTranslator | None:
-        limit = max_tokens_of(body, self.options.default_max_tokens)
-        writer = ChunkWriter(path.endswith("chat/completions"), target.model, body)
-        return TritonStream(writer, self.options, limit)
+        for name, value in (
+            ("temperature", sampling.temperature),
+            ("top_p", sampling.top_p),
+            ("top_k", sampling.top_k),
+            ("seed", sampling.seed),
+        ):
+            if value is not None:
+                payload[o.field(name)] = value
+        if sampling.stop:
+            payload[o.field("stop_words")] = list(sampling.stop)
+        route = "generate_stream" if request.stream else "generate"
+        chat = request.op is Operation.CHAT
+        writer = ChunkWriter(chat, target.model, sampling.include_usage)
+        translator = TritonTranslator(chat, target.model, writer, o, max_tokens)
+        return Exchange(f"/v2/models/{target.served}/{route}", orjson.dumps(payload), translator)
 
 
-class TritonStream:
-    """Triton generate_stream events -> OpenAI chunks."""
+class TritonTranslator:
+    """Triton generate answers and generate_stream events -> OpenAI."""
 
-    def __init__(self, writer: ChunkWriter, options: TritonOptions, max_tokens: int) -> None:
+    def __init__(
+        self, chat: bool, model: str, writer: ChunkWriter, options: TritonOptions, max_tokens: int
+    ) -> None:
+        self.chat = chat
+        self.model = model
         self.writer = writer
         self.parser = SSEParser()
         self.output = options.field("text_output")
@@ -170,6 +159,22 @@ class TritonStream:
         self.text = ""
         self.responses = 0
         self.failed = False
+        self.usage: Usage | None = None
+
+    def answer(self, data: bytes) -> bytes:
+        try:
+            answer = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamProtocolError("Triton answered with invalid JSON") from exc
+        if not isinstance(answer, dict):
+            raise UpstreamProtocolError(f"unexpected Triton answer: {data[:200]!r}")
+        if "error" in answer:
+            raise UpstreamProtocolError(f"Triton: {answer['error']}")
+        text = answer.get(self.output)
+        if isinstance(text, list):
+            text = "".join(str(t) for t in text)
+        self.usage = Usage(0, 0)
+        return completion(self.chat, self.model, str(text or ""), "stop", 0, 0)
 
     def feed(self, chunk: bytes) -> bytes:
         return self._events(self.parser.feed(chunk))
@@ -181,6 +186,7 @@ class TritonStream:
         # The end of the body is the end of the answer: an empty delta carries
         # the finish reason (vLLM does the same).
         finish = "length" if self.responses >= self.max_tokens else "stop"
+        self.usage = Usage(0, self.responses)
         return out + self.writer.delta("", finish) + self.writer.end(0, self.responses)
 
     def _delta(self, value: str) -> str:

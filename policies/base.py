@@ -11,9 +11,12 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from policies.prefix_index import IndexStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +85,10 @@ class Policy(Protocol):
         """Drop all state about an endpoint that left the fleet."""
         ...
 
+    def index_stats(self) -> IndexStats | None:
+        """The policy's prefix index (size, evictions), if it keeps one."""
+        ...
+
 
 def load_of(endpoint: EndpointView) -> float:
     """Requests an endpoint holds. This router's in-flight count is exact for
@@ -115,4 +122,7 @@ class StatelessPolicy:
         return None
 
     def forget(self, endpoint_id: str) -> None:
+        return None
+
+    def index_stats(self) -> IndexStats | None:
         return None

@@ -20,11 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from policies.base import Decision, EndpointView, Outcome, RequestView, load_of
-from policies.prefix_index import PrefixIndex
+from policies.prefix_index import IndexStats, PrefixIndex
 from policies.prompt import block_hashes, canonical_prompt, model_seed
 from policies.ring import RingCache, bounded_capacity, ring_order
 
@@ -90,9 +90,19 @@ class Scorer(Protocol):
 
     def picked(self, memo: Any, endpoint: EndpointView) -> None: ...
 
+    def forget(self, endpoint_id: str) -> None: ...
+
+    def index_stats(self) -> IndexStats | None: ...
+
 
 class _Stateless:
     def picked(self, memo: Any, endpoint: EndpointView) -> None:
+        return None
+
+    def forget(self, endpoint_id: str) -> None:
+        return None
+
+    def index_stats(self) -> IndexStats | None:
         return None
 
 
@@ -163,6 +173,12 @@ class PrefixMatch:
         self.index.insert(
             memo, endpoint.id, max(1, int(tokens * p.chars_per_token / p.block_chars))
         )
+
+    def forget(self, endpoint_id: str) -> None:
+        self.index.forget(endpoint_id)
+
+    def index_stats(self) -> IndexStats:
+        return self.index.stats()
 
 
 class RingOwnerParams(Params):
@@ -252,13 +268,18 @@ class CompositeParams(Params):
     filters: tuple[ComponentSpec, ...] = ()
     scorers: tuple[ComponentSpec, ...] = ()
     picker: Literal["max", "weighted_random"] = "max"
+    #: Each component's parameters, validated once, at load.
+    _filters: list[tuple[Component, Any]] = PrivateAttr(default_factory=list)
+    _scorers: list[tuple[float, Component, Any]] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _components_exist(self) -> CompositeParams:
         for spec in self.filters:
-            _resolve("filter", spec, FILTERS)
+            params = _resolve("filter", spec, FILTERS)
+            self._filters.append((FILTERS[spec.name], params))
         for spec in self.scorers:
-            _resolve("scorer", spec, SCORERS)
+            params = _resolve("scorer", spec, SCORERS)
+            self._scorers.append((spec.weight, SCORERS[spec.name], params))
         return self
 
 
@@ -268,13 +289,8 @@ class Composite:
     def __init__(self, params: CompositeParams, rng: random.Random) -> None:
         self._rng = rng
         self.picker = params.picker
-        self.filters: list[Filter] = [
-            FILTERS[s.name].build(_resolve("filter", s, FILTERS)) for s in params.filters
-        ]
-        self.scorers: list[tuple[float, Scorer]] = [
-            (s.weight, SCORERS[s.name].build(_resolve("scorer", s, SCORERS)))
-            for s in params.scorers
-        ]
+        self.filters: list[Filter] = [c.build(p) for c, p in params._filters]
+        self.scorers: list[tuple[float, Scorer]] = [(w, c.build(p)) for w, c, p in params._scorers]
         self._total_weight = sum(w for w, _ in self.scorers)
 
     def rank(self, request: RequestView, candidates: Sequence[EndpointView]) -> Decision:
@@ -314,9 +330,11 @@ class Composite:
 
     def forget(self, endpoint_id: str) -> None:
         for _, scorer in self.scorers:
-            index = getattr(scorer, "index", None)
-            if isinstance(index, PrefixIndex):
-                index.forget(endpoint_id)
+            scorer.forget(endpoint_id)
+
+    def index_stats(self) -> IndexStats | None:
+        stats = [s for _, scorer in self.scorers if (s := scorer.index_stats()) is not None]
+        return IndexStats.combine(stats)
 
 
 RANDOM_PRESET = CompositeParams(picker="weighted_random")

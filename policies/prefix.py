@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from policies.base import Decision, EndpointView, Outcome, RequestView, load_of
-from policies.prefix_index import PrefixIndex, capacity_blocks
+from policies.prefix_index import IndexStats, PrefixIndex, capacity_blocks
 from policies.prompt import block_hashes, canonical_prompt, model_seed
 from policies.ring import Capacity, RingCache
 
@@ -198,3 +198,6 @@ class PrefixAffinity:
 
     def forget(self, endpoint_id: str) -> None:
         self.index.forget(endpoint_id)
+
+    def index_stats(self) -> IndexStats:
+        return self.index.stats()

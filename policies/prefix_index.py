@@ -44,6 +44,27 @@ class IndexStats:
     capacity: dict[str, int]
     max_entries: int
 
+    @classmethod
+    def combine(cls, parts: list[IndexStats]) -> IndexStats | None:
+        """Several indexes of one policy (a composite's scorers) as one."""
+        if len(parts) <= 1:
+            return parts[0] if parts else None
+        endpoints: dict[str, int] = {}
+        capacity: dict[str, int] = {}
+        for p in parts:
+            for e, n in p.endpoints.items():
+                endpoints[e] = endpoints.get(e, 0) + n
+            for e, n in p.capacity.items():
+                capacity[e] = capacity.get(e, 0) + n
+        return cls(
+            entries=sum(p.entries for p in parts),
+            distinct_blocks=sum(p.distinct_blocks for p in parts),
+            evictions=sum(p.evictions for p in parts),
+            endpoints=endpoints,
+            capacity=capacity,
+            max_entries=sum(p.max_entries for p in parts),
+        )
+
 
 class PrefixIndex:
     def __init__(self, max_entries: int) -> None:

@@ -34,6 +34,7 @@ def known_policies() -> list[str]:
 
 
 def build_policy(name: str, params: Any, rng: random.Random) -> Policy:
-    """Build a policy from its YAML parameters (checked by ``PolicyFactory.params_model``)."""
+    """Build a policy from its YAML parameters, or from parameters the config
+    already validated (an instance of ``PolicyFactory.params_model`` is used as is)."""
     factory = POLICIES[name]
     return factory.build(factory.params_model.model_validate(params), rng)

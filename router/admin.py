@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from router.config import redact_url
 from router.errors import error_body
 from router.registry import EndpointState
 from router.reload import Reloader
@@ -32,7 +33,7 @@ def describe(endpoint: EndpointState, now: float) -> dict[str, Any]:
     c = endpoint.circuit
     return {
         "id": endpoint.id,
-        "url": endpoint.url,
+        "url": redact_url(endpoint.url),
         "kind": endpoint.config.kind,
         "source": endpoint.source,
         "models": {m: served or m for m, served in endpoint.served.items()},

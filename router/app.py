@@ -1,7 +1,7 @@
 """The router's ASGI application.
 
 RequestMiddleware      request id, OpenAI-shaped errors, access log, request metrics
-  └── dispatch         POST /v1/{chat/completions,completions,embeddings} -> Proxy
+  └── Dispatch         POST /v1/{chat/completions,completions,embeddings} -> Pipeline
                        everything else -> the control app (Starlette)
 """
 
@@ -24,16 +24,19 @@ from starlette.routing import Route
 
 from router.admin import admin_routes
 from router.config import Config
-from router.errors import InvalidRequest, RouterError, error_body
+from router.errors import InvalidRequest, RouterError, error_body, error_messages
 from router.logs import ACCESS, LOG
 from router.metrics import CONTENT_TYPE_LATEST
 from router.monitor import Monitor
-from router.proxy import ROUTES, Proxy, RequestContext, error_response_messages
+from router.pipeline import Pipeline
 from router.reload import Reloader
+from router.request import OPERATIONS, RequestContext
 from router.state import AppState
 from router.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID = b"x-request-id"
+#: The model label of requests for a model kvroute does not know.
+UNKNOWN_MODEL = "(unknown)"
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -77,7 +80,7 @@ class RequestMiddleware:
         except RouterError as err:
             ctx.error = err.message
             if not started:
-                for message in error_response_messages(err):
+                for message in error_messages(err):
                     await send_with_id(message)
         except asyncio.CancelledError:
             # The client went away while we were reading its request.
@@ -88,25 +91,28 @@ class RequestMiddleware:
             ctx.error = f"internal error: {exc.__class__.__name__}"
             if not started:
                 internal = RouterError("internal error in the router; see its logs")
-                for message in error_response_messages(internal):
+                for message in error_messages(internal):
                     await send_with_id(message)
         finally:
             self._record(scope, ctx)
 
     def _record(self, scope: Scope, ctx: RequestContext) -> None:
         duration = time.perf_counter() - ctx.start
-        if ctx.model is not None:
+        # Labels come from resolved names only: a model no route knows counts
+        # under one label, whatever the client wrote.
+        model = ctx.model or (UNKNOWN_MODEL if ctx.requested_model is not None else None)
+        if model is not None:
             endpoint = ctx.endpoint or "none"
             metrics = self.state.metrics
-            metrics.child(metrics.requests, ctx.model, endpoint, str(ctx.status)).inc()
-            series = metrics.series(ctx.model, endpoint)
+            metrics.child(metrics.requests, model, endpoint, str(ctx.status)).inc()
+            series = metrics.series(model, endpoint)
             series.duration.observe(duration)
             if ctx.ttft is not None:
                 series.ttft.observe(ctx.ttft)
             if ctx.prompt_tokens is not None:
-                metrics.child(metrics.prompt_tokens, ctx.model, endpoint).inc(ctx.prompt_tokens)
+                metrics.child(metrics.prompt_tokens, model, endpoint).inc(ctx.prompt_tokens)
                 cached = ctx.cached_tokens or 0
-                metrics.child(metrics.cached_tokens, ctx.model, endpoint).inc(cached)
+                metrics.child(metrics.cached_tokens, model, endpoint).inc(cached)
         if self.state.config.server.access_log and ACCESS.isEnabledFor(logging.INFO):
             line: dict[str, Any] = {
                 "event": "request",
@@ -116,8 +122,9 @@ class RequestMiddleware:
                 "status": ctx.status,
                 "duration_ms": round(duration * 1000, 3),
             }
-            if ctx.model is not None:
+            if ctx.requested_model is not None:
                 line.update(
+                    requested_model=ctx.requested_model,
                     model=ctx.model,
                     endpoint=ctx.endpoint,
                     policy=ctx.policy,
@@ -136,15 +143,15 @@ class RequestMiddleware:
 
 
 class Dispatch:
-    def __init__(self, proxy: Proxy, control: ASGIApp) -> None:
-        self.proxy = proxy
+    def __init__(self, pipeline: Pipeline, control: ASGIApp) -> None:
+        self.pipeline = pipeline
         self.control = control
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in ROUTES:
+        if scope["type"] == "http" and scope["path"] in OPERATIONS:
             if scope["method"] != "POST":
                 raise MethodNotAllowed(f"{scope['path']} takes POST, not {scope['method']}")
-            await self.proxy(scope, receive, send)
+            await self.pipeline(scope, receive, send)
             return
         await self.control(scope, receive, send)
 
@@ -216,4 +223,4 @@ def build_control_app(state: AppState, reloader: Reloader) -> Starlette:
 def build_app(config: Config, config_path: str | None = None) -> RequestMiddleware:
     state = AppState.from_config(config, config_path)
     control = build_control_app(state, Reloader(state))
-    return RequestMiddleware(Dispatch(Proxy(state), control), state)
+    return RequestMiddleware(Dispatch(Pipeline(state), control), state)

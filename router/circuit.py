@@ -10,15 +10,22 @@ Time comes from the caller, so tests drive it exactly.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from router.config import CircuitConfig
 
 
+class CircuitState(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
 @dataclass
 class Circuit:
     config: CircuitConfig
-    state: str = "closed"
+    state: CircuitState = CircuitState.CLOSED
     failures: int = 0
     opened_at: float = 0.0
     backoff: float = 0.0
@@ -26,33 +33,38 @@ class Circuit:
 
     def admits(self, now: float) -> bool:
         """May a request be sent now? (A half-open circuit admits one trial.)"""
-        if self.state == "closed":
+        if self.state is CircuitState.CLOSED:
             return True
-        if self.state == "open" and now < self.opened_at + self.backoff:
+        if self.state is CircuitState.OPEN and now < self.opened_at + self.backoff:
             return False
         return not self.trial_in_flight
 
     def begin(self, now: float) -> None:
-        if self.state == "open" and now >= self.opened_at + self.backoff:
-            self.state = "half_open"
-        if self.state == "half_open":
+        if self.state is CircuitState.OPEN and now >= self.opened_at + self.backoff:
+            self.state = CircuitState.HALF_OPEN
+        if self.state is CircuitState.HALF_OPEN:
             self.trial_in_flight = True
 
+    def abandon(self) -> None:
+        """The attempt ended without a verdict (the client left, or a 429): a
+        half-open circuit may try again."""
+        self.trial_in_flight = False
+
     def success(self) -> None:
-        self.state = "closed"
+        self.state = CircuitState.CLOSED
         self.failures = 0
         self.backoff = 0.0
         self.trial_in_flight = False
 
     def failure(self, now: float) -> None:
         self.failures += 1
-        if self.state == "half_open":
+        if self.state is CircuitState.HALF_OPEN:
             self.trial_in_flight = False
             self._open(now, min(self.backoff * 2, self.config.max_backoff))
-        elif self.state == "closed" and self.failures >= self.config.failures:
+        elif self.state is CircuitState.CLOSED and self.failures >= self.config.failures:
             self._open(now, self.config.base_backoff)
 
     def _open(self, now: float, backoff: float) -> None:
-        self.state = "open"
+        self.state = CircuitState.OPEN
         self.opened_at = now
         self.backoff = backoff

@@ -12,14 +12,17 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -28,6 +31,16 @@ from pydantic_core import PydanticCustomError
 from backends import ADAPTERS
 from backends.templates import ChatTemplateError, check_template
 from policies.registry import POLICIES, known_policies
+
+
+def redact_url(url: str) -> str:
+    """``url`` without what may be a secret: user info and query values."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "&".join(f"{kv.partition('=')[0]}=***" for kv in parts.query.split("&") if kv)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 class Frozen(BaseModel):
@@ -147,6 +160,10 @@ class ConsulConfig(Frozen):
     def _empty_token_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
 
+    @field_serializer("url", when_used="json")
+    def _redacted(self, url: str) -> str:
+        return redact_url(url)
+
 
 class DiscoveryConfig(Frozen):
     consul: ConsulConfig | None = None
@@ -195,6 +212,12 @@ class EndpointConfig(Frozen):
     #: Settings of the kind's adapter (tgi: api, chat_template; triton: fields,
     #: output_mode, chat_template, default_max_tokens).
     options: dict[str, Any] = Field(default_factory=dict)
+    #: ``options`` validated by the kind's options model, once, at load.
+    _adapter_options: BaseModel = PrivateAttr()
+
+    @property
+    def adapter_options(self) -> BaseModel:
+        return self._adapter_options
 
     @field_validator("url")
     @classmethod
@@ -209,6 +232,11 @@ class EndpointConfig(Frozen):
     @classmethod
     def _empty_key_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_serializer("url", "metrics_url", when_used="json")
+    def _redacted(self, url: str | None) -> str | None:
+        # JSON is what leaves the process (/admin/config), like SecretStr's "****".
+        return None if url is None else redact_url(url)
 
     @field_validator("kind")
     @classmethod
@@ -227,7 +255,7 @@ class EndpointConfig(Frozen):
         if factory is None:
             return self
         try:
-            factory.options_model.model_validate(self.options)
+            self._adapter_options = factory.options_model.model_validate(self.options)
         except ValidationError as exc:
             details = "; ".join(f"{_format_loc(e['loc'])}: {e['msg']}" for e in exc.errors())
             raise PydanticCustomError(
@@ -244,6 +272,12 @@ class PolicySpec(Frozen):
     model_config = ConfigDict(frozen=True, extra="allow")
 
     name: str
+    #: The parameters validated by the policy's parameter model, once, at load.
+    _typed_params: BaseModel = PrivateAttr()
+
+    @property
+    def typed_params(self) -> BaseModel:
+        return self._typed_params
 
     @model_validator(mode="before")
     @classmethod
@@ -260,7 +294,7 @@ class PolicySpec(Frozen):
                 {"name": self.name, "known": ", ".join(known_policies())},
             )
         try:
-            factory.params_model.model_validate(self.params)
+            self._typed_params = factory.params_model.model_validate(self.params)
         except ValidationError as exc:
             details = "; ".join(f"{_format_loc(e['loc'])}: {e['msg']}" for e in exc.errors())
             raise PydanticCustomError(

@@ -10,6 +10,7 @@
     └── UpstreamError                (status of the failure)
         ├── UpstreamConnectError     502 upstream_connect_error
         ├── UpstreamTimeout          504 upstream_timeout
+        ├── EndpointMisconfigured    502 endpoint_misconfigured (e.g. its chat template breaks)
         └── UpstreamHTTPError        upstream status, upstream body normalised
 
 Lower-level exceptions (aiohttp, JSON decoders) are mapped at the boundary and
@@ -98,6 +99,13 @@ class UpstreamTimeout(UpstreamError):
     status = 504
     type = "timeout"
     code = "upstream_timeout"
+
+
+class EndpointMisconfigured(UpstreamError):
+    """The endpoint cannot serve the request as configured: fail over, but it
+    is no verdict on the backend's health."""
+
+    code = "endpoint_misconfigured"
 
 
 class UpstreamHTTPError(UpstreamError):
@@ -198,3 +206,17 @@ def _looks_like_openai_type(type_: str) -> bool:
     # vLLM sends Python class names ("NotFoundError", "Bad Request"); OpenAI
     # clients expect snake_case types, so those are replaced by the status's.
     return type_.islower() and " " not in type_
+
+
+def error_messages(err: RouterError) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The two ASGI messages of ``err`` as an OpenAI error response."""
+    data = err.to_bytes()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(data)).encode()),
+        *err.headers(),
+    ]
+    return (
+        {"type": "http.response.start", "status": err.status, "headers": headers},
+        {"type": "http.response.body", "body": data},
+    )

@@ -73,12 +73,6 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.in_flight = Gauge(
-            "kvroute_in_flight_requests",
-            "Requests this router has in flight to each endpoint.",
-            ["endpoint"],
-            registry=r,
-        )
         self.upstream_errors = Counter(
             "kvroute_upstream_errors_total",
             "Failed attempts to an endpoint, by kind of failure.",
@@ -232,6 +226,11 @@ class EndpointCollector(Collector):
             "1 while the endpoint's circuit is open.",
             labels=["endpoint"],
         )
+        in_flight = GaugeMetricFamily(
+            "kvroute_in_flight_requests",
+            "Requests this router has in flight to each endpoint.",
+            labels=["endpoint"],
+        )
         load = GaugeMetricFamily(
             "kvroute_endpoint_load",
             "Load scraped from the endpoint's metrics (running, waiting, kv_usage).",
@@ -240,6 +239,7 @@ class EndpointCollector(Collector):
         for snap in self._source():
             up.add_metric([snap.id], 1.0 if snap.available else 0.0)
             circuit.add_metric([snap.id], 1.0 if snap.circuit_open else 0.0)
+            in_flight.add_metric([snap.id], snap.in_flight)
             for kind, value in (
                 ("running", snap.running),
                 ("waiting", snap.waiting),
@@ -247,7 +247,7 @@ class EndpointCollector(Collector):
             ):
                 if value is not None:
                     load.add_metric([snap.id, kind], value)
-        return [up, circuit, load]
+        return [up, circuit, in_flight, load]
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +255,7 @@ class EndpointSnapshot:
     id: str
     available: bool
     circuit_open: bool
+    in_flight: int
     running: float | None
     waiting: float | None
     kv_usage: float | None

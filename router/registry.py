@@ -11,12 +11,14 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from backends import Adapter, Target, build_adapter
+from backends import ADAPTERS, Adapter, OpenAIRequest, Target
 from policies.base import EndpointView, Policy
-from policies.prefix_index import IndexStats, PrefixIndex
+from policies.prefix_index import IndexStats
 from policies.registry import build_policy
 from router.circuit import Circuit
 from router.config import CircuitConfig, Config, EndpointConfig, PolicySpec
+from router.errors import EndpointMisconfigured, UpstreamError, UpstreamHTTPError
+from router.retry import retry_after_seconds
 
 
 @dataclass(eq=False)
@@ -57,7 +59,7 @@ class EndpointState:
             headers["authorization"] = f"Bearer {cfg.api_key.get_secret_value()}"
         return cls(
             config=cfg,
-            adapter=build_adapter(cfg.kind, cfg.options),
+            adapter=ADAPTERS[cfg.kind].build(cfg.adapter_options),
             served={m.name: m.served_name for m in cfg.models},
             targets={
                 m.name: Target(m.name, m.served_name or m.name, m.chat_template) for m in cfg.models
@@ -77,9 +79,45 @@ class EndpointState:
             and self.circuit.admits(now)
         )
 
-    def record_latency(self, seconds: float) -> None:
+    # -- one attempt's bookkeeping: begin, then one verdict, then end -------------
+
+    def begin(self, now: float) -> None:
+        """An attempt starts (a half-open circuit's trial, if it is one)."""
+        self.circuit.begin(now)
+        self.in_flight += 1
+
+    def end(self) -> None:
+        self.in_flight -= 1
+
+    def succeeded(self, seconds: float) -> None:
+        self.circuit.success()
         prev = self.latency_ewma
         self.latency_ewma = seconds if prev is None else prev + (seconds - prev) * 0.2
+
+    def failed(self, exc: UpstreamError, now: float) -> None:
+        """What a failed attempt says about the endpoint: a 429 (or a 503 with
+        Retry-After) cools it down without a circuit verdict; another 4xx is a
+        correct refusal; a misconfiguration (its chat template breaks) is ours,
+        not the backend's; connection errors, timeouts and 5xx count against it."""
+        self.last_error = exc.message
+        if isinstance(exc, EndpointMisconfigured):
+            self.circuit.abandon()
+            return
+        if isinstance(exc, UpstreamHTTPError):
+            if exc.status in (429, 503) and exc.retry_after:
+                self.cooldown_until = now + retry_after_seconds(exc.retry_after)
+            if exc.status == 429:
+                self.cooldown_until = max(self.cooldown_until, now + 1.0)
+                self.circuit.abandon()
+                return
+            if exc.status < 500:
+                self.circuit.success()  # it answered, and correctly refused the request
+                return
+        self.circuit.failure(now)
+
+    def abandoned(self) -> None:
+        """The client left mid-attempt: no verdict on the endpoint."""
+        self.circuit.abandon()
 
     @property
     def id(self) -> str:
@@ -181,9 +219,22 @@ class EndpointRegistry:
     def serving(self, model: str) -> list[EndpointState]:
         return self._by_model.get(model, [])
 
-    def candidates(self, model: str) -> list[EndpointState]:
+    def candidates(self, model: str, request: OpenAIRequest | None = None) -> list[EndpointState]:
+        """The endpoints of ``model`` that take requests now (and can serve ``request``)."""
         now = self.clock()
-        return [s for s in self._by_model.get(model, ()) if s.admits(now)]
+        return [
+            s
+            for s in self._by_model.get(model, ())
+            if s.admits(now) and (request is None or s.adapter.unsupported(request) is None)
+        ]
+
+    def unsupported(self, model: str, request: OpenAIRequest) -> str | None:
+        """Why no endpoint of ``model``, healthy or not, can serve ``request``
+        (None when one can)."""
+        reasons = [s.adapter.unsupported(request) for s in self._by_model.get(model, ())]
+        if not reasons or None in reasons:
+            return None
+        return next(r for r in reasons if r)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +275,7 @@ class RouteTable:
 
     def _build(self, model: str, spec: PolicySpec) -> Route:
         rng = random.Random(self._rng.getrandbits(64))
-        return Route(model, spec.name, build_policy(spec.name, spec.params, rng), spec)
+        return Route(model, spec.name, build_policy(spec.name, spec.typed_params, rng), spec)
 
     def resolve(self, name: str) -> Route | None:
         canonical = self._names.get(name)
@@ -250,9 +301,9 @@ class RouteTable:
     def index_stats(self) -> list[tuple[str, IndexStats]]:
         out = []
         for route in self._routes.values():
-            index = getattr(route.policy, "index", None)
-            if isinstance(index, PrefixIndex):
-                out.append((route.model, index.stats()))
+            stats = route.policy.index_stats()
+            if stats is not None:
+                out.append((route.model, stats))
         return out
 
     def public_models(self) -> list[str]:

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from router.circuit import CircuitState
 from router.config import Config, EndpointConfig
 from router.forward import Forwarder
 from router.metrics import EndpointCollector, EndpointSnapshot, IndexCollector, Metrics
@@ -40,7 +41,13 @@ class AppState:
         now = self.registry.clock()
         return [
             EndpointSnapshot(
-                e.id, e.admits(now), e.circuit.state == "open", e.running, e.waiting, e.kv_usage
+                e.id,
+                e.admits(now),
+                e.circuit.state is CircuitState.OPEN,
+                e.in_flight,
+                e.running,
+                e.waiting,
+                e.kv_usage,
             )
             for e in self.registry.all()
         ]

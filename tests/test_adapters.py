@@ -2,21 +2,44 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import pytest
 
-from backends import Target, UpstreamProtocolError, build_adapter
+from backends import Operation, Sampling, Target, UpstreamProtocolError, build_adapter
 from backends.sse import SSEParser
 from backends.templates import ChatTemplateError, render
 from router.config import ConfigError, parse_config
+from router.request import parse_sampling
 from tests.helpers import FIXTURES
 
 TRITON = FIXTURES / "triton"
-CHAT = "/v1/chat/completions"
+CHAT = Operation.CHAT
+COMPLETION = Operation.COMPLETION
 TARGET = Target("tiny", "ensemble", None)
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+
+
+@dataclass(frozen=True)
+class Req:
+    """An OpenAI request as adapters see it (the router's InferenceRequest)."""
+
+    op: Operation
+    raw: bytes
+    body: dict[str, Any]
+    stream: bool
+    sampling: Sampling
+
+
+def req(op: Operation, body: dict[str, Any]) -> Req:
+    stream = body.get("stream") is True
+    return Req(op, orjson.dumps(body), body, stream, parse_sampling(body, op, stream))
+
+
+def translator(adapter: Any, op: Operation, body: dict[str, Any], target: Target = TARGET) -> Any:
+    return adapter.prepare(req(op, body), target).translator
 
 
 def openai_events(raw: bytes) -> list[Any]:
@@ -87,8 +110,8 @@ def test_triton_request_has_ensemble_fields() -> None:
         "stream": True,
         "seed": 9,
     }
-    up = triton().build("http://t:8000", CHAT, b"", body, TARGET, {})
-    assert up.url == "http://t:8000/v2/models/ensemble/generate_stream"
+    up = triton().prepare(req(CHAT, body), TARGET)
+    assert up.path == "/v2/models/ensemble/generate_stream"
     sent = orjson.loads(up.body)
     assert sent == {
         "text_input": render("chatml", MESSAGES),
@@ -99,11 +122,7 @@ def test_triton_request_has_ensemble_fields() -> None:
         "stop_words": ["END"],
     }
     renamed = triton(fields={"seed": "random_seed", "text_input": "prompt"}, default_max_tokens=7)
-    sent = orjson.loads(
-        renamed.build(
-            "http://t", "/v1/completions", b"", {"prompt": "hi", "seed": 1}, TARGET, {}
-        ).body
-    )
+    sent = orjson.loads(renamed.prepare(req(COMPLETION, {"prompt": "hi", "seed": 1}), TARGET).body)
     assert (sent["prompt"], sent["random_seed"], sent["max_tokens"], sent["stream"]) == (
         "hi",
         1,
@@ -121,7 +140,7 @@ def test_triton_recorded_stream_becomes_openai_chunks() -> None:
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    out = openai_events(feed_bytewise(triton().stream_translator(CHAT, body, TARGET), raw))
+    out = openai_events(feed_bytewise(translator(triton(), CHAT, body), raw))
     assert out[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     text = "".join(e["choices"][0]["delta"]["content"] for e in out[1:-2])
     assert text == "w0 w1 w2 w3 w4 "
@@ -132,7 +151,9 @@ def test_triton_recorded_stream_becomes_openai_chunks() -> None:
 
 def test_triton_error_midway_becomes_an_openai_error_event() -> None:
     raw = (TRITON / "31_model_err_stream_midway.body.txt").read_bytes()
-    out = feed_bytewise(triton().stream_translator(CHAT, {"max_tokens": 5}, TARGET), raw)
+    out = feed_bytewise(
+        translator(triton(), CHAT, {"messages": MESSAGES, "max_tokens": 5, "stream": True}), raw
+    )
     events = openai_events(out)
     assert [e["choices"][0]["delta"].get("content") for e in events[:3]] == ["", "w0 ", "w1 "]
     assert events[-1]["error"]["message"] == "Triton: simulated failure after 2 tokens"
@@ -140,32 +161,36 @@ def test_triton_error_midway_becomes_an_openai_error_event() -> None:
 
 
 def test_triton_empty_stream_and_accumulated_output() -> None:
-    empty = triton().stream_translator(CHAT, {"max_tokens": 0}, TARGET)
+    empty = translator(triton(), CHAT, {"messages": MESSAGES, "max_tokens": 1, "stream": True})
     events = openai_events(empty.feed(b"") + empty.close())
-    assert events[-2]["choices"][0]["finish_reason"] == "length" and events[-1] == "[DONE]"
+    assert events[-2]["choices"][0]["finish_reason"] == "stop" and events[-1] == "[DONE]"
     acc = b"".join(
         b'data: {"model_name":"e","model_version":"1","text_output":"' + t + b'"}\n\n'
         for t in (b"Hello", b"Hello wor", b"Hello world")
     )
     events = openai_events(
-        feed_bytewise(triton().stream_translator("/v1/completions", {"max_tokens": 9}, TARGET), acc)
+        feed_bytewise(
+            translator(triton(), COMPLETION, {"prompt": "x", "max_tokens": 9, "stream": True}), acc
+        )
     )
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == "Hello world"
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
     # Repeated equal deltas are deltas, not accumulation.
     same = b"".join(b'data: {"text_output":"ab"}\n\n' for _ in range(3))
-    events = openai_events(triton().stream_translator("/v1/completions", {}, TARGET).feed(same))
+    events = openai_events(
+        translator(triton(), COMPLETION, {"prompt": "x", "stream": True}).feed(same)
+    )
     assert "".join(e["choices"][0]["text"] for e in events) == "ababab"
 
 
 def test_triton_generate_json_and_the_error_hidden_in_a_200() -> None:
     ok = (TRITON / "12_sync_generate.body.txt").read_bytes()
-    answer = orjson.loads(triton().translate_json(CHAT, {}, TARGET, ok))
+    answer = orjson.loads(translator(triton(), CHAT, {"messages": MESSAGES}).answer(ok))
     assert answer["choices"][0]["message"]["content"] == "w0 w1 w2 "
     assert answer["model"] == "tiny" and answer["object"] == "chat.completion"
     hidden = (TRITON / "11_generate_on_decoupled.body.txt").read_bytes()
     with pytest.raises(UpstreamProtocolError, match="exactly 1 response"):
-        triton().translate_json(CHAT, {}, TARGET, hidden)
+        translator(triton(), CHAT, {"messages": MESSAGES}).answer(hidden)
 
 
 def test_triton_load_from_metrics() -> None:
@@ -194,8 +219,8 @@ def test_tgi_request_parameters() -> None:
         "stop": ["a", "b", "c", "d", "e"],
         "frequency_penalty": 0.5,
     }
-    up = tgi().build("http://g", CHAT, b"", body, Target("m", "m", "llama-3"), {})
-    assert up.url == "http://g/generate"
+    up = tgi().prepare(req(CHAT, body), Target("m", "m", "llama-3"))
+    assert up.path == "/generate"
     sent = orjson.loads(up.body)
     assert sent["inputs"] == render("llama-3", MESSAGES)
     assert sent["parameters"] == {
@@ -205,12 +230,13 @@ def test_tgi_request_parameters() -> None:
         "frequency_penalty": 0.5,
         "stop": ["a", "b", "c", "d"],
     }
-    streamed = tgi().build("http://g", CHAT, b"", {**body, "stream": True}, TARGET, {})
-    assert streamed.url == "http://g/generate_stream"
-    passthrough = tgi(api="messages").build(
-        "http://g", CHAT, b'{"x":1}', {"model": "ensemble"}, TARGET, {}
+    streamed = tgi().prepare(req(CHAT, {**body, "stream": True}), TARGET)
+    assert streamed.path == "/generate_stream"
+    passthrough = tgi(api="messages").prepare(
+        req(CHAT, {"model": "ensemble", "messages": MESSAGES}), TARGET
     )
-    assert (passthrough.url, passthrough.body) == ("http://g/v1/chat/completions", b'{"x":1}')
+    assert passthrough.path == "/v1/chat/completions"
+    assert orjson.loads(passthrough.body) == {"model": "ensemble", "messages": MESSAGES}
 
 
 def test_tgi_answers_become_openai() -> None:
@@ -224,16 +250,16 @@ def test_tgi_answers_become_openai() -> None:
             "tokens": [],
         },
     }
-    out = orjson.loads(tgi().translate_json(CHAT, {}, TARGET, orjson.dumps(answer)))
+    out = orjson.loads(translator(tgi(), CHAT, {"messages": MESSAGES}).answer(orjson.dumps(answer)))
     assert out["choices"][0]["message"]["content"] == " the end"
     assert out["choices"][0]["finish_reason"] == "stop"
     assert out["usage"] == {"prompt_tokens": 0, "completion_tokens": 2, "total_tokens": 2}
     listed = orjson.loads(
-        tgi().translate_json("/v1/completions", {}, TARGET, orjson.dumps([answer]))
+        translator(tgi(), COMPLETION, {"prompt": "x"}).answer(orjson.dumps([answer]))
     )
     assert listed["choices"][0]["text"] == " the end"
     with pytest.raises(UpstreamProtocolError):
-        tgi().translate_json(CHAT, {}, TARGET, b'{"error":"x"}')
+        translator(tgi(), CHAT, {"messages": MESSAGES}).answer(b'{"error":"x"}')
 
     def event(i: int, text: str, final: bool) -> bytes:
         e = {
@@ -252,12 +278,12 @@ def test_tgi_answers_become_openai() -> None:
         return b"data:" + orjson.dumps(e) + b"\n\n"
 
     raw = event(1, "a", False) + event(2, "b", True)
-    body = {"stream": True, "stream_options": {"include_usage": True}}
-    events = openai_events(feed_bytewise(tgi().stream_translator(CHAT, body, TARGET), raw))
+    body = {"messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}}
+    events = openai_events(feed_bytewise(translator(tgi(), CHAT, body), raw))
     assert "".join(e["choices"][0]["delta"]["content"] for e in events[:-2]) == "ab"
     assert events[-3]["choices"][0]["finish_reason"] == "length"
     assert events[-2]["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
-    broken = tgi().stream_translator(CHAT, {}, TARGET)
+    broken = translator(tgi(), CHAT, {"messages": MESSAGES, "stream": True})
     out = openai_events(
         feed_bytewise(
             broken, event(1, "a", False) + b'data:{"error":"oom","error_type":"generation"}\n\n'
@@ -269,3 +295,39 @@ def test_tgi_answers_become_openai() -> None:
         "param": None,
         "code": "generation",
     }
+
+
+# -- the response's model name (OpenAI kinds) ----------------------------------------
+
+
+def test_model_rename_per_event_whatever_the_chunking_and_spacing() -> None:
+    served = Target("tiny", "org/Tiny-Model", None)
+    body = {"model": "tiny", "messages": MESSAGES, "stream": True}
+    raw = (
+        b'data: {"id":"a","model":"org/Tiny-Model","choices":[]}\n\n'
+        b'data: {"id": "b", "model" : "org/Tiny-Model", "choices": []}\r\n\r\n'
+        b'data: {"id":"c","model":"org/Tiny-Model","text":"\\"model\\":\\"org/Tiny-Model\\""}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    for adapter in (build_adapter("vllm", {}), tgi(api="messages")):
+        out = feed_bytewise(translator(adapter, CHAT, body, served), raw)
+        assert out.count(b"org/Tiny-Model") == 1  # only inside the content string
+        assert out.count(b'"tiny"') == 3 and out.endswith(b"data: [DONE]\n\n")
+        assert b'"model" : "tiny"' in out  # spacing kept, only the name changed
+    whole = translator(build_adapter("openai", {}), CHAT, {"model": "tiny", "messages": []}, served)
+    answer = whole.answer(b'{"id":"x", "model": "org/Tiny-Model", "usage":{"prompt_tokens":2}}')
+    assert answer == b'{"id":"x", "model": "tiny", "usage":{"prompt_tokens":2}}'
+    assert whole.usage is not None and whole.usage.prompt_tokens == 2
+    # Same name: the bytes pass through untouched, not even copied into events.
+    same = translator(build_adapter("vllm", {}), CHAT, body, Target("tiny", "tiny"))
+    assert same.feed(b'data: {"model":"x"') == b'data: {"model":"x"'
+
+
+def test_backends_say_what_they_cannot_serve() -> None:
+    embed = req(Operation.EMBEDDING, {"model": "m", "input": "x"})
+    chat_n2 = req(CHAT, {"model": "m", "messages": MESSAGES, "n": 2})
+    assert build_adapter("vllm", {}).unsupported(embed) is None
+    for adapter in (tgi(), tgi(api="messages"), triton()):
+        assert "/v1/embeddings" in (adapter.unsupported(embed) or "")
+    assert "n must be 1" in (triton().unsupported(chat_n2) or "")
+    assert tgi(api="messages").unsupported(chat_n2) is None  # TGI's own OpenAI API

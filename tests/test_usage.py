@@ -2,22 +2,26 @@ from __future__ import annotations
 
 import random
 
+from backends.base import Usage
+from backends.usage import scan_usage
 from policies import EndpointView, Outcome, RequestView, build_policy
 from policies.prefix import PrefixAffinity
-from router.usage import scan_usage
 from tests.helpers import FIXTURES
 
 VLLM = FIXTURES / "vllm"
 
 
 def test_usage_is_found_in_recorded_vllm_answers() -> None:
-    assert scan_usage((VLLM / "chat_again_cached.body").read_bytes()) == (170, 128)
-    assert scan_usage((VLLM / "completion.body").read_bytes()) == (7, 0)
+    cached = scan_usage((VLLM / "chat_again_cached.body").read_bytes())
+    assert cached is not None and (cached.prompt_tokens, cached.cached_tokens) == (170, 128)
+    completion = scan_usage((VLLM / "completion.body").read_bytes())
+    assert completion is not None and (completion.prompt_tokens, completion.cached_tokens) == (7, 0)
     stream = (VLLM / "chat_stream_usage.body").read_bytes()
     last_event = stream.split(b"\n\n")[-3]
-    assert scan_usage(last_event) == (15, 0)
-    assert scan_usage((VLLM / "chat_stream.body").read_bytes()) == (None, None)
-    assert scan_usage(b'{"usage": {"prompt_tokens": 3}}') == (3, None)
+    streamed = scan_usage(last_event)
+    assert streamed is not None and (streamed.prompt_tokens, streamed.cached_tokens) == (15, 0)
+    assert scan_usage((VLLM / "chat_stream.body").read_bytes()) is None
+    assert scan_usage(b'{"usage": {"prompt_tokens": 3}}') == Usage(3, None, None)
 
 
 def test_prefix_affinity_learns_characters_per_token() -> None:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import asyncio
+import contextlib
+import signal
+from collections.abc import Generator, Sequence
+
+import uvicorn
 
 from backends.sim.common import Faults
 from backends.sim.engine import EngineParams
@@ -116,8 +121,7 @@ def params_from_args(args: argparse.Namespace) -> EngineParams:
 
 
 async def run_simulator(args: argparse.Namespace) -> int:
-    from router.serve import Server, uvicorn_config
-
+    """Serve one simulator until SIGINT/SIGTERM (uvicorn's own handling)."""
     faults = Faults(
         fail_rate=args.fail_rate,
         fail_status=args.fail_status,
@@ -125,6 +129,30 @@ async def run_simulator(args: argparse.Namespace) -> int:
         die_after_chunks=args.die_after_chunks,
     )
     sim = build_simulator(args.kind, args.model, params_from_args(args), faults)
-    server = Server(uvicorn_config(sim.app, args.host, args.port, args.log_level))
-    await server.serve()
+    config = uvicorn.Config(
+        sim.app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+    )
+    await QuietExitServer(config).serve()
     return 0
+
+
+class QuietExitServer(uvicorn.Server):
+    """Stops gracefully on SIGINT/SIGTERM and exits 0 (uvicorn's own handling
+    raises the signal again once stopped, so the process dies of it)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)

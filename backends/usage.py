@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import re
 
+from backends.base import Usage
+
 _PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _CACHED = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
 
 
-def scan_usage(data: bytes) -> tuple[int | None, int | None]:
-    """``(prompt_tokens, cached_tokens)`` from the last ``"usage"`` in ``data``."""
+def scan_usage(data: bytes) -> Usage | None:
+    """The last ``"usage"`` object in ``data``, or None if there is none."""
     at = data.rfind(b'"usage"')
     if at < 0:
-        return None, None
+        return None
     prompt = _PROMPT.search(data, at)
+    completion = _COMPLETION.search(data, at)
     cached = _CACHED.search(data, at)
-    return (
-        int(prompt.group(1)) if prompt else None,
-        int(cached.group(1)) if cached else None,
+    return Usage(
+        prompt_tokens=int(prompt.group(1)) if prompt else None,
+        completion_tokens=int(completion.group(1)) if completion else None,
+        cached_tokens=int(cached.group(1)) if cached else None,
     )

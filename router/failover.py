@@ -1,0 +1,149 @@
+"""The last stage: choose an endpoint, attempt it, fail over until one answers.
+
+    for each route (the model, then its fallbacks):
+        candidates (available, and able to serve this request)
+        -> policy.rank -> for each ranked endpoint, within the retry limits:
+               endpoint.begin -> relay -> a verdict (succeeded / failed /
+               abandoned) -> endpoint.end -> policy.observe
+
+A failure before the first byte reached the client moves on to the next
+endpoint (then the next route); after it, or for a client's error, it is the
+answer. Retries are bounded per request (``max_attempts``, ``deadline``) and
+fleet-wide (the retry budget).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from backends.base import Usage
+from policies.base import Decision, Outcome, RequestView
+from router.errors import (
+    InvalidRequest,
+    NoHealthyEndpoint,
+    RouterError,
+    UpstreamError,
+    UpstreamHTTPError,
+)
+from router.registry import EndpointState, Route
+from router.relay import Relay
+from router.request import InferenceRequest
+from router.state import AppState
+from router.types import Send
+
+
+class UnsupportedOperation(InvalidRequest):
+    code = "unsupported_operation"
+
+
+def retryable(exc: UpstreamError) -> bool:
+    """Failures another endpoint may not have: connection, timeout, 5xx, 429."""
+    if isinstance(exc, UpstreamHTTPError):
+        return exc.status >= 500 or exc.status == 429
+    return True
+
+
+class Failover:
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self.relay = Relay(state.forwarder, state.metrics)
+
+    async def __call__(self, request: InferenceRequest, send: Send) -> None:
+        state = self.state
+        route = request.routed
+        reason = state.registry.unsupported(route.model, request)
+        if reason is not None:
+            raise UnsupportedOperation(
+                f"model '{route.model}' cannot serve {request.op.path}: {reason}", param="model"
+            )
+        retries = state.config.retries
+        clock = state.registry.clock
+        deadline = clock() + retries.deadline
+        state.budget.record_request(clock())
+        ctx = request.ctx
+        attempts = 0
+        last: RouterError | None = None
+        for current in self._route_chain(route):
+            candidates = state.registry.candidates(current.model, request)
+            if not candidates:
+                last = last or NoHealthyEndpoint(
+                    f"no healthy endpoint serves model '{current.model}'"
+                )
+                continue
+            view = RequestView(
+                current.model, request.op.name.lower(), request.body, request.headers
+            )
+            decision = current.policy.rank(view, [c.view() for c in candidates])
+            ctx.policy, ctx.reason = current.policy_name, decision.reason
+            state.metrics.record_decision(current.model, current.policy_name, decision)
+            for choice in decision.ranked:
+                if attempts >= retries.max_attempts or clock() > deadline:
+                    break
+                endpoint = state.registry.get(choice.id)
+                if endpoint is None or not endpoint.admits(clock()):
+                    continue
+                if attempts and not state.budget.allow_retry(clock()):
+                    state.metrics.retries_denied.inc()
+                    break
+                if attempts:
+                    state.metrics.child(state.metrics.retries, current.model).inc()
+                attempts += 1
+                ctx.attempts = attempts
+                try:
+                    await self._attempt(request, send, current, decision, endpoint)
+                    return
+                except UpstreamError as exc:
+                    if ctx.status or not retryable(exc):
+                        raise
+                    last = exc
+            if attempts >= retries.max_attempts or clock() > deadline:
+                break
+        err = last or NoHealthyEndpoint(f"no healthy endpoint serves model '{route.model}'")
+        if attempts > 1:
+            err.should_retry = False
+        raise err
+
+    def _route_chain(self, route: Route) -> list[Route]:
+        chain = [route]
+        for name in self.state.routes.fallbacks(route.model):
+            fallback = self.state.routes.resolve(name)
+            if fallback is not None and fallback not in chain:
+                chain.append(fallback)
+        return chain
+
+    async def _attempt(
+        self,
+        request: InferenceRequest,
+        send: Send,
+        route: Route,
+        decision: Decision,
+        endpoint: EndpointState,
+    ) -> None:
+        state = self.state
+        clock = state.registry.clock
+        ctx = request.ctx
+        ctx.endpoint = endpoint.id
+        ctx.model = route.model
+        usage: Usage | None = None
+        ok = False
+        started = clock()
+        endpoint.begin(started)
+        try:
+            translator = await self.relay(request, send, endpoint, endpoint.targets[route.model])
+            usage = translator.usage
+            ok = True
+        except UpstreamError as exc:
+            state.metrics.upstream_errors.labels(endpoint.id, exc.code or "error").inc()
+            endpoint.failed(exc, clock())
+            raise
+        except asyncio.CancelledError:
+            endpoint.abandoned()
+            raise
+        else:
+            endpoint.succeeded(clock() - started)
+        finally:
+            endpoint.end()
+            if usage is not None:
+                ctx.prompt_tokens, ctx.cached_tokens = usage.prompt_tokens, usage.cached_tokens
+            outcome = Outcome(ok, ctx.prompt_tokens, ctx.cached_tokens)
+            route.policy.observe(decision, endpoint.id, outcome)

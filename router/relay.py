@@ -1,0 +1,271 @@
+"""One attempt at one endpoint: prepare the exchange, send it, relay the answer.
+
+    adapter.prepare -> upstream request (URL from the endpoint, headers by rule)
+      -> forward -> error status?  UpstreamHTTPError (the caller may fail over)
+                 -> a whole answer: translator.answer -> one JSON response
+                 -> a stream: nothing goes to the client before the first
+                    translated chunk (first_byte bounds the wait for it); then
+                    chunk by chunk, each within ``idle`` of the last
+
+A failure before the first byte reached the client raises an ``UpstreamError``
+(the caller fails over). After it, the stream ends with an OpenAI error event,
+is counted in ``kvroute_stream_errors_total``, and the error is raised for the
+caller's bookkeeping; the client already has its status line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+
+import aiohttp
+
+from backends.base import Target, Translator, UpstreamProtocolError
+from backends.templates import ChatTemplateError, ChatTemplateRejected
+from router.errors import (
+    EndpointMisconfigured,
+    InvalidRequest,
+    RouterError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamHTTPError,
+    UpstreamTimeout,
+    normalise_upstream_error,
+)
+from router.forward import Forwarder, UpstreamRequest
+from router.metrics import Metrics
+from router.registry import EndpointState
+from router.request import InferenceRequest, RequestContext
+from router.types import Send
+
+LOG = logging.getLogger("kvroute.relay")
+
+# Client headers that never go upstream: hop-by-hop ones, those the client
+# library sets for its own connection, and the client's credentials.
+DROP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "authorization",
+        "api-key",
+        "x-api-key",
+        "cookie",
+        "accept-encoding",
+        "content-type",
+        "x-request-id",
+    }
+)
+JSON = b"application/json"
+SSE = b"text/event-stream"
+
+
+def upstream_headers(
+    client: Mapping[str, str], base: Mapping[str, str], request_id: str
+) -> dict[str, str]:
+    headers = dict(base)
+    for key, value in client.items():
+        if key not in DROP_HEADERS:
+            headers[key] = value
+    headers["x-request-id"] = request_id
+    # Readable answers: a compressing proxy in between should not compress
+    # (and if it does anyway, the forwarder decodes).
+    headers["accept-encoding"] = "identity"
+    return headers
+
+
+class Relay:
+    def __init__(self, forwarder: Forwarder, metrics: Metrics) -> None:
+        self.forwarder = forwarder
+        self.metrics = metrics
+
+    async def __call__(
+        self, request: InferenceRequest, send: Send, endpoint: EndpointState, target: Target
+    ) -> Translator:
+        """Serve ``request`` from ``endpoint``; the translator (with the answer's
+        usage) once the answer is out."""
+        try:
+            exchange = endpoint.adapter.prepare(request, target)
+        except ChatTemplateRejected as exc:
+            # The model's template refuses this conversation: the client's to fix.
+            raise InvalidRequest(exc.message, param="messages") from exc
+        except ChatTemplateError as exc:
+            raise EndpointMisconfigured(
+                f"endpoint {endpoint.id} could not render its chat template: {exc}"
+            ) from exc
+        upstream = UpstreamRequest(
+            endpoint.id,
+            endpoint.url + exchange.path,
+            exchange.body,
+            upstream_headers(request.headers, endpoint.headers, request.request_id),
+        )
+        if request.stream:
+            await self._stream(request, send, upstream, exchange.translator)
+        else:
+            await self._whole(request, send, upstream, exchange.translator)
+        return exchange.translator
+
+    async def _whole(
+        self, request: InferenceRequest, send: Send, upstream: UpstreamRequest, tr: Translator
+    ) -> None:
+        resp = await self.forwarder.send(upstream, stream=False)
+        try:
+            data = await _read_all(resp, upstream.endpoint_id)
+            if resp.status >= 400:
+                raise normalise_upstream_error(resp.status, data, resp.headers.get("retry-after"))
+            await _send_json(send, request, _answer(tr, data, upstream.endpoint_id))
+        finally:
+            resp.release()
+
+    async def _stream(
+        self, request: InferenceRequest, send: Send, upstream: UpstreamRequest, tr: Translator
+    ) -> None:
+        ctx = request.ctx
+        loop = asyncio.get_running_loop()
+        timeouts = self.forwarder.timeouts
+        endpoint_id = upstream.endpoint_id
+        started = False
+        try:
+            async with asyncio.timeout(timeouts.first_byte) as bound:
+                resp = await self.forwarder.send(upstream, stream=True)
+                try:
+                    if resp.status >= 400 or not resp.headers.get("content-type", "").startswith(
+                        "text/event-stream"
+                    ):
+                        # An error, or a backend that answered a stream request
+                        # with one JSON answer.
+                        data = await _read_all(resp, endpoint_id)
+                        if resp.status >= 400:
+                            raise normalise_upstream_error(
+                                resp.status, data, resp.headers.get("retry-after")
+                            )
+                        await _send_json(send, request, _answer(tr, data, endpoint_id))
+                        return
+                    chunks = resp.content.iter_any()
+                    # Nothing goes out before the first translated chunk: a backend
+                    # that dies before it is still a failure before the first byte.
+                    out = b""
+                    async for chunk in chunks:
+                        out = _feed(tr, chunk)
+                        if out:
+                            break
+                    ctx.ttft = time.perf_counter() - ctx.start
+                    started = True
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": 200,
+                            "headers": [(b"content-type", SSE), (b"cache-control", b"no-cache")],
+                        }
+                    )
+                    while True:
+                        if out:
+                            await send(
+                                {"type": "http.response.body", "body": out, "more_body": True}
+                            )
+                        bound.reschedule(loop.time() + timeouts.idle)
+                        chunk = await anext(chunks, b"")
+                        if not chunk:
+                            break
+                        out = _feed(tr, chunk)
+                    tail = _feed(tr, None)
+                finally:
+                    resp.release()
+        except TimeoutError as exc:
+            what = "its next chunk within timeouts.idle" if started else "a first chunk in time"
+            err: UpstreamError = UpstreamTimeout(f"endpoint {endpoint_id} sent no {what}")
+            if not started:
+                raise err from exc
+            await self._cut(send, ctx, endpoint_id, err)
+            raise err from exc
+        except UpstreamError:
+            raise
+        except (aiohttp.ClientError, OSError) as exc:
+            err = UpstreamConnectError(
+                f"stream from endpoint {endpoint_id} broke off: {exc.__class__.__name__}"
+            )
+            if not started:
+                raise err from exc
+            await self._cut(send, ctx, endpoint_id, err)
+            raise err from exc
+        except UpstreamProtocolError as exc:
+            # A stream kvroute cannot read (malformed events): the backend's
+            # fault, and never a silent cut.
+            err = UpstreamHTTPError(
+                502, f"endpoint {endpoint_id} sent a stream kvroute cannot read: {exc}"
+            )
+            if not started:
+                raise err from exc
+            LOG.warning(
+                {"event": "stream_unreadable", "endpoint": endpoint_id, "error": err.message}
+            )
+            await self._cut(send, ctx, endpoint_id, err)
+            raise err from exc
+        if started:
+            ctx.finishing = True
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+    async def _cut(
+        self, send: Send, ctx: RequestContext, endpoint_id: str, err: RouterError
+    ) -> None:
+        """Headers are out: the only honest signal left is an error event."""
+        self.metrics.child(self.metrics.stream_errors, endpoint_id).inc()
+        ctx.error = err.message
+        ctx.finishing = True
+        await send(
+            {
+                "type": "http.response.body",
+                "body": b"data: " + err.to_bytes() + b"\n\n",
+                "more_body": False,
+            }
+        )
+
+
+def _feed(tr: Translator, chunk: bytes | None) -> bytes:
+    """``tr.feed(chunk)``, or ``tr.close()`` for None; whatever goes wrong in a
+    translator is a stream it cannot read."""
+    try:
+        return tr.close() if chunk is None else tr.feed(chunk)
+    except UpstreamProtocolError:
+        raise
+    except Exception as exc:
+        raise UpstreamProtocolError(f"{exc.__class__.__name__}: {str(exc)[:200]}") from exc
+
+
+def _answer(tr: Translator, data: bytes, endpoint_id: str) -> bytes:
+    try:
+        return tr.answer(data)
+    except Exception as exc:
+        raise UpstreamHTTPError(502, f"endpoint {endpoint_id}: {str(exc)[:500]}") from exc
+
+
+async def _send_json(send: Send, request: InferenceRequest, data: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", JSON), (b"content-length", str(len(data)).encode())],
+        }
+    )
+    request.ctx.finishing = True
+    await send({"type": "http.response.body", "body": data})
+
+
+async def _read_all(resp: aiohttp.ClientResponse, endpoint_id: str) -> bytes:
+    try:
+        return await resp.read()
+    except TimeoutError as exc:
+        raise UpstreamTimeout(f"endpoint {endpoint_id} stopped sending its answer") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamConnectError(
+            f"answer from endpoint {endpoint_id} broke off: {exc.__class__.__name__}"
+        ) from exc

@@ -1,0 +1,236 @@
+"""One client request, read and parsed once into a frozen object.
+
+``InferenceRequest`` is what every stage of the pipeline and every attempt
+sees: the operation (an enum, not a path), ``stream``, the parsed body and
+its raw bytes, the client's headers, the request id, the sampling fields
+kvroute translates (type-checked here, once), and (after the resolve stage)
+the model's route. ``RequestContext`` is the mutable record of how the
+request went, which the access log and the metrics read at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from backends.base import Operation, Sampling
+from router.errors import BodyTooLarge, InvalidRequest, MalformedJSON
+from router.types import Receive, Scope
+
+if TYPE_CHECKING:
+    from router.registry import Route
+
+OPERATIONS: dict[str, Operation] = {op.path: op for op in Operation}
+#: The field each operation requires besides ``model``.
+REQUIRED = {
+    Operation.CHAT: "messages",
+    Operation.COMPLETION: "prompt",
+    Operation.EMBEDDING: "input",
+}
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What one request's handling learns; the access log reads it at the end."""
+
+    request_id: str
+    start: float
+    status: int = 0
+    #: The model as the client named it (truncated), and as kvroute resolved it.
+    requested_model: str | None = None
+    model: str | None = None
+    endpoint: str | None = None
+    policy: str | None = None
+    reason: str | None = None
+    stream: bool = False
+    ttft: float | None = None
+    error: str | None = None
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    attempts: int = 0
+    #: Set just before the last body message: a disconnect after it is no abort.
+    finishing: bool = False
+    cancelled: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceRequest:
+    """One parsed client request, as every stage and every attempt sees it."""
+
+    op: Operation
+    request_id: str
+    #: The client's headers, names in lower case.
+    headers: Mapping[str, str]
+    raw: bytes
+    body: Mapping[str, Any]
+    #: The model name as the client sent it.
+    model: str
+    stream: bool
+    sampling: Sampling
+    ctx: RequestContext
+    #: Set by the resolve stage.
+    route: Route | None = None
+
+    @property
+    def routed(self) -> Route:
+        assert self.route is not None, "the resolve stage has not run"
+        return self.route
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                raise InvalidRequest("invalid Content-Length header") from None
+            if declared > limit:
+                raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
+            break
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError("client disconnected while sending the body")
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def parse_body(raw: bytes, op: Operation) -> dict[str, Any]:
+    """The body as a JSON object with a model and the operation's required field."""
+    if not raw:
+        raise MalformedJSON("request body is empty; expected a JSON object")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedJSON(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' is required and must be a non-empty string", param="model")
+    required = REQUIRED[op]
+    if required not in body:
+        raise InvalidRequest(f"'{required}' is a required property", param=required)
+    if op is Operation.CHAT:
+        messages = body["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequest("'messages' must be a non-empty array", param="messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise InvalidRequest(
+                    f"messages[{i}] must be an object with a 'role'", param=f"messages[{i}]"
+                )
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean", param="stream")
+    return body
+
+
+# -- the sampling fields -------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # bool is an int to Python, not to OpenAI
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float)
+
+
+def _check(body: Mapping[str, Any], name: str, ok: Callable[[Any], bool], expected: str) -> Any:
+    value = body.get(name)
+    if value is not None and not ok(value):
+        raise InvalidRequest(f"'{name}' must be {expected}, got {_shown(value)}", param=name)
+    return value
+
+
+def _shown(value: Any) -> str:
+    text = orjson.dumps(value).decode() if not isinstance(value, bytes) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def parse_sampling(body: Mapping[str, Any], op: Operation, stream: bool) -> Sampling:
+    """The OpenAI fields that kvroute translates for non-OpenAI backends, checked
+    with OpenAI's rules (400 with ``param``) whatever the backend."""
+    if not op.generates:
+        return Sampling()
+    max_tokens = _check(body, "max_tokens", _is_int, "an integer")
+    completion_cap = _check(body, "max_completion_tokens", _is_int, "an integer")
+    if max_tokens is None:
+        max_tokens = completion_cap
+    if max_tokens is not None and max_tokens < 1:
+        name = "max_tokens" if "max_tokens" in body else "max_completion_tokens"
+        raise InvalidRequest(f"'{name}' must be at least 1, got {max_tokens}", param=name)
+    temperature = _check(body, "temperature", _is_number, "a number")
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise InvalidRequest(
+            f"'temperature' must be between 0 and 2, got {temperature}", param="temperature"
+        )
+    top_p = _check(body, "top_p", _is_number, "a number")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InvalidRequest(f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
+    top_k = _check(body, "top_k", _is_int, "an integer")
+    seed = _check(body, "seed", _is_int, "an integer")
+    n = _check(body, "n", _is_int, "an integer")
+    if n is not None and n < 1:
+        raise InvalidRequest(f"'n' must be at least 1, got {n}", param="n")
+    penalty = _check(body, "frequency_penalty", _is_number, "a number")
+    if penalty is not None and not -2 <= penalty <= 2:
+        raise InvalidRequest(
+            f"'frequency_penalty' must be between -2 and 2, got {penalty}",
+            param="frequency_penalty",
+        )
+    stop = body.get("stop")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stops = tuple(stop)
+    else:
+        raise InvalidRequest("'stop' must be a string or an array of strings", param="stop")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise InvalidRequest(
+                "'stream_options' is only allowed when 'stream' is true", param="stream_options"
+            )
+        if not isinstance(options, dict):
+            raise InvalidRequest("'stream_options' must be an object", param="stream_options")
+        usage = options.get("include_usage")
+        if usage is not None and not isinstance(usage, bool):
+            raise InvalidRequest(
+                "'stream_options.include_usage' must be a boolean",
+                param="stream_options.include_usage",
+            )
+        include_usage = usage is True
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        n=1 if n is None else n,
+        stop=stops,
+        frequency_penalty=penalty,
+        include_usage=include_usage,
+    )
+
+
+def client_headers(scope: Scope) -> dict[str, str]:
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
