@@ -45,7 +45,7 @@ import httpx
 import orjson
 from pydantic import ValidationError
 
-from router.config import ConsulConfig, ConsulService, EndpointConfig
+from router.config import Config, ConsulConfig, ConsulService, EndpointConfig
 from router.sources import Source, SourceKind
 from router.state import AppState
 from router.tasks import cancel_all
@@ -203,36 +203,48 @@ def instance_endpoint(service: str, entry: Any) -> EndpointConfig:
         ) from None
 
 
-class DiscoverySupervisor:
-    """Runs the discovery the config asks for, and swaps it when a reload changes it."""
+class Discovery:
+    """The discovery the config asks for (Consul, or none): a lifespan service.
 
-    def __init__(self, state: AppState) -> None:
+    A reload that changes the ``discovery`` section restarts it, and the
+    endpoints of services no longer watched leave the registry.
+    """
+
+    def __init__(self, state: AppState, client: httpx.AsyncClient | None = None) -> None:
         self.state = state
-        self.current: ConsulDiscovery | None = None
-        self.config: ConsulConfig | None = None
+        self._client = client
+        self.consul: ConsulDiscovery | None = None
+        self._running = False
 
-    async def ensure(self) -> None:
-        wanted = self.state.config.discovery.consul
-        if wanted == self.config:
+    async def start(self) -> None:
+        self._running = True
+        await self._watch(self.state.config.discovery.consul)
+
+    async def stop(self) -> None:
+        self._running = False
+        if self.consul is not None:
+            await self.consul.stop()
+            self.consul = None
+
+    async def reconfigure(self, old: Config, new: Config) -> None:
+        if old.discovery == new.discovery or not self._running:
             return
-        if self.current is not None:
-            await self.current.stop()
-            self.current = None
-        before = self.config.services if self.config else ()
-        after = wanted.services if wanted else ()
+        if self.consul is not None:
+            await self.consul.stop()
+            self.consul = None
+        self.state.discovery.pop(SOURCE, None)
+        self.state.metrics.discovery_up.remove(SOURCE)
+        before = old.discovery.consul.services if old.discovery.consul else ()
+        after = new.discovery.consul.services if new.discovery.consul else ()
         for name in {s.name for s in before} - {s.name for s in after}:
             for endpoint_id in self.state.registry.ids(Source.consul(name)):
                 self.state.remove_endpoint(endpoint_id)
-        self.state.discovery.pop(SOURCE, None)
-        self.config = wanted
-        if wanted is not None:
-            self.current = ConsulDiscovery(self.state, wanted)
-            await self.current.start()
+        await self._watch(new.discovery.consul)
 
-    async def stop(self) -> None:
-        if self.current is not None:
-            await self.current.stop()
-            self.current = None
+    async def _watch(self, config: ConsulConfig | None) -> None:
+        if config is not None:
+            self.consul = ConsulDiscovery(self.state, config, self._client)
+            await self.consul.start()
 
 
 class ConsulDiscovery:

@@ -12,7 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router import consul as consul_module
 from router.config import EndpointConfig
-from router.consul import DiscoveryError, InvalidInstance, instance_endpoint, next_index
+from router.consul import Discovery, DiscoveryError, InvalidInstance, instance_endpoint, next_index
+from router.sources import Source
+from router.state import AppState
 from tests.fake_consul import FakeConsul
 from tests.helpers import admin_endpoints, eventually, router, router_config, serve_app, simulator
 
@@ -180,6 +182,37 @@ async def test_an_unexpected_error_is_counted_and_the_watch_goes_on(
         assert metric(metrics, "kvroute_discovery_errors_total") == 1
         # The failed answer was applied again, not skipped by moving the index on.
         assert consul.requests[1].get("index") is None
+
+
+async def test_a_reload_that_stops_watching_a_service_drops_only_its_endpoints() -> None:
+    consul = FakeConsul()
+    async with AsyncExitStack() as stack:
+        consul_url = await stack.enter_async_context(serve_app(consul.app))
+        consul.register("llm", "a", 9001, META)
+        consul.register("emb", "e", 9002, META)
+        both = [{"name": "llm"}, {"name": "emb"}]
+        old = router_config([], **consul_config(consul_url, services=both))
+        new = router_config([], **consul_config(consul_url, services=[{"name": "emb"}]))
+        state = AppState.from_config(old)
+        discovery = Discovery(state)
+        await discovery.start()
+        try:
+
+            async def both_found() -> bool:
+                return {e.id for e in state.registry.all()} == {"consul:llm:a", "consul:emb:e"}
+
+            await eventually(both_found)
+            kept = state.registry.get("consul:emb:e")
+            assert kept is not None and kept.source == Source.consul("emb")
+            kept.healthy = False
+            await discovery.reconfigure(old, new)
+            assert {e.id for e in state.registry.all()} == {"consul:emb:e"}
+            asked = len(consul.requests)
+            await eventually(lambda: _count(consul, asked + 1))
+            assert state.registry.get("consul:emb:e") is kept and not kept.healthy
+            assert state.registry.ids(Source.consul("llm")) == set()
+        finally:
+            await discovery.stop()
 
 
 async def test_instances_come_and_go_and_mix_with_static() -> None:
