@@ -409,3 +409,37 @@ async def test_every_service_stops_even_when_one_fails(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="cannot start"):
         await failing.start()
     assert failing.monitor.loops == {}
+
+
+async def test_the_watch_survives_its_watcher_failing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "kvroute.yaml"
+    write(path, [ep(0, "http://127.0.0.1:1")])
+    state = AppState.from_config(load_config(path), str(path))
+    polling: list[bool | None] = []
+    awatch = reload_module.awatch
+
+    def no_inotify_at_first(*paths: Path, **options: Any) -> Any:
+        polling.append(options.get("force_polling"))
+        if len(polling) == 1:
+            raise OSError("inotify instance limit reached")
+        return awatch(*paths, **options)
+
+    monkeypatch.setattr(reload_module, "awatch", no_inotify_at_first)
+    reloader = Reloader(state)
+    await reloader.start()
+    try:
+        saves = 0
+
+        async def picked_up() -> bool:
+            # Saved again on every look: the polling watcher may start after a save.
+            nonlocal saves
+            saves += 1
+            write(path, [ep(0, "http://127.0.0.1:1")], models={"tiny": {"aliases": [f"v{saves}"]}})
+            return "tiny" in state.config.models
+
+        await eventually(picked_up, interval=0.5)
+    finally:
+        await reloader.stop()
+    assert polling == [None, True]
