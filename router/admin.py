@@ -4,6 +4,7 @@ GET  /admin/endpoints                 every endpoint and its live state
 POST /admin/endpoints/{id}/drain      no new requests; in-flight ones finish
 POST /admin/endpoints/{id}/undrain
 GET  /admin/config                    the effective config, secrets redacted
+POST /admin/reload                    reload the config file: 200, or 422 with the errors
 GET  /admin/prefix-index              prefix-index size per model and endpoint
 """
 
@@ -104,7 +105,7 @@ def admin_routes(state: AppState, reloader: Reloader) -> list[BaseRoute]:
     async def reload(request: Request) -> Response:
         if (no := denied(request)) is not None:
             return no
-        outcome = reloader.reload("admin")
+        outcome = await reloader.reload("admin")
         return json_response(outcome, 200 if outcome["result"] == "success" else 422)
 
     async def prefix_index(request: Request) -> Response:

@@ -25,11 +25,10 @@ from starlette.routing import Route
 from router.admin import admin_routes
 from router.config import Config
 from router.errors import InvalidRequest, RouterError, error_body, error_messages
+from router.lifecycle import Lifecycle
 from router.logs import ACCESS, LOG
 from router.metrics import CONTENT_TYPE_LATEST
-from router.monitor import Monitor
 from router.pipeline import Pipeline
-from router.reload import Reloader
 from router.request import OPERATIONS, RequestContext
 from router.state import AppState
 from router.types import ASGIApp, Message, Receive, Scope, Send
@@ -161,7 +160,7 @@ class MethodNotAllowed(InvalidRequest):
     code: str | None = "method_not_allowed"
 
 
-def build_control_app(state: AppState, reloader: Reloader) -> Starlette:
+def build_control_app(state: AppState, lifecycle: Lifecycle) -> Starlette:
     async def models(request: Request) -> Response:
         data = [
             {"id": name, "object": "model", "created": 0, "owned_by": "kvroute"}
@@ -192,19 +191,16 @@ def build_control_app(state: AppState, reloader: Reloader) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        monitor = Monitor(state)
         await state.forwarder.start()
-        await monitor.start()
-        await reloader.start()
-        await reloader.discovery.ensure()
-        state.ready = True
         try:
-            yield
+            await lifecycle.start()
+            state.ready = True
+            try:
+                yield
+            finally:
+                state.ready = False
+                await lifecycle.stop()
         finally:
-            state.ready = False
-            await reloader.discovery.stop()
-            await reloader.stop()
-            await monitor.stop()
             await state.forwarder.close()
 
     return Starlette(
@@ -213,7 +209,7 @@ def build_control_app(state: AppState, reloader: Reloader) -> Starlette:
             Route("/health", health),
             Route("/ready", ready),
             Route("/metrics", metrics),
-            *admin_routes(state, reloader),
+            *admin_routes(state, lifecycle.reloader),
         ],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
@@ -222,5 +218,5 @@ def build_control_app(state: AppState, reloader: Reloader) -> Starlette:
 
 def build_app(config: Config, config_path: str | None = None) -> RequestMiddleware:
     state = AppState.from_config(config, config_path)
-    control = build_control_app(state, Reloader(state))
+    control = build_control_app(state, Lifecycle(state))
     return RequestMiddleware(Dispatch(Pipeline(state), control), state)

@@ -435,4 +435,10 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        byte = exc.object[exc.start]
+        raise ConfigError(
+            [f"{path}: line {line}: not UTF-8 text (byte 0x{byte:02x}: {exc.reason})"]
+        ) from exc
     return parse_config(text, env)

@@ -23,14 +23,19 @@ tags of the form ``key=value``):
     kvroute-kv-capacity-tokens
     kvroute-options     the kind's options, as JSON
 
-Other Meta entries become the endpoint's labels. The router's routing code
-never imports this module: it only sees endpoints appear and go.
+Other Meta entries become the endpoint's labels. An entry kvroute cannot use
+(no models, a ``Port`` that is not a number, ``Meta`` that is not an object,
+options that are not a JSON object...) is skipped and counted in
+``kvroute_discovery_invalid_instances_total``; the rest of the answer applies.
+The router's routing code never imports this module: it only sees endpoints
+appear and go.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Mapping
@@ -40,16 +45,22 @@ import httpx
 import orjson
 from pydantic import ValidationError
 
-from router.config import ConsulConfig, ConsulService, EndpointConfig
+from router.config import Config, ConsulConfig, ConsulService, EndpointConfig
+from router.sources import Source, SourceKind
 from router.state import AppState
 from router.tasks import cancel_all
 
 LOG = logging.getLogger("kvroute.consul")
-SOURCE = "consul"
+#: The ``source`` label of the discovery metrics, and the key on /admin/config.
+SOURCE = SourceKind.CONSUL.value
 
 
 class DiscoveryError(Exception):
-    pass
+    """Consul did not give a usable answer (the watch backs off and asks again)."""
+
+
+class InvalidInstance(ValueError):
+    """One entry of Consul's answer that kvroute cannot use (skipped and counted)."""
 
 
 class TokenBucket:
@@ -92,83 +103,153 @@ def next_index(previous: int, header: str | None) -> int:
     return max(new, 1)
 
 
-def instance_endpoint(service: str, entry: Mapping[str, Any]) -> EndpointConfig:
-    """One Consul health entry -> an endpoint config (ValueError if unusable)."""
-    svc = entry.get("Service") or {}
-    node = entry.get("Node") or {}
+def _object(value: Any, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidInstance(f"{where} is {type(value).__name__}, not an object")
+    return value
+
+
+def _text(value: Any, where: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidInstance(f"{where} is {type(value).__name__}, not a string")
+    return value
+
+
+def instance_meta(svc: Mapping[str, Any]) -> dict[str, str]:
+    """Service Meta, with ``kvroute-*=value`` tags under it."""
+    tags = svc.get("Tags") or []
+    if not isinstance(tags, list):
+        raise InvalidInstance(f"Service.Tags is {type(tags).__name__}, not a list")
     meta: dict[str, str] = {}
-    for tag in svc.get("Tags") or []:
+    for tag in tags:
         if isinstance(tag, str) and tag.startswith("kvroute-") and "=" in tag:
             key, _, value = tag.partition("=")
             meta[key] = value
-    meta.update({str(k): str(v) for k, v in (svc.get("Meta") or {}).items()})
-    address = svc.get("Address") or node.get("Address")
+    for key, value in _object(svc.get("Meta"), "Service.Meta").items():
+        meta[str(key)] = _text(value, f"Service.Meta.{key}")
+    return meta
+
+
+def _number(meta: Mapping[str, str], key: str, kind: type[float] | type[int]) -> float | int:
+    try:
+        value = kind(meta[key])
+    except ValueError:
+        raise InvalidInstance(f"{key} is not a number: {meta[key]!r}") from None
+    if not math.isfinite(value):
+        raise InvalidInstance(f"{key} is not a finite number: {meta[key]!r}")
+    return value
+
+
+def instance_endpoint(service: str, entry: Any) -> EndpointConfig:
+    """One Consul health entry -> an endpoint config (InvalidInstance if unusable).
+
+    Every field is checked for its shape before use, so whatever Consul (or
+    whoever registered the instance) sent, the only error is InvalidInstance.
+    """
+    entry = _object(entry, "the entry")
+    svc = _object(entry.get("Service"), "Service")
+    node = _object(entry.get("Node"), "Node")
+    meta = instance_meta(svc)
+    address = _text(svc.get("Address"), "Service.Address") or _text(
+        node.get("Address"), "Node.Address"
+    )
     port = svc.get("Port")
-    if not address or not port:
-        raise ValueError("instance has no address or port")
-    models_spec = meta.get("kvroute-models", "")
+    if not address:
+        raise InvalidInstance("instance has no address")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise InvalidInstance(f"Service.Port is not a port number: {port!r}")
     models: list[dict[str, str]] = []
-    for item in filter(None, (m.strip() for m in models_spec.split(","))):
+    for item in filter(None, (m.strip() for m in meta.get("kvroute-models", "").split(","))):
         name, _, served = item.partition("=")
         models.append({"name": name, **({"served_name": served} if served else {})})
     if not models:
-        raise ValueError("no kvroute-models in the service's Meta or tags")
+        raise InvalidInstance("no kvroute-models in the service's Meta or tags")
+    instance_id = _text(svc.get("ID"), "Service.ID") or f"{address}-{port}"
     raw: dict[str, Any] = {
-        "id": f"consul:{service}:{svc.get('ID') or address + '-' + str(port)}",
+        "id": f"consul:{service}:{instance_id}",
         "url": f"{meta.get('kvroute-scheme', 'http')}://{address}:{port}",
         "kind": meta.get("kvroute-kind", "openai"),
         "models": models,
         "labels": {
             **{k: v for k, v in meta.items() if not k.startswith("kvroute-")},
-            "consul_node": str(node.get("Node", "")),
+            "consul_node": _text(node.get("Node"), "Node.Node"),
         },
     }
     if "kvroute-weight" in meta:
-        raw["weight"] = float(meta["kvroute-weight"])
+        raw["weight"] = _number(meta, "kvroute-weight", float)
     if "kvroute-metrics-url" in meta:
         raw["metrics_url"] = meta["kvroute-metrics-url"]
     if "kvroute-kv-capacity-tokens" in meta:
-        raw["kv_capacity_tokens"] = int(meta["kvroute-kv-capacity-tokens"])
+        raw["kv_capacity_tokens"] = _number(meta, "kvroute-kv-capacity-tokens", int)
     if "kvroute-options" in meta:
-        raw["options"] = orjson.loads(meta["kvroute-options"])
+        try:
+            options = orjson.loads(meta["kvroute-options"])
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInstance(f"kvroute-options is not JSON: {exc}") from None
+        if not isinstance(options, dict):
+            raise InvalidInstance("kvroute-options is not a JSON object")
+        raw["options"] = options
     try:
         return EndpointConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ValueError("; ".join(e["msg"] for e in exc.errors())) from exc
+        raise InvalidInstance(
+            "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'endpoint'}: {e['msg']}" for e in exc.errors()
+            )
+        ) from None
 
 
-class DiscoverySupervisor:
-    """Runs the discovery the config asks for, and swaps it when a reload changes it."""
+class Discovery:
+    """The discovery the config asks for (Consul, or none): a lifespan service.
 
-    def __init__(self, state: AppState) -> None:
+    A reload that changes the ``discovery`` section restarts it, and the
+    endpoints of services no longer watched leave the registry.
+    """
+
+    def __init__(self, state: AppState, client: httpx.AsyncClient | None = None) -> None:
         self.state = state
-        self.current: ConsulDiscovery | None = None
-        self.config: ConsulConfig | None = None
+        self._client = client
+        self.consul: ConsulDiscovery | None = None
+        self._running = False
 
-    async def ensure(self) -> None:
-        wanted = self.state.config.discovery.consul
-        if wanted == self.config:
-            return
-        if self.current is not None:
-            await self.current.stop()
-            self.current = None
-        watched = {s.name for s in wanted.services} if wanted else set()
-        for endpoint_id in self.state.registry.ids(SOURCE):
-            if endpoint_id.split(":")[1] not in watched:
-                self.state.remove_endpoint(endpoint_id)
-        self.state.discovery.pop(SOURCE, None)
-        self.config = wanted
-        if wanted is not None:
-            self.current = ConsulDiscovery(self.state, wanted)
-            await self.current.start()
+    async def start(self) -> None:
+        self._running = True
+        await self._watch(self.state.config.discovery.consul)
 
     async def stop(self) -> None:
-        if self.current is not None:
-            await self.current.stop()
-            self.current = None
+        self._running = False
+        if self.consul is not None:
+            await self.consul.stop()
+            self.consul = None
+
+    async def reconfigure(self, old: Config, new: Config) -> None:
+        if old.discovery == new.discovery or not self._running:
+            return
+        if self.consul is not None:
+            await self.consul.stop()
+            self.consul = None
+        self.state.discovery.pop(SOURCE, None)
+        self.state.metrics.discovery_up.remove(SOURCE)
+        before = old.discovery.consul.services if old.discovery.consul else ()
+        after = new.discovery.consul.services if new.discovery.consul else ()
+        for name in {s.name for s in before} - {s.name for s in after}:
+            for endpoint_id in self.state.registry.ids(Source.consul(name)):
+                self.state.remove_endpoint(endpoint_id)
+        await self._watch(new.discovery.consul)
+
+    async def _watch(self, config: ConsulConfig | None) -> None:
+        if config is not None:
+            self.consul = ConsulDiscovery(self.state, config, self._client)
+            await self.consul.start()
 
 
 class ConsulDiscovery:
+    """One blocking-query loop per configured service, for one Consul config."""
+
     def __init__(
         self, state: AppState, config: ConsulConfig, client: httpx.AsyncClient | None = None
     ) -> None:
@@ -179,8 +260,7 @@ class ConsulDiscovery:
         self._tasks: list[asyncio.Task[None]] = []
         # What an earlier watcher (before a reload) registered is ours to update.
         self._known: dict[str, set[str]] = {
-            s.name: {i for i in state.registry.ids(SOURCE) if i.startswith(f"consul:{s.name}:")}
-            for s in config.services
+            s.name: state.registry.ids(Source.consul(s.name)) for s in config.services
         }
         self._rng = random.Random()
         self.status: dict[str, Any] = {"up": None, "services": {}}
@@ -193,11 +273,13 @@ class ConsulDiscovery:
             self._tasks.append(asyncio.create_task(self._watch(service)))
 
     async def stop(self) -> None:
-        await cancel_all(self._tasks)
-        self._tasks.clear()
-        if self._own_client and self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        try:
+            await cancel_all(self._tasks)
+        finally:
+            self._tasks.clear()
+            if self._own_client and self._client is not None:
+                await self._client.aclose()
+                self._client = None
 
     async def _watch(self, service: ConsulService) -> None:
         cfg = self.config
@@ -209,27 +291,29 @@ class ConsulDiscovery:
         while True:
             await bucket.take()
             try:
-                entries, index = await self.query(service, index)
-                self.apply(service.name, entries)
-                failures = 0
+                entries, new_index = await self.query(service, index)
+                registered = self.apply(service.name, entries)
+            except (httpx.HTTPError, DiscoveryError) as exc:
+                error = f"{exc.__class__.__name__}: {exc}"
+                LOG.warning({"event": "consul_error", "service": service.name, "error": error})
+            except Exception as exc:  # a bug: it must not end the watch
+                error = f"internal error: {exc.__class__.__name__}: {exc}"
+                LOG.exception({"event": "consul_error", "service": service.name, "error": error})
+            else:
+                # The index moves only once the answer is applied: a failed
+                # apply is retried with the same answer, not skipped.
+                index, failures = new_index, 0
                 status.update(
-                    index=index, last_error=None, endpoints=len(entries), last_success=time.time()
+                    index=index, last_error=None, endpoints=registered, last_success=time.time()
                 )
                 self._set_up(True)
-            except (httpx.HTTPError, DiscoveryError, ValueError) as exc:
-                failures += 1
-                status["last_error"] = f"{exc.__class__.__name__}: {exc}"
-                self._set_up(False)
-                self.state.metrics.discovery_errors.labels(SOURCE).inc()
-                LOG.warning(
-                    {
-                        "event": "consul_error",
-                        "service": service.name,
-                        "error": status["last_error"],
-                    }
-                )
-                delay = min(cfg.backoff_max, cfg.backoff_base * 2 ** (failures - 1))
-                await asyncio.sleep(delay * self._rng.uniform(0.5, 1.5))
+                continue
+            failures += 1
+            status["last_error"] = error
+            self._set_up(False)
+            self.state.metrics.discovery_errors.labels(SOURCE).inc()
+            delay = min(cfg.backoff_max, cfg.backoff_base * 2 ** (failures - 1))
+            await asyncio.sleep(delay * self._rng.uniform(0.5, 1.5))
 
     def _set_up(self, up: bool) -> None:
         self.status["up"] = up
@@ -256,18 +340,22 @@ class ConsulDiscovery:
         if r.status_code != 200:
             raise DiscoveryError(f"Consul answered HTTP {r.status_code}: {r.text[:200]}")
         new_index = next_index(index, r.headers.get("X-Consul-Index"))
-        entries = r.json()
+        try:
+            entries = orjson.loads(r.content)
+        except orjson.JSONDecodeError as exc:
+            raise DiscoveryError(f"Consul's answer is not JSON: {exc}") from exc
         if not isinstance(entries, list):
             raise DiscoveryError("Consul's answer is not a list")
         return entries, new_index
 
-    def apply(self, service: str, entries: list[Any]) -> None:
-        """Make the registry's endpoints for ``service`` what Consul says."""
+    def apply(self, service: str, entries: list[Any]) -> int:
+        """Make the registry's endpoints for ``service`` what Consul says; how many."""
+        source = Source.consul(service)
         seen: set[str] = set()
         for entry in entries:
             try:
                 endpoint = instance_endpoint(service, entry)
-            except ValueError as exc:
+            except InvalidInstance as exc:
                 self.state.metrics.discovery_invalid.labels(SOURCE).inc()
                 LOG.warning(
                     {"event": "consul_instance_skipped", "service": service, "error": str(exc)}
@@ -275,8 +363,9 @@ class ConsulDiscovery:
                 continue
             seen.add(endpoint.id)
             current = self.state.registry.get(endpoint.id)
-            if current is None or current.config != endpoint:
-                self.state.upsert_endpoint(endpoint, SOURCE)
+            if current is None or current.config != endpoint or current.source != source:
+                self.state.upsert_endpoint(endpoint, source)
         for gone in self._known.get(service, set()) - seen:
             self.state.remove_endpoint(gone)
         self._known[service] = seen
+        return len(seen)

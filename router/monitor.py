@@ -1,9 +1,10 @@
 """Background watch over the fleet: active health probes and load scrapes.
 
-Both are asyncio tasks owned by the app's lifespan. Each round checks every
-endpoint concurrently (one slow endpoint delays nobody), then waits its
-interval with jitter. The control plane speaks httpx; the data path does not
-share its connections.
+Both are asyncio tasks of the Monitor, a service the app's lifespan starts
+and stops (router/lifecycle.py). Each round checks every endpoint
+concurrently (one slow endpoint delays nobody), then waits its interval with
+jitter; a reload that changes an interval restarts that loop. The control
+plane speaks httpx; the data path does not share its connections.
 
 Health has hysteresis: ``fall`` failed probes in a row mark an endpoint down,
 ``rise`` good ones mark it up again. Scraped load ages out after
@@ -17,9 +18,11 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import httpx
 
+from router.config import Config
 from router.registry import EndpointState
 from router.state import AppState
 from router.tasks import cancel_all
@@ -27,7 +30,22 @@ from router.tasks import cancel_all
 LOG = logging.getLogger("kvroute.monitor")
 
 
+@dataclass(frozen=True)
+class Loop:
+    """One periodic loop of the monitor: its interval and its task."""
+
+    interval: float
+    task: asyncio.Task[None]
+
+
 class Monitor:
+    """A lifespan service: ``start``, ``stop``, and ``reconfigure`` on a reload.
+
+    A reload that changes whether a loop runs or its interval restarts that
+    loop; the other settings (timeouts, ``fall``/``rise``, ``stale_after``,
+    jitter) are read from the live config on every round.
+    """
+
     def __init__(
         self,
         state: AppState,
@@ -38,35 +56,62 @@ class Monitor:
         self._client = client
         self._own_client = client is None
         self._rng = rng or random.Random()
-        self._tasks: list[asyncio.Task[None]] = []
+        #: The running loops, by name ("health", "scrape").
+        self.loops: dict[str, Loop] = {}
+        self._running = False
+
+    @staticmethod
+    def schedule(config: Config) -> dict[str, float]:
+        """The loops ``config`` asks for, and their intervals."""
+        wanted = {}
+        if config.health.enabled:
+            wanted["health"] = config.health.interval
+        if config.scrape.enabled:
+            wanted["scrape"] = config.scrape.interval
+        return wanted
 
     async def start(self) -> None:
         if self._client is None:
             self._client = httpx.AsyncClient(follow_redirects=False)
-        cfg = self.state.config
-        if cfg.health.enabled:
-            self._tasks.append(
-                asyncio.create_task(self._every(cfg.health.interval, self.probe_all))
-            )
-        if cfg.scrape.enabled:
-            self._tasks.append(
-                asyncio.create_task(self._every(cfg.scrape.interval, self.scrape_all))
-            )
+        self._running = True
+        await self._follow(self.schedule(self.state.config))
 
     async def stop(self) -> None:
-        await cancel_all(self._tasks)
-        self._tasks.clear()
-        if self._own_client and self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        self._running = False
+        try:
+            await self._follow({})
+        finally:
+            if self._own_client and self._client is not None:
+                await self._client.aclose()
+                self._client = None
+
+    async def reconfigure(self, old: Config, new: Config) -> None:
+        if self._running:
+            await self._follow(self.schedule(new))
+
+    async def _follow(self, wanted: dict[str, float]) -> None:
+        """Stop the loops that are not wanted at their interval; start the missing ones."""
+        stale = [name for name, loop in self.loops.items() if wanted.get(name) != loop.interval]
+        try:
+            await cancel_all(self.loops[name].task for name in stale)
+        finally:
+            for name in stale:
+                del self.loops[name]
+        work = {"health": self.probe_all, "scrape": self.scrape_all}
+        for name, interval in wanted.items():
+            if name not in self.loops:
+                task = asyncio.create_task(
+                    self._every(interval, work[name]), name=f"monitor-{name}"
+                )
+                self.loops[name] = Loop(interval, task)
 
     async def _every(self, interval: float, work: Callable[[], Awaitable[None]]) -> None:
-        jitter = self.state.config.health.jitter
         while True:
             try:
                 await work()
             except Exception:  # a bug here must not end the watch
                 LOG.exception("monitor round failed")
+            jitter = self.state.config.health.jitter
             await asyncio.sleep(interval * (1 + self._rng.uniform(-jitter, jitter)))
 
     # -- health ------------------------------------------------------------------

@@ -19,6 +19,7 @@ from router.circuit import Circuit
 from router.config import CircuitConfig, Config, EndpointConfig, PolicySpec
 from router.errors import EndpointMisconfigured, UpstreamError, UpstreamHTTPError
 from router.retry import retry_after_seconds
+from router.sources import STATIC, Source
 
 
 @dataclass(eq=False)
@@ -31,8 +32,8 @@ class EndpointState:
     targets: dict[str, Target]
     headers: dict[str, str]
     circuit: Circuit
-    #: Where the endpoint came from: "static" (the config file) or "consul".
-    source: str = "static"
+    #: Where the endpoint came from: the config file or a discovered service.
+    source: Source = STATIC
     healthy: bool = True
     draining: bool = False
     in_flight: int = 0
@@ -174,7 +175,7 @@ class EndpointRegistry:
         for cfg in endpoints:
             self.upsert(cfg)
 
-    def upsert(self, cfg: EndpointConfig, source: str = "static") -> EndpointState:
+    def upsert(self, cfg: EndpointConfig, source: Source = STATIC) -> EndpointState:
         old = self._by_id.get(cfg.id)
         state = EndpointState.from_config(cfg, self._circuit)
         state.source = source
@@ -204,7 +205,7 @@ class EndpointRegistry:
         for endpoint in self._by_id.values():
             endpoint.circuit.config = circuit
 
-    def ids(self, source: str) -> set[str]:
+    def ids(self, source: Source) -> set[str]:
         return {e.id for e in self._by_id.values() if e.source == source}
 
     def get(self, endpoint_id: str) -> EndpointState | None:

@@ -18,6 +18,7 @@ from router.forward import Forwarder
 from router.metrics import EndpointCollector, EndpointSnapshot, IndexCollector, Metrics
 from router.registry import EndpointRegistry, RouteTable
 from router.retry import RetryBudget
+from router.sources import STATIC, Source
 
 
 @dataclass
@@ -52,7 +53,7 @@ class AppState:
             for e in self.registry.all()
         ]
 
-    def upsert_endpoint(self, cfg: EndpointConfig, source: str) -> None:
+    def upsert_endpoint(self, cfg: EndpointConfig, source: Source) -> None:
         self.registry.upsert(cfg, source)
 
     def remove_endpoint(self, endpoint_id: str) -> None:
@@ -65,12 +66,12 @@ class AppState:
     def apply(self, config: Config) -> None:
         """Swap in a validated config."""
         wanted = {ep.id: ep for ep in config.endpoints}
-        for endpoint_id in self.registry.ids("static") - set(wanted):
+        for endpoint_id in self.registry.ids(STATIC) - set(wanted):
             self.remove_endpoint(endpoint_id)
         for ep in config.endpoints:
             current = self.registry.get(ep.id)
             if current is None or current.config != ep:
-                self.registry.upsert(ep, "static")
+                self.registry.upsert(ep, STATIC)
         self.registry.set_circuit_config(config.circuit)
         self.routes = RouteTable(config, self.registry, previous=self.routes)
         if config.timeouts != self.config.timeouts:

@@ -32,6 +32,13 @@ def parse_wait(value: str | None) -> float:
     return float(value)
 
 
+def _id(entry: Any) -> Any:
+    try:
+        return entry["Service"]["ID"]
+    except (KeyError, TypeError):
+        return None
+
+
 class FakeConsul:
     def __init__(self) -> None:
         self.index = 10
@@ -56,7 +63,7 @@ class FakeConsul:
         address: str = "127.0.0.1",
         tags: list[str] | None = None,
     ) -> None:
-        entries = [e for e in self.services.get(service, []) if e["Service"]["ID"] != instance_id]
+        entries = [e for e in self.services.get(service, []) if _id(e) != instance_id]
         entries.append(
             {
                 "Node": {"ID": "n1", "Node": "node-1", "Address": "127.0.0.1", "Datacenter": "dc1"},
@@ -75,9 +82,14 @@ class FakeConsul:
         self.services[service] = entries
         self._bump()
 
+    def register_raw(self, service: str, entry: Any) -> None:
+        """Add an entry as is, whatever its shape (to test what kvroute makes of it)."""
+        self.services.setdefault(service, []).append(entry)
+        self._bump()
+
     def deregister(self, service: str, instance_id: str) -> None:
         self.services[service] = [
-            e for e in self.services.get(service, []) if e["Service"]["ID"] != instance_id
+            e for e in self.services.get(service, []) if _id(e) != instance_id
         ]
         self._bump()
 

@@ -8,8 +8,13 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from router.consul import DiscoveryError, instance_endpoint, next_index
+from router import consul as consul_module
+from router.config import EndpointConfig
+from router.consul import Discovery, DiscoveryError, InvalidInstance, instance_endpoint, next_index
+from router.sources import Source
+from router.state import AppState
 from tests.fake_consul import FakeConsul
 from tests.helpers import admin_endpoints, eventually, router, router_config, serve_app, simulator
 
@@ -35,6 +40,14 @@ def consul_config(url: str, **extra: Any) -> dict[str, Any]:
 
 def port_of(url: str) -> int:
     return int(url.rpartition(":")[2])
+
+
+def metric(metrics: str, name: str) -> float:
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    return 0.0
 
 
 def test_index_rules() -> None:
@@ -75,6 +88,133 @@ def test_instance_mapping() -> None:
         instance_endpoint("llm", {"Service": {"ID": "x", "Address": "a", "Port": 1, "Meta": {}}})
 
 
+SERVICE = {"ID": "x", "Address": "10.0.0.1", "Port": 8000, "Meta": {"kvroute-models": "tiny"}}
+
+
+def with_meta(**meta: str) -> dict[str, Any]:
+    return {"Service": {**SERVICE, "Meta": {"kvroute-models": "tiny", **meta}}}
+
+
+MALFORMED: dict[str, Any] = {
+    "entry is a list": [{"Service": SERVICE}],
+    "Service is a list": {"Service": [SERVICE]},
+    "Node is a string": {"Node": "node-1", "Service": SERVICE},
+    "Meta is a string": {"Service": {**SERVICE, "Meta": "kvroute-models=tiny"}},
+    "a Meta value is a list": {"Service": {**SERVICE, "Meta": {"kvroute-models": ["tiny"]}}},
+    "Tags is a string": {"Service": {**SERVICE, "Tags": "kvroute-kind=vllm"}},
+    "Port is a string": {"Service": {**SERVICE, "Port": "8000"}},
+    "Port is out of range": {"Service": {**SERVICE, "Port": 70000}},
+    "Address is a number": {"Service": {**SERVICE, "Address": 10}},
+    "ID is an object": {"Service": {**SERVICE, "ID": {"id": "x"}}},
+    "options are not JSON": with_meta(**{"kvroute-options": "{api: messages"}),
+    "options are not an object": with_meta(**{"kvroute-options": '["messages"]'}),
+    "weight is not a number": with_meta(**{"kvroute-weight": "heavy"}),
+    "weight is infinite": with_meta(**{"kvroute-weight": "inf"}),
+    "capacity is not a number": with_meta(**{"kvroute-kv-capacity-tokens": "lots"}),
+    "kind is unknown": with_meta(**{"kvroute-kind": "grpc"}),
+}
+
+
+@pytest.mark.parametrize("entry", MALFORMED.values(), ids=MALFORMED)
+def test_a_malformed_entry_is_an_invalid_instance(entry: Any) -> None:
+    with pytest.raises(InvalidInstance):
+        instance_endpoint("llm", entry)
+
+
+def test_a_well_formed_entry_maps() -> None:
+    assert isinstance(instance_endpoint("llm", {"Service": SERVICE}), EndpointConfig)
+
+
+async def test_malformed_entries_are_skipped_and_counted_and_the_watch_goes_on() -> None:
+    consul = FakeConsul()
+    async with AsyncExitStack() as stack:
+        consul_url = await stack.enter_async_context(serve_app(consul.app))
+        sim, _ = await stack.enter_async_context(simulator())
+        for entry in MALFORMED.values():  # before the good one in the same answer
+            consul.register_raw("llm", entry)
+        consul.register("llm", "a", port_of(sim), META)
+        url = await stack.enter_async_context(
+            router(router_config([], **consul_config(consul_url)))
+        )
+
+        async def has(ids: set[str]) -> bool:
+            return set(await admin_endpoints(url)) == ids
+
+        await eventually(lambda: has({"consul:llm:a"}))
+        async with httpx.AsyncClient(base_url=url) as c:
+            metrics = (await c.get("/metrics")).text
+            skipped = metric(metrics, "kvroute_discovery_invalid_instances_total")
+            assert skipped >= len(MALFORMED) and skipped % len(MALFORMED) == 0
+            assert metric(metrics, "kvroute_discovery_errors_total") == 0
+            consul.register("llm", "b", port_of(sim), META)  # the watch still follows
+            await eventually(lambda: has({"consul:llm:a", "consul:llm:b"}))
+            service = (await c.get("/admin/config")).json()["discovery"]["consul"]["services"]
+            assert (service["llm"]["last_error"], service["llm"]["endpoints"]) == (None, 2)
+
+
+async def test_an_unexpected_error_is_counted_and_the_watch_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[str] = []
+
+    def fails_once(service: str, entry: Any) -> EndpointConfig:
+        calls.append(service)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return instance_endpoint(service, entry)
+
+    monkeypatch.setattr(consul_module, "instance_endpoint", fails_once)
+    consul = FakeConsul()
+    async with AsyncExitStack() as stack:
+        consul_url = await stack.enter_async_context(serve_app(consul.app))
+        sim, _ = await stack.enter_async_context(simulator())
+        consul.register("llm", "a", port_of(sim), META)
+        url = await stack.enter_async_context(
+            router(router_config([], **consul_config(consul_url)))
+        )
+
+        async def found() -> bool:
+            return "consul:llm:a" in await admin_endpoints(url)
+
+        await eventually(found)
+        async with httpx.AsyncClient(base_url=url) as c:
+            metrics = (await c.get("/metrics")).text
+        assert metric(metrics, "kvroute_discovery_errors_total") == 1
+        # The failed answer was applied again, not skipped by moving the index on.
+        assert consul.requests[1].get("index") is None
+
+
+async def test_a_reload_that_stops_watching_a_service_drops_only_its_endpoints() -> None:
+    consul = FakeConsul()
+    async with AsyncExitStack() as stack:
+        consul_url = await stack.enter_async_context(serve_app(consul.app))
+        consul.register("llm", "a", 9001, META)
+        consul.register("emb", "e", 9002, META)
+        both = [{"name": "llm"}, {"name": "emb"}]
+        old = router_config([], **consul_config(consul_url, services=both))
+        new = router_config([], **consul_config(consul_url, services=[{"name": "emb"}]))
+        state = AppState.from_config(old)
+        discovery = Discovery(state)
+        await discovery.start()
+        try:
+
+            async def both_found() -> bool:
+                return {e.id for e in state.registry.all()} == {"consul:llm:a", "consul:emb:e"}
+
+            await eventually(both_found)
+            kept = state.registry.get("consul:emb:e")
+            assert kept is not None and kept.source == Source.consul("emb")
+            kept.healthy = False
+            await discovery.reconfigure(old, new)
+            assert {e.id for e in state.registry.all()} == {"consul:emb:e"}
+            asked = len(consul.requests)
+            await eventually(lambda: _count(consul, asked + 1))
+            assert state.registry.get("consul:emb:e") is kept and not kept.healthy
+            assert state.registry.ids(Source.consul("llm")) == set()
+        finally:
+            await discovery.stop()
+
+
 async def test_instances_come_and_go_and_mix_with_static() -> None:
     consul = FakeConsul()
     async with AsyncExitStack() as stack:
@@ -99,7 +239,7 @@ async def test_instances_come_and_go_and_mix_with_static() -> None:
 
         await eventually(lambda: has({"static-0", "consul:llm:a"}))
         state = (await admin_endpoints(url))["consul:llm:a"]
-        assert (state["source"], state["kind"]) == ("consul", "vllm")
+        assert (state["source"], state["kind"]) == ({"kind": "consul", "service": "llm"}, "vllm")
         async with httpx.AsyncClient(base_url=url) as c:
             r = await c.post("/v1/chat/completions", json={"model": "tiny", "messages": MSG})
             assert r.status_code == 200

@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
+import sys
+import threading
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from backends.sim.engine import EngineParams
+from router import reload as reload_module
 from router.app import build_app
-from router.config import load_config
-from tests.helpers import KVROUTE, eventually, free_socket, serve_app, simulator
+from router.config import Config, load_config
+from router.lifecycle import Lifecycle
+from router.monitor import Monitor
+from router.reload import Reloader
+from router.state import AppState
+from tests.helpers import eventually, free_socket, serve_app, simulator
 
+ROOT = Path(__file__).resolve().parent.parent
 MSG = [{"role": "user", "content": "hi"}]
 
 
@@ -37,6 +48,14 @@ def ep(i: int, url: str, **extra: Any) -> dict[str, Any]:
 
 async def models(c: httpx.AsyncClient) -> list[str]:
     return [m["id"] for m in (await c.get("/v1/models")).json()["data"]]
+
+
+def reloads(metrics: str, result: str) -> float:
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == "kvroute_config_reload_total" and sample.labels["result"] == result:
+                return sample.value
+    return 0.0
 
 
 async def test_admin_reload_and_file_watch(tmp_path: Path) -> None:
@@ -185,8 +204,11 @@ async def test_sighup_reloads(tmp_path: Path) -> None:
         raw = yaml.safe_load(path.read_text())
         raw["server"].update(port=port, watch_config=False)  # only the signal reloads
         path.write_text(yaml.safe_dump(raw))
+        # This checkout's code, whatever the virtualenv's console script points at.
         proc = subprocess.Popen(
-            [str(KVROUTE), "serve", "--config", str(path)], stderr=subprocess.PIPE
+            [sys.executable, "-m", "router.cli", "serve", "--config", str(path)],
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
         )
         try:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
@@ -220,3 +242,204 @@ def test_schema_command(capsys: Any) -> None:
 
     schema = json.loads(capsys.readouterr().out)
     assert "endpoints" in schema["properties"] and "discovery" in schema["properties"]
+
+
+async def test_a_file_that_is_not_utf8_is_reported_and_watching_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "kvroute.yaml"
+    async with AsyncExitStack() as stack:
+        sim, _ = await stack.enter_async_context(simulator())
+        write(path, [ep(0, sim)])
+        app = build_app(load_config(path), str(path))
+        before = asyncio.all_tasks()
+        closed: list[bool] = []
+        close = app.state.forwarder.close
+
+        async def spy_close() -> None:
+            closed.append(True)
+            await close()
+
+        monkeypatch.setattr(app.state.forwarder, "close", spy_close)
+        async with serve_app(app) as url, httpx.AsyncClient(base_url=url) as c:
+
+            async def error_count() -> float:
+                return reloads((await c.get("/metrics")).text, "error")
+
+            path.write_bytes(b"endpoints: []\nseed: 7 # caf\xe9\n")
+
+            async def watch_reported() -> bool:
+                return await error_count() == 1
+
+            await eventually(watch_reported)
+            status = (await c.get("/admin/config")).json()["reload"]
+            assert status["last_error"] == [
+                f"{path}: line 2: not UTF-8 text (byte 0xe9: invalid continuation byte)"
+            ]
+            assert status["last_error_at"] > 0
+            r = await c.post("/admin/reload")
+            assert r.status_code == 422
+            assert r.headers["content-type"] == "application/json"
+            assert r.json() == {"result": "error", "errors": status["last_error"]}
+            assert await error_count() == 2
+            assert await models(c) == ["tiny"]  # nothing changed
+
+            # The watch goes on: a valid save, even by renaming a new file over
+            # the old one as editors do, is picked up.
+            new = tmp_path / ".kvroute.yaml.swp"
+            write(new, [ep(0, sim)], models={"tiny": {"aliases": ["renamed"]}})
+            os.replace(new, path)
+
+            async def picked_up() -> bool:
+                return await models(c) == ["renamed", "tiny"]
+
+            await eventually(picked_up)
+            assert (await c.get("/admin/config")).json()["reload"]["last_error"] is None
+
+            # A reload that failed does not keep the shutdown from closing everything.
+            path.write_bytes(b"\xff")
+
+            async def failed_again() -> bool:
+                return await error_count() == 3
+
+            await eventually(failed_again)
+        assert closed == [True]
+        assert asyncio.all_tasks() - before - {asyncio.current_task()} == set()
+
+
+async def test_the_file_is_read_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "kvroute.yaml"
+    write(path, [ep(0, "http://127.0.0.1:1")])
+    state = AppState.from_config(load_config(path), str(path))
+    readers: list[threading.Thread] = []
+
+    def spy_load(p: Path) -> Config:
+        readers.append(threading.current_thread())
+        return load_config(p)
+
+    monkeypatch.setattr(reload_module, "load_config", spy_load)
+    assert await Reloader(state).reload("test") == {"result": "success"}
+    assert readers and threading.main_thread() not in readers
+
+
+async def test_reloaded_intervals_restart_the_monitor_loops(tmp_path: Path) -> None:
+    path = tmp_path / "kvroute.yaml"
+    hour = {"enabled": True, "interval": 3600}
+    cfg = {"server": {"access_log": False, "watch_config": False}, "scrape": {"enabled": False}}
+    write(path, [ep(0, "http://e:1")], **cfg, health=hour)
+    state = AppState.from_config(load_config(path), str(path))
+    probes: list[str] = []
+
+    def backend(request: httpx.Request) -> httpx.Response:
+        probes.append(request.url.path)
+        return httpx.Response(200, text="")
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(backend))
+    lifecycle = Lifecycle(state, monitor=Monitor(state, client=client))
+    loops = lifecycle.monitor.loops
+    await lifecycle.start()
+    try:
+        health = loops["health"]
+        assert (health.interval, set(loops)) == (3600, {"health"})
+        fast = {"enabled": True, "interval": 0.01}
+        write(path, [ep(0, "http://e:1")], **{**cfg, "scrape": fast}, health=fast)
+        assert await lifecycle.reloader.reload("test") == {"result": "success"}
+        assert (loops["health"].interval, loops["scrape"].interval) == (0.01, 0.01)
+        assert loops["health"] is not health and health.task.done()
+
+        async def fast_probes() -> bool:
+            # An hour apart, there would be one of each.
+            return probes.count("/health") >= 5 and probes.count("/metrics") >= 5
+
+        await eventually(fast_probes)
+        # A change elsewhere leaves the loops running as they are.
+        running = dict(loops)
+        write(
+            path,
+            [ep(0, "http://e:1")],
+            **{**cfg, "scrape": fast},
+            health={**fast, "fall": 3},
+            circuit={"failures": 9},
+        )
+        assert await lifecycle.reloader.reload("test") == {"result": "success"}
+        assert loops == running
+        write(path, [ep(0, "http://e:1")], **cfg, health=fast)
+        assert await lifecycle.reloader.reload("test") == {"result": "success"}
+        assert set(loops) == {"health"} and running["scrape"].task.done()
+    finally:
+        await lifecycle.stop()
+        await client.aclose()
+    assert loops == {} and health.task.done()
+
+
+class Broken:
+    def __init__(self, fail_start: bool = False) -> None:
+        self.fail_start = fail_start
+
+    async def start(self) -> None:
+        if self.fail_start:
+            raise RuntimeError("cannot start")
+
+    async def stop(self) -> None:
+        raise RuntimeError("cannot stop")
+
+    async def reconfigure(self, old: Config, new: Config) -> None:
+        raise RuntimeError("cannot follow")
+
+
+async def test_every_service_stops_even_when_one_fails(tmp_path: Path) -> None:
+    path = tmp_path / "kvroute.yaml"
+    write(path, [ep(0, "http://127.0.0.1:1")], health={"interval": 3600})
+    state = AppState.from_config(load_config(path), str(path))
+    lifecycle = Lifecycle(state)
+    lifecycle.services.insert(1, Broken())
+    await lifecycle.start()
+    assert set(lifecycle.monitor.loops) == {"health"}
+    # A service that cannot follow a reload keeps neither the reload nor the others from it.
+    write(path, [ep(0, "http://127.0.0.1:1")], health={"interval": 1800})
+    assert await lifecycle.reloader.reload("test") == {"result": "success"}
+    assert lifecycle.monitor.loops["health"].interval == 1800
+    await lifecycle.stop()  # Broken.stop raises between the reloader and the monitor
+    assert lifecycle.monitor.loops == {}
+
+    failing = Lifecycle(state)
+    failing.services.append(Broken(fail_start=True))
+    with pytest.raises(RuntimeError, match="cannot start"):
+        await failing.start()
+    assert failing.monitor.loops == {}
+
+
+async def test_the_watch_survives_its_watcher_failing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "kvroute.yaml"
+    write(path, [ep(0, "http://127.0.0.1:1")])
+    state = AppState.from_config(load_config(path), str(path))
+    polling: list[bool | None] = []
+    awatch = reload_module.awatch
+
+    def no_inotify_at_first(*paths: Path, **options: Any) -> Any:
+        polling.append(options.get("force_polling"))
+        if len(polling) == 1:
+            raise OSError("inotify instance limit reached")
+        return awatch(*paths, **options)
+
+    monkeypatch.setattr(reload_module, "awatch", no_inotify_at_first)
+    reloader = Reloader(state)
+    await reloader.start()
+    try:
+        saves = 0
+
+        async def picked_up() -> bool:
+            # Saved again on every look: the polling watcher may start after a save.
+            nonlocal saves
+            saves += 1
+            write(path, [ep(0, "http://127.0.0.1:1")], models={"tiny": {"aliases": [f"v{saves}"]}})
+            return "tiny" in state.config.models
+
+        await eventually(picked_up, interval=0.5)
+    finally:
+        await reloader.stop()
+    assert polling == [None, True]

@@ -1,0 +1,84 @@
+"""The app's background services, peers owned by the lifespan.
+
+    lifespan ── Lifecycle.start ──> Monitor, Discovery, Reloader   (in order)
+             └─ Lifecycle.stop  ──> Reloader, Discovery, Monitor   (each, even if one fails)
+
+    Reloader.reload: read + validate (worker thread) -> AppState.apply
+             └─ Lifecycle.reconfigure(old, new) ──> each service's reconfigure
+
+A service decides for itself what a change means: the Monitor restarts a
+loop whose interval changed, Discovery restarts when the ``discovery``
+section changed, the Reloader starts or stops watching the file. Nobody owns
+anybody else.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from router.config import Config
+from router.consul import Discovery
+from router.monitor import Monitor
+from router.reload import Reloader
+from router.state import AppState
+
+LOG = logging.getLogger("kvroute.lifecycle")
+
+
+class Service(Protocol):
+    """Background work with the app's lifetime."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None:
+        """Stop every task the service started; safe to call when not started."""
+
+    async def reconfigure(self, old: Config, new: Config) -> None:
+        """``new`` was just applied to the app's state (a reload); follow it."""
+
+
+class Lifecycle:
+    def __init__(
+        self,
+        state: AppState,
+        monitor: Monitor | None = None,
+        discovery: Discovery | None = None,
+    ) -> None:
+        self.monitor = monitor or Monitor(state)
+        self.discovery = discovery or Discovery(state)
+        self.reloader = Reloader(state, on_change=self.reconfigure)
+        #: Started in this order and stopped in the reverse one: the reloader
+        #: last, so no reload starts before everything runs or after it stops.
+        self.services: list[Service] = [self.monitor, self.discovery, self.reloader]
+        self._started: list[Service] = []
+
+    async def start(self) -> None:
+        """Start every service; if one fails, stop those already running and raise."""
+        for service in self.services:
+            try:
+                await service.start()
+            except BaseException:
+                self._started.append(service)  # it may have started part of its work
+                await self.stop()
+                raise
+            self._started.append(service)
+
+    async def stop(self) -> None:
+        """Stop every started service, last first; a failure is logged and the rest still stop."""
+        while self._started:
+            service = self._started.pop()
+            try:
+                await service.stop()
+            except Exception:
+                LOG.exception({"event": "service_stop_failed", "service": type(service).__name__})
+
+    async def reconfigure(self, old: Config, new: Config) -> None:
+        """Tell every running service what a reload changed; one failing stops no other."""
+        for service in list(self._started):
+            try:
+                await service.reconfigure(old, new)
+            except Exception:
+                LOG.exception(
+                    {"event": "service_reconfigure_failed", "service": type(service).__name__}
+                )
