@@ -51,11 +51,6 @@ class Failover:
     async def __call__(self, request: InferenceRequest, send: Send) -> None:
         state = self.state
         route = request.routed
-        reason = state.registry.unsupported(route.model, request)
-        if reason is not None:
-            raise UnsupportedOperation(
-                f"model '{route.model}' cannot serve {request.op.path}: {reason}", param="model"
-            )
         retries = state.config.retries
         clock = state.registry.clock
         deadline = clock() + retries.deadline
@@ -66,6 +61,8 @@ class Failover:
         for current in self._route_chain(route):
             candidates = state.registry.candidates(current.model, request)
             if not candidates:
+                if current is route and attempts == 0:
+                    self._check_supported(request, route)
                 last = last or NoHealthyEndpoint(
                     f"no healthy endpoint serves model '{current.model}'"
                 )
@@ -102,6 +99,15 @@ class Failover:
         if attempts > 1:
             err.should_retry = False
         raise err
+
+    def _check_supported(self, request: InferenceRequest, route: Route) -> None:
+        """No candidate: a client's error (400) if no endpoint of the model could
+        ever serve this request, healthy or not."""
+        reason = self.state.registry.unsupported(route.model, request)
+        if reason is not None:
+            raise UnsupportedOperation(
+                f"model '{route.model}' cannot serve {request.op.path}: {reason}", param="model"
+            )
 
     def _route_chain(self, route: Route) -> list[Route]:
         chain = [route]

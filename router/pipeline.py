@@ -8,7 +8,7 @@
 
 A stage is ``async (request, send, call_next) -> None``: it may answer itself,
 call the rest of the pipeline with the request (or a changed copy: requests
-are frozen, ``dataclasses.replace`` makes one), wrap ``send`` to see the
+are frozen), wrap ``send`` to see the
 answer, or act after ``call_next`` returns. Errors are raised as
 ``RouterError``s; the middleware turns them into OpenAI's shape.
 
@@ -20,7 +20,6 @@ which is how an OpenAI server learns to abort the generation).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -59,7 +58,7 @@ class Resolve:
         if route is None:
             raise ModelNotFound(request.model)
         request.ctx.model = route.model
-        await call_next(dataclasses.replace(request, route=route), send)
+        await call_next(request.with_route(route), send)
 
 
 def stages(state: AppState) -> list[Stage]:

@@ -76,6 +76,21 @@ class InferenceRequest:
     #: Set by the resolve stage.
     route: Route | None = None
 
+    def with_route(self, route: Route) -> InferenceRequest:
+        # Positional, not dataclasses.replace: this runs for every request.
+        return InferenceRequest(
+            self.op,
+            self.request_id,
+            self.headers,
+            self.raw,
+            self.body,
+            self.model,
+            self.stream,
+            self.sampling,
+            self.ctx,
+            route,
+        )
+
     @property
     def routed(self) -> Route:
         assert self.route is not None, "the resolve stage has not run"
