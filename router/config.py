@@ -61,9 +61,9 @@ class ServerConfig(Frozen):
 
 
 class Timeouts(Frozen):
-    """Seconds. ``first_byte`` bounds the wait for response headers, which for a
-    non-streamed completion is the whole generation; ``idle`` bounds the gap
-    between two chunks of a stream."""
+    """Seconds. ``first_byte`` bounds the wait for a non-streamed answer's headers
+    (the whole generation) and for a stream's first chunk (queueing and prefill
+    included); ``idle`` bounds the gap between two chunks of a stream after it."""
 
     connect: float = Field(5.0, gt=0)
     first_byte: float = Field(300.0, gt=0)
