@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequenc
 from datetime import datetime
 from functools import lru_cache
 from time import perf_counter
-from typing import Any
+from typing import Annotated, Any
 
 from jinja2 import Template, nodes, pass_context
 from jinja2.compiler import CodeGenerator, Frame
@@ -42,6 +42,8 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.parser import Parser
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from pydantic import AfterValidator
+from pydantic_core import PydanticCustomError
 
 PRESETS: dict[str, str] = {
     "chatml": (
@@ -251,6 +253,18 @@ def check_template(template: str) -> None:
     """Raise ChatTemplateError unless ``template`` is a preset or valid Jinja2."""
     if template not in PRESETS:
         _compile(template)
+
+
+def _checked(template: str) -> str:
+    try:
+        check_template(template)
+    except ChatTemplateError as exc:
+        raise PydanticCustomError("chat_template", "{error}", {"error": str(exc)}) from None
+    return template
+
+
+#: A config field holding a chat template, checked when the config loads.
+ChatTemplate = Annotated[str, AfterValidator(_checked)]
 
 
 def text_of(content: Any) -> str:

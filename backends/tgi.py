@@ -37,7 +37,7 @@ from backends.base import (
 from backends.openai import OpenAIAdapter
 from backends.openai_shapes import ChunkWriter, completion, error_event
 from backends.sse import SSEParser, json_events
-from backends.templates import render
+from backends.templates import ChatTemplate, render
 
 FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 MAX_STOP = 4  # TGI's default --max-stop-sequences
@@ -48,7 +48,7 @@ class TGIOptions(BaseModel):
 
     api: Literal["generate", "messages"] = "generate"
     #: Chat template for models that name none (a preset or Jinja2 source).
-    chat_template: str = "chatml"
+    chat_template: ChatTemplate = "chatml"
     #: max_new_tokens when the client sets no max_tokens.
     default_max_tokens: int = 256
 

@@ -47,6 +47,7 @@ from backends.base import (
 )
 from backends.openai_shapes import ChunkWriter, completion, error_event
 from backends.sse import SSEParser, json_events
+from backends.templates import ChatTemplate
 from backends.tgi import prompt_of, text_only
 
 DEFAULT_FIELDS = {
@@ -70,7 +71,7 @@ class TritonOptions(BaseModel):
     #: TensorRT-LLM's ensemble (e.g. {"seed": "random_seed"}).
     fields: dict[str, str] = Field(default_factory=dict)
     output_mode: Literal["auto", "delta", "accumulated"] = "auto"
-    chat_template: str = "chatml"
+    chat_template: ChatTemplate = "chatml"
     default_max_tokens: int = Field(256, ge=1)
 
     def field(self, name: str) -> str:

@@ -29,7 +29,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from backends import ADAPTERS
-from backends.templates import ChatTemplateError, check_template
+from backends.templates import ChatTemplate
 from policies.registry import POLICIES, known_policies
 
 
@@ -175,17 +175,7 @@ class ModelRef(Frozen):
     served_name: str | None = None
     #: For text-prompt backends (TGI generate, Triton): a preset (chatml,
     #: llama-3, mistral, plain) or Jinja2 source; default: the endpoint's.
-    chat_template: str | None = None
-
-    @field_validator("chat_template")
-    @classmethod
-    def _template(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                check_template(value)
-            except ChatTemplateError as exc:
-                raise PydanticCustomError("chat_template", "{error}", {"error": str(exc)}) from None
-        return value
+    chat_template: ChatTemplate | None = None
 
     @model_validator(mode="before")
     @classmethod

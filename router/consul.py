@@ -293,7 +293,11 @@ class ConsulDiscovery:
             try:
                 entries, new_index = await self.query(service, index)
                 registered = self.apply(service.name, entries)
-            except (httpx.HTTPError, DiscoveryError) as exc:
+            except httpx.HTTPError as exc:
+                # The class only: httpx's messages carry the URL, which may carry secrets.
+                error = f"cannot query Consul: {exc.__class__.__name__}"
+                LOG.warning({"event": "consul_error", "service": service.name, "error": error})
+            except DiscoveryError as exc:
                 error = f"{exc.__class__.__name__}: {exc}"
                 LOG.warning({"event": "consul_error", "service": service.name, "error": error})
             except Exception as exc:  # a bug: it must not end the watch

@@ -166,8 +166,14 @@ class Monitor:
             r = await self._client.get(url, timeout=self.state.config.scrape.timeout)
             r.raise_for_status()
             load = endpoint.adapter.parse_load(r.text)
+        except httpx.HTTPStatusError as exc:
+            error = f"metrics answered HTTP {exc.response.status_code}"
+            LOG.debug({"event": "scrape_failed", "endpoint": endpoint.id, "error": error})
+            return
         except (httpx.HTTPError, ValueError) as exc:
-            LOG.debug({"event": "scrape_failed", "endpoint": endpoint.id, "error": str(exc)})
+            # The class only: httpx's messages carry the URL, and URLs may carry secrets.
+            error = exc.__class__.__name__
+            LOG.debug({"event": "scrape_failed", "endpoint": endpoint.id, "error": error})
             return
         endpoint.running, endpoint.waiting = load.running, load.waiting
         endpoint.kv_usage = load.kv_usage

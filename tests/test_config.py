@@ -167,3 +167,26 @@ def test_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 
     assert main(["check", str(tmp_path / "missing.yaml")]) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["tgi", "triton"])
+def test_an_endpoints_own_chat_template_is_checked_at_load(kind: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            f"endpoints: [{{id: t, url: 'http://t:1', kind: {kind}, models: [m], "
+            "options: {chat_template: '{% for %}'}}]",
+            {},
+        )
+    assert info.value.errors[0].startswith(
+        f"endpoints[0]: bad options for kind '{kind}': chat_template: invalid chat template"
+    )
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "kvroute.yaml"
+    path.write_bytes(b"endpoints: []\nseed: 1 # caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.errors == [
+        f"{path}: line 2: not UTF-8 text (byte 0xe9: invalid continuation byte)"
+    ]
