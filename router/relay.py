@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 
@@ -119,10 +119,7 @@ class Relay:
     ) -> None:
         resp = await self.forwarder.send(upstream, stream=False)
         try:
-            data = await _read_all(resp, upstream.endpoint_id)
-            if resp.status >= 400:
-                raise normalise_upstream_error(resp.status, data, resp.headers.get("retry-after"))
-            await _send_json(send, request, _answer(tr, data, upstream.endpoint_id))
+            await _relay_whole(resp, request, send, tr, upstream.endpoint_id)
         finally:
             resp.release()
 
@@ -130,7 +127,6 @@ class Relay:
         self, request: InferenceRequest, send: Send, upstream: UpstreamRequest, tr: Translator
     ) -> None:
         ctx = request.ctx
-        loop = asyncio.get_running_loop()
         timeouts = self.forwarder.timeouts
         endpoint_id = upstream.endpoint_id
         started = False
@@ -143,21 +139,10 @@ class Relay:
                     ):
                         # An error, or a backend that answered a stream request
                         # with one JSON answer.
-                        data = await _read_all(resp, endpoint_id)
-                        if resp.status >= 400:
-                            raise normalise_upstream_error(
-                                resp.status, data, resp.headers.get("retry-after")
-                            )
-                        await _send_json(send, request, _answer(tr, data, endpoint_id))
+                        await _relay_whole(resp, request, send, tr, endpoint_id)
                         return
                     chunks = resp.content.iter_any()
-                    # Nothing goes out before the first translated chunk: a backend
-                    # that dies before it is still a failure before the first byte.
-                    out = b""
-                    async for chunk in chunks:
-                        out = _feed(tr, chunk)
-                        if out:
-                            break
+                    first, ended = await _first_output(tr, chunks, endpoint_id)
                     ctx.ttft = time.perf_counter() - ctx.start
                     started = True
                     await send(
@@ -167,47 +152,21 @@ class Relay:
                             "headers": [(b"content-type", SSE), (b"cache-control", b"no-cache")],
                         }
                     )
-                    while True:
-                        if out:
-                            await send(
-                                {"type": "http.response.body", "body": out, "more_body": True}
-                            )
-                        bound.reschedule(loop.time() + timeouts.idle)
-                        chunk = await anext(chunks, b"")
-                        if not chunk:
-                            break
-                        out = _feed(tr, chunk)
-                    tail = _feed(tr, None)
+                    tail = (
+                        first
+                        if ended
+                        else await _pump(send, tr, chunks, first, bound, timeouts.idle)
+                    )
                 finally:
                     resp.release()
-        except TimeoutError as exc:
-            what = "its next chunk within timeouts.idle" if started else "a first chunk in time"
-            err: UpstreamError = UpstreamTimeout(f"endpoint {endpoint_id} sent no {what}")
+        except (TimeoutError, aiohttp.ClientError, OSError, UpstreamProtocolError) as exc:
+            err = _stream_failure(exc, endpoint_id, started)
             if not started:
                 raise err from exc
-            await self._cut(send, ctx, endpoint_id, err)
-            raise err from exc
-        except UpstreamError:
-            raise
-        except (aiohttp.ClientError, OSError) as exc:
-            err = UpstreamConnectError(
-                f"stream from endpoint {endpoint_id} broke off: {exc.__class__.__name__}"
-            )
-            if not started:
-                raise err from exc
-            await self._cut(send, ctx, endpoint_id, err)
-            raise err from exc
-        except UpstreamProtocolError as exc:
-            # A stream kvroute cannot read (malformed events): the backend's
-            # fault, and never a silent cut.
-            err = UpstreamHTTPError(
-                502, f"endpoint {endpoint_id} sent a stream kvroute cannot read: {exc}"
-            )
-            if not started:
-                raise err from exc
-            LOG.warning(
-                {"event": "stream_unreadable", "endpoint": endpoint_id, "error": err.message}
-            )
+            if isinstance(exc, UpstreamProtocolError):
+                LOG.warning(
+                    {"event": "stream_unreadable", "endpoint": endpoint_id, "error": err.message}
+                )
             await self._cut(send, ctx, endpoint_id, err)
             raise err from exc
         if started:
@@ -228,6 +187,72 @@ class Relay:
                 "more_body": False,
             }
         )
+
+
+def _stream_failure(exc: Exception, endpoint_id: str, started: bool) -> UpstreamError:
+    if isinstance(exc, TimeoutError):
+        what = "its next chunk within timeouts.idle" if started else "a first chunk in time"
+        return UpstreamTimeout(f"endpoint {endpoint_id} sent no {what}")
+    if isinstance(exc, UpstreamProtocolError):
+        # A stream kvroute cannot read (malformed events): the backend's fault.
+        return UpstreamHTTPError(
+            502, f"endpoint {endpoint_id} sent a stream kvroute cannot read: {exc}"
+        )
+    return UpstreamConnectError(
+        f"stream from endpoint {endpoint_id} broke off: {exc.__class__.__name__}"
+    )
+
+
+async def _relay_whole(
+    resp: aiohttp.ClientResponse,
+    request: InferenceRequest,
+    send: Send,
+    tr: Translator,
+    endpoint_id: str,
+) -> None:
+    """An error status, or one whole answer, translated to OpenAI JSON."""
+    data = await _read_all(resp, endpoint_id)
+    if resp.status >= 400:
+        raise normalise_upstream_error(resp.status, data, resp.headers.get("retry-after"))
+    await _send_json(send, request, _answer(tr, data, endpoint_id))
+
+
+async def _first_output(
+    tr: Translator, chunks: AsyncIterator[bytes], endpoint_id: str
+) -> tuple[bytes, bool]:
+    """The stream's first translated output, and whether the stream already ended.
+    Nothing goes to the client before it: a backend that dies first is still a
+    failure before the first byte (the caller fails over)."""
+    async for chunk in chunks:
+        if out := _feed(tr, chunk):
+            return out, False
+    # The stream ended with nothing translated: what the translator still owes
+    # (a Triton answer of no tokens is a finish and [DONE]) or a failure.
+    if out := _feed(tr, None):
+        return out, True
+    raise UpstreamConnectError(f"stream from endpoint {endpoint_id} ended before its first chunk")
+
+
+async def _pump(
+    send: Send,
+    tr: Translator,
+    chunks: AsyncIterator[bytes],
+    first: bytes,
+    bound: asyncio.Timeout,
+    idle: float,
+) -> bytes:
+    """Relay ``first`` and the rest of the stream, each chunk within ``idle`` of
+    the last; return what the translator owes at the end."""
+    loop = asyncio.get_running_loop()
+    out = first
+    while True:
+        if out:
+            await send({"type": "http.response.body", "body": out, "more_body": True})
+        bound.reschedule(loop.time() + idle)
+        chunk = await anext(chunks, b"")
+        if not chunk:
+            return _feed(tr, None)
+        out = _feed(tr, chunk)
 
 
 def _feed(tr: Translator, chunk: bytes | None) -> bytes:

@@ -235,3 +235,23 @@ async def test_errors_and_admin_never_show_url_credentials() -> None:
         for secret in ("s3cret", "hunter2", "k3y", "alice", "bob", "key=k3y"):
             assert secret not in text, (secret, text[:300])
     assert "http://***@127.0.0.1:9/v1" in texts[1]
+
+
+async def test_a_stream_that_ends_before_its_first_chunk_fails_over() -> None:
+    empty = backend(200, [(b"content-type", b"text/event-stream")], [])
+    async with serve_app(empty) as empty_url, simulator(["m"]) as (good_url, _):
+        endpoints = [
+            {"id": "empty", "url": empty_url, "kind": "openai", "models": ["m"]},
+            {"id": "good", "url": good_url, "kind": "vllm", "models": ["m"]},
+        ]
+        cfg = router_config(endpoints, health={"enabled": False}, scrape={"enabled": False})
+        async with router(cfg) as url, httpx.AsyncClient() as client:
+            for _ in range(2):  # round robin: each endpoint is ranked first once
+                r = await client.post(
+                    url + "/v1/chat/completions", json={**CHAT, "stream": True, "max_tokens": 2}
+                )
+                assert r.status_code == 200 and r.content.endswith(b"data: [DONE]\n\n")
+            admin = (await client.get(url + "/admin/endpoints")).json()["endpoints"]
+    assert "ended before its first chunk" in next(
+        e["last_error"] for e in admin if e["id"] == "empty"
+    )
