@@ -1,4 +1,5 @@
-"""The admin API, under /admin, behind ``admin_token`` when one is set.
+"""The admin API, under /admin: closed unless ``admin.token`` is set (then
+every call needs it as a bearer token) or ``admin.open`` is true (a demo).
 
 GET  /admin/endpoints                 every endpoint and its live state
 POST /admin/endpoints/{id}/drain      no new requests; in-flight ones finish
@@ -12,18 +13,23 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from router.config import redact_url
+from router.config import AdminConfig, redact_url
 from router.errors import error_body
 from router.registry import EndpointState
 from router.reload import Reloader
 from router.state import AppState
+
+
+LOG = logging.getLogger("kvroute.admin")
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -57,16 +63,48 @@ def describe(endpoint: EndpointState, now: float) -> dict[str, Any]:
     }
 
 
-def admin_routes(state: AppState, reloader: Reloader) -> list[BaseRoute]:
-    def denied(request: Request) -> Response | None:
-        token = state.config.admin_token
-        if token is None:
-            return None
+def cross_site(request: Request) -> bool:
+    """A browser's request from another site (a form or a script on a page
+    elsewhere), which must not change anything here."""
+    if request.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+        return True
+    origin = request.headers.get("origin")
+    return origin is not None and urlsplit(origin).netloc != request.headers.get("host")
+
+
+def admin_denied(config: AdminConfig, request: Request, mutating: bool) -> Response | None:
+    """Why ``request`` may not use the admin API (a response), or None.
+
+    With a token, every call needs ``Authorization: Bearer <token>``; a browser
+    cannot add that header to a forged form, and kvroute never reads a cookie.
+    Without one the API is off, unless ``open`` (a demo), where calls that
+    change something still refuse cross-site browser requests."""
+    if config.token is not None:
         given = request.headers.get("authorization", "").encode()
-        if hmac.compare_digest(given, f"Bearer {token.get_secret_value()}".encode()):
+        if hmac.compare_digest(given, b"Bearer " + config.token.get_secret_value().encode()):
             return None
         body = error_body("admin token required", "authentication_error", None, "invalid_api_key")
         return json_response(body, 401)
+    if not config.open:
+        message = "the admin API is off: set admin.token in the config (or admin.open for a demo)"
+        return json_response(error_body(message, "permission_error", None, "admin_disabled"), 403)
+    if mutating and cross_site(request):
+        message = "admin calls that change state are not taken from other sites' pages"
+        return json_response(error_body(message, "permission_error", None, "cross_site"), 403)
+    return None
+
+
+def admin_routes(state: AppState, reloader: Reloader) -> list[BaseRoute]:
+    if state.config.admin.open and state.config.admin.token is None:
+        LOG.warning(
+            {
+                "event": "admin_open",
+                "message": "admin.open: /admin needs no token; expose this port to no one",
+            }
+        )
+
+    def denied(request: Request) -> Response | None:
+        return admin_denied(state.config.admin, request, request.method != "GET")
 
     def endpoint_or_404(request: Request) -> EndpointState | Response:
         endpoint = state.registry.get(request.path_params["endpoint_id"])

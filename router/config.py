@@ -299,6 +299,20 @@ class PolicySpec(Frozen):
         return dict(self.model_extra or {})
 
 
+class AdminConfig(Frozen):
+    """The /admin API. Closed unless a token is set (then every call needs
+    ``Authorization: Bearer <token>``) or ``open`` is true (no token needed: for
+    a demo on loopback only; kvroute warns at start)."""
+
+    token: SecretStr | None = None
+    open: bool = False
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+
 class ModelConfig(Frozen):
     policy: PolicySpec = PolicySpec(name="round_robin")
     #: Other names clients may use for this model.
@@ -322,13 +336,24 @@ class Config(Frozen):
     default_policy: PolicySpec = PolicySpec(name="round_robin")
     #: Seeds the policies' random choices; unset means a fresh seed per start.
     seed: int | None = None
-    #: When set, /admin/* requires ``Authorization: Bearer <admin_token>``.
-    admin_token: SecretStr | None = None
+    admin: AdminConfig = AdminConfig()
 
-    @field_validator("admin_token", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _empty_token_is_none(cls, value: Any) -> Any:
-        return None if value == "" else value
+    def _admin_token_spelling(cls, value: Any) -> Any:
+        # ``admin_token: x`` (the older spelling) is ``admin: {token: x}``.
+        if isinstance(value, dict) and "admin_token" in value:
+            value = dict(value)
+            token = value.pop("admin_token")
+            admin = value.get("admin")
+            if admin is not None and not isinstance(admin, dict):
+                return value  # the admin section's own error will say why
+            if admin and "token" in admin:
+                raise PydanticCustomError(
+                    "duplicate", "admin_token and admin.token are both set; keep admin.token", {}
+                )
+            value["admin"] = {**(admin or {}), "token": token}
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

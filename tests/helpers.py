@@ -70,6 +70,8 @@ def router_config(endpoints: list[dict[str, Any]], **extra: Any) -> Config:
     raw: dict[str, Any] = {"endpoints": endpoints, "seed": 7, **extra}
     raw.setdefault("server", {})
     raw["server"].setdefault("access_log", False)
+    if "admin_token" not in raw:
+        raw.setdefault("admin", {"open": True})  # tests read /admin freely
     return parse_config(yaml.safe_dump(raw))
 
 

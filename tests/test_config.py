@@ -129,7 +129,7 @@ def test_empty_secrets_mean_none() -> None:
         {},
     )
     assert config.endpoints[0].api_key is None
-    assert config.admin_token is None
+    assert config.admin.token is None
 
 
 def test_yaml_syntax_error_names_line() -> None:

@@ -6,23 +6,31 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
-from router.config import parse_config
+from router.config import ConfigError, parse_config
 from router.state import AppState
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
+TOKEN = {"KVROUTE_ADMIN_TOKEN": "t0ken"}
 
 
 def test_kubernetes_manifest_and_its_config() -> None:
     docs = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "kvroute.yaml").read_text()))
     kinds = [d["kind"] for d in docs]
     assert kinds == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget"]
-    config = parse_config(docs[0]["data"]["kvroute.yaml"], {})
-    assert config.models["llama-3-8b"].policy.name == "prefix_affinity"
     pod = docs[1]["spec"]["template"]["spec"]
     container = pod["containers"][0]
+    text = docs[0]["data"]["kvroute.yaml"]
+    with pytest.raises(ConfigError, match="KVROUTE_ADMIN_TOKEN"):
+        parse_config(text, {})  # no token, no start: the admin API is never open
+    config = parse_config(text, TOKEN)
+    assert config.admin.token is not None and not config.admin.open
+    env = container["env"][0]
+    assert env["valueFrom"]["secretKeyRef"]["optional"] is False
+    assert config.models["llama-3-8b"].policy.name == "prefix_affinity"
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     # The pod must outlive kvroute's own graceful shutdown.
@@ -32,7 +40,13 @@ def test_kubernetes_manifest_and_its_config() -> None:
 def test_compose_and_consul_files() -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     assert compose["services"]["consul"]["image"].startswith("hashicorp/consul")
-    config = parse_config((DEPLOY / "kvroute-consul.yaml").read_text(), {})
+    text = (DEPLOY / "kvroute-consul.yaml").read_text()
+    with pytest.raises(ConfigError, match="KVROUTE_ADMIN_TOKEN"):
+        parse_config(text, {})
+    config = parse_config(text, TOKEN)
+    assert "KVROUTE_ADMIN_TOKEN:?" in (DEPLOY / "docker-compose.yml").read_text()
+    image = parse_config((DEPLOY / "kvroute-image.yaml").read_text(), TOKEN)
+    assert image.admin.token is not None and image.server.host == "0.0.0.0"
     assert config.discovery.consul is not None
     services = json.loads((DEPLOY / "consul" / "llm-services.json").read_text())["services"]
     from router.consul import instance_endpoint

@@ -207,7 +207,7 @@ async def test_drain_and_undrain() -> None:
             assert {e["id"] for e in listed} == {"s0", "s1"}
             assert listed[0]["load"]["running"] is not None  # scraped from /metrics
             config = (await c.get("/admin/config", headers=auth)).json()["config"]
-            assert config["admin_token"] == "**********"
+            assert config["admin"]["token"] == "**********"
 
 
 async def test_sigterm_finishes_in_flight_requests(tmp_path: Path) -> None:

@@ -1,0 +1,72 @@
+"""Who may use /admin: closed by default, a bearer token, or open for a demo
+(and then never from another site's page)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from router.config import parse_config
+from tests.helpers import router, router_config, simulator
+
+
+async def admin_calls(url: str, **headers: str) -> list[int]:
+    async with httpx.AsyncClient(base_url=url, headers=headers) as client:
+        return [
+            (await client.get("/admin/endpoints")).status_code,
+            (await client.get("/admin/config")).status_code,
+            (await client.post("/admin/endpoints/e/drain")).status_code,
+            (await client.post("/admin/reload")).status_code,
+        ]
+
+
+def config(url: str, **admin: Any) -> Any:
+    endpoints = [{"id": "e", "url": url, "kind": "vllm", "models": ["m"]}]
+    return router_config(endpoints, admin=admin)
+
+
+async def test_no_token_means_no_admin_api() -> None:
+    async with simulator(["m"]) as (sim, _), router(config(sim)) as url:
+        assert await admin_calls(url) == [403, 403, 403, 403]
+        async with httpx.AsyncClient() as client:
+            r = await client.get(url + "/admin/endpoints")
+            drained = (await client.post(url + "/admin/endpoints/e/drain")).json()
+            # and the model is still served: nothing was drained
+            ok = await client.post(
+                url + "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 1}
+            )
+    assert r.json()["error"]["code"] == "admin_disabled"
+    assert r.json()["error"]["type"] == "permission_error"
+    assert drained["error"]["code"] == "admin_disabled" and ok.status_code == 200
+
+
+async def test_a_token_is_required_when_set() -> None:
+    async with simulator(["m"]) as (sim, _), router(config(sim, token="s3cret")) as url:
+        assert await admin_calls(url) == [401, 401, 401, 401]
+        assert await admin_calls(url, authorization="Bearer wrong") == [401, 401, 401, 401]
+        calls = await admin_calls(url, authorization="Bearer s3cret")
+        # reload: 200 or 422 is the reloader's answer (no file here), not a refusal
+        assert calls[:3] == [200, 200, 200] and calls[3] not in (401, 403)
+        async with httpx.AsyncClient() as client:
+            shown = await client.get(
+                url + "/admin/config", headers={"authorization": "Bearer s3cret"}
+            )
+    assert "s3cret" not in shown.text and shown.json()["config"]["admin"]["token"] == "**********"
+
+
+async def test_open_admin_refuses_state_changes_from_other_sites() -> None:
+    async with simulator(["m"]) as (sim, _), router(config(sim, open=True)) as url:
+        assert (await admin_calls(url))[:3] == [200, 200, 200]
+        forged = await admin_calls(url, origin="https://evil.example")
+        assert forged[:2] == [200, 200]  # reading is harmless
+        assert forged[2:] == [403, 403]  # a form on another site cannot drain or reload
+        fetched = await admin_calls(url, **{"sec-fetch-site": "cross-site"})
+        assert fetched[2:] == [403, 403]
+
+
+def test_the_older_admin_token_spelling_still_works() -> None:
+    assert parse_config("admin_token: t", {}).admin.token is not None
+    with pytest.raises(Exception, match="both set"):
+        parse_config("admin_token: t\nadmin: {token: u}", {})
