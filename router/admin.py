@@ -28,7 +28,6 @@ from router.registry import EndpointState
 from router.reload import Reloader
 from router.state import AppState
 
-
 LOG = logging.getLogger("kvroute.admin")
 
 

@@ -43,6 +43,33 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+#: Headers kvroute sets itself, hop-by-hop ones and client credentials:
+#: ``forward_headers`` may not name them.
+NEVER_FORWARDED = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "accept-encoding",
+        "authorization",
+        "api-key",
+        "x-api-key",
+        "cookie",
+        "x-request-id",
+        "expect",
+    }
+)
+
+
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -337,6 +364,24 @@ class Config(Frozen):
     #: Seeds the policies' random choices; unset means a fresh seed per start.
     seed: int | None = None
     admin: AdminConfig = AdminConfig()
+    #: Client headers sent on to the backends, besides the trace context
+    #: (traceparent, tracestate); no other client header ever goes upstream.
+    forward_headers: tuple[str, ...] = ()
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _forwardable(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for name in names:
+            lower = name.lower()
+            if not re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]+", lower):
+                raise PydanticCustomError("header", "'{name}' is not a header name", {"name": name})
+            if lower in NEVER_FORWARDED:
+                raise PydanticCustomError(
+                    "header", "'{name}' is never sent upstream", {"name": name}
+                )
+            out.append(lower)
+        return tuple(out)
 
     @model_validator(mode="before")
     @classmethod

@@ -46,7 +46,7 @@ def retryable(exc: UpstreamError) -> bool:
 class Failover:
     def __init__(self, state: AppState) -> None:
         self.state = state
-        self.relay = Relay(state.forwarder, state.metrics)
+        self.relay = Relay(state)
 
     async def __call__(self, request: InferenceRequest, send: Send) -> None:
         state = self.state

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
+from functools import lru_cache
 
 import aiohttp
 
@@ -34,48 +35,41 @@ from router.errors import (
     UpstreamTimeout,
     normalise_upstream_error,
 )
-from router.forward import Forwarder, UpstreamRequest
-from router.metrics import Metrics
+from router.forward import UpstreamRequest
 from router.registry import EndpointState
 from router.request import InferenceRequest, RequestContext
+from router.state import AppState
 from router.types import Send
 
 LOG = logging.getLogger("kvroute.relay")
 
-# Client headers that never go upstream: hop-by-hop ones, those the client
-# library sets for its own connection, and the client's credentials.
-DROP_HEADERS = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "authorization",
-        "api-key",
-        "x-api-key",
-        "cookie",
-        "accept-encoding",
-        "content-type",
-        "x-request-id",
-    }
-)
+#: Client headers that go upstream: the trace context. Everything else a client
+#: sends stays here (its credentials, hop-by-hop and Connection-named headers,
+#: x-forwarded-*, expect, cookies...) unless the config names it in
+#: ``forward_headers``. kvroute sets content-type, x-request-id,
+#: accept-encoding and the endpoint's own authorization itself.
+FORWARDED = ("traceparent", "tracestate")
 JSON = b"application/json"
 SSE = b"text/event-stream"
 
 
+@lru_cache(maxsize=8)
+def forwarded(configured: tuple[str, ...]) -> tuple[str, ...]:
+    return FORWARDED + tuple(h for h in configured if h not in FORWARDED)
+
+
 def upstream_headers(
-    client: Mapping[str, str], base: Mapping[str, str], request_id: str
+    client: Mapping[str, str],
+    base: Mapping[str, str],
+    request_id: str,
+    allowed: tuple[str, ...] = FORWARDED,
 ) -> dict[str, str]:
+    """The endpoint's own headers, the allowed client headers, the request id."""
     headers = dict(base)
-    for key, value in client.items():
-        if key not in DROP_HEADERS:
-            headers[key] = value
+    for name in allowed:
+        value = client.get(name)
+        if value is not None:
+            headers[name] = value
     headers["x-request-id"] = request_id
     # Readable answers: a compressing proxy in between should not compress
     # (and if it does anyway, the forwarder decodes).
@@ -84,9 +78,10 @@ def upstream_headers(
 
 
 class Relay:
-    def __init__(self, forwarder: Forwarder, metrics: Metrics) -> None:
-        self.forwarder = forwarder
-        self.metrics = metrics
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self.forwarder = state.forwarder
+        self.metrics = state.metrics
 
     async def __call__(
         self, request: InferenceRequest, send: Send, endpoint: EndpointState, target: Target
@@ -106,7 +101,12 @@ class Relay:
             endpoint.id,
             endpoint.url + exchange.path,
             exchange.body,
-            upstream_headers(request.headers, endpoint.headers, request.request_id),
+            upstream_headers(
+                request.headers,
+                endpoint.headers,
+                request.request_id,
+                forwarded(self.state.config.forward_headers),
+            ),
         )
         if request.stream:
             await self._stream(request, send, upstream, exchange.translator)

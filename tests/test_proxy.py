@@ -17,6 +17,7 @@ from backends.sim.common import Faults
 from backends.sim.engine import EngineParams
 from backends.sim.vllm import VLLMSimulator
 from router.app import build_app
+from router.config import ConfigError, parse_config
 from tests.helpers import (
     eventually,
     router,
@@ -365,7 +366,7 @@ async def test_access_log_is_one_json_line_per_request(
     assert (line["model"], line["endpoint"], line["policy"]) == ("tiny", "sim-0", "round_robin")
 
 
-async def test_client_authorization_is_not_forwarded_but_endpoint_key_is() -> None:
+async def test_headers_go_upstream_by_allowlist_only() -> None:
     seen: list[dict[str, str]] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -385,7 +386,8 @@ async def test_client_authorization_is_not_forwarded_but_endpoint_key_is() -> No
 
     async with serve_app(app) as upstream:
         cfg = router_config(
-            [{"id": "u", "url": upstream, "api_key": "backend-secret", "models": ["m"]}]
+            [{"id": "u", "url": upstream, "api_key": "backend-secret", "models": ["m"]}],
+            forward_headers=["X-Tenant-Hint"],
         )
         async with router(cfg) as url, httpx.AsyncClient(base_url=url) as c:
             r = await c.post(
@@ -394,12 +396,30 @@ async def test_client_authorization_is_not_forwarded_but_endpoint_key_is() -> No
                 headers={
                     "authorization": "Bearer client-secret",
                     "connection": "keep-alive, x-hop",
-                    "x-custom": "kept",
+                    "x-hop": "named in Connection",
+                    "x-custom": "not allowed",
+                    "x-forwarded-for": "6.6.6.6",
+                    "x-forwarded-host": "evil",
+                    "expect": "100-continue",
+                    "cookie": "session=1",
+                    "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                    "tracestate": "vendor=1",
+                    "x-tenant-hint": "blue",
                 },
             )
             assert r.status_code == 200
     (headers,) = seen
     assert headers["authorization"] == "Bearer backend-secret"
-    assert headers["x-custom"] == "kept"
-    assert "x-hop" not in headers.get("connection", "")
+    assert headers["traceparent"].startswith("00-0af7651916cd43dd")
+    assert headers["tracestate"] == "vendor=1" and headers["x-tenant-hint"] == "blue"
     assert headers["x-request-id"] == r.headers["x-request-id"]
+    assert headers["accept-encoding"] == "identity"
+    for name in ("x-custom", "x-hop", "x-forwarded-for", "x-forwarded-host", "expect", "cookie"):
+        assert name not in headers, name
+    assert "x-hop" not in headers.get("connection", "")
+
+
+def test_forward_headers_may_not_name_credentials_or_hop_by_hop() -> None:
+    for name in ("Authorization", "cookie", "Connection", "x-request-id", "bad header"):
+        with pytest.raises(ConfigError):
+            parse_config(f"forward_headers: ['{name}']", {})
