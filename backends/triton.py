@@ -175,7 +175,7 @@ class TritonTranslator:
         if isinstance(text, list):
             text = "".join(str(t) for t in text)
         self.usage = Usage(0, 0)
-        return completion(self.chat, self.model, str(text or ""), "stop", 0, 0)
+        return completion(self.chat, self.model, str(text or ""), "stop", self.usage)
 
     def feed(self, chunk: bytes) -> bytes:
         return self._events(self.parser.feed(chunk))
@@ -188,7 +188,7 @@ class TritonTranslator:
         # the finish reason (vLLM does the same).
         finish = "length" if self.responses >= self.max_tokens else "stop"
         self.usage = Usage(0, self.responses)
-        return out + self.writer.delta("", finish) + self.writer.end(0, self.responses)
+        return out + self.writer.delta("", finish) + self.writer.end(self.usage)
 
     def _delta(self, value: str) -> str:
         if self.mode == "auto" and self.responses >= 1:

@@ -7,10 +7,13 @@ from typing import Any
 
 import orjson
 import pytest
+from tokenizers import Tokenizer
 
 from backends import Operation, Sampling, Target, UpstreamProtocolError, build_adapter
+from backends.sim.tokenizer import tokenize, tokenizer_json
 from backends.sse import SSEParser
 from backends.templates import ChatTemplateError, render
+from backends.tokens import estimate
 from router.config import ConfigError, parse_config
 from router.request import parse_sampling
 from tests.helpers import FIXTURES
@@ -20,6 +23,8 @@ CHAT = Operation.CHAT
 COMPLETION = Operation.COMPLETION
 TARGET = Target("tiny", "ensemble", None)
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+#: Counts as the simulators' tokenizer does (one token per word of up to 6 letters).
+SIM_TOKENIZER = Tokenizer.from_str(tokenizer_json())
 
 
 @dataclass(frozen=True)
@@ -232,6 +237,14 @@ def test_tgi_request_parameters() -> None:
     }
     streamed = tgi().prepare(req(CHAT, {**body, "stream": True}), TARGET)
     assert streamed.path == "/generate_stream"
+    # Prompt details only where asked for, and never on a stream (TGI refuses them).
+    details = tgi(decoder_input_details=True)
+    assert orjson.loads(details.prepare(req(CHAT, body), TARGET).body)["parameters"] == {
+        **sent["parameters"],
+        "decoder_input_details": True,
+    }
+    streamed = details.prepare(req(CHAT, {**body, "stream": True}), TARGET)
+    assert "decoder_input_details" not in orjson.loads(streamed.body)["parameters"]
     passthrough = tgi(api="messages").prepare(
         req(CHAT, {"model": "ensemble", "messages": MESSAGES}), TARGET
     )
@@ -253,7 +266,12 @@ def test_tgi_answers_become_openai() -> None:
     out = orjson.loads(translator(tgi(), CHAT, {"messages": MESSAGES}).answer(orjson.dumps(answer)))
     assert out["choices"][0]["message"]["content"] == " the end"
     assert out["choices"][0]["finish_reason"] == "stop"
-    assert out["usage"] == {"prompt_tokens": 0, "completion_tokens": 2, "total_tokens": 2}
+    prompt = estimate(render("chatml", MESSAGES))  # TGI listed no prompt tokens
+    assert out["usage"] == {
+        "prompt_tokens": prompt,
+        "completion_tokens": 2,
+        "total_tokens": prompt + 2,
+    }
     listed = orjson.loads(
         translator(tgi(), COMPLETION, {"prompt": "x"}).answer(orjson.dumps([answer]))
     )
@@ -295,6 +313,66 @@ def test_tgi_answers_become_openai() -> None:
         "param": None,
         "code": "generation",
     }
+
+
+def tgi_answer(text: str, generated: int, prefill: list[dict[str, Any]]) -> bytes:
+    details = {
+        "finish_reason": "length",
+        "generated_tokens": generated,
+        "seed": None,
+        "prefill": prefill,
+        "tokens": [],
+    }
+    return orjson.dumps({"generated_text": text, "details": details})
+
+
+@pytest.mark.parametrize(
+    ("op", "body", "prompt"),
+    [
+        (CHAT, {"messages": MESSAGES}, render("chatml", MESSAGES)),
+        (COMPLETION, {"prompt": "Once upon a time"}, "Once upon a time"),
+    ],
+)
+def test_tgi_usage_from_the_engine_the_tokenizer_or_an_estimate(
+    op: Operation, body: dict[str, Any], prompt: str
+) -> None:
+    counted = Target("tiny", "tiny", None, SIM_TOKENIZER)
+    # The engine's count: one prefill entry per prompt token (decoder_input_details).
+    prefill = [{"id": i, "text": "x", "logprob": None if i == 0 else -1.0} for i in range(9)]
+    engine = translator(tgi(decoder_input_details=True), op, body, counted)
+    engine.answer(tgi_answer(" the end", 2, prefill))
+    assert (engine.usage.prompt_tokens, engine.usage.completion_tokens) == (9, 2)
+    assert not engine.usage.estimated
+    # TGI 3 without --enable-prefill-logprobs lists none: the model's tokenizer...
+    by_tokenizer = translator(tgi(), op, body, counted)
+    out = orjson.loads(by_tokenizer.answer(tgi_answer(" the end", 2, [])))
+    assert (
+        out["usage"]["prompt_tokens"] == len(tokenize(prompt)) == by_tokenizer.usage.prompt_tokens
+    )
+    assert by_tokenizer.usage.estimated and by_tokenizer.usage.completion_tokens == 2
+    # ... or, with none configured, a quarter of the characters.
+    by_estimate = translator(tgi(), op, body)
+    by_estimate.answer(tgi_answer(" the end", 2, []))
+    assert by_estimate.usage.prompt_tokens == estimate(prompt)
+
+    def final(details: dict[str, Any] | None) -> bytes:
+        event = {
+            "index": 1,
+            "token": {"id": 1, "text": "ok", "logprob": -1.0, "special": False},
+            "generated_text": "ok",
+            "details": details,
+        }
+        return b"data:" + orjson.dumps(event) + b"\n\n"
+
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    details = {"finish_reason": "length", "generated_tokens": 1, "seed": None, "input_length": 7}
+    streamed = translator(tgi(), op, stream, counted)
+    events = openai_events(feed_bytewise(streamed, final(details)))
+    assert events[-2]["usage"] == {"prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8}
+    assert streamed.usage is not None and not streamed.usage.estimated
+    no_length = translator(tgi(), op, stream, counted)
+    feed_bytewise(no_length, final({k: v for k, v in details.items() if k != "input_length"}))
+    assert no_length.usage.prompt_tokens == len(tokenize(prompt)) and no_length.usage.estimated
 
 
 # -- the response's model name (OpenAI kinds) ----------------------------------------
