@@ -14,9 +14,9 @@ A ``Usage`` with a number from 2 or 3 says ``estimated=True``: kvroute
 counted it, not the engine.
 
 Tokenizers are loaded when the config is validated (off the event loop on a
-reload, by ``kvroute check`` too) and kept per file, so a request never
-loads one; counting costs about a millisecond for a 2k-token prompt (see the
-README).
+reload, by ``kvroute check`` too) and kept per version of the file, so a
+request never loads one; counting costs the event loop about 2 ms for a
+2k-token prompt (see the README).
 """
 
 from __future__ import annotations

@@ -23,10 +23,10 @@ template. Shapes as recorded from Triton 2.51 (tests/fixtures/triton):
   accumulated text).
 
 Usage: with ``token_counts`` on, the request asks for the model's counts
-(``return_num_input_tokens``, ``return_num_output_tokens``: inputs of
-TensorRT-LLM's ensemble since mid-2025) and every response carries
-``num_input_tokens`` (the prompt) and ``num_output_tokens`` (the tokens in
-that response, so a stream's are summed). Where the model gives none,
+(``return_num_input_tokens``, ``return_num_output_tokens``: optional inputs
+of the ensemble in TensorRT-LLM's ``triton_backend/all_models``) and every
+response carries ``num_input_tokens`` (the prompt) and ``num_output_tokens``
+(the tokens in that response, so a stream's are summed). Where the model gives none,
 kvroute counts the prompt it sent and the text it got with the model's
 tokenizer (no special tokens added: TensorRT-LLM's preprocessing adds none by
 default), or estimates (``backends.tokens``); a stream without a tokenizer
