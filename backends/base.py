@@ -17,9 +17,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 
 class Operation(enum.Enum):
@@ -132,6 +135,9 @@ class Target:
     served: str
     #: For text-prompt backends: a chat template preset or Jinja2 source.
     chat_template: str | None = None
+    #: The model's tokenizer (loaded from ``models[].tokenizer``), for the
+    #: token counts the backend does not report.
+    tokenizer: Tokenizer | None = None
 
 
 class Adapter(Protocol):

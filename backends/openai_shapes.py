@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 
+from backends.base import Usage
+
 DONE = b"data: [DONE]\n\n"
 
 
@@ -15,11 +17,12 @@ def new_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex()
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(counts: Usage) -> dict[str, int]:
+    prompt, completion = counts.prompt_tokens or 0, counts.completion_tokens or 0
     return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
     }
 
 
@@ -28,8 +31,7 @@ def completion(
     model: str,
     text: str,
     finish_reason: str | None,
-    prompt_tokens: int,
-    completion_tokens: int,
+    counts: Usage,
 ) -> bytes:
     choice: dict[str, Any]
     if chat:
@@ -48,7 +50,7 @@ def completion(
             "created": int(time.time()),
             "model": model,
             "choices": [choice],
-            "usage": usage(prompt_tokens, completion_tokens),
+            "usage": usage(counts),
         }
     )
 
@@ -93,10 +95,10 @@ class ChunkWriter:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         return out + self._event({"choices": [choice]})
 
-    def end(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+    def end(self, counts: Usage) -> bytes:
         out = b""
         if self.include_usage:
-            out += self._event({"choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+            out += self._event({"choices": [], "usage": usage(counts)})
         return out + DONE
 
 

@@ -8,8 +8,15 @@ to ``/generate`` or ``/generate_stream``, and the answer translated back:
     max_tokens -> max_new_tokens; temperature, top_p, seed, stop (at most 4),
     frequency_penalty passed on; details on.
     finish_reason length | eos_token | stop_sequence -> length | stop | stop.
-    usage: generated_tokens from details; prompt tokens from details'
-    input_length where TGI sends it (its stream details do), else 0.
+
+Usage: completion tokens are TGI's ``generated_tokens``. Prompt tokens are
+TGI's where it reports them: ``input_length`` in a stream's final details,
+and, for whole answers with ``decoder_input_details`` on, the length of
+``details.prefill`` (one entry per prompt token; TGI refuses the option on
+streams, and TGI 3 leaves ``prefill`` empty unless launched with
+``--enable-prefill-logprobs``). Otherwise kvroute counts the prompt it sent
+with the model's tokenizer (special tokens added, as TGI does), or estimates
+(``backends.tokens``).
 
 Errors: TGI's ``{"error", "error_type"}`` bodies (422 validation, 424
 generation, 429 overloaded) become OpenAI errors at the boundary; an error
@@ -38,6 +45,7 @@ from backends.openai import OpenAIAdapter
 from backends.openai_shapes import ChunkWriter, completion, error_event
 from backends.sse import SSEParser, json_events
 from backends.templates import ChatTemplate, render
+from backends.tokens import TokenCounter
 
 FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 MAX_STOP = 4  # TGI's default --max-stop-sequences
@@ -51,6 +59,11 @@ class TGIOptions(BaseModel):
     chat_template: ChatTemplate = "chatml"
     #: max_new_tokens when the client sets no max_tokens.
     default_max_tokens: int = 256
+    #: Ask for ``decoder_input_details`` on whole (non-streamed) answers, so
+    #: TGI lists the prompt's tokens and usage counts them. Off by default:
+    #: TGI 3 lists them only when launched with ``--enable-prefill-logprobs``,
+    #: and computing them costs GPU memory on long prompts.
+    decoder_input_details: bool = False
 
 
 def prompt_of(request: OpenAIRequest, template: str) -> str:
@@ -122,28 +135,43 @@ class TGIAdapter:
                 params[name] = value
         if sampling.stop:
             params["stop"] = list(sampling.stop[:MAX_STOP])
+        if self.options.decoder_input_details and not request.stream:
+            params["decoder_input_details"] = True
         template = target.chat_template or self.options.chat_template
-        payload = {"inputs": prompt_of(request, template), "parameters": params}
+        prompt = prompt_of(request, template)
+        payload = {"inputs": prompt, "parameters": params}
         chat = request.op is Operation.CHAT
         writer = ChunkWriter(chat, target.model, sampling.include_usage)
+        # TGI tokenizes its inputs with special tokens (BOS) added.
+        counter = TokenCounter(target.tokenizer, prompt_special_tokens=True)
+        translator = TGITranslator(chat, target.model, writer, prompt, counter)
         path = "/generate_stream" if request.stream else "/generate"
-        return Exchange(path, orjson.dumps(payload), TGITranslator(chat, target.model, writer))
+        return Exchange(path, orjson.dumps(payload), translator)
 
 
-def prompt_tokens_of(details: Mapping[str, Any]) -> int:
-    if isinstance(details.get("input_length"), int):
-        return int(details["input_length"])
+def count_of(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def prompt_tokens_of(details: Mapping[str, Any]) -> int | None:
+    """TGI's own prompt count, where its details carry one."""
+    if (length := count_of(details.get("input_length"))) is not None:
+        return length
     prefill = details.get("prefill")
-    return len(prefill) if isinstance(prefill, list) else 0
+    return len(prefill) if isinstance(prefill, list) and prefill else None
 
 
 class TGITranslator:
     """TGI ``generate`` answers and ``generate_stream`` events -> OpenAI."""
 
-    def __init__(self, chat: bool, model: str, writer: ChunkWriter) -> None:
+    def __init__(
+        self, chat: bool, model: str, writer: ChunkWriter, prompt: str, counter: TokenCounter
+    ) -> None:
         self.chat = chat
         self.model = model
         self.writer = writer
+        self.prompt = prompt
+        self.counter = counter
         self.parser = SSEParser()
         self.generated = 0
         self.done = False
@@ -161,16 +189,12 @@ class TGITranslator:
         details = answer.get("details") or {}
         if not isinstance(details, dict):
             raise UpstreamProtocolError("TGI answer's details are not an object")
-        prompt, generated = prompt_tokens_of(details), int(details.get("generated_tokens") or 0)
-        self.usage = Usage(prompt, generated)
-        return completion(
-            self.chat,
-            self.model,
-            str(answer["generated_text"]),
-            FINISH.get(details.get("finish_reason", ""), "stop"),
-            prompt,
-            generated,
+        text = str(answer["generated_text"])
+        self.usage = self.counter.usage(
+            self.prompt, text, prompt_tokens_of(details), count_of(details.get("generated_tokens"))
         )
+        finish = FINISH.get(details.get("finish_reason", ""), "stop")
+        return completion(self.chat, self.model, text, finish, self.usage)
 
     def feed(self, chunk: bytes) -> bytes:
         return self._events(self.parser.feed(chunk))
@@ -199,11 +223,15 @@ class TGITranslator:
             self.generated += 1
             if details:
                 finish = FINISH.get(details.get("finish_reason", ""), "stop")
-                generated = int(details.get("generated_tokens") or self.generated)
-                prompt = prompt_tokens_of(details)
-                self.usage = Usage(prompt, generated)
+                generated = count_of(details.get("generated_tokens")) or self.generated
+                self.usage = self.counter.usage(
+                    self.prompt,
+                    str(event.get("generated_text") or ""),
+                    prompt_tokens_of(details),
+                    generated,
+                )
                 out += self.writer.delta(text, finish)
-                out += self.writer.end(prompt, generated)
+                out += self.writer.end(self.usage)
                 self.done = True
             else:
                 out += self.writer.delta(text)

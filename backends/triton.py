@@ -22,14 +22,22 @@ template. Shapes as recorded from Triton 2.51 (tests/fixtures/triton):
   first events (an event that starts with everything seen so far is
   accumulated text).
 
-Usage: Triton reports no token counts. Completion tokens are the number of
-streamed responses (TensorRT-LLM streams one token per response); prompt
-tokens are reported as 0. Both are documented as such.
+Usage: with ``token_counts`` on, the request asks for the model's counts
+(``return_num_input_tokens``, ``return_num_output_tokens``: optional inputs
+of the ensemble in TensorRT-LLM's ``triton_backend/all_models``) and every
+response carries ``num_input_tokens`` (the prompt) and ``num_output_tokens``
+(the tokens in that response, so a stream's are summed). Where the model gives none,
+kvroute counts the prompt it sent and the text it got with the model's
+tokenizer (no special tokens added: TensorRT-LLM's preprocessing adds none by
+default), or estimates (``backends.tokens``); a stream without a tokenizer
+counts one token per response, as TensorRT-LLM streams one decoding step per
+response, unless the whole text came in one response.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import orjson
@@ -49,6 +57,7 @@ from backends.openai_shapes import ChunkWriter, completion, error_event
 from backends.sse import SSEParser, json_events
 from backends.templates import ChatTemplate
 from backends.tgi import prompt_of, text_only
+from backends.tokens import TokenCounter
 
 DEFAULT_FIELDS = {
     "text_input": "text_input",
@@ -61,6 +70,10 @@ DEFAULT_FIELDS = {
     "seed": "seed",
     "stop_words": "stop_words",
     "bad_words": "bad_words",
+    "return_num_input_tokens": "return_num_input_tokens",
+    "return_num_output_tokens": "return_num_output_tokens",
+    "num_input_tokens": "num_input_tokens",
+    "num_output_tokens": "num_output_tokens",
 }
 
 
@@ -73,6 +86,10 @@ class TritonOptions(BaseModel):
     output_mode: Literal["auto", "delta", "accumulated"] = "auto"
     chat_template: ChatTemplate = "chatml"
     default_max_tokens: int = Field(256, ge=1)
+    #: Ask the model for its token counts (``return_num_input_tokens`` and
+    #: ``return_num_output_tokens``). Off by default: only recent TensorRT-LLM
+    #: ensembles declare these inputs.
+    token_counts: bool = False
 
     def field(self, name: str) -> str:
         return self.fields.get(name, DEFAULT_FIELDS[name])
@@ -122,8 +139,9 @@ class TritonAdapter:
         o = self.options
         sampling = request.sampling
         max_tokens = sampling.max_tokens or o.default_max_tokens
+        prompt = prompt_of(request, target.chat_template or o.chat_template)
         payload: dict[str, Any] = {
-            o.field("text_input"): prompt_of(request, target.chat_template or o.chat_template),
+            o.field("text_input"): prompt,
             o.field("max_tokens"): max_tokens,
             o.field("stream"): request.stream,
         }
@@ -137,28 +155,54 @@ class TritonAdapter:
                 payload[o.field(name)] = value
         if sampling.stop:
             payload[o.field("stop_words")] = list(sampling.stop)
+        if o.token_counts:
+            payload[o.field("return_num_input_tokens")] = True
+            payload[o.field("return_num_output_tokens")] = True
         route = "generate_stream" if request.stream else "generate"
         chat = request.op is Operation.CHAT
         writer = ChunkWriter(chat, target.model, sampling.include_usage)
-        translator = TritonTranslator(chat, target.model, writer, o, max_tokens)
+        counter = TokenCounter(target.tokenizer, prompt_special_tokens=False)
+        translator = TritonTranslator(chat, target.model, writer, o, max_tokens, prompt, counter)
         return Exchange(f"/v2/models/{target.served}/{route}", orjson.dumps(payload), translator)
+
+
+def count_of(value: Any) -> int | None:
+    """A count output: a number (Triton unwraps one-element tensors), or a
+    list of one."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class TritonTranslator:
     """Triton generate answers and generate_stream events -> OpenAI."""
 
     def __init__(
-        self, chat: bool, model: str, writer: ChunkWriter, options: TritonOptions, max_tokens: int
+        self,
+        chat: bool,
+        model: str,
+        writer: ChunkWriter,
+        options: TritonOptions,
+        max_tokens: int,
+        prompt: str,
+        counter: TokenCounter,
     ) -> None:
         self.chat = chat
         self.model = model
         self.writer = writer
         self.parser = SSEParser()
         self.output = options.field("text_output")
+        self.input_count = options.field("num_input_tokens")
+        self.output_count = options.field("num_output_tokens")
         self.mode = options.output_mode
         self.max_tokens = max_tokens
+        self.prompt = prompt
+        self.counter = counter
         self.text = ""
         self.responses = 0
+        #: The model's counts, where its responses carry them.
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
         self.failed = False
         self.usage: Usage | None = None
 
@@ -174,8 +218,13 @@ class TritonTranslator:
         text = answer.get(self.output)
         if isinstance(text, list):
             text = "".join(str(t) for t in text)
-        self.usage = Usage(0, 0)
-        return completion(self.chat, self.model, str(text or ""), "stop", 0, 0)
+        text = str(text or "")
+        generated = count_of(answer.get(self.output_count))
+        self.usage = self.counter.usage(
+            self.prompt, text, count_of(answer.get(self.input_count)), generated
+        )
+        finish = "length" if generated is not None and generated >= self.max_tokens else "stop"
+        return completion(self.chat, self.model, text, finish, self.usage)
 
     def feed(self, chunk: bytes) -> bytes:
         return self._events(self.parser.feed(chunk))
@@ -186,9 +235,17 @@ class TritonTranslator:
             return out
         # The end of the body is the end of the answer: an empty delta carries
         # the finish reason (vLLM does the same).
-        finish = "length" if self.responses >= self.max_tokens else "stop"
-        self.usage = Usage(0, self.responses)
-        return out + self.writer.delta("", finish) + self.writer.end(0, self.responses)
+        usage = self.counter.usage(
+            self.prompt, self.text, self.prompt_tokens, self.completion_tokens
+        )
+        if self.completion_tokens is None and self.counter.tokenizer is None and self.responses > 1:
+            # TensorRT-LLM streams a response per decoding step: one token each
+            # (several with speculative decoding), a better count than characters.
+            usage = replace(usage, completion_tokens=self.responses)
+        self.usage = usage
+        generated = self.responses if self.completion_tokens is None else self.completion_tokens
+        finish = "length" if generated >= self.max_tokens else "stop"
+        return out + self.writer.delta("", finish) + self.writer.end(usage)
 
     def _delta(self, value: str) -> str:
         if self.mode == "auto" and self.responses >= 1:
@@ -219,6 +276,10 @@ class TritonTranslator:
                 continue
             delta = self._delta(value)
             self.responses += 1
+            if (prompt := count_of(event.get(self.input_count))) is not None:
+                self.prompt_tokens = prompt
+            if (generated := count_of(event.get(self.output_count))) is not None:
+                self.completion_tokens = (self.completion_tokens or 0) + generated
             if delta:
                 out += self.writer.delta(delta)
         return out

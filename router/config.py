@@ -30,6 +30,7 @@ from pydantic_core import PydanticCustomError
 
 from backends import ADAPTERS
 from backends.templates import ChatTemplate
+from backends.tokens import TokenizerFile
 from policies.registry import POLICIES, known_policies
 
 
@@ -203,6 +204,9 @@ class ModelRef(Frozen):
     #: For text-prompt backends (TGI generate, Triton): a preset (chatml,
     #: llama-3, mistral, plain) or Jinja2 source; default: the endpoint's.
     chat_template: ChatTemplate | None = None
+    #: A Hugging Face ``tokenizer.json`` of the model, for the token counts a
+    #: backend does not report (TGI, Triton); loaded here, once per file.
+    tokenizer: TokenizerFile | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from backends import ADAPTERS, Adapter, OpenAIRequest, Target
+from backends.tokens import load_tokenizer
 from policies.base import EndpointView, Policy
 from policies.prefix_index import IndexStats
 from policies.registry import build_policy
@@ -63,7 +64,14 @@ class EndpointState:
             adapter=ADAPTERS[cfg.kind].build(cfg.adapter_options),
             served={m.name: m.served_name for m in cfg.models},
             targets={
-                m.name: Target(m.name, m.served_name or m.name, m.chat_template) for m in cfg.models
+                m.name: Target(
+                    m.name,
+                    m.served_name or m.name,
+                    m.chat_template,
+                    # Loaded and cached when the config was validated.
+                    load_tokenizer(m.tokenizer) if m.tokenizer else None,
+                )
+                for m in cfg.models
             },
             headers=headers,
             circuit=Circuit(circuit),

@@ -7,10 +7,15 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer
 
-from backends import Operation, Sampling, Target, UpstreamProtocolError, build_adapter
+from backends import Operation, Sampling, Target, UpstreamProtocolError, Usage, build_adapter
+from backends.sim.tokenizer import tokenize, tokenizer_json
 from backends.sse import SSEParser
 from backends.templates import ChatTemplateError, render
+from backends.tokens import estimate
 from router.config import ConfigError, parse_config
 from router.request import parse_sampling
 from tests.helpers import FIXTURES
@@ -20,6 +25,8 @@ CHAT = Operation.CHAT
 COMPLETION = Operation.COMPLETION
 TARGET = Target("tiny", "ensemble", None)
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+#: Counts as the simulators' tokenizer does (one token per word of up to 6 letters).
+SIM_TOKENIZER = Tokenizer.from_str(tokenizer_json())
 
 
 @dataclass(frozen=True)
@@ -193,6 +200,140 @@ def test_triton_generate_json_and_the_error_hidden_in_a_200() -> None:
         translator(triton(), CHAT, {"messages": MESSAGES}).answer(hidden)
 
 
+def test_triton_asks_for_token_counts_when_told_to() -> None:
+    body = {"prompt": "hi", "max_tokens": 3}
+    assert "return_num_input_tokens" not in orjson.loads(
+        triton().prepare(req(COMPLETION, body), TARGET).body
+    )
+    sent = orjson.loads(triton(token_counts=True).prepare(req(COMPLETION, body), TARGET).body)
+    assert sent["return_num_input_tokens"] is sent["return_num_output_tokens"] is True
+    renamed = triton(token_counts=True, fields={"return_num_input_tokens": "want_prompt_len"})
+    sent = orjson.loads(renamed.prepare(req(COMPLETION, body), TARGET).body)
+    assert sent["want_prompt_len"] is sent["return_num_output_tokens"] is True
+
+
+def triton_event(text: str, **counts: int) -> bytes:
+    event = {"model_name": "ensemble", "model_version": "1", "text_output": text, **counts}
+    return b"data: " + orjson.dumps(event) + b"\n\n"
+
+
+@pytest.mark.parametrize(
+    ("op", "body", "prompt"),
+    [
+        (CHAT, {"messages": MESSAGES, "max_tokens": 3}, render("chatml", MESSAGES)),
+        (COMPLETION, {"prompt": "Once upon a time", "max_tokens": 3}, "Once upon a time"),
+    ],
+)
+def test_triton_whole_answer_usage_from_the_engine_the_tokenizer_or_an_estimate(
+    op: Operation, body: dict[str, Any], prompt: str
+) -> None:
+    recorded = (TRITON / "12_sync_generate.body.txt").read_bytes()  # "w0 w1 w2 ", no counts
+    counted = Target("tiny", "ensemble", None, SIM_TOKENIZER)
+    by_tokenizer = translator(triton(), op, body, counted)
+    out = orjson.loads(by_tokenizer.answer(recorded))
+    assert out["usage"] == {
+        "prompt_tokens": len(tokenize(prompt)),
+        "completion_tokens": len(tokenize("w0 w1 w2 ")),
+        "total_tokens": len(tokenize(prompt)) + len(tokenize("w0 w1 w2 ")),
+    }
+    assert by_tokenizer.usage.estimated
+    by_estimate = translator(triton(), op, body)
+    by_estimate.answer(recorded)
+    assert (by_estimate.usage.prompt_tokens, by_estimate.usage.completion_tokens) == (
+        estimate(prompt),
+        3,  # ceil(9 / 4)
+    )
+    # TensorRT-LLM's counts, as the simulator and the ensemble send them.
+    answer = {
+        "model_name": "ensemble",
+        "model_version": "1",
+        "text_output": "w0 w1 w2 ",
+        "num_input_tokens": 11,
+        "num_output_tokens": 3,
+    }
+    engine = translator(triton(token_counts=True), op, body, counted)
+    out = orjson.loads(engine.answer(orjson.dumps(answer)))
+    assert out["usage"] == {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
+    assert not engine.usage.estimated
+    assert out["choices"][0]["finish_reason"] == "length"  # 3 tokens of max_tokens 3
+    renamed = triton(fields={"num_input_tokens": "prompt_len", "num_output_tokens": "n_out"})
+    listed = {"text_output": "w0 ", "prompt_len": [4], "n_out": [1]}
+    engine = translator(renamed, op, body)
+    assert (
+        orjson.loads(engine.answer(orjson.dumps(listed)))["choices"][0]["finish_reason"] == "stop"
+    )
+    assert engine.usage == Usage(4, 1, None, False)
+
+
+def test_triton_stream_usage_from_the_engine_the_tokenizer_or_responses() -> None:
+    recorded = (TRITON / "10_stream_ok.body.txt").read_bytes()  # 5 responses "w0 " .. "w4 "
+    body = {
+        "messages": MESSAGES,
+        "max_tokens": 5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    prompt = render("chatml", MESSAGES)
+    by_responses = translator(triton(), CHAT, body)
+    out = openai_events(feed_bytewise(by_responses, recorded))
+    assert out[-2]["usage"]["prompt_tokens"] == estimate(prompt)
+    assert out[-2]["usage"]["completion_tokens"] == 5  # a response per token, as TensorRT-LLM
+    assert by_responses.usage.estimated
+    counted = Target("tiny", "ensemble", None, SIM_TOKENIZER)
+    by_tokenizer = translator(triton(), CHAT, body, counted)
+    feed_bytewise(by_tokenizer, recorded)
+    assert by_tokenizer.usage == Usage(
+        len(tokenize(prompt)), len(tokenize("w0 w1 w2 w3 w4 ")), None, True
+    )
+    # With counts, every response carries the prompt's and its own tokens: summed.
+    raw = b"".join(
+        triton_event(f"w{i} ", num_input_tokens=12, num_output_tokens=1) for i in range(4)
+    )
+    engine = translator(triton(token_counts=True), CHAT, body, counted)
+    out = openai_events(feed_bytewise(engine, raw))
+    assert out[-2]["usage"] == {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}
+    assert out[-3]["choices"][0]["finish_reason"] == "stop" and not engine.usage.estimated
+    # Several tokens in one response (speculative decoding) are still counted.
+    raw = triton_event("a b ", num_input_tokens=12, num_output_tokens=2) * 3
+    engine = translator(triton(token_counts=True), COMPLETION, {"prompt": "x", **body})
+    openai_events(feed_bytewise(engine, raw))
+    assert engine.usage == Usage(12, 6, None, False)
+    # A single response (a model that does not stream): the text is counted.
+    whole = translator(triton(), COMPLETION, {"prompt": "x", "stream": True})
+    feed_bytewise(whole, triton_event("one two three four five six"))
+    assert whole.usage == Usage(1, estimate("one two three four five six"), None, True)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(min_size=1), st.booleans())
+def test_a_non_empty_answer_never_reports_0_tokens(text: str, stream: bool) -> None:
+    body = {"prompt": text, "max_tokens": 4, "stream": stream}
+    answers = {
+        "triton": orjson.dumps({"text_output": text}),
+        "tgi": orjson.dumps({"generated_text": text}),  # without details
+    }
+    events = {
+        "triton": triton_event(text),
+        "tgi": b"data:"
+        + orjson.dumps(
+            {
+                "token": {"id": 1, "text": text, "special": False},
+                "generated_text": text,
+                "details": {"finish_reason": "length"},
+            }
+        )
+        + b"\n\n",
+    }
+    for kind in ("triton", "tgi"):
+        for target in (TARGET, Target("tiny", "ensemble", None, SIM_TOKENIZER)):
+            tr = translator(build_adapter(kind, {}), COMPLETION, body, target)
+            if stream:
+                feed_bytewise(tr, events[kind])
+            else:
+                tr.answer(answers[kind])
+            assert tr.usage.prompt_tokens >= 1 and tr.usage.completion_tokens >= 1
+
+
 def test_triton_load_from_metrics() -> None:
     load = build_adapter("triton", {}).parse_load(
         (TRITON / "90_metrics.body.txt").read_text()
@@ -232,6 +373,14 @@ def test_tgi_request_parameters() -> None:
     }
     streamed = tgi().prepare(req(CHAT, {**body, "stream": True}), TARGET)
     assert streamed.path == "/generate_stream"
+    # Prompt details only where asked for, and never on a stream (TGI refuses them).
+    details = tgi(decoder_input_details=True)
+    assert orjson.loads(details.prepare(req(CHAT, body), TARGET).body)["parameters"] == {
+        **sent["parameters"],
+        "decoder_input_details": True,
+    }
+    streamed = details.prepare(req(CHAT, {**body, "stream": True}), TARGET)
+    assert "decoder_input_details" not in orjson.loads(streamed.body)["parameters"]
     passthrough = tgi(api="messages").prepare(
         req(CHAT, {"model": "ensemble", "messages": MESSAGES}), TARGET
     )
@@ -253,7 +402,12 @@ def test_tgi_answers_become_openai() -> None:
     out = orjson.loads(translator(tgi(), CHAT, {"messages": MESSAGES}).answer(orjson.dumps(answer)))
     assert out["choices"][0]["message"]["content"] == " the end"
     assert out["choices"][0]["finish_reason"] == "stop"
-    assert out["usage"] == {"prompt_tokens": 0, "completion_tokens": 2, "total_tokens": 2}
+    prompt = estimate(render("chatml", MESSAGES))  # TGI listed no prompt tokens
+    assert out["usage"] == {
+        "prompt_tokens": prompt,
+        "completion_tokens": 2,
+        "total_tokens": prompt + 2,
+    }
     listed = orjson.loads(
         translator(tgi(), COMPLETION, {"prompt": "x"}).answer(orjson.dumps([answer]))
     )
@@ -295,6 +449,66 @@ def test_tgi_answers_become_openai() -> None:
         "param": None,
         "code": "generation",
     }
+
+
+def tgi_answer(text: str, generated: int, prefill: list[dict[str, Any]]) -> bytes:
+    details = {
+        "finish_reason": "length",
+        "generated_tokens": generated,
+        "seed": None,
+        "prefill": prefill,
+        "tokens": [],
+    }
+    return orjson.dumps({"generated_text": text, "details": details})
+
+
+@pytest.mark.parametrize(
+    ("op", "body", "prompt"),
+    [
+        (CHAT, {"messages": MESSAGES}, render("chatml", MESSAGES)),
+        (COMPLETION, {"prompt": "Once upon a time"}, "Once upon a time"),
+    ],
+)
+def test_tgi_usage_from_the_engine_the_tokenizer_or_an_estimate(
+    op: Operation, body: dict[str, Any], prompt: str
+) -> None:
+    counted = Target("tiny", "tiny", None, SIM_TOKENIZER)
+    # The engine's count: one prefill entry per prompt token (decoder_input_details).
+    prefill = [{"id": i, "text": "x", "logprob": None if i == 0 else -1.0} for i in range(9)]
+    engine = translator(tgi(decoder_input_details=True), op, body, counted)
+    engine.answer(tgi_answer(" the end", 2, prefill))
+    assert (engine.usage.prompt_tokens, engine.usage.completion_tokens) == (9, 2)
+    assert not engine.usage.estimated
+    # TGI 3 without --enable-prefill-logprobs lists none: the model's tokenizer...
+    by_tokenizer = translator(tgi(), op, body, counted)
+    out = orjson.loads(by_tokenizer.answer(tgi_answer(" the end", 2, [])))
+    assert (
+        out["usage"]["prompt_tokens"] == len(tokenize(prompt)) == by_tokenizer.usage.prompt_tokens
+    )
+    assert by_tokenizer.usage.estimated and by_tokenizer.usage.completion_tokens == 2
+    # ... or, with none configured, a quarter of the characters.
+    by_estimate = translator(tgi(), op, body)
+    by_estimate.answer(tgi_answer(" the end", 2, []))
+    assert by_estimate.usage.prompt_tokens == estimate(prompt)
+
+    def final(details: dict[str, Any] | None) -> bytes:
+        event = {
+            "index": 1,
+            "token": {"id": 1, "text": "ok", "logprob": -1.0, "special": False},
+            "generated_text": "ok",
+            "details": details,
+        }
+        return b"data:" + orjson.dumps(event) + b"\n\n"
+
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    details = {"finish_reason": "length", "generated_tokens": 1, "seed": None, "input_length": 7}
+    streamed = translator(tgi(), op, stream, counted)
+    events = openai_events(feed_bytewise(streamed, final(details)))
+    assert events[-2]["usage"] == {"prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8}
+    assert streamed.usage is not None and not streamed.usage.estimated
+    no_length = translator(tgi(), op, stream, counted)
+    feed_bytewise(no_length, final({k: v for k, v in details.items() if k != "input_length"}))
+    assert no_length.usage.prompt_tokens == len(tokenize(prompt)) and no_length.usage.estimated
 
 
 # -- the response's model name (OpenAI kinds) ----------------------------------------

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -11,10 +14,15 @@ import orjson
 import pytest
 
 from backends.sim.common import Faults
-from tests.helpers import admin_endpoints, eventually, router, router_config, simulator
+from backends.sim.engine import EngineParams
+from backends.sim.tokenizer import render_chatml, tokenize, tokenizer_json
+from backends.sim.triton import TritonSimulator
+from tests.helpers import admin_endpoints, eventually, router, router_config, serve_app, simulator
 
 KINDS = ["vllm", "tgi", "triton"]
 MSG = [{"role": "user", "content": "Say something about caches."}]
+#: The prompt tokens every kind's engine counts for MSG (the simulators render ChatML).
+PROMPT_TOKENS = len(tokenize(render_chatml(MSG)))
 
 
 def endpoint(kind: str, url: str, i: int = 0) -> dict[str, Any]:
@@ -24,10 +32,45 @@ def endpoint(kind: str, url: str, i: int = 0) -> dict[str, Any]:
     return ep
 
 
-@pytest.mark.parametrize("kind", KINDS)
-async def test_openai_sdk_over_each_kind(kind: str) -> None:
-    async with simulator(kind=kind) as (sim_url, _):
-        async with router(router_config([endpoint(kind, sim_url)])) as url:
+@contextlib.asynccontextmanager
+async def backend(kind: str, counts: str) -> AsyncIterator[str]:
+    if counts == "engine" and kind == "triton":  # a TensorRT-LLM ensemble with counts
+        sim = TritonSimulator(["tiny"], EngineParams.zero_latency(), token_counts=True)
+        async with serve_app(sim.app) as url:
+            yield url
+    else:
+        async with simulator(kind=kind) as (url, _):
+            yield url
+
+
+def counted_endpoint(kind: str, url: str, counts: str, tokenizer: Path) -> dict[str, Any]:
+    """An endpoint whose usage is exact: the engine's counts, or the model's tokenizer."""
+    ep = endpoint(kind, url)
+    if counts == "tokenizer":
+        ep["models"] = [{"name": "tiny", "tokenizer": str(tokenizer)}]
+    elif kind == "tgi":
+        ep["options"] = {"decoder_input_details": True}
+    elif kind == "triton":
+        ep["options"] = {"token_counts": True}
+    return ep
+
+
+@pytest.mark.parametrize(
+    ("kind", "counts"),
+    [
+        ("vllm", "engine"),
+        ("tgi", "engine"),
+        ("tgi", "tokenizer"),
+        ("triton", "engine"),
+        ("triton", "tokenizer"),
+    ],
+)
+async def test_openai_sdk_over_each_kind(kind: str, counts: str, tmp_path: Path) -> None:
+    tokenizer = tmp_path / "tokenizer.json"  # counts as the simulated model does
+    tokenizer.write_text(tokenizer_json())
+    async with backend(kind, counts) as sim_url:
+        config = router_config([counted_endpoint(kind, sim_url, counts, tokenizer)])
+        async with router(config) as url:
             client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
             assert [m.id for m in (await client.models.list()).data] == ["tiny"]
 
@@ -36,8 +79,7 @@ async def test_openai_sdk_over_each_kind(kind: str) -> None:
             assert chat.choices[0].message.role == "assistant"
             assert len(chat.choices[0].message.content or "") > 0
             assert chat.usage is not None
-            if kind != "triton":  # Triton reports no token counts (README)
-                assert chat.usage.completion_tokens == 5
+            assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (PROMPT_TOKENS, 5)
 
             stream = await client.chat.completions.create(
                 model="tiny",
@@ -54,12 +96,39 @@ async def test_openai_sdk_over_each_kind(kind: str) -> None:
                 else:
                     usage = chunk.usage
             assert finish == "length"
-            assert usage is not None and usage.completion_tokens == 5
+            assert usage is not None
+            assert (usage.prompt_tokens, usage.completion_tokens) == (PROMPT_TOKENS, 5)
             assert "".join(pieces).split() == (chat.choices[0].message.content or "").split()
 
             comp = await client.completions.create(model="tiny", prompt="Once upon a", max_tokens=3)
             assert len(comp.choices[0].text) > 0
+            assert comp.usage is not None
+            assert (comp.usage.prompt_tokens, comp.usage.completion_tokens) == (
+                len(tokenize("Once upon a")),
+                3,
+            )
             await client.close()
+
+
+@pytest.mark.parametrize("kind", ["tgi", "triton"])
+async def test_usage_is_estimated_never_0_when_nothing_counts(kind: str) -> None:
+    async with simulator(kind=kind) as (sim_url, _):
+        async with router(router_config([endpoint(kind, sim_url)])) as url:
+            client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+            chat = await client.chat.completions.create(model="tiny", messages=MSG, max_tokens=5)
+            stream = await client.chat.completions.create(
+                model="tiny",
+                messages=MSG,
+                max_tokens=5,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            streamed = [chunk.usage async for chunk in stream if chunk.usage is not None]
+            comp = await client.completions.create(model="tiny", prompt="Once upon a", max_tokens=3)
+            await client.close()
+    for usage in (chat.usage, streamed[0], comp.usage):
+        assert usage is not None and usage.prompt_tokens > 0 and usage.completion_tokens > 0
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
 @pytest.mark.parametrize("kind", ["tgi", "triton"])

@@ -9,7 +9,10 @@ import orjson
 import pytest
 import tritonclient.http as triton_http
 
-from tests.helpers import FIXTURES, sim_process, simulator
+from backends.sim.engine import EngineParams
+from backends.sim.tokenizer import tokenize
+from backends.sim.triton import TritonSimulator
+from tests.helpers import FIXTURES, serve_app, sim_process, simulator
 
 TRITON = FIXTURES / "triton"
 
@@ -148,3 +151,62 @@ async def test_metrics_names_match_triton() -> None:
     for name in ("nv_inference_request_success", "nv_inference_pending_request_count"):
         assert f"# TYPE {name}" in real and f"# TYPE {name}" in text
     assert 'nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="max"' in text
+
+
+async def test_a_tensorrt_llm_ensemble_returns_token_counts_when_asked() -> None:
+    sim = TritonSimulator(["ensemble"], EngineParams.zero_latency(), token_counts=True)
+    asked = {"return_num_input_tokens": True, "return_num_output_tokens": True}
+    prompt = "hello token counts"
+    async with serve_app(sim.app) as url, httpx.AsyncClient(base_url=url) as c:
+        meta = (await c.get("/v2/models/ensemble")).json()
+        config = (await c.get("/v2/models/ensemble/config")).json()
+        r = await c.post(
+            "/v2/models/ensemble/generate_stream",
+            json={"text_input": prompt, "max_tokens": 3, "stream": True, **asked},
+        )
+        whole = await c.post(
+            "/v2/models/ensemble/generate",
+            json={"text_input": prompt, "max_tokens": 3, "stream": False, **asked},
+        )
+        plain = await c.post(
+            "/v2/models/ensemble/generate_stream",
+            json={"text_input": prompt, "max_tokens": 2, "return_num_output_tokens": False},
+        )
+        too_many = await c.post("/v2/models/ensemble/generate", json={"text_input": "x"})
+    inputs = {i["name"]: (i["datatype"], i["shape"]) for i in meta["inputs"]}
+    assert inputs["return_num_input_tokens"] == inputs["return_num_output_tokens"] == ("BOOL", [1])
+    outputs = {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]}
+    assert outputs["num_input_tokens"] == outputs["num_output_tokens"] == ("INT32", [1])
+    declared = {i["name"]: i["optional"] for i in config["input"]}
+    assert declared["return_num_input_tokens"] and not declared["max_tokens"]
+    assert "num_output_tokens" in {o["name"] for o in config["output"]}
+    # Every response: the prompt's tokens, and the tokens in that response.
+    got = events(r.content)
+    assert [list(e) for e in got] == [
+        ["model_name", "model_version", "text_output", "num_input_tokens", "num_output_tokens"]
+    ] * 3
+    assert {(e["num_input_tokens"], e["num_output_tokens"]) for e in got} == {
+        (len(tokenize(prompt)), 1)
+    }
+    assert whole.json()["num_input_tokens"] == len(tokenize(prompt))
+    assert whole.json()["num_output_tokens"] == 3
+    assert [list(e) for e in events(plain.content)] == [
+        ["model_name", "model_version", "text_output"]
+    ] * 2
+    assert "between 2 and 11 but got 1" in too_many.json()["error"]
+
+
+async def test_the_recorded_model_ignores_count_fields_as_triton_does() -> None:
+    # Fields that match no input are request parameters (case 24): no counts, no error.
+    async with (
+        simulator(["ensemble"], kind="triton") as (url, _),
+        httpx.AsyncClient(base_url=url) as c,
+    ):
+        r = await c.post(
+            "/v2/models/ensemble/generate_stream",
+            json={"text_input": "hi", "max_tokens": 2, "return_num_output_tokens": True},
+        )
+    assert r.status_code == 200
+    assert [list(e) for e in events(r.content)] == [
+        ["model_name", "model_version", "text_output"]
+    ] * 2

@@ -9,7 +9,12 @@
 
 Errors are TGI's ``{"error", "error_type"}``: 422 validation, 424 generation,
 429 overloaded. The shapes follow TGI's router types (the ``text-generation``
-client parses them; tests prove it).
+client parses them; tests prove it): ``details`` only when asked for
+(``details`` or ``decoder_input_details``); with ``decoder_input_details``,
+``details.prefill`` lists the prompt's tokens, the first with a null logprob,
+as a TGI launched with ``--enable-prefill-logprobs`` does
+(``prefill_logprobs=False``: TGI 3's default, an empty list); on a stream that
+option is refused with an error event in a 200 stream, as TGI does.
 """
 
 from __future__ import annotations
@@ -35,10 +40,14 @@ from backends.sim.common import (
     until_disconnect,
 )
 from backends.sim.engine import Engine, EngineParams, PromptTooLong, Sequence_
-from backends.sim.tokenizer import token_ids
+from backends.sim.tokenizer import token_ids, tokenize
 from backends.sim.vllm import VLLMSimulator
+from backends.tokens import load_tokenizer
 
 FINISH = {"length": "length", "stop": "eos_token"}
+PREFILL_DETAILS_STREAM = (
+    "Input validation error: `decoder_input_details` == true is not supported when streaming tokens"
+)
 
 
 def tgi_error(message: str, error_type: str, status: int) -> Response:
@@ -54,14 +63,27 @@ def token_json(text: str, index: int) -> dict[str, Any]:
     }
 
 
+def prefill_json(pieces: Sequence[tuple[int, str]]) -> list[dict[str, Any]]:
+    """TGI's ``details.prefill``: the first token has no logprob (TGI sends NaN,
+    which serialises as null)."""
+    return [
+        {"id": i, "text": text, "logprob": None if n == 0 else -1.0 - (n % 5) / 10}
+        for n, (i, text) in enumerate(pieces)
+    ]
+
+
 class TGISimulator:
     def __init__(
         self,
         models: Sequence[str],
         params: EngineParams | None = None,
         faults: Faults | None = None,
+        prefill_logprobs: bool = True,
     ) -> None:
         self.models = list(models)
+        #: Whether decoder_input_details fills ``details.prefill`` (TGI 3 does
+        #: only with --enable-prefill-logprobs).
+        self.prefill_logprobs = prefill_logprobs
         self.faults = faults or Faults()
         # The Messages API speaks OpenAI: the vLLM face's handlers, on this engine.
         self.messages = VLLMSimulator(models, params, self.faults)
@@ -155,8 +177,9 @@ class TGISimulator:
             return failure
         return body["inputs"], params
 
-    async def _start(self, request: Request) -> tuple[Sequence_, dict[str, Any]] | Response:
-        """Parse, apply the stall knob, submit: the sequence, or the answer to give."""
+    async def _start(self, request: Request) -> tuple[Sequence_, str, dict[str, Any]] | Response:
+        """Parse, apply the stall knob, submit: the sequence, its prompt and
+        parameters, or the answer to give."""
         parsed = await self._parse(request)
         if isinstance(parsed, Response):
             return parsed
@@ -164,7 +187,7 @@ class TGISimulator:
         if self.faults.stall and not await until_disconnect(request, self.fault_state.stall()):
             return Response(status_code=499)
         seq = self._submit(prompt, params)
-        return seq if isinstance(seq, Response) else (seq, params)
+        return seq if isinstance(seq, Response) else (seq, prompt, params)
 
     def _submit(self, prompt: str, params: dict[str, Any]) -> Sequence_ | Response:
         seed = params.get("seed")
@@ -180,6 +203,16 @@ class TGISimulator:
                 422,
             )
 
+    def _prompt_pieces(self, prompt: str) -> list[tuple[int, str]]:
+        """The prompt's tokens as the engine counts them: (id, text) each."""
+        path = self.engine.params.tokenizer
+        if path is None:
+            texts = tokenize(prompt)
+            return list(zip(token_ids(texts), texts, strict=True))
+        tokenizer = load_tokenizer(path)
+        ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+        return list(zip(ids, tokenizer.decode_batch([[i] for i in ids]), strict=True))
+
     async def generate(self, request: Request) -> Response:
         return await self._generate(request, as_list=False)
 
@@ -187,25 +220,39 @@ class TGISimulator:
         started = await self._start(request)
         if isinstance(started, Response):
             return started
-        seq, params = started
+        seq, prompt, params = started
         out = await until_disconnect(request, collect(self.engine, seq))
         if out is None:
             return Response(status_code=499)
-        details = {
-            "finish_reason": FINISH[seq.finish_reason],
-            "generated_tokens": len(out),
-            "seed": params.get("seed"),
-            "prefill": [],
-            "tokens": [token_json(t, i) for i, t in enumerate(out)],
-        }
-        answer = {"generated_text": "".join(out), "details": details}
+        answer: dict[str, Any] = {"generated_text": "".join(out)}
+        prefill_details = params.get("decoder_input_details") is True
+        if params.get("details") is True or prefill_details:
+            prefill = []
+            if prefill_details and self.prefill_logprobs:
+                prefill = prefill_json(self._prompt_pieces(prompt))
+            answer["details"] = {
+                "finish_reason": FINISH[seq.finish_reason],
+                "generated_tokens": len(out),
+                "seed": params.get("seed"),
+                "prefill": prefill,
+                "tokens": [token_json(t, i) for i, t in enumerate(out)],
+            }
         return json_response([answer] if as_list else answer)
 
     async def generate_stream(self, request: Request) -> Response:
+        try:
+            params = (orjson.loads(await request.body()).get("parameters")) or {}
+        except (orjson.JSONDecodeError, AttributeError):
+            params = {}
+        if isinstance(params, dict) and params.get("decoder_input_details") is True:
+            # TGI checks this inside its stream: a 200 whose one event is the error.
+            refusal = {"error": PREFILL_DETAILS_STREAM, "error_type": "validation"}
+            body = b"data:" + orjson.dumps(refusal) + b"\n\n"
+            return Response(body, media_type="text/event-stream")
         started = await self._start(request)
         if isinstance(started, Response):
             return started
-        seq, params = started
+        seq, _, params = started
         return StreamingResponse(self._stream(seq, params), media_type="text/event-stream")
 
     async def _stream(self, seq: Sequence_, params: dict[str, Any]) -> AsyncIterator[bytes]:
@@ -224,6 +271,7 @@ class TGISimulator:
             }
             if last:
                 event["generated_text"] = "".join(text)
+            if last and params.get("details") is True:
                 event["details"] = {
                     "finish_reason": FINISH[seq.finish_reason],
                     "generated_tokens": len(text),

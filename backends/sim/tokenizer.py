@@ -6,6 +6,9 @@ every other character is a token of its own, and runs of whitespace are one
 token. That gives about 4 characters per token on prose, like real
 tokenizers, and - as with real BPE - the tokens of a text are a prefix of
 the tokens of any longer text that extends it at a word boundary.
+
+``tokenizer_json()`` is the same split as a Hugging Face ``tokenizer.json``,
+for a router that should count tokens as the simulated model does.
 """
 
 from __future__ import annotations
@@ -22,6 +25,16 @@ VOCAB_SIZE = 32000
 
 def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text)
+
+
+def tokenizer_json() -> str:
+    """A ``tokenizer.json`` that counts every text as ``tokenize`` does (one
+    word-level token per piece; its ids are not the simulators')."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(_TOKEN.pattern), behavior="isolated")
+    return tokenizer.to_str()
 
 
 def token_ids(tokens: Iterable[str]) -> list[int]:

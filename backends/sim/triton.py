@@ -13,6 +13,14 @@ one SSE event, errors later as an extra event in the 200 stream, no [DONE],
 one event per response with ``text_output`` as a delta, an empty body for
 max_tokens 0, and ``generate`` on this decoupled model answering 200 with an
 error when the model sends more than one response.
+
+By default the model is the recorded one (six inputs). With
+``token_counts=True`` it is a TensorRT-LLM ensemble as shipped since mid-2025:
+it also declares ``top_k``, ``seed``, ``bad_words`` and the optional BOOL
+inputs ``return_num_input_tokens`` / ``return_num_output_tokens``, and when
+those are true every response carries the INT32 outputs ``num_input_tokens``
+(the prompt's tokens) and ``num_output_tokens`` (the tokens in that response).
+Elsewhere such fields match no input and are ignored, as Triton ignores them.
 """
 
 from __future__ import annotations
@@ -49,6 +57,38 @@ INPUTS = (
     "stop_words",
     "bad_words",
 )
+COUNT_INPUTS = ("return_num_input_tokens", "return_num_output_tokens")
+#: Inputs as the model declares them: (Triton datatype, shape), required first.
+RECORDED_INPUTS = {
+    "text_input": ("BYTES", [1]),
+    "max_tokens": ("INT32", [1]),
+    "stream": ("BOOL", [1]),
+    "temperature": ("FP32", [1]),
+    "top_p": ("FP32", [1]),
+    "stop_words": ("BYTES", [-1]),
+}
+TRTLLM_INPUTS = {
+    **RECORDED_INPUTS,
+    "top_k": ("INT32", [1]),
+    "seed": ("UINT64", [1]),
+    "bad_words": ("BYTES", [-1]),
+    "return_num_input_tokens": ("BOOL", [1]),
+    "return_num_output_tokens": ("BOOL", [1]),
+}
+RECORDED_OUTPUTS = {"text_output": ("BYTES", [-1])}
+TRTLLM_OUTPUTS = {
+    **RECORDED_OUTPUTS,
+    "num_input_tokens": ("INT32", [1]),
+    "num_output_tokens": ("INT32", [1]),
+}
+REQUIRED = ("text_input", "max_tokens")
+CONFIG_TYPES = {
+    "BYTES": "TYPE_STRING",
+    "INT32": "TYPE_INT32",
+    "BOOL": "TYPE_BOOL",
+    "FP32": "TYPE_FP32",
+    "UINT64": "TYPE_UINT64",
+}
 SSE = "text/event-stream; charset=utf-8"
 
 
@@ -71,8 +111,12 @@ class TritonSimulator:
         models: Sequence[str],
         params: EngineParams | None = None,
         faults: Faults | None = None,
+        token_counts: bool = False,
     ) -> None:
         self.models = list(models)
+        self.token_counts = token_counts
+        self.inputs = TRTLLM_INPUTS if token_counts else RECORDED_INPUTS
+        self.outputs = TRTLLM_OUTPUTS if token_counts else RECORDED_OUTPUTS
         self.engine = Engine(params or EngineParams())
         self.faults = faults or Faults()
         self.fault_state = FaultState(self.faults, self.engine.params.seed + 2)
@@ -138,21 +182,17 @@ class TritonSimulator:
         model = request.path_params["model"]
         if model not in self.models:
             return self._unknown(model)
-        types = {
-            "text_input": ("BYTES", [1]),
-            "max_tokens": ("INT32", [1]),
-            "stream": ("BOOL", [1]),
-            "temperature": ("FP32", [1]),
-            "top_p": ("FP32", [1]),
-            "stop_words": ("BYTES", [-1]),
-        }
         return json_bytes(
             {
                 "name": model,
                 "versions": ["1"],
                 "platform": "python",
-                "inputs": [{"name": n, "datatype": t, "shape": s} for n, (t, s) in types.items()],
-                "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}],
+                "inputs": [
+                    {"name": n, "datatype": t, "shape": s} for n, (t, s) in self.inputs.items()
+                ],
+                "outputs": [
+                    {"name": n, "datatype": t, "shape": s} for n, (t, s) in self.outputs.items()
+                ],
             }
         )
 
@@ -167,10 +207,18 @@ class TritonSimulator:
                 "backend": "python",
                 "max_batch_size": 0,
                 "input": [
-                    {"name": "text_input", "data_type": "TYPE_STRING", "dims": [1]},
-                    {"name": "max_tokens", "data_type": "TYPE_INT32", "dims": [1]},
+                    {
+                        "name": n,
+                        "data_type": CONFIG_TYPES[t],
+                        "dims": s,
+                        "optional": n not in REQUIRED,
+                    }
+                    for n, (t, s) in self.inputs.items()
                 ],
-                "output": [{"name": "text_output", "data_type": "TYPE_STRING", "dims": [-1]}],
+                "output": [
+                    {"name": n, "data_type": CONFIG_TYPES[t], "dims": s}
+                    for n, (t, s) in self.outputs.items()
+                ],
                 "model_transaction_policy": {"decoupled": True},
             }
         )
@@ -234,14 +282,15 @@ class TritonSimulator:
             )
         if not isinstance(body, dict):
             return json_bytes({"error": "failed to parse the request JSON buffer"}, 500)
-        given = [k for k in INPUTS if k in body]
-        if not 2 <= len(given) <= 6 or "text_input" not in body:
-            missing = [k for k in ("text_input", "max_tokens") if k not in body]
+        given = [k for k in (*INPUTS, *self._count_inputs()) if k in body]
+        most = len(self.inputs)
+        if not 2 <= len(given) <= most or "text_input" not in body:
+            missing = [k for k in REQUIRED if k not in body]
             return json_bytes(
                 {
                     "error": (
                         "[request id: <id_unknown>] expected number of inputs between 2 "
-                        f"and 6 but got {len(given)} inputs for model '{model}'. Got "
+                        f"and {most} but got {len(given)} inputs for model '{model}'. Got "
                         f"input(s) {given}, but missing required input(s) {missing}. "
                         "Please provide all required input(s)."
                     )
@@ -258,6 +307,18 @@ class TritonSimulator:
                 500,
             )
         return model, body
+
+    def _count_inputs(self) -> tuple[str, ...]:
+        return COUNT_INPUTS if self.token_counts else ()
+
+    def _counts(self, body: dict[str, Any], seq: Sequence_, generated: int) -> dict[str, int]:
+        """The count outputs a response carries, as the request asked for them."""
+        counts = {}
+        if self.token_counts and body.get("return_num_input_tokens") is True:
+            counts["num_input_tokens"] = seq.num_prompt
+        if self.token_counts and body.get("return_num_output_tokens") is True:
+            counts["num_output_tokens"] = generated
+        return counts
 
     def _model_error(self, body: dict[str, Any]) -> str | None:
         max_tokens = body.get("max_tokens")
@@ -308,7 +369,8 @@ class TritonSimulator:
         if out is None:
             return Response(status_code=499)
         self.success[model] += 1
-        return json_bytes({"model_name": model, "model_version": "1", "text_output": "".join(out)})
+        answer = {"model_name": model, "model_version": "1", "text_output": "".join(out)}
+        return json_bytes(answer | self._counts(body, seq, len(out)))
 
     async def generate_stream(self, request: Request) -> Response:
         parsed = await self._parse(request)
@@ -327,10 +389,12 @@ class TritonSimulator:
         seq = self._submit(body)
         if isinstance(seq, str):
             return Response(sse({"error": seq}), status_code=400, media_type=SSE)
-        streaming = body.get("stream", True) is not False
-        return StreamingResponse(self._stream(model, seq, streaming), media_type=SSE)
+        return StreamingResponse(self._stream(model, seq, body), media_type=SSE)
 
-    async def _stream(self, model: str, seq: Sequence_, streaming: bool) -> AsyncIterator[bytes]:
+    async def _stream(
+        self, model: str, seq: Sequence_, body: dict[str, Any]
+    ) -> AsyncIterator[bytes]:
+        streaming = body.get("stream", True) is not False
         die_after = self.faults.die_after_chunks
         head = {"model_name": model, "model_version": "1"}
         sent = 0
@@ -342,9 +406,10 @@ class TritonSimulator:
                 if not streaming:
                     whole.append(token)
                     continue
-                yield sse({**head, "text_output": token})
+                yield sse({**head, "text_output": token, **self._counts(body, seq, 1)})
                 sent += 1
             if not streaming:
-                yield sse({**head, "text_output": "".join(whole)})
+                counts = self._counts(body, seq, len(whole))
+                yield sse({**head, "text_output": "".join(whole), **counts})
         finally:
             self.success[model] += 1
