@@ -34,6 +34,8 @@ from router.state import AppState
 from router.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID = b"x-request-id"
+#: Characters of a request's path the access log keeps.
+MAX_LOGGED_PATH = 256
 #: The model label of requests for a model kvroute does not know.
 UNKNOWN_MODEL = "(unknown)"
 
@@ -108,7 +110,7 @@ class RequestMiddleware:
             series.duration.observe(duration)
             if ctx.ttft is not None:
                 series.ttft.observe(ctx.ttft)
-            if ctx.prompt_tokens is not None:
+            if ctx.prompt_tokens is not None and not ctx.usage_estimated:
                 metrics.child(metrics.prompt_tokens, model, endpoint).inc(ctx.prompt_tokens)
                 cached = ctx.cached_tokens or 0
                 metrics.child(metrics.cached_tokens, model, endpoint).inc(cached)
@@ -116,8 +118,8 @@ class RequestMiddleware:
             line: dict[str, Any] = {
                 "event": "request",
                 "request_id": ctx.request_id,
-                "method": scope["method"],
-                "path": scope["path"],
+                "method": scope["method"][:16],
+                "path": scope["path"][:MAX_LOGGED_PATH],
                 "status": ctx.status,
                 "duration_ms": round(duration * 1000, 3),
             }
@@ -134,6 +136,8 @@ class RequestMiddleware:
                 line["ttft_ms"] = round(ctx.ttft * 1000, 3)
             if ctx.prompt_tokens is not None:
                 line.update(prompt_tokens=ctx.prompt_tokens, cached_tokens=ctx.cached_tokens)
+                if ctx.usage_estimated:
+                    line["usage_estimated"] = True
             if ctx.error:
                 line["error"] = ctx.error
             if ctx.cancelled:

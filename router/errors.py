@@ -43,6 +43,12 @@ class RouterError(Exception):
     def to_bytes(self) -> bytes:
         return orjson.dumps(self.body())
 
+    @property
+    def label(self) -> str:
+        """A metric label for this kind of failure, from a bounded set (never a
+        string a client or a backend chose)."""
+        return self.code if self.code in OWN_CODES else "error"
+
     def headers(self) -> list[tuple[bytes, bytes]]:
         if self.should_retry is None:
             return []
@@ -76,7 +82,8 @@ class ModelNotFound(RouterError):
     code = "model_not_found"
 
     def __init__(self, model: str) -> None:
-        super().__init__(f"The model `{model}` does not exist.", param="model")
+        shown = model if len(model) <= 128 else model[:125] + "..."
+        super().__init__(f"The model `{shown}` does not exist.", param="model")
 
 
 class NoHealthyEndpoint(RouterError):
@@ -125,7 +132,14 @@ class UpstreamHTTPError(UpstreamError):
         self.status = status
         self.type = type_ or default_type(status)
         self.code: str | None = code
-        self.retry_after = retry_after
+        #: The backend's Retry-After (seconds or an HTTP date), passed on only
+        #: when it is short, plain text.
+        plain = retry_after is not None and retry_after.isascii() and retry_after.isprintable()
+        self.retry_after = retry_after if plain and len(retry_after or "") <= 64 else None
+
+    @property
+    def label(self) -> str:
+        return f"http_{self.status}" if 100 <= self.status <= 599 else "http_other"
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         out = super().headers()
@@ -154,6 +168,10 @@ def error_body(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+#: Characters of a backend's error message passed on to the client and the log.
+MAX_UPSTREAM_MESSAGE = 2000
+
+
 def normalise_upstream_error(
     status: int, body: bytes, retry_after: str | None = None
 ) -> UpstreamHTTPError:
@@ -177,7 +195,7 @@ def normalise_upstream_error(
     if isinstance(parsed, dict):
         err = parsed.get("error")
         if isinstance(err, dict):
-            message = str(err.get("message") or "")
+            message = str(err.get("message") or "")[:MAX_UPSTREAM_MESSAGE]
             raw_type = err.get("type")
             type_ = raw_type if isinstance(raw_type, str) and raw_type else None
             raw_param = err.get("param")
@@ -192,9 +210,10 @@ def normalise_upstream_error(
             message = parsed["message"]
         elif isinstance(parsed.get("detail"), str):
             message = parsed["detail"]
+    message = message[:MAX_UPSTREAM_MESSAGE]
     if not message:
-        text = body.decode("utf-8", "replace").strip()
-        message = text[:2000] if text else f"upstream answered HTTP {status}"
+        text = body[: MAX_UPSTREAM_MESSAGE * 4].decode("utf-8", "replace").strip()
+        message = text[:MAX_UPSTREAM_MESSAGE] if text else f"upstream answered HTTP {status}"
     if type_ is not None and not _looks_like_openai_type(type_):
         type_ = None
     return UpstreamHTTPError(
@@ -220,3 +239,20 @@ def error_messages(err: RouterError) -> tuple[dict[str, Any], dict[str, Any]]:
         {"type": "http.response.start", "status": err.status, "headers": headers},
         {"type": "http.response.body", "body": data},
     )
+
+
+#: The codes kvroute's own errors carry (metric labels may use them).
+OWN_CODES = frozenset(
+    {
+        "internal_error",
+        "invalid_json",
+        "request_too_large",
+        "invalid_api_key",
+        "model_not_found",
+        "no_healthy_endpoint",
+        "upstream_error",
+        "upstream_connect_error",
+        "upstream_timeout",
+        "endpoint_misconfigured",
+    }
+)

@@ -139,7 +139,7 @@ class Failover:
             usage = translator.usage
             ok = True
         except UpstreamError as exc:
-            state.metrics.upstream_errors.labels(endpoint.id, exc.code or "error").inc()
+            state.metrics.child(state.metrics.upstream_errors, endpoint.id, exc.label).inc()
             endpoint.failed(exc, clock())
             raise
         except asyncio.CancelledError:
@@ -151,5 +151,8 @@ class Failover:
             endpoint.end()
             if usage is not None:
                 ctx.prompt_tokens, ctx.cached_tokens = usage.prompt_tokens, usage.cached_tokens
-            outcome = Outcome(ok, ctx.prompt_tokens, ctx.cached_tokens)
+                ctx.usage_estimated = usage.estimated
+            # A policy learns from the engine's own counts, never from kvroute's estimates.
+            prompt = None if ctx.usage_estimated else ctx.prompt_tokens
+            outcome = Outcome(ok, prompt, ctx.cached_tokens)
             route.policy.observe(decision, endpoint.id, outcome)

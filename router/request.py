@@ -51,6 +51,8 @@ class RequestContext:
     error: str | None = None
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
+    #: The token counts are kvroute's estimate, not the engine's word.
+    usage_estimated: bool = False
     attempts: int = 0
     #: Set just before the last body message: a disconnect after it is no abort.
     finishing: bool = False

@@ -423,3 +423,51 @@ def test_forward_headers_may_not_name_credentials_or_hop_by_hop() -> None:
     for name in ("Authorization", "cookie", "Connection", "x-request-id", "bad header"):
         with pytest.raises(ConfigError):
             parse_config(f"forward_headers: ['{name}']", {})
+
+
+async def post_raw(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, body: bytes
+) -> int:
+    """One keep-alive POST written in one piece (httpx writes headers and body
+    apart, and Nagle + delayed ACK then cost 40 ms a request on loopback)."""
+    head = f"POST {path} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+    writer.write(head.encode() + b"content-length: %d\r\n\r\n" % len(body) + body)
+    status = int((await reader.readline()).split()[1])
+    length = 0
+    while (line := await reader.readline()) != b"\r\n":
+        name, _, value = line.partition(b":")
+        if name.lower() == b"content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    return status
+
+
+async def test_made_up_model_names_neither_grow_metrics_nor_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with fleet(n=1, server={"access_log": True}) as (url, _):
+        async with httpx.AsyncClient(base_url=url) as c:
+            host, port = url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            with caplog.at_level("INFO", logger="kvroute.access"):
+                for i in range(2000):
+                    body = orjson.dumps({"model": f"made-up-{i}", "prompt": "x"})
+                    assert await post_raw(reader, writer, "/v1/completions", body) == 404
+                    if i == 9:
+                        after_ten = len((await c.get("/metrics")).content)
+                huge = "m" * (1 << 20)
+                r = await c.post("/v1/completions", json={"model": huge, "prompt": "x"})
+                assert r.status_code == 404 and len(r.content) < 1000
+            writer.close()
+            metrics = (await c.get("/metrics")).text
+    # One label for every unknown model, whatever the client wrote: 2,000 more
+    # names add only the digits of the counters.
+    assert len(metrics.encode()) < after_ten + 200
+    assert 'model="(unknown)"' in metrics and "made-up-" not in metrics
+    lines = [
+        r.msg
+        for r in caplog.records
+        if r.name == "kvroute.access" and isinstance(r.msg, dict) and r.msg["status"] == 404
+    ]
+    assert len(lines) == 2001
+    assert all(isinstance(m, dict) and len(str(m)) < 2000 for m in lines)
