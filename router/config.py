@@ -330,6 +330,30 @@ class PolicySpec(Frozen):
         return dict(self.model_extra or {})
 
 
+class RequestLimits(Frozen):
+    """What one request may ask (its size is ``server.max_body_bytes``). The
+    JSON bounds keep a body within the size cap from growing into gigabytes of
+    Python objects: ``{}`` repeated 10 million times is 31 MiB of text."""
+
+    #: JSON objects and arrays in one body.
+    max_json_containers: int = Field(100_000, ge=16)
+    #: Chat messages in one request.
+    max_messages: int = Field(4096, ge=1)
+    #: Stop sequences in one request.
+    max_stop: int = Field(16, ge=1)
+    #: Choices one request may ask for (``n``), for every model unless it caps lower.
+    max_n: int = Field(16, ge=1)
+    #: ``max_tokens`` (or ``max_completion_tokens``) at most, when set.
+    max_tokens: int | None = Field(None, ge=1)
+
+
+class ModelLimits(Frozen):
+    """Per-model caps, tighter or looser than ``requests``."""
+
+    max_n: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+
+
 class AdminConfig(Frozen):
     """The /admin API. Closed unless a token is set (then every call needs
     ``Authorization: Bearer <token>``) or ``open`` is true (no token needed: for
@@ -350,6 +374,8 @@ class ModelConfig(Frozen):
     aliases: tuple[str, ...] = ()
     #: Models to try, in order, when every endpoint of this one failed.
     fallbacks: tuple[str, ...] = ()
+    #: Caps on ``n`` and ``max_tokens`` for this model (default: ``requests``'s).
+    limits: ModelLimits = ModelLimits()
 
 
 class Config(Frozen):
@@ -368,6 +394,7 @@ class Config(Frozen):
     #: Seeds the policies' random choices; unset means a fresh seed per start.
     seed: int | None = None
     admin: AdminConfig = AdminConfig()
+    requests: RequestLimits = RequestLimits()
     #: Client headers sent on to the backends, besides the trace context
     #: (traceparent, tracestate); no other client header ever goes upstream.
     forward_headers: tuple[str, ...] = ()

@@ -3,6 +3,7 @@
     intake     read the body (capped), parse it once, check the fields kvroute
                translates -> a frozen ``InferenceRequest``
     Resolve    the model name (or alias) -> its route, or 404
+    Caps       per-model caps on n and max_tokens (router/caps.py)
     ...        (tenancy, limits, cache, admission: each one stage, one line below)
     Failover   choose (policy) -> attempt loop -> relay (``router.failover``)
 
@@ -20,11 +21,13 @@ which is how an OpenAI server learns to abort the generation).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Sequence
+from typing import Any
 
+from router.caps import Caps
 from router.errors import ModelNotFound
 from router.failover import Failover
+from router.pipeline_types import Handler, Stage
 from router.request import (
     OPERATIONS,
     InferenceRequest,
@@ -37,14 +40,10 @@ from router.request import (
 from router.state import AppState
 from router.types import Receive, Scope, Send
 
+#: Bodies larger than this are parsed in a worker thread.
+PARSE_IN_THREAD_BYTES = 1 << 20
 #: Characters of a client-chosen name the access log keeps.
 MAX_LOGGED_NAME = 128
-
-Handler = Callable[[InferenceRequest, Send], Awaitable[None]]
-
-
-class Stage(Protocol):
-    async def __call__(self, request: InferenceRequest, send: Send, call_next: Handler) -> None: ...
 
 
 class Resolve:
@@ -66,6 +65,7 @@ def stages(state: AppState) -> list[Stage]:
     module and one line here."""
     return [
         Resolve(state),
+        Caps(state),
     ]
 
 
@@ -98,8 +98,13 @@ class Pipeline:
 
     async def intake(self, scope: Scope, receive: Receive, ctx: RequestContext) -> InferenceRequest:
         op = OPERATIONS[scope["path"]]
-        raw = await read_body(scope, receive, self.state.config.server.max_body_bytes)
-        body = parse_body(raw, op)
+        config = self.state.config
+        raw = await read_body(scope, receive, config.server.max_body_bytes)
+        if len(raw) > PARSE_IN_THREAD_BYTES:
+            # Parsing megabytes holds the loop for tens of milliseconds: elsewhere.
+            body = await asyncio.to_thread(parse_body, raw, op, config.requests)
+        else:
+            body = parse_body(raw, op, config.requests)
         model = body["model"]
         # Not a metric label until resolved: clients choose this string.
         ctx.requested_model = model[:MAX_LOGGED_NAME]
@@ -112,7 +117,7 @@ class Pipeline:
             body=body,
             model=model,
             stream=stream,
-            sampling=parse_sampling(body, op, stream),
+            sampling=parse_sampling(body, op, stream, config.requests.max_stop),
             ctx=ctx,
         )
 

@@ -11,6 +11,7 @@ request went, which the access log and the metrics read at the end.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from backends.base import Operation, Sampling
+from router.config import RequestLimits
 from router.errors import BodyTooLarge, InvalidRequest, MalformedJSON
 from router.types import Receive, Scope
 
@@ -126,10 +128,28 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def parse_body(raw: bytes, op: Operation) -> dict[str, Any]:
+#: JSON strings, to count the brackets outside them.
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def check_json_containers(raw: bytes, limit: int) -> None:
+    """At most ``limit`` JSON objects and arrays in ``raw``, counted before parsing
+    (parsing is where the memory goes). Brackets inside strings do not count."""
+    if raw.count(b"{") + raw.count(b"[") <= limit:
+        return
+    outside = _STRING.sub(b"", raw)
+    if outside.count(b"{") + outside.count(b"[") > limit:
+        raise BodyTooLarge(
+            f"request body has more than {limit} JSON objects and arrays "
+            "(requests.max_json_containers)"
+        )
+
+
+def parse_body(raw: bytes, op: Operation, limits: RequestLimits) -> dict[str, Any]:
     """The body as a JSON object with a model and the operation's required field."""
     if not raw:
         raise MalformedJSON("request body is empty; expected a JSON object")
+    check_json_containers(raw, limits.max_json_containers)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -146,6 +166,11 @@ def parse_body(raw: bytes, op: Operation) -> dict[str, Any]:
         messages = body["messages"]
         if not isinstance(messages, list) or not messages:
             raise InvalidRequest("'messages' must be a non-empty array", param="messages")
+        if len(messages) > limits.max_messages:
+            raise InvalidRequest(
+                f"'messages' has {len(messages)} items; at most {limits.max_messages}",
+                param="messages",
+            )
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise InvalidRequest(
@@ -180,7 +205,9 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def parse_sampling(body: Mapping[str, Any], op: Operation, stream: bool) -> Sampling:
+def parse_sampling(
+    body: Mapping[str, Any], op: Operation, stream: bool, max_stop: int = 16
+) -> Sampling:
     """The OpenAI fields that kvroute translates for non-OpenAI backends, checked
     with OpenAI's rules (400 with ``param``) whatever the backend."""
     if not op.generates:
@@ -220,6 +247,8 @@ def parse_sampling(body: Mapping[str, Any], op: Operation, stream: bool) -> Samp
         stops = tuple(stop)
     else:
         raise InvalidRequest("'stop' must be a string or an array of strings", param="stop")
+    if len(stops) > max_stop:
+        raise InvalidRequest(f"'stop' has {len(stops)} sequences; at most {max_stop}", param="stop")
     options = body.get("stream_options")
     include_usage = False
     if options is not None:

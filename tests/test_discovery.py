@@ -367,6 +367,7 @@ async def test_a_reload_starts_and_stops_discovery(tmp_path: Any) -> None:
             "endpoints": static,
             "health": {"enabled": False},
             "server": {"access_log": False, "watch_config": False},
+            "admin": {"open": True},
         }
         path.write_text(yaml.safe_dump(base))
         app = build_app(load_config(path), str(path))

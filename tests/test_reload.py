@@ -35,6 +35,7 @@ def write(path: Path, endpoints: list[dict[str, Any]], **extra: Any) -> None:
     raw = {
         "endpoints": endpoints,
         "server": {"access_log": False},
+        "admin": {"open": True},
         "health": {"enabled": False},
         "scrape": {"enabled": False},
         **extra,
@@ -327,7 +328,11 @@ async def test_the_file_is_read_off_the_event_loop(
 async def test_reloaded_intervals_restart_the_monitor_loops(tmp_path: Path) -> None:
     path = tmp_path / "kvroute.yaml"
     hour = {"enabled": True, "interval": 3600}
-    cfg = {"server": {"access_log": False, "watch_config": False}, "scrape": {"enabled": False}}
+    cfg = {
+        "server": {"access_log": False, "watch_config": False},
+        "scrape": {"enabled": False},
+        "admin": {"open": True},
+    }
     write(path, [ep(0, "http://e:1")], **cfg, health=hour)
     state = AppState.from_config(load_config(path), str(path))
     probes: list[str] = []

@@ -8,11 +8,13 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from backends import Operation
-from router.errors import InvalidRequest
-from router.request import parse_sampling
+from router.config import RequestLimits
+from router.errors import BodyTooLarge, InvalidRequest
+from router.request import parse_body, parse_sampling
 from tests.helpers import router, router_config, sim_stats, simulator
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -168,3 +170,60 @@ async def test_a_template_that_breaks_fails_over_to_an_endpoint_that_renders() -
         assert "chat template" in bad["last_error"]
         assert bad["circuit"]["state"] == "closed"  # ours to fix, not the backend's fault
         assert (await sim_stats(bad_url))["requests"] == 0
+
+
+def test_json_containers_are_counted_before_parsing_brackets_in_strings_are_not() -> None:
+    limits = RequestLimits(max_json_containers=1000)
+    flood = b'{"model":"m","prompt":"x","junk":[' + b",".join([b"{}"] * 5000) + b"]}"
+    with pytest.raises(BodyTooLarge, match="max_json_containers"):
+        parse_body(flood, Operation.COMPLETION, limits)
+    code = orjson.dumps({"model": "m", "prompt": "{[" * 50_000})
+    assert parse_body(code, Operation.COMPLETION, limits)["prompt"].startswith("{[")
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}] * 5}
+    with pytest.raises(InvalidRequest) as info:
+        parse_body(orjson.dumps(chat), Operation.CHAT, RequestLimits(max_messages=4))
+    assert info.value.param == "messages"
+    with pytest.raises(InvalidRequest) as info:
+        parse_sampling({"stop": ["a"] * 17}, Operation.COMPLETION, False, max_stop=16)
+    assert info.value.param == "stop"
+
+
+async def test_a_flood_of_tiny_objects_is_refused_without_parsing_it() -> None:
+    async with simulator(["m"]) as (sim_url, _):
+        async with router(router_config([endpoint("vllm", sim_url)])) as url:
+            body = b'{"model":"m","prompt":"x","junk":[' + b",".join([b"{}"] * 1_000_000) + b"]}"
+            async with httpx.AsyncClient(timeout=60) as client:
+                r = await client.post(
+                    url + "/v1/completions",
+                    content=body,
+                    headers={"content-type": "application/json"},
+                )
+                assert r.status_code == 413
+                assert r.json()["error"]["code"] == "request_too_large"
+                ok = await client.post(
+                    url + "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 1}
+                )
+                assert ok.status_code == 200
+
+
+async def test_per_model_caps_on_n_and_max_tokens() -> None:
+    async with simulator(["m", "free"]) as (sim_url, _):
+        ep = {"id": "e", "url": sim_url, "kind": "vllm", "models": ["m", "free"]}
+        cfg = router_config(
+            [ep], models={"m": {"limits": {"max_tokens": 5, "max_n": 2}}}, requests={"max_n": 4}
+        )
+        async with router(cfg) as url, httpx.AsyncClient(base_url=url) as client:
+
+            async def complete(model: str, **fields: Any) -> httpx.Response:
+                body = {"model": model, "prompt": "Once upon a time", **fields}
+                return await client.post("/v1/completions", json=body)
+
+            over = await complete("m", max_tokens=6)
+            assert over.status_code == 400 and over.json()["error"]["param"] == "max_tokens"
+            assert (await complete("m", n=3)).json()["error"]["param"] == "n"
+            assert (await complete("free", n=5)).json()["error"]["param"] == "n"
+            assert (await complete("free", n=4, max_tokens=9)).status_code == 200
+            capped = await complete("m")  # no max_tokens: the cap is written in
+            assert capped.status_code == 200
+            assert capped.json()["usage"]["completion_tokens"] == 5
+            assert capped.json()["choices"][0]["finish_reason"] == "length"
