@@ -227,3 +227,27 @@ async def test_per_model_caps_on_n_and_max_tokens() -> None:
             assert capped.status_code == 200
             assert capped.json()["usage"]["completion_tokens"] == 5
             assert capped.json()["choices"][0]["finish_reason"] == "length"
+
+
+async def test_deep_nesting_is_a_clean_400_or_served_never_a_500() -> None:
+    async with simulator(["m"], kind="tgi") as (tgi_url, _), simulator(["m"]) as (vllm_url, _):
+        endpoints = [endpoint("vllm", vllm_url), endpoint("tgi", tgi_url)]
+        async with router(router_config(endpoints)) as url, httpx.AsyncClient() as client:
+            too_deep = b'{"model":"m","prompt":' + b"[" * 5000 + b"]" * 5000 + b"}"
+            r = await client.post(
+                url + "/v1/completions",
+                content=too_deep,
+                headers={"content-type": "application/json"},
+            )
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+            for depth in (100, 900):
+                nested: Any = "x"
+                for _ in range(depth):
+                    nested = [nested]
+                messages = [{"role": "user", "content": nested}]
+                for _ in range(2):  # round robin: both kinds
+                    r = await client.post(
+                        url + "/v1/chat/completions", json={"model": "m", "messages": messages}
+                    )
+                    assert r.status_code < 500, r.text
+                    assert r.status_code == 200 or "error" in r.json()
