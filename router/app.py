@@ -163,6 +163,9 @@ class MethodNotAllowed(InvalidRequest):
     status = 405
     code: str | None = "method_not_allowed"
 
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [*super().headers(), (b"allow", b"POST")]
+
 
 def build_control_app(state: AppState, lifecycle: Lifecycle) -> Starlette:
     async def models(request: Request) -> Response:
@@ -188,10 +191,22 @@ def build_control_app(state: AppState, lifecycle: Lifecycle) -> Starlette:
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        message = f"{request.method} {request.url.path}: {exc.detail}"
-        return json_response(
+        message = f"{request.method} {request.url.path[:MAX_LOGGED_PATH]}: {exc.detail}"
+        response = json_response(
             error_body(message, "invalid_request_error", None, code), exc.status_code
         )
+        if exc.headers:  # Allow, on a 405
+            response.headers.update(exc.headers)
+        return response
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # Starlette's own answer would be text/plain; the traceback goes to the log.
+        LOG.error(
+            {"event": "control_route_error", "path": request.url.path[:MAX_LOGGED_PATH]},
+            exc_info=exc,
+        )
+        body = error_body("internal error in the router; see its logs", "internal_error")
+        return json_response(body, 500)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -215,7 +230,7 @@ def build_control_app(state: AppState, lifecycle: Lifecycle) -> Starlette:
             Route("/metrics", metrics),
             *admin_routes(state, lifecycle.reloader),
         ],
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,
     )
 

@@ -8,8 +8,9 @@ from typing import Any
 import httpx
 import pytest
 
+from router.app import build_app
 from router.config import parse_config
-from tests.helpers import router, router_config, simulator
+from tests.helpers import router, router_config, serve_app, simulator
 
 
 async def admin_calls(url: str, **headers: str) -> list[int]:
@@ -70,3 +71,34 @@ def test_the_older_admin_token_spelling_still_works() -> None:
     assert parse_config("admin_token: t", {}).admin.token is not None
     with pytest.raises(Exception, match="both set"):
         parse_config("admin_token: t\nadmin: {token: u}", {})
+
+
+async def test_control_routes_answer_in_openai_shape_with_allow_on_405() -> None:
+    async with simulator(["m"]) as (sim, _), router(config(sim, open=True)) as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            wrong = await client.get("/v1/chat/completions")
+            assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+            assert wrong.json()["error"]["code"] == "method_not_allowed"
+            drain = await client.get("/admin/endpoints/e/drain")
+            assert drain.status_code == 405 and drain.headers["allow"] == "POST"
+            assert drain.json()["error"]["type"] == "invalid_request_error"
+            missing = await client.get("/admin/nothing-here")
+            assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+            metrics = await client.post("/metrics")
+            assert metrics.status_code == 405 and "GET" in metrics.headers["allow"]
+
+
+async def test_a_control_route_that_fails_answers_500_in_openai_shape(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app = build_app(router_config([]))
+
+    def broken() -> list[str]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app.state.routes, "public_models", broken)
+    async with serve_app(app) as url, httpx.AsyncClient(base_url=url) as client:
+        r = await client.get("/v1/models")
+        assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+        assert r.json()["error"]["type"] == "internal_error"
+        assert (await client.get("/health")).status_code == 200
