@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 
-from backends.base import Usage
+from backends.base import Operation, Usage
 from policies.base import Decision, Outcome, RequestView
 from router.errors import (
     InvalidRequest,
@@ -30,6 +30,10 @@ from router.relay import Relay
 from router.request import InferenceRequest
 from router.state import AppState
 from router.types import Send
+
+
+#: The operation as policies see it (``RequestView.endpoint``).
+OP_NAMES = {op: op.name.lower() for op in Operation}
 
 
 class UnsupportedOperation(InvalidRequest):
@@ -67,9 +71,7 @@ class Failover:
                     f"no healthy endpoint serves model '{current.model}'"
                 )
                 continue
-            view = RequestView(
-                current.model, request.op.name.lower(), request.body, request.headers
-            )
+            view = RequestView(current.model, OP_NAMES[request.op], request.body, request.headers)
             decision = current.policy.rank(view, [c.view() for c in candidates])
             ctx.policy, ctx.reason = current.policy_name, decision.reason
             state.metrics.record_decision(current.model, current.policy_name, decision)
