@@ -13,16 +13,15 @@ Three stages, first match wins:
    huge system prompt) from taking every request: it fills up to its bound,
    the rest spill to others, which then hold the prompt too.
 3. A prefix with no history goes to the less loaded of the first
-   ``ring_choices`` (2) endpoints along a bounded-load consistent-hash ring
-   from its first block, the earlier on a tie: router replicas that share no
-   state send it to the same place while the loads they see are equal, and
-   to one of two places when not. The ring alone (``ring_choices: 1``) let
-   hashing load some replicas more than others. Reasons: ``ring_owner``,
-   ``ring_spill`` (the owner is overloaded), ``ring_less_loaded``, and
-   ``cache_spill``: endpoints whose share of the index is full (their KV
-   caches hold other prefixes) were passed over for one with room; a few
-   prefixes hashed unevenly would otherwise thrash one cache while another
-   sits empty.
+   ``ring_choices`` endpoints along a bounded-load consistent-hash ring from
+   its first block, the earlier on a tie; by default one (``ring_owner``,
+   ``ring_spill`` when the owner is overloaded), so that router replicas
+   that share no state send a new prefix to the same place. With two or
+   more, replicas agree while the loads they see are equal and pick among
+   the same few when not (``ring_less_loaded``). ``cache_spill``: endpoints
+   whose share of the index is full (their KV caches hold other prefixes)
+   were passed over for one with room; a few prefixes hashed unevenly would
+   otherwise thrash one cache while another sits empty.
 
 The index records the chosen endpoint at decision time (so a burst of
 requests for one new prefix follows the first), and the endpoint that
@@ -70,8 +69,12 @@ class PrefixAffinityParams(BaseModel):
     #: Virtual nodes per unit of weight on the hash ring.
     vnodes: int = Field(100, ge=1)
     #: A new prefix goes to the less loaded of this many endpoints along the
-    #: ring (1: the first that is not overloaded, however busy).
-    ring_choices: int = Field(2, ge=1)
+    #: ring (1: the first that is not overloaded, however busy). Not 2 by
+    #: default: with loads as policies see them today (in-flight counts, and
+    #: scraped queues up to a scrape old) it cost TTFT on prompts that share
+    #: nothing (benchmarks/README.md, "prefix_affinity on traffic that shares
+    #: nothing").
+    ring_choices: int = Field(1, ge=1)
 
 
 class PrefixAffinity:

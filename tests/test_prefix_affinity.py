@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -156,7 +157,7 @@ def ring_walk(p: PrefixAffinity, req: RequestView, cands: list[EndpointView]) ->
 
 
 def test_new_prefix_goes_to_the_less_loaded_of_the_first_two_ring_owners() -> None:
-    p = policy()
+    p = policy(ring_choices=2)
     req = chat(SYSTEM, "q")
     owner, second, third, fourth = ring_walk(p, req, fleet(4))
     # The two endpoints further along are idle, but only the first two are choices.
@@ -167,15 +168,15 @@ def test_new_prefix_goes_to_the_less_loaded_of_the_first_two_ring_owners() -> No
 
 
 def test_equal_loads_send_a_new_prefix_to_the_ring_owner() -> None:
-    p = policy()
+    p = policy(ring_choices=2)
     req = chat(SYSTEM, "q")
     owner, second, *_ = ring_walk(p, req, fleet(4))
     d = p.rank(req, fleet(4, loads={owner: 1, second: 1}))
     assert (d.ranked[0].id, d.reason) == (owner, "ring_owner")
 
 
-def test_one_ring_choice_is_the_ring_alone() -> None:
-    p = policy(ring_choices=1)
+def test_by_default_a_new_prefix_goes_to_its_ring_owner_however_busy() -> None:
+    p = policy()
     req = chat(SYSTEM, "q")
     owner, *_ = ring_walk(p, req, fleet(4))
     d = p.rank(req, fleet(4, loads={owner: 3}))
@@ -191,7 +192,7 @@ def test_more_ring_choices_look_further_along_the_ring() -> None:
 
 
 def test_ring_choices_compare_load_per_unit_of_weight() -> None:
-    p = policy()
+    p = policy(ring_choices=2)
     weights = {"e0": 2.0, "e1": 1.0, "e2": 1.0, "e3": 1.0}
 
     def cands(loads: dict[str, int]) -> list[EndpointView]:
@@ -212,8 +213,9 @@ def test_ring_choices_compare_load_per_unit_of_weight() -> None:
     assert (d.ranked[0].id, d.reason) == ("e0", "ring_owner")
 
 
-def test_two_routers_with_no_shared_state_agree_on_new_prefixes() -> None:
-    a, b = policy(), policy()
+@pytest.mark.parametrize("choices", [1, 2])
+def test_two_routers_with_no_shared_state_agree_on_new_prefixes(choices: int) -> None:
+    a, b = policy(ring_choices=choices), policy(ring_choices=choices)
     cands = fleet(8)
     # Router a has history of its own (other prefixes in its index); b has none.
     for i in range(20):
@@ -227,17 +229,17 @@ def test_two_routers_with_no_shared_state_agree_on_new_prefixes() -> None:
         even = fleet(8, loads={f"e{j}": 2 for j in range(8)})
         assert a.rank(req, even).ranked[0].id == owner
         assert b.rank(req, list(reversed(even))).ranked[0].id == owner
-        # Unequal loads (the same seen by both): both take the less loaded of
-        # the first two ring owners, the owner on a tie.
+        # Unequal loads (the same seen by both): both take the owner, or with two
+        # ring choices the less loaded of the first two, the owner on a tie.
         req = chat(f"tenant {i} again: " + SYSTEM, "hi")
         first, second, *_ = ring_walk(a, req, cands)
         loads = {f"e{j}": rng.randint(0, 3) for j in range(8)}
-        expected = second if loads[second] < loads[first] else first
+        expected = second if choices == 2 and loads[second] < loads[first] else first
         moved += expected == second
         seen = fleet(8, loads=loads)
         assert a.rank(req, seen).ranked[0].id == expected
         assert b.rank(req, list(reversed(seen))).ranked[0].id == expected
-    assert moved == 20  # of 50: both cases were tried
+    assert moved == (20 if choices == 2 else 0)  # of 50
 
 
 def test_load_guard_wins_over_affinity() -> None:
