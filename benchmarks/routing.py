@@ -42,7 +42,20 @@ from policies.base import Decision, Outcome, load_of  # noqa: E402
 from policies.ring import bounded_capacity  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-POLICIES = ("round_robin", "least_load", "consistent_hash", "prefix_affinity", "oracle")
+POLICIES = (
+    "round_robin",
+    "least_load",
+    "power_of_two",
+    "consistent_hash",
+    "prefix_affinity",
+    "prefix_affinity_ring2",
+    "oracle",
+)
+SIMPLE = ("round_robin", "least_load", "power_of_two")
+#: Policies run with parameters other than their defaults.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "prefix_affinity_ring2": ("prefix_affinity", {"ring_choices": 2}),
+}
 
 # A mid-size model on one GPU, scaled down: 12k tokens of KV cache per replica.
 ENGINE = EngineParams(
@@ -297,7 +310,8 @@ def simulate(
     if policy_name == "oracle":
         policy: Any = Oracle(engines)
     else:
-        policy = build_policy(policy_name, params or {}, random.Random(1))
+        name, variant = VARIANTS.get(policy_name, (policy_name, {}))
+        policy = build_policy(name, {**variant, **(params or {})}, random.Random(1))
     in_flight = [0] * n
     busy = [False] * n
     active: list[dict[Sequence_, Request]] = [{} for _ in range(n)]
@@ -403,10 +417,12 @@ def simulate(
 
 
 def decision_latency(
-    endpoints: int = 64, prompt_chars: int = 32_000, n: int = 2000
+    endpoints: int = 64, prompt_chars: int = 32_000, n: int = 2000, **params: Any
 ) -> dict[str, float]:
+    """prefix_affinity's decision time on a warm index: 200 tenants' prompts
+    seen again (prefix hits), and prompts never seen (new prefixes)."""
     rng = random.Random(3)
-    policy = build_policy("prefix_affinity", {}, random.Random(0))
+    policy = build_policy("prefix_affinity", params, random.Random(0))
     views = [
         EndpointView(
             id=f"e{i}", url="", kind="vllm", in_flight=rng.randint(0, 8), kv_capacity_tokens=500_000
@@ -414,27 +430,34 @@ def decision_latency(
         for i in range(endpoints)
     ]
     tenants = [words(rng, prompt_chars // 4)[: prompt_chars - 100] for _ in range(200)]
-    samples = []
-    warmup = 500  # every tenant seen at least twice: the index is warm
-    for k in range(warmup + n):
-        body = {
-            "model": "m",
-            "messages": [
-                {"role": "system", "content": tenants[k % 200]},
-                {"role": "user", "content": f"q{k}"},
-            ],
-        }
-        req = RequestView(model="m", endpoint="chat", body=body)
-        t0 = time.perf_counter()
-        policy.rank(req, views)
-        if k >= warmup:
+
+    def timed(system: Callable[[int], str], count: int) -> list[float]:
+        samples = []
+        for k in range(count):
+            body = {
+                "model": "m",
+                "messages": [
+                    {"role": "system", "content": system(k)},
+                    {"role": "user", "content": f"q{k}"},
+                ],
+            }
+            req = RequestView(model="m", endpoint="chat", body=body)
+            t0 = time.perf_counter()
+            policy.rank(req, views)
             samples.append(time.perf_counter() - t0)
-    samples.sort()
+        return sorted(samples)
+
+    timed(lambda k: tenants[k % 200], 500)  # every tenant seen at least twice: a warm index
+    hits = timed(lambda k: tenants[k % 200], n)
+    # A new first block each time, the rest as long as a tenant's prompt.
+    new = timed(lambda k: f"new {k} " + tenants[k % 200], n)
     return {
         "endpoints": endpoints,
         "prompt_chars": prompt_chars,
-        "p50_us": samples[len(samples) // 2] * 1e6,
-        "p99_us": samples[int(len(samples) * 0.99)] * 1e6,
+        "p50_us": hits[len(hits) // 2] * 1e6,
+        "p99_us": hits[int(len(hits) * 0.99)] * 1e6,
+        "new_prefix_p50_us": new[len(new) // 2] * 1e6,
+        "new_prefix_p99_us": new[int(len(new) * 0.99)] * 1e6,
     }
 
 
@@ -479,11 +502,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
             )
         ):
             ax = axes[row][col]
-            width = 0.16
+            width = 0.8 / len(POLICIES)
             for k, pol in enumerate(POLICIES):
                 vals = [runs[w][pol][phase][metric] for w in names]
                 ax.bar([x + k * width for x in range(len(names))], vals, width, label=pol)
-            ax.set_xticks([x + 2 * width for x in range(len(names))])
+            ax.set_xticks([x + (len(POLICIES) - 1) * width / 2 for x in range(len(names))])
             ax.set_xticklabels([w.replace("_", "\n") for w in names], fontsize=8)
             ax.set_title(f"{n} replicas: {label}")
             if metric == "ttft_p90":
@@ -534,6 +557,8 @@ def main() -> int:
     print("decision latency ...", flush=True)
     results["decision_latency"] = decision_latency()
     print(results["decision_latency"], flush=True)
+    results["decision_latency_ring2"] = decision_latency(ring_choices=2)
+    print("ring_choices 2:", results["decision_latency_ring2"], flush=True)
     print("index memory ...", flush=True)
     results["index_memory"] = index_memory()
     print(results["index_memory"], flush=True)
@@ -571,6 +596,12 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
         out[f"{n}: shared_contexts ramp hit rate pa/oracle (>= 0.9)"] = round(
             pa["ramp"]["hit_rate"] / max(orc["ramp"]["hit_rate"], 1e-9), 3
         )
+        ns = runs["no_sharing"]
+        for q in ("ttft_p50", "ttft_p90"):
+            best = min(SIMPLE, key=lambda pol: ns[pol]["ramp"][q])
+            out[f"{n}: no_sharing ramp {q} pa/best simple policy (<= 1.05)"] = (
+                f"{ns['prefix_affinity']['ramp'][q] / ns[best]['ramp'][q]:.2f} (best: {best})"
+            )
         for w in ("shared_system_prompt", "no_sharing"):
             pa, ll = runs[w]["prefix_affinity"], runs[w]["least_load"]
             out[f"{n}: {w} ramp imbalance pa (<= 1.3)"] = round(pa["ramp"]["imbalance"], 2)

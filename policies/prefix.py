@@ -12,13 +12,16 @@ Three stages, first match wins:
    rule is also what stops one replica holding a prompt everyone shares (a
    huge system prompt) from taking every request: it fills up to its bound,
    the rest spill to others, which then hold the prompt too.
-3. ``ring_owner`` / ``ring_spill``: a prefix with no history goes to the
-   owner of its first block on a bounded-load consistent-hash ring, so
-   router replicas that share no state send a new prefix to the same place.
-   ``cache_spill``: the same, but the owner's share of the index is full
-   (its KV cache holds other prefixes) while an endpoint further along the
-   ring has room; a few prefixes hashed unevenly would otherwise thrash one
-   cache while another sits empty.
+3. A prefix with no history goes to the less loaded of the first
+   ``ring_choices`` endpoints along a bounded-load consistent-hash ring from
+   its first block, the earlier on a tie; by default one (``ring_owner``,
+   ``ring_spill`` when the owner is overloaded), so that router replicas
+   that share no state send a new prefix to the same place. With two or
+   more, replicas agree while the loads they see are equal and pick among
+   the same few when not (``ring_less_loaded``). ``cache_spill``: endpoints
+   whose share of the index is full (their KV caches hold other prefixes)
+   were passed over for one with room; a few prefixes hashed unevenly would
+   otherwise thrash one cache while another sits empty.
 
 The index records the chosen endpoint at decision time (so a burst of
 requests for one new prefix follows the first), and the endpoint that
@@ -65,6 +68,13 @@ class PrefixAffinityParams(BaseModel):
     max_index_entries: int = Field(1_000_000, ge=1)
     #: Virtual nodes per unit of weight on the hash ring.
     vnodes: int = Field(100, ge=1)
+    #: A new prefix goes to the less loaded of this many endpoints along the
+    #: ring (1: the first that is not overloaded, however busy). Not 2 by
+    #: default: with loads as policies see them today (in-flight counts, and
+    #: scraped queues up to a scrape old) it cost TTFT on prompts that share
+    #: nothing (benchmarks/README.md, "prefix_affinity on traffic that shares
+    #: nothing").
+    ring_choices: int = Field(1, ge=1)
 
 
 class PrefixAffinity:
@@ -151,31 +161,41 @@ class PrefixAffinity:
         loads: dict[str, float],
         capacity: Capacity,
     ) -> tuple[EndpointView, str]:
-        """A prefix with no history: the first endpoint along the ring from its
-        key that is not overloaded (``ring_owner`` if that is the owner itself,
-        else ``ring_spill``), passing over endpoints whose share of the index is
-        full while one further on has room (``cache_spill``): a few prefixes
-        hashed unevenly would otherwise thrash one cache while another sits
-        empty. Only the first few ring steps are walked, not the whole ring."""
+        """A prefix with no history: the less loaded (per unit of weight) of the
+        first ``ring_choices`` endpoints along the ring from its key that are
+        not overloaded, the earlier on a tie. Endpoints whose share of the
+        index is full are passed over while one further on has room. Only the
+        first few ring steps are walked, not the whole ring."""
+        choices = self.params.ring_choices
+        walk = max(MAX_SPILL_WALK, choices)
         by_id = {e.id: e for e in candidates}
         owner: EndpointView | None = None
-        first_fit: tuple[EndpointView, str] | None = None
+        fitting: list[tuple[float, int, EndpointView]] = []
+        roomy: list[tuple[float, int, EndpointView]] = []
         for n, endpoint_id in enumerate(self._rings.ring(candidates).walk(key)):
             e = by_id[endpoint_id]
             owner = owner or e
             if not capacity.fits(e, loads[endpoint_id]):
                 continue
+            choice = (loads[endpoint_id] / e.weight, n, e)
+            if len(fitting) < choices:
+                fitting.append(choice)
             if self.index.occupancy(endpoint_id) < self.capacity_blocks(e):
-                if first_fit is not None:
-                    return e, "cache_spill"
-                return e, "ring_owner" if n == 0 else "ring_spill"
-            first_fit = first_fit or (e, "ring_owner" if n == 0 else "ring_spill")
-            if n + 1 >= MAX_SPILL_WALK:
+                roomy.append(choice)
+                if len(roomy) == choices:
+                    break
+            if n + 1 >= walk:
                 break
-        if first_fit is not None:
-            return first_fit
-        assert owner is not None
-        return owner, "fallback"
+        pool = roomy or fitting
+        if not pool:
+            assert owner is not None
+            return owner, "fallback"
+        _, n, chosen = min(pool, key=lambda c: c[:2])
+        if chosen is not pool[0][2]:
+            return chosen, "ring_less_loaded"
+        if n == 0:
+            return chosen, "ring_owner"
+        return chosen, "cache_spill" if chosen is not fitting[0][2] else "ring_spill"
 
     def observe(self, decision: Decision, endpoint_id: str, outcome: Outcome) -> None:
         memo = decision.memo

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -149,12 +150,96 @@ def test_new_prefix_goes_to_ring_owner_then_hits() -> None:
     assert second.prompt_len == len(canonical_prompt(chat(SYSTEM, "two").body))
 
 
-def test_two_routers_with_no_shared_state_agree_on_new_prefixes() -> None:
-    a, b = policy(), policy()
+def ring_walk(p: PrefixAffinity, req: RequestView, cands: list[EndpointView]) -> list[str]:
+    """The endpoints in ring order from the request's first block."""
+    ring = HashRing(sorted((e.id, e.weight) for e in cands), p.params.vnodes)
+    return list(ring.walk(p.hashes(req)[0][0]))
+
+
+def test_new_prefix_goes_to_the_less_loaded_of_the_first_two_ring_owners() -> None:
+    p = policy(ring_choices=2)
+    req = chat(SYSTEM, "q")
+    owner, second, third, fourth = ring_walk(p, req, fleet(4))
+    # The two endpoints further along are idle, but only the first two are choices.
+    d = p.rank(req, fleet(4, loads={owner: 2, second: 1}))
+    assert (d.ranked[0].id, d.reason) == (second, "ring_less_loaded")
+    assert d.ranked[-1].id == owner  # failover: the rest by load
+    assert {third, fourth} == {e.id for e in d.ranked[1:3]}
+
+
+def test_equal_loads_send_a_new_prefix_to_the_ring_owner() -> None:
+    p = policy(ring_choices=2)
+    req = chat(SYSTEM, "q")
+    owner, second, *_ = ring_walk(p, req, fleet(4))
+    d = p.rank(req, fleet(4, loads={owner: 1, second: 1}))
+    assert (d.ranked[0].id, d.reason) == (owner, "ring_owner")
+
+
+def test_by_default_a_new_prefix_goes_to_its_ring_owner_however_busy() -> None:
+    p = policy()
+    req = chat(SYSTEM, "q")
+    owner, *_ = ring_walk(p, req, fleet(4))
+    d = p.rank(req, fleet(4, loads={owner: 3}))
+    assert (d.ranked[0].id, d.reason) == (owner, "ring_owner")
+
+
+def test_more_ring_choices_look_further_along_the_ring() -> None:
+    p = policy(ring_choices=3)
+    req = chat(SYSTEM, "q")
+    owner, second, third, _ = ring_walk(p, req, fleet(4))
+    d = p.rank(req, fleet(4, loads={owner: 2, second: 2, third: 1}))
+    assert (d.ranked[0].id, d.reason) == (third, "ring_less_loaded")
+
+
+def test_ring_choices_compare_load_per_unit_of_weight() -> None:
+    p = policy(ring_choices=2)
+    weights = {"e0": 2.0, "e1": 1.0, "e2": 1.0, "e3": 1.0}
+
+    def cands(loads: dict[str, int]) -> list[EndpointView]:
+        return [
+            EndpointView(id=e, url=f"http://{e}", kind="vllm", weight=w, in_flight=loads.get(e, 0))
+            for e, w in weights.items()
+        ]
+
+    # A new prefix whose ring owner is the endpoint of weight 2.
+    req = next(
+        r
+        for r in (chat(f"tenant {i}: " + SYSTEM, "q") for i in range(100))
+        if ring_walk(p, r, cands({}))[0] == "e0"
+    )
+    _, second, *_ = ring_walk(p, req, cands({}))
+    # 3 requests on weight 2 are less load than 2 on weight 1.
+    d = p.rank(req, cands({"e0": 3, second: 2}))
+    assert (d.ranked[0].id, d.reason) == ("e0", "ring_owner")
+
+
+@pytest.mark.parametrize("choices", [1, 2])
+def test_two_routers_with_no_shared_state_agree_on_new_prefixes(choices: int) -> None:
+    a, b = policy(ring_choices=choices), policy(ring_choices=choices)
     cands = fleet(8)
+    # Router a has history of its own (other prefixes in its index); b has none.
+    for i in range(20):
+        a.rank(chat(f"other {i}: " + SYSTEM, "hi"), cands)
+    rng = random.Random(5)
+    moved = 0
     for i in range(50):
+        # Equal loads: both send the new prefix to its ring owner.
         req = chat(f"tenant {i}: " + SYSTEM, "hi")
-        assert a.rank(req, cands).ranked[0].id == b.rank(req, list(reversed(cands))).ranked[0].id
+        owner, *_ = ring_walk(a, req, cands)
+        even = fleet(8, loads={f"e{j}": 2 for j in range(8)})
+        assert a.rank(req, even).ranked[0].id == owner
+        assert b.rank(req, list(reversed(even))).ranked[0].id == owner
+        # Unequal loads (the same seen by both): both take the owner, or with two
+        # ring choices the less loaded of the first two, the owner on a tie.
+        req = chat(f"tenant {i} again: " + SYSTEM, "hi")
+        first, second, *_ = ring_walk(a, req, cands)
+        loads = {f"e{j}": rng.randint(0, 3) for j in range(8)}
+        expected = second if choices == 2 and loads[second] < loads[first] else first
+        moved += expected == second
+        seen = fleet(8, loads=loads)
+        assert a.rank(req, seen).ranked[0].id == expected
+        assert b.rank(req, list(reversed(seen))).ranked[0].id == expected
+    assert moved == (20 if choices == 2 else 0)  # of 50
 
 
 def test_load_guard_wins_over_affinity() -> None:
