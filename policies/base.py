@@ -28,6 +28,9 @@ class EndpointView:
     kind: str
     weight: float = 1.0
     in_flight: int = 0
+    #: Of ``in_flight``, the requests that have had no byte back yet: queued or
+    #: in prefill at the endpoint (a stream's first chunk, a whole answer's end).
+    awaiting_first: int = 0
     #: Scraped from the backend's metrics; ``None`` when unknown or stale.
     running: float | None = None
     waiting: float | None = None

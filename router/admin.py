@@ -50,6 +50,7 @@ def describe(endpoint: EndpointState, now: float) -> dict[str, Any]:
         "circuit": {"state": c.state, "failures": c.failures, "backoff_s": c.backoff},
         "cooldown_s": max(0.0, round(endpoint.cooldown_until - now, 3)),
         "in_flight": endpoint.in_flight,
+        "awaiting_first_byte": endpoint.awaiting_first,
         "load": {
             "running": endpoint.running,
             "waiting": endpoint.waiting,

@@ -31,7 +31,6 @@ from router.request import InferenceRequest
 from router.state import AppState
 from router.types import Send
 
-
 #: The operation as policies see it (``RequestView.endpoint``).
 OP_NAMES = {op: op.name.lower() for op in Operation}
 
@@ -135,9 +134,9 @@ class Failover:
         usage: Usage | None = None
         ok = False
         started = clock()
-        endpoint.begin(started)
+        attempt = endpoint.begin(started)
         try:
-            translator = await self.relay(request, send, endpoint, endpoint.targets[route.model])
+            translator = await self.relay(request, send, attempt, endpoint.targets[route.model])
             usage = translator.usage
             ok = True
         except UpstreamError as exc:
@@ -150,7 +149,7 @@ class Failover:
         else:
             endpoint.succeeded(clock() - started)
         finally:
-            endpoint.end()
+            attempt.end()
             if usage is not None:
                 ctx.prompt_tokens, ctx.cached_tokens = usage.prompt_tokens, usage.cached_tokens
                 ctx.usage_estimated = usage.estimated

@@ -38,6 +38,8 @@ class EndpointState:
     healthy: bool = True
     draining: bool = False
     in_flight: int = 0
+    #: Of those, the attempts that have had no byte back yet (queued or in prefill).
+    awaiting_first: int = 0
     #: Scraped load; None when unknown or stale.
     running: float | None = None
     waiting: float | None = None
@@ -90,13 +92,12 @@ class EndpointState:
 
     # -- one attempt's bookkeeping: begin, then one verdict, then end -------------
 
-    def begin(self, now: float) -> None:
+    def begin(self, now: float) -> Attempt:
         """An attempt starts (a half-open circuit's trial, if it is one)."""
         self.circuit.begin(now)
         self.in_flight += 1
-
-    def end(self) -> None:
-        self.in_flight -= 1
+        self.awaiting_first += 1
+        return Attempt(self)
 
     def succeeded(self, seconds: float) -> None:
         self.circuit.success()
@@ -143,6 +144,7 @@ class EndpointState:
             kind=self.config.kind,
             weight=self.config.weight,
             in_flight=self.in_flight,
+            awaiting_first=self.awaiting_first,
             running=self.running,
             waiting=self.waiting,
             kv_usage=self.kv_usage,
@@ -151,10 +153,32 @@ class EndpointState:
         )
 
 
+@dataclass(slots=True, eq=False)
+class Attempt:
+    """One attempt's hold on its endpoint's counts, released exactly once each."""
+
+    endpoint: EndpointState
+    first_seen: bool = False
+    ended: bool = False
+
+    def first_byte(self) -> None:
+        """The endpoint's first byte came back: no longer waiting on it."""
+        if not self.first_seen:
+            self.first_seen = True
+            self.endpoint.awaiting_first -= 1
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.first_byte()
+            self.endpoint.in_flight -= 1
+
+
 LIVE_STATE = (
     "healthy",
     "draining",
     "in_flight",
+    "awaiting_first",
     "circuit",
     "latency_ewma",
     "probe_failures",

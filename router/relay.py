@@ -36,7 +36,7 @@ from router.errors import (
     normalise_upstream_error,
 )
 from router.forward import UpstreamRequest
-from router.registry import EndpointState
+from router.registry import Attempt
 from router.request import InferenceRequest, RequestContext
 from router.state import AppState
 from router.types import Send
@@ -84,10 +84,11 @@ class Relay:
         self.metrics = state.metrics
 
     async def __call__(
-        self, request: InferenceRequest, send: Send, endpoint: EndpointState, target: Target
+        self, request: InferenceRequest, send: Send, attempt: Attempt, target: Target
     ) -> Translator:
-        """Serve ``request`` from ``endpoint``; the translator (with the answer's
-        usage) once the answer is out."""
+        """Serve ``request`` from the attempt's endpoint; the translator (with the
+        answer's usage) once the answer is out."""
+        endpoint = attempt.endpoint
         try:
             exchange = endpoint.adapter.prepare(request, target)
         except ChatTemplateRejected as exc:
@@ -109,7 +110,7 @@ class Relay:
             ),
         )
         if request.stream:
-            await self._stream(request, send, upstream, exchange.translator)
+            await self._stream(request, send, upstream, exchange.translator, attempt)
         else:
             await self._whole(request, send, upstream, exchange.translator)
         return exchange.translator
@@ -124,7 +125,12 @@ class Relay:
             resp.release()
 
     async def _stream(
-        self, request: InferenceRequest, send: Send, upstream: UpstreamRequest, tr: Translator
+        self,
+        request: InferenceRequest,
+        send: Send,
+        upstream: UpstreamRequest,
+        tr: Translator,
+        attempt: Attempt,
     ) -> None:
         ctx = request.ctx
         timeouts = self.forwarder.timeouts
@@ -143,6 +149,7 @@ class Relay:
                         return
                     chunks = resp.content.iter_any()
                     first, ended = await _first_output(tr, chunks, endpoint_id)
+                    attempt.first_byte()
                     ctx.ttft = time.perf_counter() - ctx.start
                     started = True
                     await send(

@@ -81,3 +81,19 @@ def test_routes_resolve_names_aliases_and_defaults() -> None:
     # Listed in models, but nobody serves it: resolvable, and then 503 (no candidates).
     assert routes.resolve("ghost") is not None
     assert routes.public_models() == ["chat", "code", "extra", "gpt-4o-mini"]
+
+
+def test_an_attempt_holds_in_flight_and_awaiting_first_until_released_once() -> None:
+    registry, _ = build()
+    (endpoint, *_) = registry.serving("chat")
+    first = endpoint.begin(0.0)
+    second = endpoint.begin(0.0)
+    assert (endpoint.in_flight, endpoint.awaiting_first) == (2, 2)
+    first.first_byte()
+    first.first_byte()  # once only
+    assert (endpoint.in_flight, endpoint.awaiting_first) == (2, 1)
+    assert endpoint.view().awaiting_first == 1
+    first.end()
+    second.end()  # ended before its first byte (a failure, a cancel)
+    second.end()
+    assert (endpoint.in_flight, endpoint.awaiting_first) == (0, 0)

@@ -70,17 +70,28 @@ async def test_openai_sdk_through_real_triton(triton: Triton) -> None:
 
 async def test_real_triton_errors_health_and_metrics(triton: Triton) -> None:
     async with router(config(triton)) as url, httpx.AsyncClient(base_url=url) as c:
-        bad = await c.post(
+        # kvroute refuses what it can check itself, before Triton sees it ...
+        ours = await c.post(
             "/v1/chat/completions",
             json={
                 "model": "tiny",
                 "messages": [{"role": "user", "content": "x"}],
                 "max_tokens": -1,
+            },
+        )
+        assert ours.status_code == 400 and ours.json()["error"]["param"] == "max_tokens"
+        # ... and passes on the model's own refusal (a 400 whose body is one SSE event).
+        bad = await c.post(
+            "/v1/chat/completions",
+            json={
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "x [refuse]"}],
+                "max_tokens": 3,
                 "stream": True,
             },
         )
         assert bad.status_code == 400
-        assert "max_tokens must be >= 0" in bad.json()["error"]["message"]
+        assert "the model refuses this prompt" in bad.json()["error"]["message"]
         endpoints = (await c.get("/admin/endpoints")).json()["endpoints"]
         assert endpoints[0]["healthy"] is True
         load = (await c.get(triton.metrics_url)).text

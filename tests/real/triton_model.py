@@ -30,8 +30,10 @@ class TritonPythonModel:
             prompt = prompt.decode() if isinstance(prompt, bytes) else str(prompt)
             max_tokens = _scalar(request, "max_tokens")
             stream = bool(_scalar(request, "stream", True))
-            if max_tokens is None or int(max_tokens) < 0:
-                error = pb_utils.TritonError(f"max_tokens must be >= 0, got {max_tokens}")
+            refused = "[refuse]" in prompt  # a model error kvroute cannot foresee
+            if max_tokens is None or int(max_tokens) < 0 or refused:
+                why = "the model refuses this prompt" if refused else "max_tokens must be >= 0"
+                error = pb_utils.TritonError(f"{why}, got {max_tokens}")
                 sender.send(
                     pb_utils.InferenceResponse(error=error),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
