@@ -69,7 +69,12 @@ def cross_site(request: Request) -> bool:
     if request.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
         return True
     origin = request.headers.get("origin")
-    return origin is not None and urlsplit(origin).netloc != request.headers.get("host")
+    if origin is None:
+        return False
+    try:
+        return urlsplit(origin).netloc != request.headers.get("host")
+    except ValueError:  # not even a URL: nothing a same-site page sends
+        return True
 
 
 def admin_denied(config: AdminConfig, request: Request, mutating: bool) -> Response | None:

@@ -337,6 +337,10 @@ class RequestLimits(Frozen):
 
     #: JSON objects and arrays in one body.
     max_json_containers: int = Field(100_000, ge=16)
+    #: How deep they may nest (OpenAI bodies need about 10; JSON schemas of
+    #: tools a few more). kvroute re-encodes parts of bodies, and orjson encodes
+    #: at most 254 levels.
+    max_json_depth: int = Field(64, ge=8, le=200)
     #: Chat messages in one request.
     max_messages: int = Field(4096, ge=1)
     #: Stop sequences in one request.

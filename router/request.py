@@ -130,18 +130,34 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 
 #: JSON strings, to count the brackets outside them.
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+_INNERMOST = re.compile(rb"\[\]|\{\}")
 
 
-def check_json_containers(raw: bytes, limit: int) -> None:
-    """At most ``limit`` JSON objects and arrays in ``raw``, counted before parsing
-    (parsing is where the memory goes). Brackets inside strings do not count."""
-    if raw.count(b"{") + raw.count(b"[") <= limit:
+def check_json_shape(raw: bytes, limits: RequestLimits) -> None:
+    """At most ``max_json_containers`` JSON objects and arrays in ``raw``, nested
+    at most ``max_json_depth`` deep, checked before parsing (parsing is where the
+    memory goes). Brackets inside strings do not count. A body with fewer
+    brackets than the depth bound (most requests) costs two ``count``s."""
+    brackets = raw.count(b"{") + raw.count(b"[")
+    if brackets <= limits.max_json_depth:
         return
     outside = _STRING.sub(b"", raw)
-    if outside.count(b"{") + outside.count(b"[") > limit:
+    if outside.count(b"{") + outside.count(b"[") > limits.max_json_containers:
         raise BodyTooLarge(
-            f"request body has more than {limit} JSON objects and arrays "
-            "(requests.max_json_containers)"
+            f"request body has more than {limits.max_json_containers} JSON objects and "
+            "arrays (requests.max_json_containers)"
+        )
+    # Each pass removes every innermost pair: the passes are the depth.
+    skeleton = _NOT_BRACKET.sub(b"", outside)
+    for _ in range(limits.max_json_depth):
+        skeleton, removed = _INNERMOST.subn(b"", skeleton)
+        if not skeleton or not removed:
+            return  # nested within the bound (or unbalanced: the parser says why)
+    if _INNERMOST.search(skeleton):
+        raise InvalidRequest(
+            f"request body nests JSON deeper than {limits.max_json_depth} levels "
+            "(requests.max_json_depth)"
         )
 
 
@@ -149,7 +165,7 @@ def parse_body(raw: bytes, op: Operation, limits: RequestLimits) -> dict[str, An
     """The body as a JSON object with a model and the operation's required field."""
     if not raw:
         raise MalformedJSON("request body is empty; expected a JSON object")
-    check_json_containers(raw, limits.max_json_containers)
+    check_json_shape(raw, limits)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

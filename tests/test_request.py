@@ -239,8 +239,8 @@ async def test_deep_nesting_is_a_clean_400_or_served_never_a_500() -> None:
                 content=too_deep,
                 headers={"content-type": "application/json"},
             )
-            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
-            for depth in (100, 900):
+            assert r.status_code == 400 and "max_json_depth" in r.json()["error"]["message"]
+            for depth in (60, 300, 900):
                 nested: Any = "x"
                 for _ in range(depth):
                     nested = [nested]
@@ -250,4 +250,7 @@ async def test_deep_nesting_is_a_clean_400_or_served_never_a_500() -> None:
                         url + "/v1/chat/completions", json={"model": "m", "messages": messages}
                     )
                     assert r.status_code < 500, r.text
-                    assert r.status_code == 200 or "error" in r.json()
+                    if depth > 64:
+                        assert r.status_code == 400 and r.json()["error"]["param"] is None
+                    else:  # within the bound: served, whatever kvroute re-encodes
+                        assert r.status_code == 200, r.text

@@ -12,7 +12,9 @@ import pytest
 from tests.helpers import router, router_config
 from tests.real.engines import Triton, triton_server
 
-pytestmark = pytest.mark.real
+# Setting up a real engine (installing it on a fresh machine, then starting it on
+# 2 busy cores) can take longer than pytest's default bound of 300 s per test.
+pytestmark = [pytest.mark.real, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,9 @@ from benchmarks.real_vllm import measure_real, measure_simulated, workload
 from tests.helpers import eventually, router, router_config
 from tests.real.engines import BLOCK_SIZE, NUM_BLOCKS, VLLMServer, vllm_servers
 
-pytestmark = pytest.mark.real
+# Setting up a real engine (installing it on a fresh machine, then starting it on
+# 2 busy cores) can take longer than pytest's default bound of 300 s per test.
+pytestmark = [pytest.mark.real, pytest.mark.timeout(900)]
 
 SYSTEM = " ".join(f"Policy clause {i}: be accurate, cite sources, stay polite." for i in range(40))
 
