@@ -75,8 +75,8 @@ class PrefixAffinityParams(BaseModel):
     #: A new prefix goes to the one of this many endpoints along the ring
     #: (those not overloaded) with the fewest requests awaiting their first
     #: byte, the earliest on a tie (1: the first not overloaded, however busy,
-    #: as before). 4: on prompts that share nothing, 2 still left TTFT p50
-    #: 10-30% above round robin's, 3-4 came within 5%
+    #: as before). 4: on prompts that share nothing, 2 still left TTFT p90
+    #: 40-50% above round robin's in virtual time, 4 came within 5%
     #: (benchmarks/README.md, "prefix_affinity on traffic that shares nothing").
     ring_choices: int = Field(4, ge=1)
 
