@@ -11,9 +11,9 @@ over all policies. Per policy: TTFT p50/p90 over all its rounds, completed
 requests per second, and the same as ratios to round robin from this run;
 per run, the share of the machine other processes used.
 
-``prefix_affinity_ring2`` is prefix_affinity with ``ring_choices: 2``: a new
-prefix goes to the less loaded of its first two ring owners, not to the
-first alone.
+``prefix_affinity_ring1`` is prefix_affinity with ``ring_choices: 1``, the
+default before new prefixes were placed by requests awaiting their first
+byte: a new prefix goes to its ring owner alone.
 
     .venv/bin/python benchmarks/no_sharing_live.py [--rounds 4] [--seconds 8]
         [--max-tokens 16-64] [--no-scrape]
@@ -71,7 +71,7 @@ POLICIES: dict[str, Any] = {
     "least_load": "least_load",
     "power_of_two": "power_of_two",
     "prefix_affinity": "prefix_affinity",
-    "prefix_affinity_ring2": {"name": "prefix_affinity", "ring_choices": 2},
+    "prefix_affinity_ring1": {"name": "prefix_affinity", "ring_choices": 1},
 }
 
 

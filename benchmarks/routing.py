@@ -48,13 +48,13 @@ POLICIES = (
     "power_of_two",
     "consistent_hash",
     "prefix_affinity",
-    "prefix_affinity_ring2",
+    "prefix_affinity_ring1",
     "oracle",
 )
 SIMPLE = ("round_robin", "least_load", "power_of_two")
 #: Policies run with parameters other than their defaults.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "prefix_affinity_ring2": ("prefix_affinity", {"ring_choices": 2}),
+    "prefix_affinity_ring1": ("prefix_affinity", {"ring_choices": 1}),
 }
 
 # A mid-size model on one GPU, scaled down: 12k tokens of KV cache per replica.
@@ -301,11 +301,12 @@ def simulate(
     peak: float | None = None,
     clients: int = 0,
     params: dict[str, Any] | None = None,
+    engine: EngineParams = ENGINE,
 ) -> RunResult:
     """One run in virtual time. Open loop (``peak``: Poisson arrivals ramping to
     ``peak`` per second) or closed loop (``clients`` each sending the next
     request, or turn, as soon as the last one finished)."""
-    engines = [Engine(ENGINE) for _ in range(n)]
+    engines = [Engine(engine) for _ in range(n)]
     rng = random.Random(7)
     if policy_name == "oracle":
         policy: Any = Oracle(engines)
@@ -358,9 +359,12 @@ def simulate(
                     url="",
                     kind="vllm",
                     in_flight=in_flight[i],
+                    # As the router counts them: no byte back yet (queued or
+                    # prefilling; a stream's first chunk carries the first token).
+                    awaiting_first=sum(1 for s in active[i] if s.first_token_at is None),
                     running=float(len(engines[i].running)),
                     waiting=float(len(engines[i].waiting)),
-                    kv_capacity_tokens=KV_TOKENS,
+                    kv_capacity_tokens=(engine.num_blocks - 1) * engine.block_size,
                 )
                 for i in range(n)
             ]
@@ -557,8 +561,8 @@ def main() -> int:
     print("decision latency ...", flush=True)
     results["decision_latency"] = decision_latency()
     print(results["decision_latency"], flush=True)
-    results["decision_latency_ring2"] = decision_latency(ring_choices=2)
-    print("ring_choices 2:", results["decision_latency_ring2"], flush=True)
+    results["decision_latency_ring1"] = decision_latency(ring_choices=1)
+    print("ring_choices 1:", results["decision_latency_ring1"], flush=True)
     print("index memory ...", flush=True)
     results["index_memory"] = index_memory()
     print(results["index_memory"], flush=True)

@@ -12,13 +12,17 @@ Three stages, first match wins:
    rule is also what stops one replica holding a prompt everyone shares (a
    huge system prompt) from taking every request: it fills up to its bound,
    the rest spill to others, which then hold the prompt too.
-3. A prefix with no history goes to the less loaded of the first
-   ``ring_choices`` endpoints along a bounded-load consistent-hash ring from
-   its first block, the earlier on a tie; by default one (``ring_owner``,
-   ``ring_spill`` when the owner is overloaded), so that router replicas
-   that share no state send a new prefix to the same place. With two or
-   more, replicas agree while the loads they see are equal and pick among
-   the same few when not (``ring_less_loaded``). ``cache_spill``: endpoints
+3. A prefix with no history goes to the first ``ring_choices`` endpoints
+   along a bounded-load consistent-hash ring from its first block: the one
+   with the fewest requests still waiting for their first byte (queued or
+   prefilling, ``EndpointView.awaiting_first``), the earlier on the ring on
+   a tie. So router replicas that share no state send a new prefix to its
+   owner (``ring_owner``, ``ring_spill`` when the owner is overloaded) while
+   the owner has as little prefill ahead of it as the others, and pick among
+   the same few when not (``ring_less_loaded``). Prefill, not decoding, is
+   what a new request's first token waits for: counted as load, running
+   decodes made placement send new prompts where others were still being
+   prefilled. ``cache_spill``: endpoints
    whose share of the index is full (their KV caches hold other prefixes)
    were passed over for one with room; a few prefixes hashed unevenly would
    otherwise thrash one cache while another sits empty.
@@ -68,13 +72,13 @@ class PrefixAffinityParams(BaseModel):
     max_index_entries: int = Field(1_000_000, ge=1)
     #: Virtual nodes per unit of weight on the hash ring.
     vnodes: int = Field(100, ge=1)
-    #: A new prefix goes to the less loaded of this many endpoints along the
-    #: ring (1: the first that is not overloaded, however busy). Not 2 by
-    #: default: with loads as policies see them today (in-flight counts, and
-    #: scraped queues up to a scrape old) it cost TTFT on prompts that share
-    #: nothing (benchmarks/README.md, "prefix_affinity on traffic that shares
-    #: nothing").
-    ring_choices: int = Field(1, ge=1)
+    #: A new prefix goes to the one of this many endpoints along the ring
+    #: (those not overloaded) with the fewest requests awaiting their first
+    #: byte, the earliest on a tie (1: the first not overloaded, however busy,
+    #: as before). 4: on prompts that share nothing, 2 still left TTFT p90
+    #: 40-50% above round robin's in virtual time, 4 came within 5%
+    #: (benchmarks/README.md, "prefix_affinity on traffic that shares nothing").
+    ring_choices: int = Field(4, ge=1)
 
 
 class PrefixAffinity:
@@ -161,9 +165,10 @@ class PrefixAffinity:
         loads: dict[str, float],
         capacity: Capacity,
     ) -> tuple[EndpointView, str]:
-        """A prefix with no history: the less loaded (per unit of weight) of the
-        first ``ring_choices`` endpoints along the ring from its key that are
-        not overloaded, the earlier on a tie. Endpoints whose share of the
+        """A prefix with no history: of the first ``ring_choices`` endpoints
+        along the ring from its key that are not overloaded, the one with the
+        fewest requests awaiting a first byte (per unit of weight), the
+        earlier on a tie. Endpoints whose share of the
         index is full are passed over while one further on has room. Only the
         first few ring steps are walked, not the whole ring."""
         choices = self.params.ring_choices
@@ -177,7 +182,7 @@ class PrefixAffinity:
             owner = owner or e
             if not capacity.fits(e, loads[endpoint_id]):
                 continue
-            choice = (loads[endpoint_id] / e.weight, n, e)
+            choice = (e.awaiting_first / e.weight, n, e)
             if len(fitting) < choices:
                 fitting.append(choice)
             if self.index.occupancy(endpoint_id) < self.capacity_blocks(e):

@@ -31,11 +31,23 @@ def chat(system: str, question: str, model: str = "m", **extra: Any) -> RequestV
     return RequestView(model=model, endpoint="chat", body=body)
 
 
-def fleet(n: int, loads: dict[str, int] | None = None, **kw: Any) -> list[EndpointView]:
-    loads = loads or {}
+def fleet(
+    n: int,
+    loads: dict[str, int] | None = None,
+    awaiting: dict[str, int] | None = None,
+    **kw: Any,
+) -> list[EndpointView]:
+    """``loads``: requests in flight; ``awaiting``: of those (added to them), the
+    ones still waiting for their first byte."""
+    loads, awaiting = loads or {}, awaiting or {}
     return [
         EndpointView(
-            id=f"e{i}", url=f"http://e{i}", kind="vllm", in_flight=loads.get(f"e{i}", 0), **kw
+            id=f"e{i}",
+            url=f"http://e{i}",
+            kind="vllm",
+            in_flight=loads.get(f"e{i}", 0) + awaiting.get(f"e{i}", 0),
+            awaiting_first=awaiting.get(f"e{i}", 0),
+            **kw,
         )
         for i in range(n)
     ]
@@ -156,38 +168,64 @@ def ring_walk(p: PrefixAffinity, req: RequestView, cands: list[EndpointView]) ->
     return list(ring.walk(p.hashes(req)[0][0]))
 
 
-def test_new_prefix_goes_to_the_less_loaded_of_the_first_two_ring_owners() -> None:
+def test_new_prefix_goes_to_the_ring_owner_with_least_awaiting_first_byte() -> None:
     p = policy(ring_choices=2)
     req = chat(SYSTEM, "q")
     owner, second, third, fourth = ring_walk(p, req, fleet(4))
     # The two endpoints further along are idle, but only the first two are choices.
-    d = p.rank(req, fleet(4, loads={owner: 2, second: 1}))
+    d = p.rank(req, fleet(4, awaiting={owner: 2, second: 1}))
     assert (d.ranked[0].id, d.reason) == (second, "ring_less_loaded")
     assert d.ranked[-1].id == owner  # failover: the rest by load
     assert {third, fourth} == {e.id for e in d.ranked[1:3]}
 
 
-def test_equal_loads_send_a_new_prefix_to_the_ring_owner() -> None:
+def test_decoding_requests_do_not_move_a_new_prefix_off_its_owner() -> None:
+    # The owner has more in flight, but all of it past its first token: it has
+    # no prefill ahead of a new prompt, the second has one. Before
+    # awaiting_first, placement compared in-flight counts and took the second.
     p = policy(ring_choices=2)
     req = chat(SYSTEM, "q")
     owner, second, *_ = ring_walk(p, req, fleet(4))
-    d = p.rank(req, fleet(4, loads={owner: 1, second: 1}))
+    d = p.rank(req, fleet(4, loads={owner: 3}, awaiting={second: 1}))
     assert (d.ranked[0].id, d.reason) == (owner, "ring_owner")
+    # And the other way round: fewer in flight, but one of them still prefilling.
+    p = policy(ring_choices=2)
+    d = p.rank(req, fleet(4, loads={second: 3}, awaiting={owner: 1}))
+    assert (d.ranked[0].id, d.reason) == (second, "ring_less_loaded")
 
 
-def test_by_default_a_new_prefix_goes_to_its_ring_owner_however_busy() -> None:
+def test_equal_awaiting_sends_a_new_prefix_to_the_ring_owner() -> None:
     p = policy()
     req = chat(SYSTEM, "q")
-    owner, *_ = ring_walk(p, req, fleet(4))
-    d = p.rank(req, fleet(4, loads={owner: 3}))
+    owner, second, third, fourth = ring_walk(p, req, fleet(4))
+    d = p.rank(
+        req, fleet(4, loads={second: 2}, awaiting={e: 1 for e in (owner, second, third, fourth)})
+    )
     assert (d.ranked[0].id, d.reason) == (owner, "ring_owner")
+
+
+def test_one_ring_choice_sends_a_new_prefix_to_its_owner_however_busy() -> None:
+    p = policy(ring_choices=1)
+    req = chat(SYSTEM, "q")
+    owner, *_ = ring_walk(p, req, fleet(4))
+    d = p.rank(req, fleet(4, loads={owner: 1}, awaiting={owner: 2}))
+    assert (d.ranked[0].id, d.reason) == (owner, "ring_owner")
+
+
+def test_by_default_four_ring_choices() -> None:
+    p = policy()
+    req = chat(SYSTEM, "q")
+    *_, fourth = ring_walk(p, req, fleet(8))[:4]
+    awaiting = {e.id: 1 for e in fleet(8)} | {fourth: 0}
+    d = p.rank(req, fleet(8, awaiting=awaiting))
+    assert (d.ranked[0].id, d.reason) == (fourth, "ring_less_loaded")
 
 
 def test_more_ring_choices_look_further_along_the_ring() -> None:
     p = policy(ring_choices=3)
     req = chat(SYSTEM, "q")
     owner, second, third, _ = ring_walk(p, req, fleet(4))
-    d = p.rank(req, fleet(4, loads={owner: 2, second: 2, third: 1}))
+    d = p.rank(req, fleet(4, awaiting={owner: 2, second: 2, third: 1}))
     assert (d.ranked[0].id, d.reason) == (third, "ring_less_loaded")
 
 
@@ -197,7 +235,14 @@ def test_ring_choices_compare_load_per_unit_of_weight() -> None:
 
     def cands(loads: dict[str, int]) -> list[EndpointView]:
         return [
-            EndpointView(id=e, url=f"http://{e}", kind="vllm", weight=w, in_flight=loads.get(e, 0))
+            EndpointView(
+                id=e,
+                url=f"http://{e}",
+                kind="vllm",
+                weight=w,
+                in_flight=loads.get(e, 0),
+                awaiting_first=loads.get(e, 0),
+            )
             for e, w in weights.items()
         ]
 
@@ -213,7 +258,7 @@ def test_ring_choices_compare_load_per_unit_of_weight() -> None:
     assert (d.ranked[0].id, d.reason) == ("e0", "ring_owner")
 
 
-@pytest.mark.parametrize("choices", [1, 2])
+@pytest.mark.parametrize("choices", [1, 2, 4])
 def test_two_routers_with_no_shared_state_agree_on_new_prefixes(choices: int) -> None:
     a, b = policy(ring_choices=choices), policy(ring_choices=choices)
     cands = fleet(8)
@@ -226,20 +271,23 @@ def test_two_routers_with_no_shared_state_agree_on_new_prefixes(choices: int) ->
         # Equal loads: both send the new prefix to its ring owner.
         req = chat(f"tenant {i}: " + SYSTEM, "hi")
         owner, *_ = ring_walk(a, req, cands)
-        even = fleet(8, loads={f"e{j}": 2 for j in range(8)})
+        even = fleet(
+            8, loads={f"e{j}": j % 2 for j in range(8)}, awaiting={f"e{j}": 2 for j in range(8)}
+        )
         assert a.rank(req, even).ranked[0].id == owner
         assert b.rank(req, list(reversed(even))).ranked[0].id == owner
-        # Unequal loads (the same seen by both): both take the owner, or with two
-        # ring choices the less loaded of the first two, the owner on a tie.
+        # Unequal loads (the same seen by both): both take the one of the first
+        # `choices` along the ring with the least awaiting a first byte, the
+        # earliest on a tie.
         req = chat(f"tenant {i} again: " + SYSTEM, "hi")
-        first, second, *_ = ring_walk(a, req, cands)
-        loads = {f"e{j}": rng.randint(0, 3) for j in range(8)}
-        expected = second if choices == 2 and loads[second] < loads[first] else first
-        moved += expected == second
-        seen = fleet(8, loads=loads)
+        walk = ring_walk(a, req, cands)[:choices]
+        awaiting = {f"e{j}": rng.randint(0, 3) for j in range(8)}
+        expected = min(walk, key=lambda e: (awaiting[e], walk.index(e)))
+        moved += expected != walk[0]
+        seen = fleet(8, awaiting=awaiting)
         assert a.rank(req, seen).ranked[0].id == expected
         assert b.rank(req, list(reversed(seen))).ranked[0].id == expected
-    assert moved == (20 if choices == 2 else 0)  # of 50
+    assert moved == {1: 0, 2: 20, 4: 27}[choices]  # of 50
 
 
 def test_load_guard_wins_over_affinity() -> None:
