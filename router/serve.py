@@ -123,7 +123,7 @@ def raise_open_files_limit(limits: ClientLimits) -> None:
     """Raise the soft limit on open files to what ``limits`` may need (each
     connection and each in-flight request's upstream connection is a file),
     as far as the hard limit allows; warn when it does not."""
-    needed = limits.max_connections + limits.max_in_flight + 256
+    needed = limits.max_connections + limits.max_in_flight + 1024
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return
