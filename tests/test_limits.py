@@ -400,25 +400,32 @@ async def test_beyond_the_in_flight_limit_503_then_the_process_recovers(
                 return r.status_code == 503
 
             await eventually(full, within=WITHIN)
-            r = await client.post(url + CHAT, content=BODY)
-            assert r.status_code == 503
-            assert r.headers["retry-after"] == "1"
-            assert r.json()["error"]["code"] == "server_busy"
+            reader, writer = await connect(port)
+            writer.write(request_bytes())
+            refused = await read_one(reader)
+            assert refused.status == 503
+            assert refused.headers["retry-after"] == "1"
+            assert refused.headers.get("connection") != "close"
+            error = refused.error()
+            assert (error["code"], error["type"]) == ("server_busy", "service_unavailable")
             # Not an inference request: never refused for in-flight requests.
             assert (await client.get(url + "/health")).status_code == 200
             assert (await client.get(url + "/metrics")).status_code == 200
 
-            for _, writer in held:
-                writer.close()
+            for _, w in held:
+                w.close()
             await set_faults(sim_url, stall=0.0)
 
             async def served() -> bool:
                 return (await client.post(url + CHAT, content=BODY)).status_code == 200
 
             await eventually(served, within=WITHIN)
-            # And the refused client's connection was kept for its retry.
-            r = await client.post(url + CHAT, content=stream_body)
-            assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+        # The refused client's connection was kept for its retry.
+        writer.write(request_bytes(body=stream_body))
+        async with asyncio.timeout(WITHIN):
+            assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+            assert (await reader.readuntil(b"data: [DONE]")).endswith(b"data: [DONE]")
+        writer.close()
 
 
 # -- pieces ------------------------------------------------------------------------
