@@ -75,6 +75,39 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class ClientLimits(Frozen):
+    """What one kvroute process accepts from its clients (README "Limits").
+
+    Defaults follow nginx's where an API has no reason to differ, and are
+    tighter where it has: API clients are programs that send a request in one
+    go, so a client that dribbles is stuck or hostile. Read at start only.
+    """
+
+    #: The request line and headers together; beyond, 431 and the connection
+    #: closes. nginx allows 4 buffers of 8 KiB (large_client_header_buffers).
+    max_header_bytes: int = Field(32 * 1024, ge=1024)
+    #: Seconds for a request's headers to arrive, from the connection's start
+    #: or the request's first byte; beyond, 408 (or a plain close if nothing
+    #: came) and the connection closes. nginx's client_header_timeout is 60 s.
+    header_timeout: float = Field(10.0, gt=0)
+    #: Longest gap, in seconds, between two pieces of a request body; beyond,
+    #: 408 and the connection closes. nginx's client_body_timeout is 60 s.
+    body_timeout: float = Field(30.0, gt=0)
+    #: Seconds an idle keep-alive connection stays open. nginx's 75 s, above
+    #: the 60 s idle timeout of common load balancers, so the router is never
+    #: the side that closes a connection a load balancer is about to reuse.
+    keep_alive_timeout: int = Field(75, ge=1)
+    #: Open client connections; a request on a connection beyond gets 503
+    #: ``server_busy`` with Retry-After, and the connection closes.
+    max_connections: int = Field(10_000, ge=1)
+    #: Inference requests (streams included) handled at once; beyond, 503
+    #: ``server_busy`` with Retry-After. /health, /ready, /metrics and /admin
+    #: are never refused for it.
+    max_in_flight: int = Field(2_000, ge=1)
+    #: Seconds a refused client is told to wait (Retry-After).
+    retry_after: int = Field(1, ge=0)
+
+
 class ServerConfig(Frozen):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -86,6 +119,9 @@ class ServerConfig(Frozen):
     #: Reload when the config file changes on disk (SIGHUP and POST /admin/reload
     #: work either way).
     watch_config: bool = True
+    #: Bounds on what clients may hold: header size and time, body pace,
+    #: connections and in-flight requests.
+    limits: ClientLimits = ClientLimits()
 
 
 class Timeouts(Frozen):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import resource
 import signal
 import socket
 from collections.abc import Callable, Generator, Sequence
@@ -14,7 +15,8 @@ import uvicorn
 import uvicorn.config
 
 from router.app import build_app
-from router.config import Config
+from router.config import ClientLimits, Config
+from router.limits import Refusals, RequestLimits, client_protocol
 from router.logs import LOG, setup_logging
 from router.types import ASGIApp
 
@@ -87,20 +89,57 @@ def uvicorn_config(
     log_level: str = "info",
     quiet: bool = False,
     graceful_timeout: float = 30.0,
+    limits: ClientLimits | None = None,
 ) -> uvicorn.Config:
-    """``quiet`` leaves uvicorn's logging setup alone (for servers that share a process)."""
+    """``quiet`` leaves uvicorn's logging setup alone (for servers that share a process).
+
+    With ``limits``, connections are served by ``ClientProtocol`` and the app is
+    wrapped in ``RequestLimits`` (router/limits.py); without, uvicorn's own
+    httptools protocol serves it as is (the simulators).
+    """
+    http: type[asyncio.Protocol] | str = "httptools"
+    keep_alive = 5
+    if limits is not None:
+        refusals = Refusals()
+        app = RequestLimits(app, limits, refusals)
+        http = client_protocol(limits, refusals)
+        keep_alive = limits.keep_alive_timeout
     return uvicorn.Config(
         app,
         host=host,
         port=port,
-        http="httptools",
+        http=http,
         loop="none",
         lifespan="on",
         access_log=False,
         log_level=log_level,
+        timeout_keep_alive=keep_alive,
         timeout_graceful_shutdown=int(graceful_timeout) or 1,
         log_config=None if quiet else uvicorn.config.LOGGING_CONFIG,
     )
+
+
+def raise_open_files_limit(limits: ClientLimits) -> None:
+    """Raise the soft limit on open files to what ``limits`` may need (each
+    connection and each in-flight request's upstream connection is a file),
+    as far as the hard limit allows; warn when it does not."""
+    needed = limits.max_connections + limits.max_in_flight + 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < needed:
+        LOG.warning(
+            {
+                "event": "open_files_limit",
+                "limit": target,
+                "needed": needed,
+                "msg": "raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower "
+                "server.limits.max_connections / max_in_flight",
+            }
+        )
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -117,6 +156,8 @@ async def serve(
     config_path: str | None = None,
 ) -> int:
     setup_logging(config.server.log_level)
+    limits = config.server.limits
+    raise_open_files_limit(limits)
     app = build_app(config, config_path)
 
     def not_ready() -> None:
@@ -130,6 +171,7 @@ async def serve(
             config.server.port,
             config.server.log_level,
             graceful_timeout=config.shutdown.timeout,
+            limits=limits,
         ),
         on_signal=not_ready,
         grace=config.shutdown.grace,

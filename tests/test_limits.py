@@ -1,0 +1,450 @@
+"""Client limits over real loopback sockets: misbehaving clients are raw sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import yaml
+
+from backends.sim.common import Faults
+from router.app import build_app
+from router.config import ClientLimits, ServerConfig, parse_config
+from router.limits import RequestTimeout, ServerBusy, raw_response
+from router.serve import Server, uvicorn_config
+from tests.helpers import eventually, free_socket, set_faults, sim_stats, simulator
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAT = "/v1/chat/completions"
+BODY = orjson.dumps(
+    {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+)
+#: A generous bound on anything that should happen "promptly".
+WITHIN = 10.0
+
+
+@pytest.fixture(params=["in-process", "kvroute-serve"])
+def mode(request: pytest.FixtureRequest) -> str:
+    """In this test's loop (asyncio), or as ``kvroute serve`` runs (its own process, uvloop)."""
+    return str(request.param)
+
+
+def raw_config(sim_url: str, port: int, limits: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "server": {"port": port, "access_log": False, "watch_config": False, "limits": limits},
+        "endpoints": [{"id": "sim", "url": sim_url, "kind": "vllm", "models": ["tiny"]}],
+        "health": {"enabled": False},
+        "scrape": {"enabled": False},
+    }
+
+
+@contextlib.asynccontextmanager
+async def in_process(raw: dict[str, Any], sock: socket.socket) -> AsyncIterator[None]:
+    cfg = parse_config(yaml.safe_dump(raw))
+    port = sock.getsockname()[1]
+    uv = uvicorn_config(build_app(cfg), "127.0.0.1", port, quiet=True, limits=cfg.server.limits)
+    server = Server(uv, owns_signals=False)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.005)
+        yield
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+        sock.close()
+
+
+@contextlib.asynccontextmanager
+async def kvroute_serve(raw: dict[str, Any], port: int, tmp: Path) -> AsyncIterator[None]:
+    path = tmp / "kvroute.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router.cli", "serve", "--config", str(path)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        async with httpx.AsyncClient() as client:
+
+            async def up() -> bool:
+                assert proc.poll() is None, "kvroute exited"
+                try:
+                    return (await client.get(f"http://127.0.0.1:{port}/health")).is_success
+                except httpx.TransportError:
+                    return False
+
+            await eventually(up)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@contextlib.asynccontextmanager
+async def fleet(
+    mode: str, tmp: Path, faults: Faults | None = None, **limits: Any
+) -> AsyncIterator[tuple[str, int, str]]:
+    """A simulator and the router in front of it, with ``limits``: (url, port, sim url)."""
+    async with simulator(faults=faults) as (sim_url, _):
+        sock = free_socket()
+        port = sock.getsockname()[1]
+        raw = raw_config(sim_url, port, limits)
+        if mode == "in-process":
+            router = in_process(raw, sock)
+        else:
+            sock.close()
+            router = kvroute_serve(raw, port, tmp)
+        async with router:
+            yield f"http://127.0.0.1:{port}", port, sim_url
+
+
+def request_bytes(path: str = CHAT, body: bytes = BODY, extra: bytes = b"") -> bytes:
+    head = (
+        b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n%s\r\n" % (path.encode(), len(body), extra)
+    )
+    return head + body
+
+
+class Answer:
+    def __init__(self, raw: bytes) -> None:
+        head, _, self.body = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split()[1]) if lines[0] else 0
+        self.headers = {
+            k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])
+        }
+
+    def error(self) -> dict[str, Any]:
+        data: dict[str, Any] = orjson.loads(self.body)
+        assert set(data["error"]) == {"message", "type", "param", "code"}
+        return data["error"]  # type: ignore[no-any-return]
+
+
+async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server sends until it closes the connection (bounded wait)."""
+    chunks = []
+    async with asyncio.timeout(WITHIN):
+        while chunk := await reader.read(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_one(reader: asyncio.StreamReader) -> Answer:
+    """One response with a content-length, from a connection that stays open."""
+    async with asyncio.timeout(WITHIN):
+        head = await reader.readuntil(b"\r\n\r\n")
+        answer = Answer(head)
+        answer.body = await reader.readexactly(int(answer.headers["content-length"]))
+    return answer
+
+
+async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+# -- header size -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b"x-big: " + b"a" * 65536 + b"\r\n",  # one huge header
+        b"".join(b"x-h%d: %s\r\n" % (i, b"b" * 1000) for i in range(64)),  # many headers
+    ],
+    ids=["one-header", "many-headers"],
+)
+async def test_a_64_kib_header_gets_431_and_reaches_no_backend(
+    extra: bytes, mode: str, tmp_path: Path
+) -> None:
+    async with fleet(mode, tmp_path) as (url, port, sim_url):
+        reader, writer = await connect(port)
+        writer.write(request_bytes(extra=extra))
+        answer = Answer(await read_until_closed(reader))
+        writer.close()
+        assert answer.status == 431
+        assert answer.headers["connection"] == "close"
+        assert answer.headers["content-type"] == "application/json"
+        error = answer.error()
+        assert error["code"] == "request_header_too_large"
+        assert error["type"] == "invalid_request_error"
+        assert error["param"] is None
+        assert (await sim_stats(sim_url))["requests"] == 0
+        # The process serves on.
+        async with httpx.AsyncClient() as client:
+            assert (await client.post(url + CHAT, content=BODY)).status_code == 200
+
+
+async def test_a_huge_header_sent_in_pieces_is_cut_off_early(mode: str, tmp_path: Path) -> None:
+    async with fleet(mode, tmp_path) as (_, port, sim_url):
+        reader, writer = await connect(port)
+        reading = asyncio.create_task(read_until_closed(reader))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nx-big: ")
+        sent = 0
+        with contextlib.suppress(ConnectionError):
+            while sent < 16 * 1024 * 1024 and not reading.done():
+                writer.write(b"a" * 16384)
+                await writer.drain()
+                sent += 16384
+                await asyncio.sleep(0)
+        answer = Answer(await reading)
+        writer.close()
+        assert answer.status == 431
+        assert sent < 8 * 1024 * 1024  # answered long before 16 MiB were sent
+        assert (await sim_stats(sim_url))["requests"] == 0
+
+
+async def test_headers_within_the_limit_and_split_across_reads_are_served(
+    mode: str, tmp_path: Path
+) -> None:
+    async with fleet(mode, tmp_path, max_header_bytes=32768, header_timeout=5) as (_, port, _):
+        reader, writer = await connect(port)
+        raw = request_bytes(extra=b"x-big: " + b"c" * 16000 + b"\r\n")
+        head, _, body = raw.partition(b"\r\n\r\n")
+        for i in range(0, len(head), 4000):  # headers in pieces, then the body later
+            writer.write(head[i : i + 4000])
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.write(b"\r\n\r\n")
+        await asyncio.sleep(0.1)
+        writer.write(body)
+        answer = await read_one(reader)
+        assert answer.status == 200, answer.body
+        # And the connection stays usable.
+        writer.write(request_bytes())
+        assert (await read_one(reader)).status == 200
+        writer.close()
+
+
+# -- header and body timeouts ------------------------------------------------------
+
+
+async def test_headers_sent_a_byte_at_a_time_are_cut_off(mode: str, tmp_path: Path) -> None:
+    async with fleet(mode, tmp_path, header_timeout=0.5) as (_, port, sim_url):
+        reader, writer = await connect(port)
+        start = asyncio.get_running_loop().time()
+        reading = asyncio.create_task(read_until_closed(reader))
+        with contextlib.suppress(ConnectionError):
+            for byte in request_bytes():  # the headers would take 5 s at this pace
+                if reading.done():
+                    break
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        answer = Answer(await reading)
+        elapsed = asyncio.get_running_loop().time() - start
+        writer.close()
+        assert answer.status == 408
+        assert answer.error()["code"] == "request_timeout"
+        assert elapsed < WITHIN
+        assert (await sim_stats(sim_url))["requests"] == 0
+
+
+async def test_a_connection_that_sends_nothing_is_closed(mode: str, tmp_path: Path) -> None:
+    async with fleet(mode, tmp_path, header_timeout=0.5) as (_, port, _):
+        reader, writer = await connect(port)
+        assert await read_until_closed(reader) == b""  # closed, nothing said
+        writer.close()
+
+
+async def test_the_next_request_on_a_keep_alive_connection_has_its_header_deadline(
+    mode: str, tmp_path: Path
+) -> None:
+    async with fleet(mode, tmp_path, header_timeout=0.5) as (_, port, _):
+        reader, writer = await connect(port)
+        writer.write(request_bytes())
+        assert (await read_one(reader)).status == 200
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")  # and no more
+        answer = Answer(await read_until_closed(reader))
+        writer.close()
+        assert answer.status == 408
+
+
+async def test_a_body_that_stops_arriving_gets_408(mode: str, tmp_path: Path) -> None:
+    async with fleet(mode, tmp_path, body_timeout=0.5) as (_, port, sim_url):
+        reader, writer = await connect(port)
+        raw = request_bytes()
+        writer.write(raw[: raw.index(b"\r\n\r\n") + 4 + 10])  # headers and 10 bytes of body
+        answer = Answer(await read_until_closed(reader))
+        writer.close()
+        assert answer.status == 408
+        assert answer.headers["connection"] == "close"
+        assert "x-request-id" in answer.headers  # answered by the app: logged like any error
+        error = answer.error()
+        assert error["code"] == "request_timeout"
+        assert error["type"] == "invalid_request_error"
+        assert (await sim_stats(sim_url))["requests"] == 0
+
+
+async def test_a_body_that_keeps_arriving_slowly_is_served(mode: str, tmp_path: Path) -> None:
+    async with fleet(mode, tmp_path, body_timeout=1.0) as (_, port, _):
+        reader, writer = await connect(port)
+        raw = request_bytes()
+        cut = raw.index(b"\r\n\r\n") + 4
+        writer.write(raw[:cut])
+        for i in range(cut, len(raw), 8):  # about twice the body timeout in all
+            writer.write(raw[i : i + 8])
+            await writer.drain()
+            await asyncio.sleep(0.2)
+        answer = await read_one(reader)
+        writer.close()
+        assert answer.status == 200
+
+
+async def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout(
+    mode: str, tmp_path: Path
+) -> None:
+    async with fleet(mode, tmp_path, keep_alive_timeout=1) as (_, port, _):
+        reader, writer = await connect(port)
+        writer.write(request_bytes())
+        assert (await read_one(reader)).status == 200
+        assert await read_until_closed(reader) == b""
+        writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(mode: str, tmp_path: Path) -> None:
+    async with fleet(mode, tmp_path) as (_, port, _):
+        reader, writer = await connect(port)
+        writer.write(request_bytes() + b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        first, second = await read_one(reader), await read_one(reader)
+        writer.close()
+        assert first.status == 200 and b"chat.completion" in first.body
+        assert second.status == 200 and orjson.loads(second.body) == {"status": "ok"}
+
+
+async def test_an_invalid_request_gets_400_in_openai_shape(mode: str, tmp_path: Path) -> None:
+    async with fleet(mode, tmp_path) as (_, port, _):
+        reader, writer = await connect(port)
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        answer = Answer(await read_until_closed(reader))
+        writer.close()
+        assert answer.status == 400
+        assert answer.error()["type"] == "invalid_request_error"
+
+
+# -- connections and requests in flight --------------------------------------------
+
+
+async def test_beyond_the_connection_limit_503_then_the_process_recovers(
+    mode: str, tmp_path: Path
+) -> None:
+    async with fleet(mode, tmp_path, max_connections=3, retry_after=2) as (url, port, sim_url):
+        held = [await connect(port) for _ in range(3)]
+        for reader, writer in held:
+            writer.write(request_bytes())
+            assert (await read_one(reader)).status == 200
+
+        reader, writer = await connect(port)
+        writer.write(request_bytes())
+        answer = Answer(await read_until_closed(reader))
+        writer.close()
+        assert answer.status == 503
+        assert answer.headers["retry-after"] == "2"
+        assert answer.headers["connection"] == "close"
+        error = answer.error()
+        assert error["code"] == "server_busy"
+        assert error["type"] == "service_unavailable"
+        requests_before = (await sim_stats(sim_url))["requests"]
+        assert requests_before == 3
+
+        # Probes are answered even then (and the connection closes after).
+        reader, writer = await connect(port)
+        writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        probe = Answer(await read_until_closed(reader))
+        writer.close()
+        assert probe.status == 200
+
+        for _, w in held:
+            w.close()
+            await w.wait_closed()
+
+        async def served() -> bool:
+            async with httpx.AsyncClient() as client:
+                return (await client.post(url + CHAT, content=BODY)).status_code == 200
+
+        await eventually(served, within=WITHIN)
+
+
+async def test_beyond_the_in_flight_limit_503_then_the_process_recovers(
+    mode: str, tmp_path: Path
+) -> None:
+    stream_body = orjson.dumps({**orjson.loads(BODY), "stream": True})
+    async with fleet(mode, tmp_path, faults=Faults(stall=-1), max_in_flight=2) as (
+        url,
+        port,
+        sim_url,
+    ):
+        # Two streams held by a backend that does not answer.
+        held = [await connect(port) for _ in range(2)]
+        for _, writer in held:
+            writer.write(request_bytes(body=stream_body))
+            await writer.drain()
+
+        async with httpx.AsyncClient(timeout=WITHIN) as client:
+
+            async def full() -> bool:
+                r = await client.post(url + CHAT, content=stream_body)
+                return r.status_code == 503
+
+            await eventually(full, within=WITHIN)
+            reader, writer = await connect(port)
+            writer.write(request_bytes())
+            refused = await read_one(reader)
+            assert refused.status == 503
+            assert refused.headers["retry-after"] == "1"
+            assert refused.headers.get("connection") != "close"
+            error = refused.error()
+            assert (error["code"], error["type"]) == ("server_busy", "service_unavailable")
+            # Not an inference request: never refused for in-flight requests.
+            assert (await client.get(url + "/health")).status_code == 200
+            assert (await client.get(url + "/metrics")).status_code == 200
+
+            for _, w in held:
+                w.close()
+            await set_faults(sim_url, stall=0.0)
+
+            async def served() -> bool:
+                return (await client.post(url + CHAT, content=BODY)).status_code == 200
+
+            await eventually(served, within=WITHIN)
+        # The refused client's connection was kept for its retry.
+        writer.write(request_bytes(body=stream_body))
+        async with asyncio.timeout(WITHIN):
+            assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+            assert (await reader.readuntil(b"data: [DONE]")).endswith(b"data: [DONE]")
+        writer.close()
+
+
+# -- pieces ------------------------------------------------------------------------
+
+
+def test_defaults_are_documented_ones() -> None:
+    limits = ServerConfig().limits
+    assert limits == ClientLimits()
+    assert limits.max_header_bytes == 32 * 1024
+    assert (limits.header_timeout, limits.body_timeout, limits.keep_alive_timeout) == (10, 30, 75)
+
+
+def test_raw_response_is_one_closing_http_response() -> None:
+    raw = raw_response(ServerBusy("busy", 3), [(b"server", b"kvroute")])
+    answer = Answer(raw)
+    assert raw.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert answer.headers["retry-after"] == "3"
+    assert answer.headers["connection"] == "close"
+    assert int(answer.headers["content-length"]) == len(answer.body)
+    assert answer.error()["code"] == "server_busy"
+    closing = raw_response(RequestTimeout("late"), [])
+    assert closing.count(b"connection:") == 1
