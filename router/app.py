@@ -28,6 +28,7 @@ from router.errors import InvalidRequest, RouterError, error_body, error_message
 from router.lifecycle import Lifecycle
 from router.logs import ACCESS, LOG
 from router.metrics import CONTENT_TYPE_LATEST
+from router.openapi import openapi
 from router.pipeline import Pipeline
 from router.request import OPERATIONS, RequestContext
 from router.state import AppState
@@ -228,6 +229,7 @@ def build_control_app(state: AppState, lifecycle: Lifecycle) -> Starlette:
             Route("/health", health),
             Route("/ready", ready),
             Route("/metrics", metrics),
+            Route("/openapi.json", openapi),
             *admin_routes(state, lifecycle.reloader),
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
