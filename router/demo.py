@@ -69,7 +69,11 @@ async def run_demo(host: str, port: int, sim_base_port: int) -> int:
         "(Ctrl-C stops everything)",
         file=sys.stderr,
     )
-    router = Server(uvicorn_config(build_app(config), host, port, config.server.log_level))
+    router = Server(
+        uvicorn_config(
+            build_app(config), host, port, config.server.log_level, limits=config.server.limits
+        )
+    )
     try:
         await router.serve(sockets=[sockets[0]])
     finally:

@@ -39,6 +39,7 @@ START_ONLY = (
     ("server", "host"),
     ("server", "port"),
     ("server", "log_level"),
+    ("server", "limits"),
     ("shutdown", "grace"),
     ("shutdown", "timeout"),
 )

@@ -577,7 +577,8 @@ def test_the_property_tells_broken_answers(probe: Probe, answer: Answer, holds: 
     assert (violations(probe, answer) == []) is holds
 
 
-# -- findings: each fails today; the xfail flips when it is fixed ----------------------------
+# -- findings, fixed: deep bodies are refused before parsing (requests.max_json_depth),
+# -- a malformed Origin is a cross-site request --------------------------------------------
 
 
 def nested(depth: int, kind: str = "list") -> str:
@@ -617,7 +618,6 @@ FINDINGS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="finding deep-nesting: 500 internal_error, see FINDINGS")
 @pytest.mark.parametrize("case", list(FINDINGS))
 async def test_deep_bodies_are_not_500(case: str) -> None:
     path, body = FINDINGS[case]
@@ -628,11 +628,6 @@ async def test_deep_bodies_are_not_500(case: str) -> None:
     assert violations(probe, answer) == [], (answer.status, answer.body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding admin-origin: a malformed Origin raises ValueError in router/admin.py "
-    "cross_site, and the control app answers it with Starlette's text/plain 500",
-)
 async def test_admin_open_with_a_malformed_origin_is_no_500() -> None:
     async with simulator() as (sim_url, _):
         config = router_config([{"id": "a", "url": sim_url, "models": ["tiny"]}])
