@@ -99,6 +99,12 @@ class Translator(Protocol):
         """Whatever is still owed to the client once the upstream stream ends."""
         ...
 
+    def server_fault(self, status: int, data: bytes) -> bool:
+        """Whether an error answer (``status`` >= 400, body ``data``) is the
+        backend's failure rather than a refusal of the request: then another
+        endpoint may answer it, and it counts against this one."""
+        ...
+
     @property
     def usage(self) -> Usage | None:
         """The answer's usage, once seen (after ``answer``, or during a stream)."""

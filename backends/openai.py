@@ -59,6 +59,9 @@ class Passthrough:
     def close(self) -> bytes:
         return b""
 
+    def server_fault(self, status: int, data: bytes) -> bool:
+        return status >= 500
+
 
 class ModelRename(Passthrough):
     """Puts the router's model name back where the backend wrote its served name.

@@ -199,6 +199,11 @@ class TGITranslator:
     def feed(self, chunk: bytes) -> bytes:
         return self._events(self.parser.feed(chunk))
 
+    def server_fault(self, status: int, data: bytes) -> bool:
+        # TGI answers a failed generation 424 (Failed Dependency): the engine's
+        # failure, not the request's (that is 422).
+        return status >= 500 or status == 424
+
     def close(self) -> bytes:
         out = self._events(self.parser.close())
         if not self.done:

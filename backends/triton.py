@@ -229,6 +229,14 @@ class TritonTranslator:
     def feed(self, chunk: bytes) -> bytes:
         return self._events(self.parser.feed(chunk))
 
+    def server_fault(self, status: int, data: bytes) -> bool:
+        # Triton answers a model's failure 400 (its first response's error, as
+        # one SSE event on generate_stream, or {"error"} on generate). kvroute
+        # writes every field of the request itself from checked values, so a
+        # 400 is the model's or the endpoint's configuration's failure, not
+        # the client's: another endpoint may serve it.
+        return status >= 500 or status == 400
+
     def close(self) -> bytes:
         out = self._events(self.parser.close())
         if self.failed:

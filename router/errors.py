@@ -132,6 +132,10 @@ class UpstreamHTTPError(UpstreamError):
         self.status = status
         self.type = type_ or default_type(status)
         self.code: str | None = code
+        #: The backend failed (not the request): another endpoint may answer, and
+        #: it counts against this one's circuit. A 5xx by default; adapters know
+        #: their engines' other ways of saying it (TGI's 424, Triton's 400s).
+        self.server_fault = status >= 500
         #: The backend's Retry-After (seconds or an HTTP date), passed on only
         #: when it is short, plain text.
         plain = retry_after is not None and retry_after.isascii() and retry_after.isprintable()

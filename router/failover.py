@@ -40,9 +40,10 @@ class UnsupportedOperation(InvalidRequest):
 
 
 def retryable(exc: UpstreamError) -> bool:
-    """Failures another endpoint may not have: connection, timeout, 5xx, 429."""
+    """Failures another endpoint may not have: connection, timeout, a backend's
+    own fault (5xx, or what its adapter says is one), 429."""
     if isinstance(exc, UpstreamHTTPError):
-        return exc.status >= 500 or exc.status == 429
+        return exc.server_fault or exc.status == 429
     return True
 
 

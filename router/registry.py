@@ -120,7 +120,7 @@ class EndpointState:
                 self.cooldown_until = max(self.cooldown_until, now + 1.0)
                 self.circuit.abandon()
                 return
-            if exc.status < 500:
+            if not exc.server_fault:
                 self.circuit.success()  # it answered, and correctly refused the request
                 return
         self.circuit.failure(now)

@@ -220,7 +220,9 @@ async def _relay_whole(
     """An error status, or one whole answer, translated to OpenAI JSON."""
     data = await _read_all(resp, endpoint_id)
     if resp.status >= 400:
-        raise normalise_upstream_error(resp.status, data, resp.headers.get("retry-after"))
+        err = normalise_upstream_error(resp.status, data, resp.headers.get("retry-after"))
+        err.server_fault = tr.server_fault(resp.status, data)
+        raise err
     await _send_json(send, request, _answer(tr, data, endpoint_id))
 
 

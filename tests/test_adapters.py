@@ -545,3 +545,14 @@ def test_backends_say_what_they_cannot_serve() -> None:
         assert "/v1/embeddings" in (adapter.unsupported(embed) or "")
     assert "n must be 1" in (triton().unsupported(chat_n2) or "")
     assert tgi(api="messages").unsupported(chat_n2) is None  # TGI's own OpenAI API
+
+
+def test_engines_say_when_an_error_is_their_own_fault() -> None:
+    chat = {"model": "m", "messages": MESSAGES}
+    tgi_tr, triton_tr = translator(tgi(), CHAT, chat), translator(triton(), CHAT, chat)
+    openai_tr = translator(build_adapter("vllm", {}), CHAT, chat)
+    assert tgi_tr.server_fault(424, b'{"error":"x","error_type":"generation"}')
+    assert not tgi_tr.server_fault(422, b'{"error":"x","error_type":"validation"}')
+    assert triton_tr.server_fault(400, b'data: {"error":"model failed"}\n\n')
+    assert triton_tr.server_fault(500, b"{}") and openai_tr.server_fault(503, b"{}")
+    assert not openai_tr.server_fault(400, b"{}") and not openai_tr.server_fault(404, b"{}")

@@ -188,3 +188,28 @@ async def test_mixed_fleet_health_and_load() -> None:
             state = await admin_endpoints(url)
     assert {e["healthy"] for e in state.values()} == {True}
     assert state["triton-2"]["load"]["kv_capacity_tokens"] == 2048 * 16
+
+
+@pytest.mark.parametrize("kind", ["tgi", "triton"])
+async def test_an_engine_failure_in_a_4xx_fails_over_and_counts_against_it(kind: str) -> None:
+    """TGI says a failed generation with 424, Triton a model's failure with 400:
+    the backend's fault, so another replica serves the request (found by the
+    soak: these reached clients as their own errors)."""
+    async with AsyncExitStack() as stack:
+        bad_url, _ = await stack.enter_async_context(
+            simulator(kind=kind, faults=Faults(fail_rate=1.0, fail_status=500))
+        )
+        good_url, _ = await stack.enter_async_context(simulator(kind="vllm"))
+        endpoints = [endpoint(kind, bad_url, 0), endpoint("vllm", good_url, 1)]
+        cfg = router_config(endpoints, circuit={"failures": 2}, health={"enabled": False})
+        url = await stack.enter_async_context(router(cfg))
+        async with httpx.AsyncClient(base_url=url) as client:
+            for stream in (False, True, False, True):  # round robin: both ranked first
+                r = await client.post(
+                    "/v1/chat/completions",
+                    json={"model": "tiny", "messages": MSG, "max_tokens": 2, "stream": stream},
+                )
+                assert r.status_code == 200, r.text
+            admin = {e["id"]: e for e in (await client.get("/admin/endpoints")).json()["endpoints"]}
+    assert admin[f"{kind}-0"]["circuit"]["state"] == "open"
+    assert "simulated failure" in admin[f"{kind}-0"]["last_error"]
