@@ -67,6 +67,8 @@ FAULT_SECONDS = {"kill": 20.0, "5xx": 20.0, "hang": 20.0, "consul": 30.0, "midst
 #: A stream cut within this many seconds after a mid-stream fault ends is still its doing.
 CUT_SLACK = 3.0
 CLIENT_TIMEOUT = 60.0
+#: Seconds per bucket of the request-rate panel.
+BUCKET = 10.0
 #: Simulated latency: 15 ms a step, so a 64-token stream lasts about a second.
 SIM_LATENCY = ("--step-base", "0.015", "--prefill-per-token", "0.0001", "--decode-per-seq", "0.001")
 PREFIXES = [
@@ -688,27 +690,14 @@ def plot(data: dict[str, Any], out: Path) -> None:
     ax.set_ylim(bottom=0)
     ax.legend(loc="upper left")
     ax = axes[2]
-    bucket = 10.0
-    end = data["settings"]["duration_s"]
-    edges = [i * bucket for i in range(int(end // bucket) + 1)]
-    series: dict[str, list[float]] = {
-        k: [0.0] * len(edges) for k in ("ok", "stream error event", "failed")
-    }
-    for o in data["outcomes"]:
-        i = min(int(o["t1"] // bucket), len(edges) - 1)
-        if o["result"] in ("ok", "done"):
-            key = "ok"
-        elif o["result"] == "error_event":
-            key = "stream error event"
-        else:
-            key = "failed"
-        series[key][i] += 1 / bucket
-    x = [e / 60 for e in edges]
-    bottom = [0.0] * len(edges)
+    rates = data["rates"]
+    series = {k: [n / BUCKET for n in rates[k]] for k in ("ok", "stream error event", "failed")}
+    x = [i * BUCKET / 60 for i in range(len(rates["ok"]))]
+    bottom = [0.0] * len(x)
     for (label, ys), colour in zip(
         series.items(), ("tab:green", "tab:orange", "tab:red"), strict=True
     ):
-        ax.bar(x, ys, width=bucket / 60, bottom=bottom, align="edge", color=colour, label=label)
+        ax.bar(x, ys, width=BUCKET / 60, bottom=bottom, align="edge", color=colour, label=label)
         bottom = [b + y for b, y in zip(bottom, ys, strict=True)]
     ax.set_ylabel("requests/s (10 s buckets)")
     ax.set_xlabel("minutes")
@@ -725,7 +714,7 @@ def plot(data: dict[str, Any], out: Path) -> None:
     handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.3) for c in FAULT_COLOURS.values()]
     axes[0].legend(handles, list(FAULT_COLOURS), loc="lower right", ncol=6, title="faults")
     v = data["verdicts"]
-    title = f"kvroute soak, {end / 60:.0f} min"
+    title = f"kvroute soak, {data['settings']['duration_s'] / 60:.0f} min"
     if "rss" in v:
         title += f": RSS {v['rss']['growth_pct']:+.1f}% after warm-up (grey)"
     title += f", non-streamed lost {v['lost_non_streamed']['count']}"
@@ -831,16 +820,127 @@ def git_commit() -> str:
     return "unknown"
 
 
+def rates(outcomes: list[dict[str, Any]], end: float) -> dict[str, list[int]]:
+    """Requests finished per 10 s bucket, by outcome (the plot's third panel)."""
+    n = int(end // BUCKET) + 1
+    out = {k: [0] * n for k in ("ok", "stream error event", "failed")}
+    for o in outcomes:
+        i = min(int(o["t1"] // BUCKET), n - 1)
+        if o["result"] in ("ok", "done"):
+            out["ok"][i] += 1
+        elif o["result"] == "error_event":
+            out["stream error event"][i] += 1
+        else:
+            out["failed"][i] += 1
+    return out
+
+
+def latencies(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for name, stream in (("plain", False), ("stream", True)):
+        xs = sorted(o["t1"] - o["t0"] for o in outcomes if o["stream"] == stream)
+        if xs:
+            pick = {p: round(xs[min(len(xs) - 1, int(len(xs) * p / 100))], 3) for p in (50, 99)}
+            out[name] = {"p50_s": pick[50], "p99_s": pick[99], "max_s": round(xs[-1], 3)}
+    return out
+
+
+def by_fault(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """What each fault cost: requests that ended while it lasted (+3 s), by outcome."""
+    rows = []
+    for f in data["faults"]:
+        a, b = f["start"], f["end"] + CUT_SLACK
+        c: Counter[str] = Counter()
+        slow = 0
+        for o in data["outcomes"]:
+            if a <= o["t1"] <= b:
+                c[f"{'stream' if o['stream'] else 'plain'}:{o['result']}"] += 1
+                slow += o["t1"] - o["t0"] > 5.0
+        row = {k: f[k] for k in ("n", "kind", "start", "end") if k in f}
+        row.update({"target": f.get("target") or f.get("mode") or f.get("variant")})
+        rows.append({**row, "outcomes": dict(sorted(c.items())), "over_5s": slow})
+    return rows
+
+
 def finish(data: dict[str, Any], out_json: Path, out_png: Path) -> None:
     data["verdicts"] = verdicts(data)
-    data["counts"] = counts(data["outcomes"])
-    access = data.pop("access", {})
-    # Only the failed requests' access-log lines are kept: the full log is in logdir.
-    failed = {o["id"] for o in data["outcomes"] if o["result"] not in ("ok", "done")}
-    data["access_failed"] = {k: v for k, v in access.items() if k in failed}
+    if "outcomes" in data:
+        # The JSON keeps every failed request whole and the others as counts: the
+        # full record of each request is the access log in logdir.
+        outcomes = data.pop("outcomes")
+        data["counts"] = counts(outcomes)
+        data["latency"] = latencies(outcomes)
+        data["rates"] = rates(outcomes, data["settings"]["duration_s"])
+        failed = [o for o in outcomes if o["result"] not in ("ok", "done")]
+        data["outcomes_failed"] = failed
+        data["faults_cost"] = by_fault({"faults": data["faults"], "outcomes": outcomes})
+        ids = {o["id"] for o in failed}
+        data["access_failed"] = {k: v for k, v in data.pop("access", {}).items() if k in ids}
+    data.pop("access", None)
     out_json.write_text(json.dumps(data, indent=1))
+    out_json.with_suffix(".md").write_text(markdown(data))
     plot(data, out_png)
     summary(data)
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The figures and the cost of each fault, as tables for the README."""
+    v, c = data["verdicts"], data["counts"]
+    lines = ["| figure | value | verdict |", "|---|---|---|"]
+
+    def row(name: str, value: str, ok: bool | None = None) -> None:
+        mark = "" if ok is None else ("pass" if ok else "**FAIL**")
+        lines.append(f"| {name} | {value} | {mark} |")
+
+    row("requests", f"{c['total']} ({c['total'] / data['settings']['duration_s']:.1f}/s)")
+    row("outcomes", ", ".join(f"{k} {n}" for k, n in c["by_outcome"].items()))
+    lost = v["lost_non_streamed"]
+    row("non-streamed lost while a replica was available", str(lost["count"]), lost["pass"])
+    cuts = v["streams_cut_outside_mid_stream_faults_or_silently"]
+    row("streams cut outside mid-stream faults, or silently", str(cuts["count"]), cuts["pass"])
+    row(
+        "streams ended by an error event during kill / mid-stream faults",
+        str(v["streams_ended_with_error_event_during_mid_stream_faults"]),
+    )
+    row(
+        "streams failed before their first byte",
+        str(v["streams_failed_before_first_byte"]["count"]),
+    )
+    if "rss" in v:
+        r = v["rss"]
+        row(
+            "RSS: start / after warm-up / end / max (MiB)",
+            " / ".join(
+                f"{r[k] / 1024:.1f}" for k in ("start_kb", "warmup_end_kb", "end_kb", "max_kb")
+            ),
+        )
+        row("RSS growth after warm-up (< 5%)", f"{r['growth_pct']:+.2f}%", r["pass"])
+        for key in ("fds", "sockets", "threads"):
+            k = v[key]
+            row(
+                f"{key}: median first / last quarter after warm-up (max first)",
+                f"{k['first_quarter']['median']} / {k['last_quarter']['median']}"
+                f" ({k['first_quarter']['max']}); trend {k['slope_per_hour']}/h",
+                k["pass"],
+            )
+    row("asyncio tasks", "not measured (no count is exposed)", None)
+    for name, lat in data["latency"].items():
+        row(
+            f"latency {name}: p50 / p99 / max (s)",
+            f"{lat['p50_s']} / {lat['p99_s']} / {lat['max_s']}",
+        )
+    lines += ["", "| # | at (s) | fault | target | requests ending in it (+3 s) | over 5 s |"]
+    lines.append("|---|---|---|---|---|---|")
+    for f in data["faults_cost"]:
+        target = f["target"]
+        if isinstance(target, dict):
+            changed = {k: x for k, x in target.items() if x != getattr(Variant(), k)}
+            target = ", ".join(f"{k}={x}" for k, x in changed.items()) or "same config"
+        outs = ", ".join(f"{k} {n}" for k, n in f["outcomes"].items())
+        lines.append(
+            f"| {f['n']} | {f['start']:.0f} | {f['kind']} | {target} | {outs} | {f['over_5s']} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def summary(data: dict[str, Any]) -> None:
@@ -869,8 +969,19 @@ def main(argv: list[str] | None = None) -> int:
     out_json, out_png = RESULTS / f"{args.out}.json", RESULTS / f"{args.out}.png"
     if args.command == "report":
         data = json.loads(out_json.read_text())
-        data["access"] = data.pop("access_failed", {})
-        finish(data, out_json, out_png)
+        if "outcomes_failed" in data:
+            data["outcomes"] = data.pop("outcomes_failed")
+            data["access"] = data["access_failed"]
+            data["verdicts"] = verdicts(data)
+            data["outcomes_failed"] = data.pop("outcomes")
+            data.pop("access")
+            out_json.write_text(json.dumps(data, indent=1))
+            out_json.with_suffix(".md").write_text(markdown(data))
+            plot(data, out_png)
+            summary(data)
+        else:  # a run's whole record, written before the JSON was made compact
+            data["access"] = data.pop("access_failed", {})
+            finish(data, out_json, out_png)
         return 0
     logdir = Path(tempfile.mkdtemp(prefix="kvroute-soak-"))
     children = Children(logdir, {})
