@@ -728,6 +728,7 @@ def plot(data: dict[str, Any], out: Path) -> None:
 
 
 async def soak(args: argparse.Namespace, children: Children, logdir: Path) -> dict[str, Any]:
+    commit = git_commit()  # the code that runs, before anyone commits during the run
     replicas = fleet()
     port, consul_port = free_port(), free_port()
     config_path = logdir / "kvroute.yaml"
@@ -780,7 +781,7 @@ async def soak(args: argparse.Namespace, children: Children, logdir: Path) -> di
             "fleet": [asdict(r) for r in replicas],
             "config": render_config(port, consul_port, replicas, Variant()),
             "started": dt.datetime.fromtimestamp(s.t.wall, dt.UTC).isoformat(),
-            "commit": git_commit(),
+            "commit": commit,
             "nproc": os.cpu_count(),
             "logdir": str(logdir),
         },
