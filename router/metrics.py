@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -144,6 +145,13 @@ class Metrics:
             registry=r,
         )
         self.last_reload.set_to_current_time()
+        self.tasks = Gauge(
+            "kvroute_event_loop_tasks",
+            "asyncio tasks alive in the router's event loop (at scrape time): one per "
+            "request in flight and a few background ones; growth at a steady load is a leak.",
+            registry=r,
+        )
+        self.tasks.set_function(_task_count)
         self.prefix_match = Histogram(
             "kvroute_prefix_match_ratio",
             "Share of the prompt the chosen endpoint was believed to hold in KV cache.",
@@ -180,6 +188,13 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _task_count() -> float:
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # scraped outside the loop (a test): nothing to count
+        return 0.0
 
 
 class IndexCollector(Collector):

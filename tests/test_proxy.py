@@ -344,6 +344,7 @@ async def test_request_id_metrics_health_and_ready() -> None:
         assert value("kvroute_request_duration_seconds_count", model="tiny") == 3
         assert value("kvroute_time_to_first_token_seconds_count", model="tiny") == 1
         assert value("kvroute_in_flight_requests", endpoint="sim-0") == 0
+        assert value("kvroute_event_loop_tasks") >= 1  # counted in the loop, at scrape time
         assert value("kvroute_routing_decisions_total", model="tiny", policy="round_robin") == 3
 
 
