@@ -610,6 +610,10 @@ FINDINGS = {
         "/v1/completions",
         f'{{"model": "renamed", "prompt": "hi", "user": {nested(PAST_DUMPS)}}}',
     ),
+    "so is the body of a request naming an alias (backends/openai.py prepare)": (
+        "/v1/embeddings",
+        f'{{"model": "alias-mixed", "input": {nested(PAST_DUMPS, "object")}}}',
+    ),
     "TGI's chat template takes str() of a deep content (backends/templates.py text_of)": (
         "/v1/chat/completions",
         f'{{"model": "t", "messages": [{{"role": "user", "content": {nested(1000, "object")}}}]}}',
