@@ -7,11 +7,11 @@
     ...        (tenancy, limits, cache, admission: each one stage, one line below)
     Failover   choose (policy) -> attempt loop -> relay (``router.failover``)
 
-A stage is ``async (request, send, call_next) -> None``: it may answer itself,
-call the rest of the pipeline with the request (or a changed copy: requests
-are frozen), wrap ``send`` to see the
-answer, or act after ``call_next`` returns. Errors are raised as
-``RouterError``s; the middleware turns them into OpenAI's shape.
+A stage is ``async (request, send, call_next) -> None`` (``pipeline_types.Stage``):
+it may answer itself, call the rest of the pipeline with the request (or a
+changed copy: requests are frozen), wrap ``send`` to see the answer, or act
+after ``call_next`` returns. Errors are raised as ``RouterError``s; the
+middleware turns them into OpenAI's shape.
 
 The pipeline runs in the request's own task; a watcher cancels it if the
 client disconnects (cancelling the relay closes the upstream connection,
