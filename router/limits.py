@@ -12,6 +12,12 @@ Two layers, one per place where the facts are known:
 
 Every refusal is OpenAI's error shape and closes the connection, except the
 in-flight refusal, which leaves a keep-alive connection usable for the retry.
+Their errors extend the tree in router/errors.py:
+
+    InvalidRequest
+    ├── HeaderTooLarge    431 request_header_too_large
+    └── RequestTimeout    408 request_timeout
+    ServerBusy            503 server_busy, with Retry-After   (a RouterError)
 
 Each connection has one deadline (headers, body or idle, by phase) and at
 most one timer, armed lazily and never more than ``step`` seconds ahead: a
@@ -84,12 +90,10 @@ class Refusals:
     def __init__(self, every: float = 10.0) -> None:
         self.every = every
         self.counts: Counter[str] = Counter()
-        self.total: Counter[str] = Counter()
         self._logged_at = -every
 
     def note(self, reason: str) -> None:
         self.counts[reason] += 1
-        self.total[reason] += 1
         now = time.monotonic()
         if now - self._logged_at >= self.every:
             LOG.warning({"event": "client_refused", "by_reason": dict(self.counts)})
