@@ -64,7 +64,8 @@ class BatchingHandler(logging.StreamHandler[TextIO]):
         self._pending.append(line)
 
     def flush(self) -> None:
-        with self.lock or _NO_LOCK:
+        self.acquire()  # logging's own handler lock (reentrant; emit holds it too)
+        try:
             self._scheduled = None
             if self._pending:
                 lines, self._pending = self._pending, []
@@ -73,17 +74,8 @@ class BatchingHandler(logging.StreamHandler[TextIO]):
                 except (OSError, ValueError):
                     return  # stderr is gone (closed pipe): nothing to report to
             super().flush()
-
-
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_LOCK = _NoLock()
+        finally:
+            self.release()
 
 
 def setup_logging(level: str = "info") -> None:
