@@ -261,6 +261,10 @@ class EndpointConfig(Frozen):
     #: it can be read from the server's metrics).
     kv_capacity_tokens: int | None = Field(None, gt=0)
     labels: dict[str, str] = Field(default_factory=dict)
+    #: Requests the endpoint serves at once (its engine's batch, e.g. vLLM's
+    #: ``max_num_seqs``). When every endpoint of a model is at its limit,
+    #: requests wait in kvroute's admission queue. None: no limit.
+    max_concurrency: int | None = Field(None, ge=1)
     #: Sent upstream as ``Authorization: Bearer``; the client's key never is.
     api_key: SecretStr | None = None
     #: Where the backend's Prometheus metrics are, when not at ``url`` + the
@@ -408,6 +412,143 @@ class AdminConfig(Frozen):
         return None if value == "" else value
 
 
+#: ``sha256:`` and the hex digest of an API key (``kvroute keys hash``).
+KEY_HASH = r"^sha256:[0-9a-f]{64}$"
+#: Tenant names: metric labels and Redis keys, so a bounded alphabet.
+TENANT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+#: The tenant of every request when ``auth.enabled`` is false.
+ANONYMOUS = "anonymous"
+
+
+class ModelQuota(Frozen):
+    """Limits of one tenant on one model, on top of the tenant's own."""
+
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+
+
+class TenantConfig(Frozen):
+    """Who may call, what, and how much (README "Tenants")."""
+
+    #: Hashes of the tenant's API keys (several during a rotation).
+    keys: tuple[str, ...] = ()
+    #: Models the tenant may use: glob patterns over model names and aliases.
+    models: tuple[str, ...] = ("*",)
+    #: Requests and tokens (prompt + completion) per minute, across every router.
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    #: Requests in flight at once, across every router.
+    max_concurrent: int | None = Field(None, ge=1)
+    #: Tokens per UTC day.
+    daily_tokens: int | None = Field(None, ge=1)
+    #: One of ``admission.priorities``.
+    priority: str = "normal"
+    #: Share within its priority when requests queue for a saturated model.
+    weight: int = Field(1, ge=1, le=1000)
+    #: Per-model limits, by model name (not alias).
+    model_limits: dict[str, ModelQuota] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("keys")
+    @classmethod
+    def _hashes(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        for i, key in enumerate(keys):
+            if not re.match(KEY_HASH, key):
+                # Never echo it: it may be a key pasted where its hash belongs.
+                raise PydanticCustomError(
+                    "key_hash",
+                    "keys[{i}] is not a key hash ('sha256:' and 64 hex digits; "
+                    "`kvroute keys hash` prints one)",
+                    {"i": i},
+                )
+        return keys
+
+    @field_validator("models")
+    @classmethod
+    def _patterns(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in patterns:
+            if not pattern or len(pattern) > 256:
+                raise PydanticCustomError("pattern", "model patterns are 1 to 256 characters", {})
+        return patterns
+
+
+class AuthConfig(Frozen):
+    """API keys. Off by default (a demo): every request is the ``anonymous``
+    tenant, whose limits are ``anonymous``'s."""
+
+    enabled: bool = False
+    anonymous: TenantConfig = TenantConfig()
+    #: A YAML file with a ``tenants:`` mapping (relative to the config file),
+    #: merged into ``tenants`` and reloaded with the config.
+    tenants_file: str | None = None
+
+
+class QuotaConfig(Frozen):
+    """Where the tenants' counters live. Without ``redis`` they are per process."""
+
+    #: ``redis://[user:password@]host:port/db`` (or ``rediss://``); the URL is
+    #: redacted wherever it is shown.
+    redis: str | None = None
+    #: Seconds one call to Redis may take before it counts as a failure.
+    timeout: float = Field(0.05, gt=0, le=5)
+    #: With Redis down or slow: admit without limits (``fail_open``) or refuse
+    #: with 503 (``fail_closed``).
+    on_failure: Literal["fail_open", "fail_closed"] = "fail_open"
+    #: After a failure, seconds before Redis is tried again (meanwhile
+    #: ``on_failure`` applies at once, with no timeout to wait).
+    retry_interval: float = Field(1.0, gt=0)
+    key_prefix: str = Field("kvroute:", pattern=r"^[A-Za-z0-9_.:{}-]{0,64}$")
+    #: A concurrency slot of a router that died is freed after this many seconds
+    #: (live routers renew theirs).
+    lease_ttl: float = Field(60.0, ge=5)
+    #: The completion tokens a request is assumed to take, for admission, when
+    #: it sets no ``max_tokens`` and its model caps none; settled to the real
+    #: count after.
+    default_completion_tokens: int = Field(256, ge=1)
+
+    @field_validator("redis")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        if url in (None, ""):
+            return None
+        if not re.match(r"^(rediss?|unix)://", url):
+            raise PydanticCustomError("url", "must be a redis://, rediss:// or unix:// URL", {})
+        return url
+
+    @field_serializer("redis", when_used="json")
+    def _redacted(self, url: str | None) -> str | None:
+        return None if url is None else redact_url(url)
+
+
+class AdmissionConfig(Frozen):
+    """The queue in front of a saturated model (README "Admission")."""
+
+    enabled: bool = True
+    #: Requests waiting per model; beyond, 503 with Retry-After.
+    max_queue: int = Field(1000, ge=0)
+    #: Seconds a request may wait; beyond, 503 with Retry-After.
+    max_wait: float = Field(30.0, gt=0)
+    #: Priority classes and their weights: when several classes wait, each is
+    #: served in proportion to its weight (so none starves).
+    priorities: dict[str, int] = Field(
+        default_factory=lambda: {"high": 16, "normal": 4, "batch": 1}, min_length=1
+    )
+    #: Seconds a refused client is told to wait (Retry-After).
+    retry_after: int = Field(1, ge=0)
+
+    @field_validator("priorities")
+    @classmethod
+    def _weights(cls, priorities: dict[str, int]) -> dict[str, int]:
+        for name, weight in priorities.items():
+            if not TENANT_NAME.match(name):
+                raise PydanticCustomError("name", "'{name}' is not a priority name", {"name": name})
+            if not 1 <= weight <= 1000:
+                raise PydanticCustomError(
+                    "weight", "the weight of '{name}' must be 1 to 1000", {"name": name}
+                )
+        return priorities
+
+
 class ModelConfig(Frozen):
     policy: PolicySpec = PolicySpec(name="round_robin")
     #: Other names clients may use for this model.
@@ -438,6 +579,10 @@ class Config(Frozen):
     #: Client headers sent on to the backends, besides the trace context
     #: (traceparent, tracestate); no other client header ever goes upstream.
     forward_headers: tuple[str, ...] = ()
+    auth: AuthConfig = AuthConfig()
+    tenants: dict[str, TenantConfig] = Field(default_factory=dict)
+    quotas: QuotaConfig = QuotaConfig()
+    admission: AdmissionConfig = AdmissionConfig()
 
     @field_validator("forward_headers")
     @classmethod
@@ -490,7 +635,45 @@ class Config(Frozen):
                         {"alias": alias, "model": name, "other": names[alias]},
                     )
                 names[alias] = name
+        self._check_tenants()
         return self
+
+    def _check_tenants(self) -> None:
+        owners: dict[str, str] = {}
+        everyone = {ANONYMOUS: self.auth.anonymous, **self.tenants}
+        for name, tenant in everyone.items():
+            if name in self.tenants and (name == ANONYMOUS or not TENANT_NAME.match(name)):
+                raise PydanticCustomError(
+                    "tenant",
+                    "tenant name '{name}' is reserved or not 1-64 of A-Z a-z 0-9 _ . -",
+                    {"name": name[:64]},
+                )
+            if tenant.priority not in self.admission.priorities:
+                raise PydanticCustomError(
+                    "priority",
+                    "tenant '{name}' has priority '{priority}', not one of admission.priorities "
+                    "({known})",
+                    {
+                        "name": name,
+                        "priority": tenant.priority,
+                        "known": ", ".join(self.admission.priorities),
+                    },
+                )
+            for model in tenant.model_limits:
+                if model not in self.models:
+                    raise PydanticCustomError(
+                        "model",
+                        "tenant '{name}' has model_limits for '{model}', which is not in models",
+                        {"name": name, "model": model},
+                    )
+            for key in tenant.keys:
+                if key in owners:
+                    raise PydanticCustomError(
+                        "duplicate",
+                        "tenants '{a}' and '{b}' share a key",
+                        {"a": owners[key], "b": name},
+                    )
+                owners[key] = name
 
 
 class ConfigError(Exception):
@@ -537,7 +720,9 @@ def expand_env(
     return node
 
 
-def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
+def parse_config(
+    text: str, env: Mapping[str, str] | None = None, base_dir: Path | None = None
+) -> Config:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -553,12 +738,48 @@ def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
     raw = expand_env(raw, os.environ if env is None else env, errors)
     if errors:
         raise ConfigError(errors)
+    path = tenants_file(raw, base_dir)
+    if path is not None:
+        raw = _merge_tenants(raw, path, env)
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(
             [f"{_format_loc(err['loc'])}: {err['msg']}" for err in exc.errors()]
         ) from exc
+
+
+def tenants_file(raw: Any, base_dir: Path | None) -> Path | None:
+    """Where ``auth.tenants_file`` points (relative to the config's directory)."""
+    auth = raw.get("auth") if isinstance(raw, dict) else None
+    name = auth.get("tenants_file") if isinstance(auth, dict) else None
+    if not isinstance(name, str) or not name:
+        return None
+    path = Path(name)
+    return path if path.is_absolute() else (base_dir or Path.cwd()) / path
+
+
+def _merge_tenants(raw: dict[str, Any], path: Path, env: Mapping[str, str] | None) -> dict[str, Any]:
+    where = "auth.tenants_file"
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([f"{where}: cannot read {path}: {exc.strerror or exc}"]) from exc
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{where}: {path} is not valid YAML"]) from exc
+    if not isinstance(loaded, dict) or not isinstance(loaded.get("tenants", {}), dict):
+        raise ConfigError([f"{where}: {path} must be a mapping with a 'tenants' mapping"])
+    errors: list[str] = []
+    extra = expand_env(loaded.get("tenants") or {}, os.environ if env is None else env, errors)
+    if errors:
+        raise ConfigError([f"{where}: {e}" for e in errors])
+    own = raw.get("tenants") or {}
+    if not isinstance(own, dict):
+        return raw  # the tenants section's own error will say why
+    both = sorted(set(own) & set(extra))
+    if both:
+        raise ConfigError([f"{where}: tenant '{both[0]}' is also defined in the config file"])
+    return {**raw, "tenants": {**own, **extra}}
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
@@ -572,4 +793,4 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         raise ConfigError(
             [f"{path}: line {line}: not UTF-8 text (byte 0x{byte:02x}: {exc.reason})"]
         ) from exc
-    return parse_config(text, env)
+    return parse_config(text, env, Path(path).resolve().parent)
