@@ -7,6 +7,7 @@
     ├── AuthError                    401 invalid_api_key
     ├── ModelNotFound                404 model_not_found
     ├── NoHealthyEndpoint            503 no_healthy_endpoint
+    ├── QueueFull, QueueTimeout      503 queue_full, queue_timeout (router/admission.py)
     └── UpstreamError                (status of the failure)
         ├── UpstreamConnectError     502 upstream_connect_error
         ├── UpstreamTimeout          504 upstream_timeout
@@ -254,6 +255,8 @@ OWN_CODES = frozenset(
         "invalid_api_key",
         "model_not_found",
         "no_healthy_endpoint",
+        "queue_full",
+        "queue_timeout",
         "upstream_error",
         "upstream_connect_error",
         "upstream_timeout",
