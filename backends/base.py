@@ -71,6 +71,11 @@ class OpenAIRequest(Protocol):
     def stream(self) -> bool: ...
     @property
     def sampling(self) -> Sampling: ...
+    @property
+    def router_usage(self) -> bool:
+        """kvroute needs the answer's usage (a stream's adapter asks the engine
+        for it, and keeps the extra chunk from the client)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

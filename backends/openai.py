@@ -35,10 +35,20 @@ class OpenAIAdapter:
 
     def prepare(self, request: OpenAIRequest, target: Target) -> Exchange:
         raw = request.raw
-        if request.body.get("model") != target.served:
-            raw = orjson.dumps({**request.body, "model": target.served})
-        translator = Passthrough() if target.served == target.model else ModelRename(target)
-        return Exchange(request.op.path, raw, translator)
+        body = request.body
+        ask_usage = request.stream and request.router_usage and not request.sampling.include_usage
+        if ask_usage:
+            options = body.get("stream_options")
+            body = {
+                **body,
+                "stream_options": {**(options or {}), "include_usage": True},
+                "model": target.served,
+            }
+            raw = orjson.dumps(body)
+        elif body.get("model") != target.served:
+            raw = orjson.dumps({**body, "model": target.served})
+        inner = Passthrough() if target.served == target.model else ModelRename(target)
+        return Exchange(request.op.path, raw, StripUsage(inner) if ask_usage else inner)
 
 
 class Passthrough:
@@ -98,6 +108,55 @@ class ModelRename(Passthrough):
     def close(self) -> bytes:
         rest, self._pending = self._pending, b""
         return super().feed(self._pattern.sub(self._new, rest)) if rest else b""
+
+
+_USAGE_ONLY = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+
+
+class StripUsage:
+    """A stream whose usage chunk kvroute asked for and the client did not:
+    the inner translator reads the usage, and the usage-only event (``choices``
+    empty) is kept from the client. Cut at event boundaries, like ModelRename."""
+
+    def __init__(self, inner: Passthrough) -> None:
+        self.inner = inner
+        self._pending = b""
+
+    @property
+    def usage(self) -> Usage | None:
+        return self.inner.usage
+
+    def answer(self, data: bytes) -> bytes:
+        return self.inner.answer(data)
+
+    def server_fault(self, status: int, data: bytes) -> bool:
+        return self.inner.server_fault(status, data)
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + self.inner.feed(chunk)
+        end = _last_event_end(data)
+        if end < 0:
+            if len(data) <= MAX_PENDING:
+                self._pending = data
+                return b""
+            end = len(data)
+        self._pending = data[end:]
+        return _drop_usage_events(data[:end])
+
+    def close(self) -> bytes:
+        rest, self._pending = self._pending + self.inner.close(), b""
+        return _drop_usage_events(rest)
+
+
+def _drop_usage_events(data: bytes) -> bytes:
+    if b'"usage"' not in data:
+        return data
+    kept = []
+    for event in re.split(rb"(?<=\n\n)|(?<=\r\n\r\n)", data):
+        if b'"usage"' in event and _USAGE_ONLY.search(event):
+            continue
+        kept.append(event)
+    return b"".join(kept)
 
 
 def _last_event_end(data: bytes) -> int:

@@ -7,6 +7,8 @@ POST /admin/endpoints/{id}/undrain
 GET  /admin/config                    the effective config, secrets redacted
 POST /admin/reload                    reload the config file: 200, or 422 with the errors
 GET  /admin/prefix-index              prefix-index size per model and endpoint
+GET  /admin/tenants                   each tenant's limits and what it used; the store's state
+POST /admin/tenants/{name}/reset      forget a tenant's counters (windows, slots, today's tokens)
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from starlette.routing import BaseRoute, Route
 
 from router.config import AdminConfig, redact_url
 from router.errors import error_body
+from router.quota.base import QuotaUnavailable
+from router.quota.service import store_status
 from router.registry import EndpointState
 from router.reload import Reloader
 from router.state import AppState
@@ -158,8 +162,56 @@ def admin_routes(state: AppState, reloader: Reloader) -> list[BaseRoute]:
             {model: dataclasses.asdict(stats) for model, stats in state.routes.index_stats()}
         )
 
+    async def tenants(request: Request) -> Response:
+        if (no := denied(request)) is not None:
+            return no
+        quotas = state.quotas
+        out = []
+        for tenant in state.tenants.by_name.values():
+            tc = tenant.config
+            entry: dict[str, Any] = {
+                "name": tenant.name,
+                "priority": tc.priority,
+                "weight": tc.weight,
+                "labels": tc.labels,
+                "models": list(tc.models),
+                "keys": len(tc.keys),
+                "limits": {
+                    "rpm": tc.rpm,
+                    "tpm": tc.tpm,
+                    "max_concurrent": tc.max_concurrent,
+                    "daily_tokens": tc.daily_tokens,
+                    "model_limits": {m: q.model_dump() for m, q in tc.model_limits.items()},
+                },
+            }
+            try:
+                entry["usage"] = await quotas.usage(tenant)
+            except QuotaUnavailable:
+                entry["usage"] = None
+            out.append(entry)
+        return json_response(
+            {"auth": state.tenants.enabled, "store": store_status(quotas), "tenants": out}
+        )
+
+    async def reset_tenant(request: Request) -> Response:
+        if (no := denied(request)) is not None:
+            return no
+        tenant = state.tenants.by_name.get(request.path_params["name"])
+        if tenant is None:
+            msg = f"no tenant '{request.path_params['name'][:64]}'"
+            return json_response(error_body(msg, "invalid_request_error", None, "not_found"), 404)
+        try:
+            await state.quotas.reset(tenant)
+        except QuotaUnavailable:
+            body = error_body("the quota store is unavailable", "service_unavailable")
+            return json_response(body, 503)
+        LOG.info({"event": "tenant_reset", "tenant": tenant.name})
+        return json_response({"tenant": tenant.name, "reset": True})
+
     return [
         Route("/admin/endpoints", endpoints),
+        Route("/admin/tenants", tenants),
+        Route("/admin/tenants/{name}/reset", reset_tenant, methods=["POST"]),
         Route("/admin/endpoints/{endpoint_id}/drain", drain, methods=["POST"]),
         Route("/admin/endpoints/{endpoint_id}/undrain", drain, methods=["POST"]),
         Route("/admin/config", config),

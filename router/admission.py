@@ -40,7 +40,11 @@ from router.config import AdmissionConfig
 from router.errors import RouterError
 
 if TYPE_CHECKING:
+    from router.pipeline_types import Handler
     from router.registry import EndpointRegistry
+    from router.request import InferenceRequest
+    from router.state import AppState
+    from router.types import Send
 
 T = TypeVar("T", bound=Hashable)
 
@@ -489,3 +493,52 @@ def model_capacity(registry: EndpointRegistry, model: str, now: float) -> int | 
             return None
         total += limit
     return total
+
+
+# -- the pipeline stage ---------------------------------------------------------
+
+
+class Admission:
+    """The stage after Quota: a slot of the model, at once or after waiting in
+    its queue by the tenant's priority and weight; held until the answer ends.
+
+    A model whose endpoints set no ``max_concurrency`` (capacity None) is never
+    gated; one with no endpoint available (capacity 0) is not gated either, so
+    its requests fail over to fallbacks (or get 503) at once instead of waiting.
+    """
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    async def __call__(self, request: InferenceRequest, send: Send, call_next: Handler) -> None:
+        state = self.state
+        model = request.routed.model
+        capacity = model_capacity(state.registry, model, state.registry.clock())
+        tenant = request.ctx.tenant
+        if not capacity or tenant is None or not state.config.admission.enabled:
+            await call_next(request, send)
+            return
+        metrics = state.metrics
+        try:
+            ticket = await state.admission.enter(
+                model, capacity, tenant.name, tenant.priority, tenant.config.weight
+            )
+        except AdmissionRefused as exc:
+            metrics.child(metrics.admission_rejections, model, exc.reason).inc()
+            raise
+        if ticket.queued:
+            metrics.child(metrics.admission_wait, model, ticket.priority).observe(ticket.waited)
+            request.ctx.queued_ms = round(ticket.waited * 1000, 3)
+        try:
+            await call_next(request, send)
+        finally:
+            ticket.release()
+
+
+def kick_waiting(state: AppState) -> None:
+    """Grant waiters of every model whose capacity grew (an endpoint came back);
+    the monitor calls it after each health round."""
+    now = state.registry.clock()
+    for model, stats in state.admission.stats().items():
+        if stats["waiting"]:
+            state.admission.kick(model, model_capacity(state.registry, model, now))

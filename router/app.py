@@ -115,6 +115,14 @@ class RequestMiddleware:
                 metrics.child(metrics.prompt_tokens, model, endpoint).inc(ctx.prompt_tokens)
                 cached = ctx.cached_tokens or 0
                 metrics.child(metrics.cached_tokens, model, endpoint).inc(cached)
+        tenant = ctx.tenant
+        if tenant is not None:
+            metrics = self.state.metrics
+            metrics.child(metrics.tenant_requests, tenant.name, str(ctx.status)).inc()
+            if ctx.prompt_tokens is not None:
+                metrics.child(metrics.tenant_tokens, tenant.name, "prompt").inc(ctx.prompt_tokens)
+                completion = ctx.completion_tokens or 0
+                metrics.child(metrics.tenant_tokens, tenant.name, "completion").inc(completion)
         if self.state.config.server.access_log and ACCESS.isEnabledFor(logging.INFO):
             line: dict[str, Any] = {
                 "event": "request",
@@ -124,6 +132,8 @@ class RequestMiddleware:
                 "status": ctx.status,
                 "duration_ms": round(duration * 1000, 3),
             }
+            if tenant is not None:
+                line["tenant"] = tenant.name
             if ctx.requested_model is not None:
                 line.update(
                     requested_model=ctx.requested_model,
@@ -133,6 +143,8 @@ class RequestMiddleware:
                     reason=ctx.reason,
                     stream=ctx.stream,
                 )
+            if ctx.queued_ms is not None:
+                line["queued_ms"] = ctx.queued_ms
             if ctx.ttft is not None:
                 line["ttft_ms"] = round(ctx.ttft * 1000, 3)
             if ctx.prompt_tokens is not None:
@@ -170,10 +182,16 @@ class MethodNotAllowed(InvalidRequest):
 
 def build_control_app(state: AppState, lifecycle: Lifecycle) -> Starlette:
     async def models(request: Request) -> Response:
-        data = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "kvroute"}
-            for name in state.routes.public_models()
-        ]
+        try:
+            tenant = state.tenants.authenticate(request.scope["headers"])
+        except RouterError as err:
+            return json_response(err.body(), err.status)
+        routes = state.routes
+        data = []
+        for name in routes.public_models():
+            model = routes.canonical(name)
+            if tenant.may_use(model, routes.aliases(model)):
+                data.append({"id": name, "object": "model", "created": 0, "owned_by": "kvroute"})
         return json_response({"object": "list", "data": data})
 
     async def health(request: Request) -> Response:

@@ -32,6 +32,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--sim-base-port", type=int, default=9101, help="first of the simulators' ports"
     )
 
+    keys = sub.add_parser("keys", help="API keys: hash one, or mint a new one for a tenant")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    keys_hash = keys_sub.add_parser(
+        "hash", help="print the hash of a key read from stdin (or the argument)"
+    )
+    keys_hash.add_argument("key", nargs="?", help="the key (default: read from stdin)")
+    keys_new = keys_sub.add_parser("new", help="mint a key; prints it once, and its config line")
+    keys_new.add_argument("--tenant", required=True)
+
     from backends.sim.server import add_simulate_arguments
 
     simulate = sub.add_parser("simulate", help="run one simulated backend server")
@@ -43,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "schema":
         print(json.dumps(Config.model_json_schema(), indent=2))
         return 0
+    if args.command == "keys":
+        return cmd_keys(args)
     if args.command == "serve":
         return cmd_serve(args.config, args.host, args.port)
     if args.command == "demo":
@@ -61,6 +72,27 @@ def asyncio_run(coro: Coroutine[Any, Any, int]) -> int:
         return uvloop.run(coro)
     except KeyboardInterrupt:
         return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from router.config import TENANT_NAME
+    from router.tenants import hash_key, new_key
+
+    if args.keys_command == "hash":
+        key = args.key if args.key is not None else sys.stdin.readline().strip()
+        if not key:
+            print("no key given (pass it on stdin, or as an argument)", file=sys.stderr)
+            return 1
+        print(hash_key(key))
+        return 0
+    if not TENANT_NAME.match(args.tenant):
+        print("a tenant name is 1-64 of A-Z a-z 0-9 _ . -", file=sys.stderr)
+        return 1
+    key = new_key()
+    print(f"key (shown once; give it to the tenant): {key}")
+    print("config (add to the tenant's keys):")
+    print(f'  tenants:\n    {args.tenant}:\n      keys: ["{hash_key(key)}"]')
+    return 0
 
 
 def cmd_check(path: str) -> int:

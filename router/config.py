@@ -463,6 +463,11 @@ class TenantConfig(Frozen):
                 )
         return keys
 
+    @field_serializer("keys", when_used="json")
+    def _shown(self, keys: tuple[str, ...]) -> list[str]:
+        # What leaves the process (/admin/config) names a key, nothing more.
+        return [key[:15] + "..." for key in keys]
+
     @field_validator("models")
     @classmethod
     def _patterns(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
@@ -759,7 +764,9 @@ def tenants_file(raw: Any, base_dir: Path | None) -> Path | None:
     return path if path.is_absolute() else (base_dir or Path.cwd()) / path
 
 
-def _merge_tenants(raw: dict[str, Any], path: Path, env: Mapping[str, str] | None) -> dict[str, Any]:
+def _merge_tenants(
+    raw: dict[str, Any], path: Path, env: Mapping[str, str] | None
+) -> dict[str, Any]:
     where = "auth.tenants_file"
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))

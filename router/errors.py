@@ -5,6 +5,11 @@
     │   ├── MalformedJSON            400 invalid_json
     │   └── BodyTooLarge             413 request_too_large
     ├── AuthError                    401 invalid_api_key
+    │   └── MissingKey               401 missing_api_key         (router/tenants.py)
+    ├── ModelNotAllowed              403 model_not_allowed       (router/tenants.py)
+    ├── RateLimited                  429 rate_limit_exceeded / insufficient_quota
+    │                                    (router/quota/stage.py, with x-ratelimit-*)
+    ├── QuotaStoreDown               503 quota_unavailable       (fail_closed, Redis down)
     ├── ModelNotFound                404 model_not_found
     ├── NoHealthyEndpoint            503 no_healthy_endpoint
     ├── QueueFull, QueueTimeout      503 queue_full, queue_timeout (router/admission.py)
@@ -261,5 +266,10 @@ OWN_CODES = frozenset(
         "upstream_connect_error",
         "upstream_timeout",
         "endpoint_misconfigured",
+        "missing_api_key",
+        "model_not_allowed",
+        "rate_limit_exceeded",
+        "insufficient_quota",
+        "quota_unavailable",
     }
 )

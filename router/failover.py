@@ -29,6 +29,7 @@ from router.registry import EndpointState, Route
 from router.relay import Relay
 from router.request import InferenceRequest
 from router.state import AppState
+from router.tenants import Tenant
 from router.types import Send
 
 #: The operation as policies see it (``RequestView.endpoint``).
@@ -62,7 +63,7 @@ class Failover:
         ctx = request.ctx
         attempts = 0
         last: RouterError | None = None
-        for current in self._route_chain(route):
+        for current in self._route_chain(route, ctx.tenant):
             candidates = state.registry.candidates(current.model, request)
             if not candidates:
                 if current is route and attempts == 0:
@@ -111,11 +112,15 @@ class Failover:
                 f"model '{route.model}' cannot serve {request.op.path}: {reason}", param="model"
             )
 
-    def _route_chain(self, route: Route) -> list[Route]:
+    def _route_chain(self, route: Route, tenant: Tenant | None) -> list[Route]:
+        """The model, then its fallbacks the tenant may also use."""
+        routes = self.state.routes
         chain = [route]
-        for name in self.state.routes.fallbacks(route.model):
-            fallback = self.state.routes.resolve(name)
-            if fallback is not None and fallback not in chain:
+        for name in routes.fallbacks(route.model):
+            fallback = routes.resolve(name)
+            if fallback is None or fallback in chain:
+                continue
+            if tenant is None or tenant.may_use(fallback.model, routes.aliases(fallback.model)):
                 chain.append(fallback)
         return chain
 
@@ -153,6 +158,7 @@ class Failover:
             attempt.end()
             if usage is not None:
                 ctx.prompt_tokens, ctx.cached_tokens = usage.prompt_tokens, usage.cached_tokens
+                ctx.completion_tokens = usage.completion_tokens
                 ctx.usage_estimated = usage.estimated
             # A policy learns from the engine's own counts, never from kvroute's estimates.
             prompt = None if ctx.usage_estimated else ctx.prompt_tokens

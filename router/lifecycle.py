@@ -1,14 +1,15 @@
 """The app's background services, peers owned by the lifespan.
 
-    lifespan ── Lifecycle.start ──> Monitor, Discovery, Reloader   (in order)
-             └─ Lifecycle.stop  ──> Reloader, Discovery, Monitor   (each, even if one fails)
+    lifespan ── Lifecycle.start ──> StoreKeeper, Monitor, Discovery, Reloader   (in order)
+             └─ Lifecycle.stop  ──> the reverse                   (each, even if one fails)
 
     Reloader.reload: read + validate (worker thread) -> AppState.apply
              └─ Lifecycle.reconfigure(old, new) ──> each service's reconfigure
 
 A service decides for itself what a change means: the Monitor restarts a
 loop whose interval changed, Discovery restarts when the ``discovery``
-section changed, the Reloader starts or stops watching the file. Nobody owns
+section changed, the Reloader starts or stops watching the file, the StoreKeeper closes a
+quota store a reload replaced (and at stop drains settlements). Nobody owns
 anybody else.
 """
 
@@ -20,6 +21,7 @@ from typing import Protocol
 from router.config import Config
 from router.consul import Discovery
 from router.monitor import Monitor
+from router.quota.service import StoreKeeper
 from router.reload import Reloader
 from router.state import AppState
 
@@ -50,7 +52,12 @@ class Lifecycle:
         self.reloader = Reloader(state, on_change=self.reconfigure)
         #: Started in this order and stopped in the reverse one: the reloader
         #: last, so no reload starts before everything runs or after it stops.
-        self.services: list[Service] = [self.monitor, self.discovery, self.reloader]
+        self.services: list[Service] = [
+            StoreKeeper(state),
+            self.monitor,
+            self.discovery,
+            self.reloader,
+        ]
         self._started: list[Service] = []
 
     async def start(self) -> None:

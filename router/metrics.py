@@ -159,6 +159,51 @@ class Metrics:
             buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0),
             registry=r,
         )
+        # Tenants: labels are configured tenant names (and "anonymous"), never
+        # anything a client wrote.
+        self.tenant_requests = Counter(
+            "kvroute_tenant_requests_total",
+            "Inference requests by tenant and HTTP status.",
+            ["tenant", "status"],
+            registry=r,
+        )
+        self.tenant_tokens = Counter(
+            "kvroute_tenant_tokens_total",
+            "Tokens by tenant and kind (prompt, completion), from the answers' usage.",
+            ["tenant", "kind"],
+            registry=r,
+        )
+        self.quota_refusals = Counter(
+            "kvroute_quota_refusals_total",
+            "Requests refused by a tenant's limits, by reason (requests, tokens, "
+            "concurrency, budget, too_large, unavailable).",
+            ["tenant", "reason"],
+            registry=r,
+        )
+        self.quota_unenforced = Counter(
+            "kvroute_quota_unenforced_total",
+            "Requests admitted without limits because the quota store was unavailable "
+            "(quotas.on_failure: fail_open).",
+            registry=r,
+        )
+        self.quota_settle_failures = Counter(
+            "kvroute_quota_settle_failures_total",
+            "Finished requests whose real token count could not be recorded in the store.",
+            registry=r,
+        )
+        self.admission_wait = Histogram(
+            "kvroute_admission_wait_seconds",
+            "Time requests waited in the admission queue of a saturated model.",
+            ["model", "priority"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.admission_rejections = Counter(
+            "kvroute_admission_rejections_total",
+            "Requests refused by the admission queue, by reason (queue_full, queue_timeout).",
+            ["model", "reason"],
+            registry=r,
+        )
         self._series: dict[tuple[str, str], _EndpointSeries] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
@@ -274,3 +319,41 @@ class EndpointSnapshot:
     running: float | None
     waiting: float | None
     kv_usage: float | None
+
+
+class QuotaStoreCollector(Collector):
+    """The quota store (Redis) as the last calls found it: up, and failures so far."""
+
+    def __init__(self, source: Callable[[], tuple[bool, int]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        is_up, failures = self._source()
+        up = GaugeMetricFamily(
+            "kvroute_quota_store_up",
+            "1 while the quota store (Redis) answers in time, 0 while it is down or slow.",
+        )
+        up.add_metric([], 1.0 if is_up else 0.0)
+        failed = CounterMetricFamily(
+            "kvroute_quota_store_failures",
+            "Calls to the quota store that failed or timed out.",
+        )
+        failed.add_metric([], failures)
+        return [up, failed]
+
+
+class AdmissionCollector(Collector):
+    """Requests waiting in each model's admission queue, by priority, at scrape time."""
+
+    def __init__(self, source: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        depth = GaugeMetricFamily(
+            "kvroute_admission_queue_depth",
+            "Requests waiting for a slot of a saturated model, by priority.",
+            labels=["model", "priority"],
+        )
+        for model, priority, waiting in self._source():
+            depth.add_metric([model, priority], waiting)
+        return [depth]

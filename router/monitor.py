@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from router.admission import kick_waiting
 from router.config import Config
 from router.registry import EndpointState
 from router.state import AppState
@@ -118,6 +119,7 @@ class Monitor:
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self.probe(ep) for ep in self.state.registry.all()))
+        kick_waiting(self.state)
 
     async def probe(self, endpoint: EndpointState) -> None:
         assert self._client is not None

@@ -3,8 +3,10 @@
     intake     read the body (capped), parse it once, check the fields kvroute
                translates -> a frozen ``InferenceRequest``
     Resolve    the model name (or alias) -> its route, or 404
+    Authorize  the tenant may use this model, or 403 (router/tenants.py)
     Caps       per-model caps on n and max_tokens (router/caps.py)
-    ...        (tenancy, limits, cache, admission: each one stage, one line below)
+    Quota      the tenant's rates, concurrency, daily budget (router/quota/stage.py)
+    Admission  a slot of a saturated model, by priority, fairly (router/admission.py)
     Failover   choose (policy) -> attempt loop -> relay (``router.failover``)
 
 A stage is ``async (request, send, call_next) -> None`` (``pipeline_types.Stage``):
@@ -13,6 +15,7 @@ changed copy: requests are frozen), wrap ``send`` to see the answer, or act
 after ``call_next`` returns. Errors are raised as ``RouterError``s; the
 middleware turns them into OpenAI's shape.
 
+Authentication comes first, before the body is read (``router/tenants.py``).
 The pipeline runs in the request's own task; a watcher cancels it if the
 client disconnects (cancelling the relay closes the upstream connection,
 which is how an OpenAI server learns to abort the generation).
@@ -24,10 +27,12 @@ import asyncio
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
+from router.admission import Admission
 from router.caps import Caps
 from router.errors import ModelNotFound
 from router.failover import Failover
 from router.pipeline_types import Handler, Stage
+from router.quota.stage import QuotaStage
 from router.request import (
     OPERATIONS,
     InferenceRequest,
@@ -38,6 +43,7 @@ from router.request import (
     read_body,
 )
 from router.state import AppState
+from router.tenants import Authorize
 from router.types import Receive, Scope, Send
 
 #: Bodies larger than this are parsed in a worker thread.
@@ -65,7 +71,10 @@ def stages(state: AppState) -> list[Stage]:
     module and one line here."""
     return [
         Resolve(state),
+        Authorize(state),
         Caps(state),
+        QuotaStage(state),
+        Admission(state),
     ]
 
 
@@ -93,6 +102,8 @@ class Pipeline:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx: RequestContext = scope["kvroute.ctx"]
+        # Before the body is read: a client without a valid key costs no parsing.
+        ctx.tenant = self.state.tenants.authenticate(scope["headers"])
         request = await self.intake(scope, receive, ctx)
         await _until_disconnect(receive, ctx, self.handler(request, send))
 

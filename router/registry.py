@@ -292,6 +292,7 @@ class RouteTable:
         self._routes: dict[str, Route] = {}
         self._names: dict[str, str] = {}
         self._fallbacks = {name: model.fallbacks for name, model in config.models.items()}
+        self._aliases = {name: model.aliases for name, model in config.models.items()}
         self._configured = set(config.models)
         kept = previous._routes if previous is not None else {}
         for name, model in config.models.items():
@@ -327,6 +328,13 @@ class RouteTable:
 
     def fallbacks(self, model: str) -> tuple[str, ...]:
         return self._fallbacks.get(model, ())
+
+    def aliases(self, model: str) -> tuple[str, ...]:
+        return self._aliases.get(model, ())
+
+    def canonical(self, name: str) -> str:
+        """The model a public name (a model or an alias) stands for."""
+        return self._names.get(name, name)
 
     def routes(self) -> list[Route]:
         return list(self._routes.values())

@@ -45,11 +45,18 @@ START_ONLY = (
 )
 
 
-def signature(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
+def signature(*paths: Path) -> str | None:
+    """A digest of the files' bytes together (None if the first is unreadable)."""
+    digest = hashlib.sha256()
+    for i, path in enumerate(paths):
+        try:
+            digest.update(path.read_bytes())
+        except OSError:
+            if i == 0:
+                return None
+            digest.update(b"\0missing")
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def start_only_changes(old: Config, new: Config) -> list[str]:
@@ -99,7 +106,7 @@ class Reloader:
         async with self._lock:
             if self._closed:
                 return {"result": "error", "errors": ["the router is stopping"]}
-            digest = await asyncio.to_thread(signature, self.path)
+            digest = await asyncio.to_thread(signature, *self.watched())
             if if_changed and digest is not None and digest == self._seen:
                 return {"result": "unchanged"}
             self._seen = digest
@@ -150,7 +157,7 @@ class Reloader:
         self._started = True
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
-        self._seen = await asyncio.to_thread(signature, self.path)
+        self._seen = await asyncio.to_thread(signature, *self.watched())
         if self.state.config.server.watch_config:
             self._watch_file()
 
@@ -166,9 +173,21 @@ class Reloader:
         async with self._lock:
             self._closed = True
 
+    def watched(self) -> list[Path]:
+        """The config file, and the tenants file it names."""
+        assert self.path is not None
+        paths = [self.path]
+        tenants = self.state.config.auth.tenants_file
+        if tenants:
+            extra = Path(tenants)
+            paths.append(extra if extra.is_absolute() else self.path.parent / extra)
+        return paths
+
     async def reconfigure(self, old: Config, new: Config) -> None:
         if not self._started:
             return
+        if old.auth.tenants_file != new.auth.tenants_file:
+            self._unwatch_file()  # another file to watch: start over
         if new.server.watch_config:
             self._watch_file()
         else:
@@ -195,10 +214,11 @@ class Reloader:
             self._watcher = None
 
     async def _watch(self, stopping: asyncio.Event) -> None:
-        assert self.path is not None
+        paths = self.watched()
+        dirs = sorted({str(p.parent) for p in paths})
         # Kubernetes updates a ConfigMap volume by renaming a new ``..data`` link
         # into place; the config file, a link through it, never changes itself.
-        names = {self.path.name, "..data"}
+        names = {p.name for p in paths} | {"..data"}
 
         def relevant(change: Change, changed: str) -> bool:
             return Path(changed).name in names
@@ -207,7 +227,7 @@ class Reloader:
         while not stopping.is_set():
             try:
                 async for _ in awatch(
-                    self.path.parent,
+                    *dirs,
                     watch_filter=relevant,
                     step=self.step_ms,
                     debounce=self.debounce_ms,

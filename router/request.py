@@ -25,6 +25,7 @@ from router.types import Receive, Scope
 
 if TYPE_CHECKING:
     from router.registry import Route
+    from router.tenants import Tenant
 
 OPERATIONS: dict[str, Operation] = {op.path: op for op in Operation}
 #: The field each operation requires besides ``model``.
@@ -52,13 +53,18 @@ class RequestContext:
     ttft: float | None = None
     error: str | None = None
     prompt_tokens: int | None = None
+    completion_tokens: int | None = None
     cached_tokens: int | None = None
     #: The token counts are kvroute's estimate, not the engine's word.
     usage_estimated: bool = False
     attempts: int = 0
+    #: Milliseconds waited in the admission queue (None: not queued).
+    queued_ms: float | None = None
     #: Set just before the last body message: a disconnect after it is no abort.
     finishing: bool = False
     cancelled: bool = False
+    #: Who is calling (set before the body is read).
+    tenant: Tenant | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -79,6 +85,10 @@ class InferenceRequest:
     ctx: RequestContext
     #: Set by the resolve stage.
     route: Route | None = None
+    #: kvroute needs the answer's usage (a tenant's token limits): a stream's
+    #: adapter asks the engine for it even if the client did not, and keeps
+    #: that extra chunk from the client.
+    router_usage: bool = False
 
     def with_route(self, route: Route) -> InferenceRequest:
         # Positional, not dataclasses.replace: this runs for every request.
@@ -93,6 +103,7 @@ class InferenceRequest:
             self.sampling,
             self.ctx,
             route,
+            self.router_usage,
         )
 
     @property

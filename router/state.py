@@ -12,13 +12,25 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from router.admission import AdmissionGate
 from router.circuit import CircuitState
 from router.config import Config, EndpointConfig
 from router.forward import Forwarder
-from router.metrics import EndpointCollector, EndpointSnapshot, IndexCollector, Metrics
+from router.metrics import (
+    AdmissionCollector,
+    EndpointCollector,
+    EndpointSnapshot,
+    IndexCollector,
+    Metrics,
+    QuotaStoreCollector,
+)
+from router.quota import open_store
+from router.quota.base import QuotaStore
+from router.quota.service import Quotas, store_status
 from router.registry import EndpointRegistry, RouteTable
 from router.retry import RetryBudget
 from router.sources import STATIC, Source
+from router.tenants import Tenants
 
 
 @dataclass
@@ -29,6 +41,9 @@ class AppState:
     forwarder: Forwarder
     metrics: Metrics
     budget: RetryBudget
+    tenants: Tenants
+    quotas: Quotas
+    admission: AdmissionGate
     ready: bool = False
     #: Set at SIGTERM: /ready says 503 while in-flight requests finish.
     shutting_down: bool = False
@@ -37,6 +52,8 @@ class AppState:
     reload_status: dict[str, Any] = field(default_factory=dict)
     #: Discovery sources by name, for the admin API ("consul": {...}).
     discovery: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Quota stores replaced by a reload, closed by the lifecycle.
+    retired_stores: list[QuotaStore] = field(default_factory=list)
 
     def endpoint_snapshots(self) -> list[EndpointSnapshot]:
         now = self.registry.clock()
@@ -52,6 +69,17 @@ class AppState:
             )
             for e in self.registry.all()
         ]
+
+    def admission_depths(self) -> list[tuple[str, str, int]]:
+        return [
+            (model, priority, waiting)
+            for model, stats in self.admission.stats().items()
+            for priority, waiting in stats["waiting_by_priority"].items()
+        ]
+
+    def quota_store_health(self) -> tuple[bool, int]:
+        status = store_status(self.quotas)
+        return bool(status["up"]), int(status.get("failures", 0))
 
     def upsert_endpoint(self, cfg: EndpointConfig, source: Source) -> None:
         self.registry.upsert(cfg, source)
@@ -74,6 +102,16 @@ class AppState:
                 self.registry.upsert(ep, STATIC)
         self.registry.set_circuit_config(config.circuit)
         self.routes = RouteTable(config, self.registry, previous=self.routes)
+        self.tenants = Tenants(config)
+        if config.admission != self.config.admission:
+            self.admission.reconfigure(config.admission)
+        if config.quotas != self.config.quotas:
+            # Counters in Redis survive the swap; a process's own start afresh.
+            old = self.quotas
+            self.quotas = Quotas(config, open_store(config.quotas), old.pending)
+            self.retired_stores.append(old.store)
+        else:
+            self.quotas = Quotas(config, self.quotas.store)
         if config.timeouts != self.config.timeouts:
             self.forwarder.set_timeouts(config.timeouts)
         if config.retries != self.config.retries:
@@ -91,9 +129,14 @@ class AppState:
             forwarder=Forwarder(config.timeouts),
             metrics=Metrics(),
             budget=RetryBudget.from_config(config.retries),
+            tenants=Tenants(config),
+            quotas=Quotas(config, open_store(config.quotas)),
+            admission=AdmissionGate(config.admission),
             config_path=config_path,
         )
         state.metrics.registry.register(IndexCollector(lambda: state.routes.index_stats()))
         state.metrics.registry.register(EndpointCollector(state.endpoint_snapshots))
+        state.metrics.registry.register(QuotaStoreCollector(state.quota_store_health))
+        state.metrics.registry.register(AdmissionCollector(state.admission_depths))
         state.reload_status.update(path=config_path, last_success=time.time(), last_error=None)
         return state
