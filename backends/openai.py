@@ -52,18 +52,27 @@ class OpenAIAdapter:
 
 
 class Passthrough:
-    """An OpenAI answer as it came; usage read off the bytes."""
+    """An OpenAI answer as it came; usage read off the bytes (of whole events:
+    a usage object split across two network chunks is still read whole)."""
 
     def __init__(self) -> None:
         self.usage: Usage | None = None
+        #: The stream after its last complete event.
+        self._tail = b""
 
     def answer(self, data: bytes) -> bytes:
         self.usage = scan_usage(data)
         return data
 
     def feed(self, chunk: bytes) -> bytes:
-        if b'"usage"' in chunk:
-            self.usage = scan_usage(chunk) or self.usage
+        data = self._tail + chunk if self._tail else chunk
+        end = _last_event_end(data)
+        if end < 0:
+            self._tail = data if len(data) <= MAX_PENDING else b""
+            return chunk
+        self._tail = data[end:]
+        if b'"usage"' in data:
+            self.usage = scan_usage(data[:end]) or self.usage
         return chunk
 
     def close(self) -> bytes:

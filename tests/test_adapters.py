@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +14,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from backends import Operation, Sampling, Target, UpstreamProtocolError, Usage, build_adapter
+from backends.openai import OpenAIAdapter
 from backends.sim.tokenizer import tokenize, tokenizer_json
 from backends.sse import SSEParser
 from backends.templates import ChatTemplateError, render
@@ -38,6 +41,7 @@ class Req:
     body: dict[str, Any]
     stream: bool
     sampling: Sampling
+    router_usage: bool = False
 
 
 def req(op: Operation, body: dict[str, Any]) -> Req:
@@ -556,3 +560,49 @@ def test_engines_say_when_an_error_is_their_own_fault() -> None:
     assert triton_tr.server_fault(400, b'data: {"error":"model failed"}\n\n')
     assert triton_tr.server_fault(500, b"{}") and openai_tr.server_fault(503, b"{}")
     assert not openai_tr.server_fault(400, b"{}") and not openai_tr.server_fault(404, b"{}")
+
+
+VLLM = FIXTURES / "vllm"
+
+
+@pytest.mark.parametrize("served", ["tiny", "org/Tiny-Model"])
+def test_usage_kvroute_asked_for_is_read_and_kept_from_the_client(served: str) -> None:
+    """A stream whose client asked no usage, recorded from real vLLM with
+    include_usage: the usage chunk is read, then dropped, whatever the chunking."""
+    recorded = (VLLM / "chat_stream_usage.body").read_bytes()
+    if served != "tiny":
+        recorded = recorded.replace(b'"model":"tiny"', b'"model":"org/Tiny-Model"')
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    request = dataclasses.replace(req(Operation.CHAT, body), router_usage=True)
+    exchange = OpenAIAdapter().prepare(request, Target("tiny", served))
+    sent = orjson.loads(exchange.body)
+    assert sent["stream_options"] == {"include_usage": True} and sent["model"] == served
+    events = recorded.split(b"\n\n")
+    usage_event = next(e for e in events if b'"usage"' in e)
+    expected = b"\n\n".join(e for e in events if e != usage_event)
+    expected = expected.replace(b'"model":"org/Tiny-Model"', b'"model":"tiny"')
+    rng = random.Random(5)
+    for _ in range(50):
+        tr = OpenAIAdapter().prepare(request, Target("tiny", served)).translator
+        out, at = b"", 0
+        while at < len(recorded):
+            step = rng.randint(1, 200)
+            out += tr.feed(recorded[at : at + step])
+            at += step
+        out += tr.close()
+        assert out == expected
+        assert tr.usage == Usage(prompt_tokens=15, completion_tokens=6, cached_tokens=0)
+
+
+def test_usage_the_client_asked_for_passes_through() -> None:
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    request = dataclasses.replace(req(Operation.CHAT, body), router_usage=True)
+    exchange = OpenAIAdapter().prepare(request, Target("tiny", "tiny"))
+    assert exchange.body == request.raw
+    recorded = (VLLM / "chat_stream_usage.body").read_bytes()
+    assert exchange.translator.feed(recorded) + exchange.translator.close() == recorded

@@ -21,8 +21,4 @@ def open_store(config: QuotaConfig) -> QuotaStore:
     from router.quota.guard import GuardedStore
     from router.quota.redis import RedisStore
 
-    return GuardedStore(
-        RedisStore(config.redis, config.key_prefix, config.lease_ttl),
-        timeout=config.timeout,
-        retry_interval=config.retry_interval,
-    )
+    return GuardedStore.from_config(RedisStore.from_config(config), config)

@@ -1,10 +1,12 @@
 """Redis down or slow: a short timeout per call, then no calls for a while.
 
 Every request asks the quota store before it is routed, so a dead or hung Redis
-must not cost each request a timeout. After one failure (a timeout or
-QuotaUnavailable) the guard answers QuotaUnavailable at once, without touching
-the store, until ``retry_interval`` has passed; then one call probes the store
-again (others keep failing fast meanwhile), and a success closes the gap. What a
+must not cost each request a timeout. After ``trip_after`` consecutive failures
+(a timeout or QuotaUnavailable; one slow call in a burst that saturated the
+router's own event loop is no outage) the guard answers QuotaUnavailable at
+once, without touching the store, until ``retry_interval`` has passed; then
+one call probes the store again (others keep failing fast meanwhile), and a
+success closes the gap. What a
 failure means for the request (admit anyway or refuse with 503) is the caller's
 ``on_failure``, not the guard's; a failed settle is the caller's to swallow too.
 
@@ -37,7 +39,7 @@ class GuardedStore:
 
     @classmethod
     def from_config(cls, inner: QuotaStore, cfg: QuotaConfig) -> GuardedStore:
-        return cls(inner, cfg.timeout, cfg.retry_interval)
+        return cls(inner, cfg.timeout, cfg.retry_interval, trip_after=cfg.trip_after)
 
     def __init__(
         self,
@@ -45,6 +47,7 @@ class GuardedStore:
         timeout: float,
         retry_interval: float,
         clock: Callable[[], float] = time.monotonic,
+        trip_after: int = 1,
     ) -> None:
         self.inner = inner
         self.timeout = timeout
@@ -58,6 +61,9 @@ class GuardedStore:
         self.down_since: float | None = None
         self._retry_at = 0.0
         self._probing = False
+        self.trip_after = trip_after
+        #: Consecutive failures (reset by a success).
+        self._streak = 0
 
     @property
     def up(self) -> bool:
@@ -106,12 +112,16 @@ class GuardedStore:
             if probe:
                 self._probing = False
         self.down_since = None
+        self._streak = 0
         return result
 
     def _failed(self, error: str) -> None:
         now = self._clock()
         self.failures += 1
+        self._streak += 1
         self.last_error = error
+        if self.down_since is None and self._streak < self.trip_after:
+            return  # not (yet) an outage: the next call tries the store again
         if self.down_since is None:
             self.down_since = now
         self._retry_at = now + self.retry_interval
