@@ -55,14 +55,27 @@ INFERENCE_ERRORS = {
         "refuses the conversation, or no endpoint of the model can serve the "
         "operation (`unsupported_operation`)"
     ),
+    "401": error(
+        "With auth enabled: no API key (`missing_api_key`) or an unknown one (`invalid_api_key`)"
+    ),
+    "403": error("The tenant may not use this model (`model_not_allowed`)"),
     "404": error("Unknown model (`model_not_found`)"),
+    "429": error(
+        "A tenant's limit: requests or tokens per minute, concurrency "
+        "(`rate_limit_exceeded`), or its daily tokens (`insufficient_quota`); with Retry-After"
+    ),
     "413": error("Body larger than `server.max_body_bytes` (`request_too_large`)"),
     "502": error(
         "Backend unreachable or its connection broke (`upstream_connect_error`), it "
         "cannot serve the request as configured (`endpoint_misconfigured`), or it "
         "answered 502"
     ),
-    "503": error("No available endpoint for the model (`no_healthy_endpoint`)"),
+    "503": error(
+        "No available endpoint for the model (`no_healthy_endpoint`), the model's admission "
+        "queue is full or the wait too long (`queue_full`, `queue_timeout`), the quota store "
+        "is down under fail_closed (`quota_unavailable`), or the router is at its limits "
+        "(`server_busy`); with Retry-After where waiting helps"
+    ),
     "504": error("Backend too slow (`upstream_timeout`)"),
     "default": error("The backend's own error status (e.g. 422, 429), its body normalised"),
 }
@@ -308,6 +321,7 @@ def inference(
         "post": {
             "operationId": operation_id,
             "summary": summary,
+            "security": API_KEY,
             "requestBody": {"required": True, "content": {JSON: {"schema": ref(request)}}},
             "responses": {
                 "200": {"description": "The answer", "content": content},
@@ -315,6 +329,10 @@ def inference(
             },
         }
     }
+
+
+#: A tenant's key when ``auth.enabled``; none needed otherwise.
+API_KEY = [{"bearerKey": []}, {"azureKey": []}, {}]
 
 
 def get(operation_id: str, summary: str, responses: dict[str, Any]) -> dict[str, Any]:
@@ -357,11 +375,19 @@ def document() -> dict[str, Any]:
             False,
             "embed",
         ),
-        "/v1/models": get(
-            "models",
-            "The models the fleet serves, with aliases",
-            {"200": json_body("Models", ref("ModelList"))},
-        ),
+        "/v1/models": {
+            "get": {
+                **get(
+                    "models",
+                    "The models the fleet serves, with aliases (those the caller may use)",
+                    {
+                        "200": json_body("Models", ref("ModelList")),
+                        "401": INFERENCE_ERRORS["401"],
+                    },
+                )["get"],
+                "security": API_KEY,
+            }
+        },
         "/health": get(
             "health",
             "The process is alive",
@@ -405,6 +431,23 @@ def document() -> dict[str, Any]:
             **{"422": json_body("The file is invalid: every error", ref("ReloadOutcome"))},
         ),
         "/admin/prefix-index": admin("get", "Prefix-index stats per model", "prefixIndex"),
+        "/admin/tenants": admin(
+            "get", "Each tenant's limits and usage; the quota store's state", "adminTenants"
+        ),
+        "/admin/tenants/{name}/reset": {
+            "parameters": [
+                {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            **admin(
+                "post",
+                "Forget a tenant's counters",
+                "resetTenant",
+                **{
+                    "404": error("No such tenant (`not_found`)"),
+                    "503": error("The quota store is unavailable"),
+                },
+            ),
+        },
     }
     return {
         "openapi": "3.1.0",
@@ -421,11 +464,17 @@ def document() -> dict[str, Any]:
         "components": {
             "schemas": SCHEMA_COMPONENTS,
             "securitySchemes": {
+                "bearerKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A tenant's API key (auth.enabled), as OpenAI's SDKs send it",
+                },
+                "azureKey": {"type": "apiKey", "in": "header", "name": "api-key"},
                 "adminToken": {
                     "type": "http",
                     "scheme": "bearer",
                     "description": "admin.token from the config; every /admin call needs it",
-                }
+                },
             },
         },
     }
