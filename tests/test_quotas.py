@@ -338,24 +338,28 @@ async def test_two_router_processes_sharing_redis_enforce_one_limit(
                     "tenants": {"acme": {"keys": [hash_key(KEY)], "rpm": 40}},
                     "quotas": {"redis": redis.url, "on_failure": "fail_closed"},
                     "server": {"access_log": False},
+                    "admin": {"open": True},
                 }
             )
         )
         async with router_process(config) as a, router_process(config) as b:
             async with httpx.AsyncClient(headers=AUTH, timeout=30) as client:
+                loop = asyncio.get_running_loop()
+                started = loop.time()
                 answers = await asyncio.gather(
                     *(
                         client.post(url + "/v1/completions", json=completion())
                         for url in [a, b] * 50
                     )
                 )
+                elapsed = loop.time() - started
+            usage_a, usage_b = await tenant_usage(a), await tenant_usage(b)
     codes = [r.status_code for r in answers]
-    # 100 requests within a second or two, a limit of 40 a minute (a burst of 40,
-    # then one more every 1.5 s): one limit across both routers, not 40 each.
-    assert 40 <= codes.count(200) <= 42, codes
+    # A limit of 40 a minute: a burst of 40, then one more every 1.5 s, for one
+    # limit across both routers (not 40 each).
+    assert 40 <= codes.count(200) <= 40 + 1 + int(elapsed / 1.5), (codes, elapsed)
     # fail_closed: a store call that timed out would show as a 503
     assert codes.count(429) == 100 - codes.count(200), codes
-    # both routers took part
-    assert {r.status_code for r in answers[0::2]} >= {200} and {
-        r.status_code for r in answers[1::2]
-    } >= {200}
+    # and each router sees the one count
+    seen_a, seen_b = usage_a["requests_per_minute"], usage_b["requests_per_minute"]
+    assert abs(seen_a["remaining"] - seen_b["remaining"]) <= 1 and seen_a["remaining"] <= 1
