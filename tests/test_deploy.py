@@ -48,6 +48,8 @@ def test_compose_and_consul_files() -> None:
     image = parse_config((DEPLOY / "kvroute-image.yaml").read_text(), TOKEN)
     assert image.admin.token is not None and image.server.host == "0.0.0.0"
     assert config.discovery.consul is not None
+    # the replicas share their limits through the compose file's Redis
+    assert config.quotas.redis == "redis://redis:6379/0" and "redis" in compose["services"]
     services = json.loads((DEPLOY / "consul" / "llm-services.json").read_text())["services"]
     from router.consul import instance_endpoint
 
