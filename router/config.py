@@ -44,6 +44,15 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+def redis_url(url: str | None) -> str | None:
+    """A Redis URL as the config allows it ("" is none)."""
+    if url in (None, ""):
+        return None
+    if not re.match(r"^(rediss?|unix)://", url):
+        raise PydanticCustomError("url", "must be a redis://, rediss:// or unix:// URL", {})
+    return url
+
+
 #: Headers kvroute sets itself, hop-by-hop ones and client credentials:
 #: ``forward_headers`` may not name them.
 NEVER_FORWARDED = frozenset(
@@ -519,11 +528,7 @@ class QuotaConfig(Frozen):
     @field_validator("redis")
     @classmethod
     def _redis_url(cls, url: str | None) -> str | None:
-        if url in (None, ""):
-            return None
-        if not re.match(r"^(rediss?|unix)://", url):
-            raise PydanticCustomError("url", "must be a redis://, rediss:// or unix:// URL", {})
-        return url
+        return redis_url(url)
 
     @field_serializer("redis", when_used="json")
     def _redacted(self, url: str | None) -> str | None:
@@ -559,6 +564,45 @@ class AdmissionConfig(Frozen):
         return priorities
 
 
+class ModelCache(Frozen):
+    """The response cache of one model (README "Response cache"). Off by default."""
+
+    enabled: bool = False
+    #: Seconds an answer is served from the cache.
+    ttl: float = Field(300.0, gt=0)
+    #: One entry for every tenant (an eval suite shared by teams); by default
+    #: each tenant has its own, and never sees another's.
+    shared: bool = False
+
+
+class CacheConfig(Frozen):
+    """Where cached answers live. Without ``redis``: this process's memory."""
+
+    redis: str | None = None
+    #: The in-process LRU's bound (entries and keys), when no Redis is set.
+    memory_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    #: Larger answers are not cached.
+    max_entry_bytes: int = Field(1024 * 1024, ge=256)
+    timeout: float = Field(0.25, gt=0, le=5)
+    trip_after: int = Field(3, ge=1)
+    retry_interval: float = Field(1.0, gt=0)
+    key_prefix: str = Field("kvroute:", pattern=r"^[A-Za-z0-9_.:{}-]{0,64}$")
+    #: Seconds one replica's upstream call holds the lock that makes the
+    #: others wait for its answer instead of asking too (cross-replica single
+    #: flight); they poll for the entry every ``poll_interval`` seconds.
+    lock_ttl: float = Field(30.0, gt=0)
+    poll_interval: float = Field(0.05, gt=0)
+
+    @field_validator("redis")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        return redis_url(url)
+
+    @field_serializer("redis", when_used="json")
+    def _redacted(self, url: str | None) -> str | None:
+        return None if url is None else redact_url(url)
+
+
 class ModelConfig(Frozen):
     policy: PolicySpec = PolicySpec(name="round_robin")
     #: Other names clients may use for this model.
@@ -567,6 +611,7 @@ class ModelConfig(Frozen):
     fallbacks: tuple[str, ...] = ()
     #: Caps on ``n`` and ``max_tokens`` for this model (default: ``requests``'s).
     limits: ModelLimits = ModelLimits()
+    cache: ModelCache = ModelCache()
 
 
 class Config(Frozen):
@@ -593,6 +638,7 @@ class Config(Frozen):
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
     quotas: QuotaConfig = QuotaConfig()
     admission: AdmissionConfig = AdmissionConfig()
+    cache: CacheConfig = CacheConfig()
 
     @field_validator("forward_headers")
     @classmethod

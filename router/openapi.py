@@ -332,7 +332,7 @@ def inference(
 
 
 #: A tenant's key when ``auth.enabled``; none needed otherwise.
-API_KEY = [{"bearerKey": []}, {"azureKey": []}, {}]
+API_KEY: list[dict[str, list[str]]] = [{"bearerKey": []}, {"azureKey": []}, {}]
 
 
 def get(operation_id: str, summary: str, responses: dict[str, Any]) -> dict[str, Any]:
