@@ -9,6 +9,8 @@ POST /admin/reload                    reload the config file: 200, or 422 with t
 GET  /admin/prefix-index              prefix-index size per model and endpoint
 GET  /admin/tenants                   each tenant's limits and what it used; the store's state
 POST /admin/tenants/{name}/reset      forget a tenant's counters (windows, slots, today's tokens)
+GET  /admin/cache                     the response cache: store, stats, models with a cache
+POST /admin/cache/purge[?model=m]     drop cached answers (of one model, or all)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from router.cache.store import CacheUnavailable
 from router.config import AdminConfig, redact_url
 from router.errors import error_body
 from router.quota.base import QuotaUnavailable
@@ -208,8 +211,41 @@ def admin_routes(state: AppState, reloader: Reloader) -> list[BaseRoute]:
         LOG.info({"event": "tenant_reset", "tenant": tenant.name})
         return json_response({"tenant": tenant.name, "reset": True})
 
+    async def cache(request: Request) -> Response:
+        if (no := denied(request)) is not None:
+            return no
+        store = state.cache.store
+        models = {
+            name: model.cache.model_dump()
+            for name, model in state.config.models.items()
+            if model.cache.enabled
+        }
+        return json_response(
+            {
+                "store": {
+                    "kind": "redis" if state.cache.config.redis else "memory",
+                    **store.stats(),
+                },
+                "models": models,
+            }
+        )
+
+    async def purge_cache(request: Request) -> Response:
+        if (no := denied(request)) is not None:
+            return no
+        model = request.query_params.get("model")
+        try:
+            purged = await state.cache.store.purge(model)
+        except CacheUnavailable:
+            body = error_body("the cache store is unavailable", "service_unavailable")
+            return json_response(body, 503)
+        LOG.info({"event": "cache_purge", "model": model and model[:128], "purged": purged})
+        return json_response({"model": model, "purged": purged})
+
     return [
         Route("/admin/endpoints", endpoints),
+        Route("/admin/cache", cache),
+        Route("/admin/cache/purge", purge_cache, methods=["POST"]),
         Route("/admin/tenants", tenants),
         Route("/admin/tenants/{name}/reset", reset_tenant, methods=["POST"]),
         Route("/admin/endpoints/{endpoint_id}/drain", drain, methods=["POST"]),

@@ -143,6 +143,8 @@ class RequestMiddleware:
                     reason=ctx.reason,
                     stream=ctx.stream,
                 )
+            if ctx.cache is not None:
+                line["cache"] = ctx.cache
             if ctx.queued_ms is not None:
                 line["queued_ms"] = ctx.queued_ms
             if ctx.ttft is not None:

@@ -204,6 +204,38 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self.cache_requests = Counter(
+            "kvroute_cache_requests_total",
+            "Requests for models with a response cache, by result (hit, miss, bypass).",
+            ["model", "result"],
+            registry=r,
+        )
+        self.cache_stores = Counter(
+            "kvroute_cache_stores_total",
+            "Answers stored in the response cache.",
+            ["model"],
+            registry=r,
+        )
+        self.cache_stored_bytes = Counter(
+            "kvroute_cache_stored_bytes_total",
+            "Bytes of answers stored in the response cache.",
+            ["model"],
+            registry=r,
+        )
+        self.cache_tokens = Counter(
+            "kvroute_cache_tokens_total",
+            "Tokens served from the response cache instead of a backend, by kind "
+            "(prompt, completion): the GPU work saved.",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.cache_lookup = Histogram(
+            "kvroute_cache_lookup_seconds",
+            "Time to look an answer up in the response cache (hit or miss).",
+            ["model"],
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+            registry=r,
+        )
         self._series: dict[tuple[str, str], _EndpointSeries] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
@@ -357,3 +389,29 @@ class AdmissionCollector(Collector):
         for model, priority, waiting in self._source():
             depth.add_metric([model, priority], waiting)
         return [depth]
+
+
+class CacheStoreCollector(Collector):
+    """The response cache's store at scrape time: entries, bytes, evictions, up."""
+
+    def __init__(self, source: Callable[[], dict[str, float]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._source()
+        out: list[Metric] = []
+        for name, help_, kind in (
+            ("entries", "Answers in the in-process response cache.", GaugeMetricFamily),
+            ("bytes", "Bytes held by the in-process response cache.", GaugeMetricFamily),
+            ("evictions", "Answers the in-process cache dropped for room.", CounterMetricFamily),
+            (
+                "up",
+                "1 while the response cache's store answers (Redis), else 0.",
+                GaugeMetricFamily,
+            ),
+        ):
+            if name in stats:
+                family = kind(f"kvroute_cache_{name}", help_)
+                family.add_metric([], stats[name])
+                out.append(family)
+        return out

@@ -431,6 +431,18 @@ def document() -> dict[str, Any]:
             **{"422": json_body("The file is invalid: every error", ref("ReloadOutcome"))},
         ),
         "/admin/prefix-index": admin("get", "Prefix-index stats per model", "prefixIndex"),
+        "/admin/cache": admin("get", "The response cache: store, stats, models", "adminCache"),
+        "/admin/cache/purge": {
+            "parameters": [
+                {"name": "model", "in": "query", "required": False, "schema": {"type": "string"}}
+            ],
+            **admin(
+                "post",
+                "Drop cached answers, of one model or all",
+                "purgeCache",
+                **{"503": error("The cache store is unavailable")},
+            ),
+        },
         "/admin/tenants": admin(
             "get", "Each tenant's limits and usage; the quota store's state", "adminTenants"
         ),

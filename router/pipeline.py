@@ -6,6 +6,7 @@
     Authorize  the tenant may use this model, or 403 (router/tenants.py)
     Caps       per-model caps on n and max_tokens (router/caps.py)
     Quota      the tenant's rates, concurrency, daily budget (router/quota/stage.py)
+    Cache      a stored answer for a repeated deterministic request (router/cache/stage.py)
     Admission  a slot of a saturated model, by priority, fairly (router/admission.py)
     Failover   choose (policy) -> attempt loop -> relay (``router.failover``)
 
@@ -28,6 +29,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from router.admission import Admission
+from router.cache.stage import CacheStage
 from router.caps import Caps
 from router.errors import ModelNotFound
 from router.failover import Failover
@@ -74,6 +76,7 @@ def stages(state: AppState) -> list[Stage]:
         Authorize(state),
         Caps(state),
         QuotaStage(state),
+        CacheStage(state),
         Admission(state),
     ]
 

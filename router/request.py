@@ -58,6 +58,8 @@ class RequestContext:
     #: The token counts are kvroute's estimate, not the engine's word.
     usage_estimated: bool = False
     attempts: int = 0
+    #: "hit" when the answer came from the response cache.
+    cache: str | None = None
     #: Milliseconds waited in the admission queue (None: not queued).
     queued_ms: float | None = None
     #: Set just before the last body message: a disconnect after it is no abort.

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from router.admission import AdmissionGate
+from router.cache import open_cache
+from router.cache.stage import ResponseCache
 from router.circuit import CircuitState
 from router.config import Config, EndpointConfig
 from router.forward import Forwarder
 from router.metrics import (
     AdmissionCollector,
+    CacheStoreCollector,
     EndpointCollector,
     EndpointSnapshot,
     IndexCollector,
@@ -25,12 +28,15 @@ from router.metrics import (
     QuotaStoreCollector,
 )
 from router.quota import open_store
-from router.quota.base import QuotaStore
 from router.quota.service import Quotas, store_status
 from router.registry import EndpointRegistry, RouteTable
 from router.retry import RetryBudget
 from router.sources import STATIC, Source
 from router.tenants import Tenants
+
+
+class Closable(Protocol):
+    async def close(self) -> None: ...
 
 
 @dataclass
@@ -44,6 +50,7 @@ class AppState:
     tenants: Tenants
     quotas: Quotas
     admission: AdmissionGate
+    cache: ResponseCache
     ready: bool = False
     #: Set at SIGTERM: /ready says 503 while in-flight requests finish.
     shutting_down: bool = False
@@ -52,8 +59,8 @@ class AppState:
     reload_status: dict[str, Any] = field(default_factory=dict)
     #: Discovery sources by name, for the admin API ("consul": {...}).
     discovery: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: Quota stores replaced by a reload, closed by the lifecycle.
-    retired_stores: list[QuotaStore] = field(default_factory=list)
+    #: Quota and cache stores replaced by a reload, closed by the lifecycle.
+    retired_stores: list[Closable] = field(default_factory=list)
 
     def endpoint_snapshots(self) -> list[EndpointSnapshot]:
         now = self.registry.clock()
@@ -69,6 +76,12 @@ class AppState:
             )
             for e in self.registry.all()
         ]
+
+    def cache_store_stats(self) -> dict[str, float]:
+        stats = self.cache.store.stats()
+        return {
+            k: float(v) for k, v in stats.items() if k in ("entries", "bytes", "evictions", "up")
+        }
 
     def admission_depths(self) -> list[tuple[str, str, int]]:
         return [
@@ -112,6 +125,9 @@ class AppState:
             self.retired_stores.append(old.store)
         else:
             self.quotas = Quotas(config, self.quotas.store)
+        if config.cache != self.config.cache:
+            self.retired_stores.append(self.cache)
+            self.cache = open_cache(config.cache)
         if config.timeouts != self.config.timeouts:
             self.forwarder.set_timeouts(config.timeouts)
         if config.retries != self.config.retries:
@@ -132,11 +148,13 @@ class AppState:
             tenants=Tenants(config),
             quotas=Quotas(config, open_store(config.quotas)),
             admission=AdmissionGate(config.admission),
+            cache=open_cache(config.cache),
             config_path=config_path,
         )
         state.metrics.registry.register(IndexCollector(lambda: state.routes.index_stats()))
         state.metrics.registry.register(EndpointCollector(state.endpoint_snapshots))
         state.metrics.registry.register(QuotaStoreCollector(state.quota_store_health))
         state.metrics.registry.register(AdmissionCollector(state.admission_depths))
+        state.metrics.registry.register(CacheStoreCollector(state.cache_store_stats))
         state.reload_status.update(path=config_path, last_success=time.time(), last_error=None)
         return state

@@ -220,8 +220,8 @@ def store_status(quotas: Quotas) -> dict[str, Any]:
 
 
 class StoreKeeper:
-    """Lifecycle peer: closes quota stores a reload replaced, and at stop
-    drains the last settlements and closes the store."""
+    """Lifecycle peer: closes quota and cache stores a reload replaced, and at
+    stop drains the last settlements and closes the stores."""
 
     def __init__(self, state: AppState) -> None:
         self.state = state
@@ -233,6 +233,7 @@ class StoreKeeper:
         await self.state.quotas.drain()
         await self._close_retired()
         await self.state.quotas.store.close()
+        await self.state.cache.close()
 
     async def reconfigure(self, old: Config, new: Config) -> None:
         await self._close_retired()

@@ -217,7 +217,9 @@ class QuotaStage:
     def _settlement(ctx: RequestContext, plan: Plan, kinds: Kinds, estimate: int) -> Settlement:
         """What the request cost: the engine's (or kvroute's counted) usage; with
         none, nothing if it was never answered, else the estimate stands."""
-        if ctx.prompt_tokens is not None:
+        if ctx.cache == "hit":
+            actual = 0  # a request, but no tokens: no backend worked on it
+        elif ctx.prompt_tokens is not None:
             actual = ctx.prompt_tokens + (ctx.completion_tokens or 0)
         elif ctx.status == 200:
             actual = estimate
