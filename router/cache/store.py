@@ -33,16 +33,12 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
-from urllib.parse import parse_qs, urlsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from router.config import redact_url
 from router.outage import CallGuard
+from router.redis_conn import RedisConn
 
 T = TypeVar("T")
 
@@ -300,31 +296,15 @@ class RedisCache:
         self.prefix = prefix
         self.max_entry_bytes = max_entry_bytes
         self.scan_count = scan_count
-        self.where = redact_url(url)
-        parts = urlsplit(url)
-        self._secrets = [
-            secret
-            for secret in (parts.password, *parse_qs(parts.query).get("password", ()))
-            if secret
-        ]
-        # As for the quota store (router/quota/redis.py): no backoff, the guard
-        # decides when to try again; one immediate retry on a connection error
-        # replaces a connection the server dropped while idle. A timeout is not
-        # retried: the guard's timeout is shorter anyway.
-        retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
-        try:
-            pool = BlockingConnectionPool.from_url(
-                url,
-                max_connections=max_connections,
-                timeout=socket_timeout,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout,
-                health_check_interval=health_check_interval,
-                retry=retry,
-            )
-        except ValueError:
-            raise ValueError(f"invalid Redis URL {self.where}") from None
-        self._client: Redis = Redis.from_pool(pool)
+        self.conn = RedisConn(
+            url,
+            CacheUnavailable,
+            socket_timeout=socket_timeout,
+            health_check_interval=health_check_interval,
+            max_connections=max_connections,
+        )
+        self.where = self.conn.where
+        self._client: Redis = self.conn.client
         self._release = self._client.register_script(RELEASE)
         #: (model, digest) -> the token of a lock this object took and has not released.
         self._tokens: dict[tuple[str, str], str] = {}
@@ -411,18 +391,10 @@ class RedisCache:
         }
 
     async def _guarded(self, call: Awaitable[T]) -> T:
-        """``call``'s result, or CacheUnavailable for anything Redis did wrong."""
-        try:
-            return await call
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(self.describe(exc)) from exc
+        return await self.conn.guarded(call)
 
     def describe(self, exc: BaseException) -> str:
-        """``exc`` for a log or a message: its class and text, never the password."""
-        text = str(exc)
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return f"{type(exc).__name__}: {text[:200]}"
+        return self.conn.describe(exc)
 
     async def close(self) -> None:
         self._tokens.clear()

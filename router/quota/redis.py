@@ -26,17 +26,14 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, urlsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from router.config import QuotaConfig, redact_url
+from router.config import QuotaConfig
 from router.quota.base import Plan, QuotaUnavailable, RateStatus, Refusal, Settlement, Verdict
 from router.quota.memory import SLACK, check_plan, check_settlement
+from router.redis_conn import RedisConn
 
 LOG = logging.getLogger("kvroute.quota")
 T = TypeVar("T")
@@ -250,34 +247,15 @@ class RedisStore:
             raise ValueError("lease_ttl must be positive")
         self.prefix = prefix
         self.lease_ttl = lease_ttl
-        self.where = redact_url(url)
-        parts = urlsplit(url)
-        self._secrets = [
-            secret
-            for secret in (parts.password, *parse_qs(parts.query).get("password", ()))
-            if secret
-        ]
-        # No retries with backoff: the guard (guard.py) decides when to try again,
-        # and a request must not wait out redis-py's backoff. One immediate retry
-        # on a connection error lets a connection the server dropped while idle
-        # (Redis restarted) be replaced without failing the request. Timeouts are
-        # not retried: the script may have run.
-        retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
-        try:
-            # Blocking pool: a burst of requests queues for a few connections
-            # (Redis runs one command at a time anyway) instead of opening one each.
-            pool = BlockingConnectionPool.from_url(
-                url,
-                max_connections=max_connections,
-                timeout=socket_timeout,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout,
-                health_check_interval=health_check_interval,
-                retry=retry,
-            )
-        except ValueError:
-            raise ValueError(f"invalid Redis URL {self.where}") from None
-        self._client: Redis = Redis.from_pool(pool)
+        self.conn = RedisConn(
+            url,
+            QuotaUnavailable,
+            socket_timeout=socket_timeout,
+            health_check_interval=health_check_interval,
+            max_connections=max_connections,
+        )
+        self.where = self.conn.where
+        self._client: Redis = self.conn.client
         self._admit = self._client.register_script(ADMIT)
         self._settle = self._client.register_script(SETTLE)
         self._renew = self._client.register_script(RENEW)
@@ -377,18 +355,10 @@ class RedisStore:
         return await self._guarded(script(keys=keys, args=args))
 
     async def _guarded(self, call: Awaitable[T]) -> T:
-        """``call``'s result, or QuotaUnavailable for anything Redis did wrong."""
-        try:
-            return await call
-        except (RedisError, OSError) as exc:
-            raise QuotaUnavailable(self.describe(exc)) from exc
+        return await self.conn.guarded(call)
 
     def describe(self, exc: BaseException) -> str:
-        """``exc`` for a log or a message: its class and text, never the password."""
-        text = str(exc)
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return f"{type(exc).__name__}: {text[:200]}"
+        return self.conn.describe(exc)
 
     def _start_renewer(self) -> None:
         if self._closed or (self._renewer is not None and not self._renewer.done()):
