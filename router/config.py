@@ -497,33 +497,22 @@ class AuthConfig(Frozen):
     tenants_file: str | None = None
 
 
-class QuotaConfig(Frozen):
-    """Where the tenants' counters live. Without ``redis`` they are per process."""
+class RedisBacked(Frozen):
+    """A store that lives in Redis when ``redis`` is set (shared by every router
+    replica), else in this process; how it behaves when Redis is down or slow."""
 
-    #: ``redis://[user:password@]host:port/db`` (or ``rediss://``); the URL is
-    #: redacted wherever it is shown.
+    #: ``redis://[user:password@]host:port/db`` (or ``rediss://``, ``unix://``);
+    #: the URL is redacted wherever it is shown.
     redis: str | None = None
     #: Seconds one call to Redis may take before it counts as a failure. It
     #: includes the router's own event-loop delay: 50 ms refused 13 of 100
     #: requests of a burst on 2 cores with Redis healthy (tests/test_quotas.py).
     timeout: float = Field(0.25, gt=0, le=5)
-    #: Consecutive failed calls that mark Redis down (then ``on_failure``
-    #: applies at once, with no call, for ``retry_interval`` seconds).
+    #: Consecutive failed calls that mark Redis down; then it is not called for
+    #: ``retry_interval`` seconds (no request waits for a timeout meanwhile).
     trip_after: int = Field(3, ge=1)
-    #: With Redis down or slow: admit without limits (``fail_open``) or refuse
-    #: with 503 (``fail_closed``).
-    on_failure: Literal["fail_open", "fail_closed"] = "fail_open"
-    #: Once down, seconds before Redis is tried again (meanwhile
-    #: ``on_failure`` applies at once, with no timeout to wait).
     retry_interval: float = Field(1.0, gt=0)
     key_prefix: str = Field("kvroute:", pattern=r"^[A-Za-z0-9_.:{}-]{0,64}$")
-    #: A concurrency slot of a router that died is freed after this many seconds
-    #: (live routers renew theirs).
-    lease_ttl: float = Field(60.0, ge=5)
-    #: The completion tokens a request is assumed to take, for admission, when
-    #: it sets no ``max_tokens`` and its model caps none; settled to the real
-    #: count after.
-    default_completion_tokens: int = Field(256, ge=1)
 
     @field_validator("redis")
     @classmethod
@@ -533,6 +522,21 @@ class QuotaConfig(Frozen):
     @field_serializer("redis", when_used="json")
     def _redacted(self, url: str | None) -> str | None:
         return None if url is None else redact_url(url)
+
+
+class QuotaConfig(RedisBacked):
+    """Where the tenants' counters live. Without ``redis`` they are per process."""
+
+    #: With Redis down or slow: admit without limits (``fail_open``) or refuse
+    #: with 503 (``fail_closed``).
+    on_failure: Literal["fail_open", "fail_closed"] = "fail_open"
+    #: A concurrency slot of a router that died is freed after this many seconds
+    #: (live routers renew theirs).
+    lease_ttl: float = Field(60.0, ge=5)
+    #: The completion tokens a request is assumed to take, for admission, when
+    #: it sets no ``max_tokens`` and its model caps none; settled to the real
+    #: count after.
+    default_completion_tokens: int = Field(256, ge=1)
 
 
 class AdmissionConfig(Frozen):
@@ -575,32 +579,19 @@ class ModelCache(Frozen):
     shared: bool = False
 
 
-class CacheConfig(Frozen):
-    """Where cached answers live. Without ``redis``: this process's memory."""
+class CacheConfig(RedisBacked):
+    """Where cached answers live. Without ``redis``: this process's memory.
+    With Redis down or slow, the cache steps aside (never an error)."""
 
-    redis: str | None = None
     #: The in-process LRU's bound (entries and keys), when no Redis is set.
     memory_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     #: Larger answers are not cached.
     max_entry_bytes: int = Field(1024 * 1024, ge=256)
-    timeout: float = Field(0.25, gt=0, le=5)
-    trip_after: int = Field(3, ge=1)
-    retry_interval: float = Field(1.0, gt=0)
-    key_prefix: str = Field("kvroute:", pattern=r"^[A-Za-z0-9_.:{}-]{0,64}$")
     #: Seconds one replica's upstream call holds the lock that makes the
     #: others wait for its answer instead of asking too (cross-replica single
     #: flight); they poll for the entry every ``poll_interval`` seconds.
     lock_ttl: float = Field(30.0, gt=0)
     poll_interval: float = Field(0.05, gt=0)
-
-    @field_validator("redis")
-    @classmethod
-    def _redis_url(cls, url: str | None) -> str | None:
-        return redis_url(url)
-
-    @field_serializer("redis", when_used="json")
-    def _redacted(self, url: str | None) -> str | None:
-        return None if url is None else redact_url(url)
 
 
 class ModelConfig(Frozen):

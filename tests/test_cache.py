@@ -292,3 +292,23 @@ async def test_admin_purges_a_models_entries() -> None:
     assert before["store"]["entries"] == 1 and before["models"]["m"]["enabled"] is True
     assert purged == {"model": "m", "purged": 1}
     assert after.headers["x-kvroute-cache"] == "miss"
+
+
+async def test_redis_passwords_reach_no_answer_or_log(caplog: pytest.LogCaptureFixture) -> None:
+    async with simulator(["m", "plain"]) as (sim, _):
+        url_with_secret = "redis://:s3cret-pw@127.0.0.1:1/0"  # nothing listens there
+        cfg = cache_config(sim, url_with_secret, quotas={"redis": url_with_secret})
+        async with router(cfg) as url, httpx.AsyncClient(base_url=url) as client:
+            answer = await client.post("/v1/chat/completions", json=chat())
+            shown = "".join(
+                [
+                    (await client.get("/admin/config")).text,
+                    (await client.get("/admin/cache")).text,
+                    (await client.get("/admin/tenants")).text,
+                    (await client.get("/metrics")).text,
+                ]
+            )
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert answer.status_code == 200 and answer.headers["x-kvroute-cache"] == "bypass"
+    assert "s3cret-pw" not in shown and "s3cret-pw" not in logged
+    assert "redis://***@127.0.0.1:1/0" in shown
