@@ -151,7 +151,7 @@ class QuotaStage:
             _most_constraining(verdict, kinds.requests), _most_constraining(verdict, kinds.tokens)
         )
         if not verdict.admitted:
-            raise self._refusal(tenant, verdict, plan, kinds, headers)
+            raise self._refusal(tenant, model, verdict, plan, kinds, headers)
         if request.stream and request.op.generates and quotas.counts_tokens(tenant, model):
             request = dataclasses.replace(request, router_usage=True)
 
@@ -177,6 +177,7 @@ class QuotaStage:
     def _refusal(
         self,
         tenant: Tenant,
+        model: str,
         verdict: Verdict,
         plan: Plan,
         kinds: Kinds,
@@ -204,7 +205,7 @@ class QuotaStage:
         what = "tokens" if index in kinds.tokens else "requests"
         self.metrics.child(self.metrics.quota_refusals, name, what).inc()
         charge = plan.rates[index]
-        scope = f" on model '{charge.key.split(':', 2)[2]}'" if charge.key.count(":") >= 2 else ""
+        scope = f" on model '{model}'" if index in kinds.per_model else ""
         return RateLimited(
             f"Rate limit reached for tenant '{name}'{scope} on {what} per minute: "
             f"limit {charge.rate.limit}, requested {charge.cost}. "
