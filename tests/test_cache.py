@@ -312,3 +312,21 @@ async def test_redis_passwords_reach_no_answer_or_log(caplog: pytest.LogCaptureF
     assert answer.status_code == 200 and answer.headers["x-kvroute-cache"] == "bypass"
     assert "s3cret-pw" not in shown and "s3cret-pw" not in logged
     assert "redis://***@127.0.0.1:1/0" in shown
+
+
+async def test_two_routers_sharing_redis_make_one_upstream_call() -> None:
+    slow = EngineParams(step_base=0.02, prefill_per_token=0.0, decode_per_seq=0.0)
+    async with RedisServer() as redis, simulator(["m", "plain"], slow) as (sim, _):
+        cfg = cache_config(sim, redis.url)
+        async with router(cfg) as a, router(cfg) as b:
+            async with httpx.AsyncClient(timeout=30) as client:
+                answers = await asyncio.gather(
+                    *(
+                        client.post(url + "/v1/chat/completions", json=chat("across"))
+                        for url in [a, b] * 10
+                    )
+                )
+        served = await upstream_requests(sim)
+    assert served == 1  # one replica asked; the other waited on its lock
+    assert sorted(r.headers["x-kvroute-cache"] for r in answers) == ["hit"] * 19 + ["miss"]
+    assert len({r.json()["choices"][0]["message"]["content"] for r in answers}) == 1
