@@ -1,13 +1,18 @@
 """How much kvroute costs as a proxy: direct vs. a bare Starlette + aiohttp floor vs. kvroute.
 
-One run starts a zero-latency vLLM simulator and, each as its own process:
+One run starts a zero-latency vLLM simulator, a redis-server on a free loopback port
+(for the tenancy target's counters) and, each as its own process:
 
 * ``floor``   - the least a Python proxy can do: one Starlette POST route that reads the
                 body, forwards it with a pooled aiohttp session and relays the answer
                 (chunks through a StreamingResponse), under uvicorn (httptools, uvloop,
                 one worker, no access log); it lives in this file (``overhead.py floor``);
 * ``kvroute`` - ``kvroute serve`` with a round-robin model over the simulator;
-* ``kvroute+log`` - the same with its JSON access log on (written to a file).
+* ``kvroute+log`` - the same with its JSON access log on (written to a file);
+* ``kvroute+tenancy`` - ``kvroute`` with API keys on (wrk sends the tenant's key) and one
+                tenant whose rpm, tpm, max_concurrent and daily_tokens are all set, far
+                above what the run uses, in that Redis: every request runs the whole
+                admit script and, after its answer, the settle script, and none is refused.
 
 wrk (a separate C process, one thread, closed loop) drives the targets - ``direct`` is
 the simulator itself - with a small non-streamed chat request at concurrency 1, 16 and
@@ -15,11 +20,17 @@ the simulator itself - with a small non-streamed chat request at concurrency 1, 
 rounds of a fixed duration over all targets, each round in another order; the report
 keeps each figure's median over the rounds, the proxies' CPU time per request besides,
 and measures a round again when other processes were busy on the machine meanwhile.
-The ratios come from that one run. Results go to ``benchmarks/results/overhead.json``
-and ``overhead.png``; then (unless ``--no-profile``) py-spy samples kvroute under the
-c=16 load and ``overhead_profile.txt`` lists its hot spots.
+The ratios come from that one run: kvroute's against the floor's, and the tenancy
+target's against plain kvroute's (the cost of keys and quotas). After the load, the
+script checks that the tenant's requests were really counted (kvroute's tenant counters,
+``/admin/tenants``, the Redis scripts' call counts, ``x-ratelimit-*`` on a probe) and
+that nothing was refused. Results go to ``benchmarks/results/overhead.json``,
+``overhead.png`` and ``overhead.md``; then (unless ``--no-profile``) py-spy samples
+kvroute under the c=16 load and ``overhead_profile.txt`` lists its hot spots, and
+``overhead_tenancy_profile.txt`` those of the tenancy target.
 
-    .venv/bin/python benchmarks/overhead.py            # about 4 minutes
+    .venv/bin/python benchmarks/overhead.py            # about 6 minutes
+    .venv/bin/python benchmarks/overhead.py --targets kvroute kvroute+tenancy --out /tmp/t.json
     .venv/bin/python benchmarks/overhead.py --help
 
 Only 127.0.0.1 is ever targeted, and every loop is bounded by a duration or a count.
@@ -28,8 +39,10 @@ Only 127.0.0.1 is ever targeted, and every loop is bounded by a duration or a co
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import datetime as dt
+import hashlib
 import http.client
 import importlib.metadata
 import json
@@ -65,6 +78,22 @@ OWN_PACKAGES = ("router", "backends", "policies")
 #: What the report holds kvroute to.
 TARGET_RPS_PCT_OF_FLOOR = 60.0
 TARGET_ADDED_P50_MS = 0.25
+#: ... and the tenancy path, against plain kvroute's req/s at the same load.
+TARGET_TENANCY_PCT_OF_KVROUTE = 80.0
+
+#: Every target, in the order a round visits them first.
+TARGETS = ("direct", "floor", "kvroute", "kvroute+log", "kvroute+tenancy")
+TENANCY = "kvroute+tenancy"
+TENANT = "bench-tenant"
+#: The tenant's limits: all set (so every limit is checked and charged on every request),
+#: each far above what a run can use (a run sends well under 1,000,000 requests and
+#: 100,000,000 tokens in all), so that nothing is ever refused.
+TENANT_LIMITS = {
+    "rpm": 60_000_000,
+    "tpm": 6_000_000_000,
+    "max_concurrent": 100_000,
+    "daily_tokens": 1_000_000_000_000,
+}
 
 CHAT_BODY = {
     "model": MODEL,
@@ -82,7 +111,7 @@ STREAM_BODY = {
 WRK_LUA = """\
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = [[%(body)s]]
+%(headers)swrk.body = [[%(body)s]]
 
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -284,12 +313,17 @@ def wait_port(children: Children, name: str, port: int, timeout: float = 30.0) -
 # ------------------------------------------------------------------------------ checks
 
 
-def post(port: int, body: dict[str, Any]) -> tuple[int, str, bytes]:
+def post(
+    port: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, str, bytes, dict[str, str]]:
+    """Status, content type, body and (lower-cased) headers of one POST."""
     conn = http.client.HTTPConnection(HOST, port, timeout=30)
     try:
-        conn.request("POST", PATH, json.dumps(body), {"content-type": "application/json"})
+        sent = {"content-type": "application/json", **(headers or {})}
+        conn.request("POST", PATH, json.dumps(body), sent)
         resp = conn.getresponse()
-        return resp.status, resp.getheader("content-type", ""), resp.read()
+        got = {k.lower(): v for k, v in resp.getheaders()}
+        return resp.status, resp.getheader("content-type", ""), resp.read(), got
     finally:
         conn.close()
 
@@ -308,16 +342,17 @@ def get(port: int, path: str) -> tuple[int, bytes]:
 CHECK_REQUESTS = 2
 
 
-def check_target(name: str, port: int) -> dict[str, Any]:
-    """One plain and one streamed request, answered right: or BenchError."""
-    status, _, data = post(port, CHAT_BODY)
+def check_target(name: str, port: int, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """One plain and one streamed request, answered right: or BenchError. The
+    ``x-ratelimit-*`` headers of the plain one's answer are kept (a tenant's limits)."""
+    status, _, data, answer_headers = post(port, CHAT_BODY, headers)
     chat_bytes = len(data)
     if status != 200:
         raise BenchError(f"{name}: chat request got {status}: {data[:300]!r}")
     answer = json.loads(data)
     if not answer.get("choices"):
         raise BenchError(f"{name}: chat answer has no choices: {data[:300]!r}")
-    status, content_type, data = post(port, STREAM_BODY)
+    status, content_type, data, _ = post(port, STREAM_BODY, headers)
     if status != 200 or not content_type.startswith("text/event-stream"):
         raise BenchError(f"{name}: stream got {status} {content_type}: {data[:300]!r}")
     events = [line[6:] for line in data.split(b"\n") if line.startswith(b"data: ")]
@@ -328,7 +363,11 @@ def check_target(name: str, port: int) -> dict[str, Any]:
     if errors:
         raise BenchError(f"{name}: stream carried an error event: {errors[0]}")
     tokens = sum(1 for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content"))
-    return {"chat_bytes": chat_bytes, "stream_chunks": len(chunks), "tokens": tokens}
+    out: dict[str, Any] = {"chat_bytes": chat_bytes, "stream_chunks": len(chunks), "tokens": tokens}
+    limits = {k: v for k, v in answer_headers.items() if k.startswith("x-ratelimit-")}
+    if limits:
+        out["ratelimit_headers"] = limits
+    return out
 
 
 def kvroute_counters(port: int) -> dict[str, dict[str, float]]:
@@ -386,6 +425,72 @@ def kvroute_health(
     }
 
 
+def _labelled(series: dict[str, float], label: str, value: str) -> dict[str, float]:
+    """The samples of one counter whose ``label`` is ``value``."""
+    return {k: v for k, v in series.items() if f'{label}="{value}"' in k}
+
+
+def tenancy_health(
+    port: int, tenancy: Tenancy, counters: dict[str, dict[str, float]], check: dict[str, Any]
+) -> dict[str, Any]:
+    """Whether the tenancy target really did the tenant's bookkeeping on every request:
+    kvroute counted every request for the tenant and refused none, Redis ran the admit
+    and settle scripts for each (its own call counts), the tenant's day budget holds its
+    tokens (``/admin/tenants``), the probe's answer carried ``x-ratelimit-*``, and the
+    store never failed (which would have let requests through unlimited: fail_open)."""
+    requests = sum(counters.get("kvroute_requests_total", {}).values())
+    tenant = _labelled(counters.get("kvroute_tenant_requests_total", {}), "tenant", TENANT)
+    statuses: Counter[str] = Counter()
+    for labels, value in tenant.items():
+        m = re.search(r'status="(\d+)"', labels)
+        statuses[m.group(1) if m else "?"] += int(value)
+    tokens = _labelled(counters.get("kvroute_tenant_tokens_total", {}), "tenant", TENANT)
+    refused = int(sum(counters.get("kvroute_quota_refusals_total", {}).values()))
+    unenforced = int(sum(counters.get("kvroute_quota_unenforced_total", {}).values()))
+    settle_failed = int(sum(counters.get("kvroute_quota_settle_failures_total", {}).values()))
+    store_failed = int(sum(counters.get("kvroute_quota_store_failures_total", {}).values()))
+
+    status, data = get(port, "/admin/tenants")
+    admin: dict[str, Any] = {"status": status}
+    if status == 200:
+        answer = json.loads(data)
+        mine = [t for t in answer.get("tenants", ()) if t.get("name") == TENANT]
+        admin.update(store=answer.get("store"), usage=mine[0].get("usage") if mine else None)
+    commandstats = redis_call(tenancy.redis_port, "INFO", "commandstats")
+    evalsha = commandstats.get("cmdstat_evalsha", {}) if isinstance(commandstats, dict) else {}
+    keys = redis_call(tenancy.redis_port, "KEYS", "*")
+    counted = sum(statuses.values())
+    usage = admin.get("usage") or {}
+    checks = {
+        "every request counted for the tenant": counted == requests and counted > 0,
+        "no 429 or 503 (only 200 and wrk's 499s)": set(statuses) <= {"200", "499"},
+        "no quota refusal": refused == 0,
+        "no request let through unlimited (fail_open)": unenforced == 0,
+        "no store failure, no lost settle": store_failed == 0 and settle_failed == 0,
+        # A request wrk cut off (499) while its admit was under way is never settled.
+        "Redis ran admit + settle for every answered request": (
+            int(evalsha.get("calls", 0)) >= 2 * statuses["200"]
+        ),
+        "the day's budget holds the tenant's tokens": int(usage.get("tokens_today") or 0) > 0,
+        "x-ratelimit-* on the probe's answer": bool(check.get("ratelimit_headers")),
+    }
+    return {
+        "checks": checks,
+        "all_ok": all(checks.values()),
+        "kvroute_requests": int(requests),
+        "tenant_statuses": dict(sorted(statuses.items())),
+        "tenant_tokens": {k: int(v) for k, v in tokens.items()},
+        "quota_refusals": refused,
+        "quota_unenforced": unenforced,
+        "quota_settle_failures": settle_failed,
+        "quota_store_failures": store_failed,
+        "admin_tenants": admin,
+        "redis_commandstats": commandstats,
+        "redis_keys": sorted(keys) if isinstance(keys, list) else keys,
+        "probe_ratelimit_headers": check.get("ratelimit_headers"),
+    }
+
+
 # -------------------------------------------------------------------------------- wrk
 
 
@@ -425,18 +530,31 @@ class Load:
 class Wrk:
     binary: str
     scriptdir: Path
-    scripts: dict[str, Path] = field(default_factory=dict)
+    scripts: dict[tuple[str, tuple[tuple[str, str], ...]], Path] = field(default_factory=dict)
 
-    def script(self, load: Load) -> Path:
-        key = "stream" if load.stream else "chat"
+    def script(self, load: Load, headers: dict[str, str] | None = None) -> Path:
+        """The Lua script of ``load``, sending ``headers`` besides the content type (the
+        tenancy target's key: only its requests carry one, as only a client of a router
+        with keys sends one)."""
+        kind = "stream" if load.stream else "chat"
+        key = (kind, tuple(sorted((headers or {}).items())))
         if key not in self.scripts:
-            path = self.scriptdir / f"{key}.lua"
+            path = self.scriptdir / f"{kind}-{len(self.scripts)}.lua"
             body = json.dumps(load.body, separators=(",", ":"))
-            path.write_text(WRK_LUA % {"body": body})
+            lines = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in key[1])
+            path.write_text(WRK_LUA % {"body": body, "headers": lines})
             self.scripts[key] = path
         return self.scripts[key]
 
-    def start(self, children: Children, tag: str, port: int, load: Load, seconds: float) -> str:
+    def start(
+        self,
+        children: Children,
+        tag: str,
+        port: int,
+        load: Load,
+        seconds: float,
+        headers: dict[str, str] | None = None,
+    ) -> str:
         name = f"wrk-{tag}"
         argv = [
             self.binary,
@@ -446,7 +564,7 @@ class Wrk:
             "--timeout",
             "30s",
             "-s",
-            str(self.script(load)),
+            str(self.script(load, headers)),
             f"http://{HOST}:{port}{PATH}",
         ]
         children.start(name, argv, "wrk")
@@ -468,9 +586,16 @@ class Wrk:
         raise BenchError(f"{name} printed no result (exit {proc.returncode}):\n{out[-1500:]}")
 
     def run(
-        self, children: Children, tag: str, port: int, load: Load, seconds: float
+        self,
+        children: Children,
+        tag: str,
+        port: int,
+        load: Load,
+        seconds: float,
+        headers: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        return self.finish(children, self.start(children, tag, port, load, seconds), seconds)
+        name = self.start(children, tag, port, load, seconds, headers)
+        return self.finish(children, name, seconds)
 
 
 def summarise(raw: dict[str, Any], load: Load, chunks_per_stream: int) -> dict[str, Any]:
@@ -506,6 +631,7 @@ MEDIAN_KEYS = (
     "mean_ms",
     "proxy_cpu_us_per_req",
     "proxy_cpu_pct",
+    "redis_cpu_us_per_req",
     "sim_cpu_us_per_req",
     "foreign_cpu_pct",
 )
@@ -534,7 +660,14 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     out["rounds"] = [
         {
             k: r[k]
-            for k in ("rps", "p50_ms", "p99_ms", "proxy_cpu_us_per_req", "foreign_cpu_pct")
+            for k in (
+                "rps",
+                "p50_ms",
+                "p99_ms",
+                "proxy_cpu_us_per_req",
+                "redis_cpu_us_per_req",
+                "foreign_cpu_pct",
+            )
             if k in r
         }
         for r in rounds
@@ -589,13 +722,24 @@ def _short(func: str, file: str, line: str) -> str:
     return f"{func}  ({short}:{line})" if line else f"{func}  ({short})"
 
 
-def summarise_profile(raw: str, extra: Sequence[str]) -> str:
-    """A text summary of py-spy's raw (collapsed) stacks: components and hot functions."""
+def summarise_profile(raw: str, extra: Sequence[str], title: str = "kvroute under load") -> str:
+    """A text summary of py-spy's raw (collapsed) stacks: components and hot functions.
+
+    Only the event loop's thread counts. kvroute's other threads (anyio's worker that
+    watches the config file, the loop's default executor) sit blocked in
+    ``clock_nanosleep`` or a futex wait, but with native frames py-spy takes them for
+    busy: they made up about half of the "busy" samples, diluting every figure. Their
+    share is printed, not counted."""
     stacks: list[tuple[list[tuple[str, str, str]], int]] = []
+    threads = 0
     for line in raw.splitlines():
         stack, _, samples = line.rpartition(" ")
         if stack and samples.isdigit():
-            stacks.append(([_frame(f) for f in stack.split(";")], int(samples)))
+            frames = [_frame(f) for f in stack.split(";")]
+            if any(f[0] == "Thread._bootstrap" and f[1].endswith("/threading.py") for f in frames):
+                threads += int(samples)
+                continue
+            stacks.append((frames, int(samples)))
     total = sum(c for _, c in stacks) or 1
 
     by_component: Counter[str] = Counter()
@@ -632,15 +776,17 @@ def summarise_profile(raw: str, extra: Sequence[str]) -> str:
         return ["", title, "-" * len(title), *rows]
 
     lines = [
-        "kvroute under load: py-spy profile summary (benchmarks/overhead.py)",
+        f"{title}: py-spy profile summary (benchmarks/overhead.py)",
         *extra,
-        f"samples: {total} (idle samples excluded; every % is of the busy samples)",
+        f"samples: {total} of the event loop's thread (idle samples excluded; every % is of "
+        f"these busy samples); left out: {threads} samples of other threads (blocked "
+        "worker threads py-spy takes for busy, see summarise_profile)",
         "'self' = the sample's innermost Python frame, with the C code it was calling;",
         "'inclusive' = samples with the function anywhere on the stack.",
     ]
     lines += table("CPU by component of the innermost Python frame", by_component)
     lines += table("CPU by component of the leaf frame (native frames included)", by_leaf_component)
-    lines += table("kvroute's own code (router/, backends/, policies/): inclusive", own_incl)
+    lines += table("kvroute's own code (router/, backends/, policies/): inclusive", own_incl, 30)
     lines += table("kvroute's own code: self", own_self)
     lines += table("libraries and stdlib (Python frames): self", lib_self)
     lines += table("libraries and stdlib (Python frames): inclusive", lib_incl)
@@ -650,20 +796,22 @@ def summarise_profile(raw: str, extra: Sequence[str]) -> str:
 
 
 def profile_kvroute(
-    children: Children, wrk: Wrk, port: int, seconds: float, out: Path, commit: str
+    children: Children, wrk: Wrk, target: Target, seconds: float, out: Path, commit: str
 ) -> dict[str, Any]:
+    """py-spy samples ``target``'s process under the chat c=16 load; a summary to ``out``."""
     py_spy = Path(sys.executable).with_name("py-spy")
     if not py_spy.exists() and shutil.which("py-spy"):
         py_spy = Path(str(shutil.which("py-spy")))
     if not py_spy.exists():
         print("py-spy not found: skipping the profile", flush=True)
         return {"skipped": "py-spy not found"}
-    pid = children.procs["kvroute"].pid
+    assert target.proxy is not None
+    pid = children.procs[target.proxy].pid
     load = Load("chat", CHAT_BODY, PROFILE_CONCURRENCY)
-    raw_path = children.logdir / "kvroute.pyspy.txt"
+    raw_path = children.logdir / f"{target.name}.pyspy.txt"
     result: dict[str, Any] = {}
     for native in (True, False):
-        wrk_name = wrk.start(children, "profile", port, load, seconds + 4)
+        wrk_name = wrk.start(children, "profile", target.port, load, seconds + 4, target.headers)
         time.sleep(2)
         argv = [str(py_spy), "record", "--pid", str(pid), "--duration", str(round(seconds))]
         argv += ["--rate", "200", "--format", "raw", "--full-filenames", "--function"]
@@ -678,13 +826,15 @@ def profile_kvroute(
         return {"skipped": "py-spy failed"}
     extra = [
         f"load: wrk, non-streamed chat, c={PROFILE_CONCURRENCY}, {seconds:.0f} s of samples "
-        f"at 200 Hz{' with native frames' if result['native'] else ''}; kvroute served "
+        f"at 200 Hz{' with native frames' if result['native'] else ''}; {target.name} served "
         f"{loaded['rps']:.0f} req/s while sampled (py-spy pauses it to sample)",
+        f"target: {target.name}: {TARGET_NOTES.get(target.name, '')}",
         f"date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}, "
         f"kvroute at commit {commit}",
     ]
-    out.write_text(summarise_profile(raw_path.read_text(errors="replace"), extra))
-    result["summary"] = str(out.relative_to(ROOT))
+    title = f"{target.name} under load"
+    out.write_text(summarise_profile(raw_path.read_text(errors="replace"), extra, title))
+    result["summary"] = str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out)
     return result
 
 
@@ -729,10 +879,19 @@ def machine_info() -> dict[str, Any]:
 
 def compute_ratios(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
     ratios: dict[str, Any] = {}
-    for target in ("kvroute", "kvroute+log"):
+    for target in ("kvroute", "kvroute+log", TENANCY):
         if target not in runs:
             continue
-        r: dict[str, Any] = {}
+        r: dict[str, Any] = {"targets": {}}
+        ratios[target] = r
+        if target == TENANCY and "kvroute" in runs:
+            r["vs_kvroute"] = tenancy_ratios(runs[TENANCY], runs["kvroute"])
+            lowest = min(v["pct_of_kvroute"] for v in r["vs_kvroute"].values())
+            r["min_pct_of_kvroute"] = lowest
+            name = f"req/s >= {TARGET_TENANCY_PCT_OF_KVROUTE:.0f}% of plain kvroute's at every load"
+            r["targets"][name] = lowest >= TARGET_TENANCY_PCT_OF_KVROUTE
+        if "floor" not in runs or "direct" not in runs:
+            continue
         for label, floor in runs["floor"].items():
             mine, direct = runs[target][label], runs["direct"][label]
             key = "chunks_per_s" if "chunks_per_s" in floor else "rps"
@@ -756,6 +915,8 @@ def compute_ratios(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]
         )
         chat = [f"chat c={c}" for c in CONCURRENCIES]
         r["min_pct_of_floor_chat"] = min(r[label]["pct_of_floor"] for label in chat)
+        if target == TENANCY:
+            continue  # held to plain kvroute's figures (above), not to the floor's
         r["targets"] = {
             f"req/s >= {TARGET_RPS_PCT_OF_FLOOR:.0f}% of floor at every concurrency": (
                 r["min_pct_of_floor_chat"] >= TARGET_RPS_PCT_OF_FLOOR
@@ -764,13 +925,33 @@ def compute_ratios(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]
                 r["added_p50_ms_c1"] <= TARGET_ADDED_P50_MS
             ),
         }
-        ratios[target] = r
     return ratios
+
+
+def tenancy_ratios(
+    tenancy: dict[str, dict[str, Any]], plain: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per load, the tenancy target against plain kvroute: req/s (streams carry as many
+    chunks each, so chunks/s gives the same ratio), the CPU time kvroute and Redis spend
+    on a request besides, and the median latency added."""
+    out: dict[str, dict[str, Any]] = {}
+    for label, mine in tenancy.items():
+        base = plain[label]
+        out[label] = {
+            "pct_of_kvroute": round(100 * mine["rps"] / base["rps"], 1),
+            "added_proxy_cpu_us_per_req": round(
+                mine["proxy_cpu_us_per_req"] - base["proxy_cpu_us_per_req"], 1
+            ),
+            "redis_cpu_us_per_req": mine.get("redis_cpu_us_per_req"),
+            "added_p50_ms": round(mine["p50_ms"] - base["p50_ms"], 3),
+            "added_p99_ms": round(mine["p99_ms"] - base["p99_ms"], 3),
+        }
+    return out
 
 
 def format_table(runs: dict[str, dict[str, dict[str, Any]]], ratios: dict[str, Any]) -> str:
     head = (
-        f"{'load':<11} {'target':<11} {'req/s':>8} {'spread':>7} {'chunks/s':>9} "
+        f"{'load':<11} {'target':<15} {'req/s':>8} {'spread':>7} {'chunks/s':>9} "
         f"{'p50 ms':>8} {'p99 ms':>8} {'% floor':>8} {'CPU us/req':>10} {'non-2xx':>7} "
         f"{'sock err':>8}"
     )
@@ -782,7 +963,7 @@ def format_table(runs: dict[str, dict[str, dict[str, Any]]], ratios: dict[str, A
             chunks = f"{r['chunks_per_s']:>9.0f}" if "chunks_per_s" in r else f"{'':>9}"
             cpu = r.get("proxy_cpu_us_per_req")
             lines.append(
-                f"{label:<11} {target:<11} {r['rps']:>8.1f} {r['rps_spread_pct']:>6.1f}% {chunks} "
+                f"{label:<11} {target:<15} {r['rps']:>8.1f} {r['rps_spread_pct']:>6.1f}% {chunks} "
                 f"{r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} "
                 f"{'' if pct is None else f'{pct:.1f}%':>8} "
                 f"{'' if cpu is None else f'{cpu:.0f}':>10} "
@@ -794,11 +975,20 @@ def format_table(runs: dict[str, dict[str, dict[str, Any]]], ratios: dict[str, A
         "of the rounds' req/s; CPU: the proxy process's user+system time per request"
     )
     for target, r in ratios.items():
-        lines.append(
-            f"{target}: added p50 at c=1 over direct {r['added_p50_ms_c1']:+.3f} ms "
-            f"(floor {r['floor_added_p50_ms_c1']:+.3f} ms); lowest chat req/s "
-            f"{r['min_pct_of_floor_chat']:.1f}% of floor"
-        )
+        if "added_p50_ms_c1" in r:
+            lines.append(
+                f"{target}: added p50 at c=1 over direct {r['added_p50_ms_c1']:+.3f} ms "
+                f"(floor {r['floor_added_p50_ms_c1']:+.3f} ms); lowest chat req/s "
+                f"{r['min_pct_of_floor_chat']:.1f}% of floor"
+            )
+        else:
+            lines.append(f"{target}:")
+        for label, v in r.get("vs_kvroute", {}).items():
+            lines.append(
+                f"  {label:<11} {v['pct_of_kvroute']:5.1f}% of kvroute's req/s; "
+                f"kvroute CPU {v['added_proxy_cpu_us_per_req']:+.0f} us/req, Redis CPU "
+                f"{v['redis_cpu_us_per_req']:.0f} us/req; p50 {v['added_p50_ms']:+.3f} ms"
+            )
         for name, met in r["targets"].items():
             lines.append(f"  target {name}: {'MET' if met else 'NOT MET'}")
     return "\n".join(lines)
@@ -824,6 +1014,22 @@ def markdown_table(runs: dict[str, dict[str, dict[str, Any]]], ratios: dict[str,
                 f"{'' if cpu is None else f'{cpu:.0f}'} | {r['rps_spread_pct']:.0f}% | "
                 f"{r['non_2xx']} / {sum(r['socket_errors'].values())} |"
             )
+    vs = ratios.get(TENANCY, {}).get("vs_kvroute")
+    if vs:
+        lines += [
+            "",
+            f"`{TENANCY}` against plain `kvroute` in the same run:",
+            "",
+            "| load | req/s, % of kvroute | added kvroute CPU us/req | Redis CPU us/req | "
+            "added p50 ms | added p99 ms |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for label, v in vs.items():
+            lines.append(
+                f"| {label} | **{v['pct_of_kvroute']:.0f}%** | "
+                f"{v['added_proxy_cpu_us_per_req']:+.0f} | {v['redis_cpu_us_per_req']:.0f} | "
+                f"{v['added_p50_ms']:+.3f} | {v['added_p99_ms']:+.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -836,7 +1042,13 @@ def plot(runs: dict[str, dict[str, dict[str, Any]]], meta: dict[str, Any], out: 
     targets = list(runs)
     chat = [f"chat c={c}" for c in CONCURRENCIES]
     stream = [f"stream c={c}" for c in STREAM_CONCURRENCIES]
-    colours = {"direct": "#7f7f7f", "floor": "#1f77b4", "kvroute": "#d62728"}
+    colours = {
+        "direct": "#7f7f7f",
+        "floor": "#1f77b4",
+        "kvroute": "#d62728",
+        "kvroute+log": "#ff7f0e",
+        TENANCY: "#2ca02c",
+    }
     width = 0.8 / len(targets)
     fig, axes = plt.subplots(2, 2, figsize=(14, 9))
 
@@ -890,15 +1102,82 @@ def plot(runs: dict[str, dict[str, dict[str, Any]]], meta: dict[str, Any], out: 
 # ------------------------------------------------------------------------------- main
 
 
-def write_config(path: Path, port: int, sim_port: int, access_log: bool) -> None:
-    log = "true" if access_log else "false"
-    path.write_text(
-        f"server: {{host: {HOST}, port: {port}, access_log: {log}, log_level: info}}\n"
-        "endpoints:\n"
-        f'  - {{id: sim-0, url: "http://{HOST}:{sim_port}", kind: vllm, models: [{MODEL}]}}\n'
-        "models:\n"
-        f"  {MODEL}: {{policy: round_robin}}\n"
-    )
+@dataclass(frozen=True)
+class Tenancy:
+    """The tenancy target's key, tenant and Redis."""
+
+    key: str
+    redis_port: int
+
+    @property
+    def key_hash(self) -> str:
+        # What router/tenants.py's hash_key gives (this file does not import router/).
+        return "sha256:" + hashlib.sha256(self.key.encode()).hexdigest()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+def new_tenancy(redis_port: int) -> Tenancy:
+    """A fresh key for this run, as ``kvroute keys new`` makes them."""
+    key = "kvr-" + base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
+    return Tenancy(key, redis_port)
+
+
+def write_config(
+    path: Path, port: int, sim_port: int, access_log: bool, tenancy: Tenancy | None = None
+) -> None:
+    config: dict[str, Any] = {
+        "server": {"host": HOST, "port": port, "access_log": access_log, "log_level": "info"},
+        "endpoints": [
+            {"id": "sim-0", "url": f"http://{HOST}:{sim_port}", "kind": "vllm", "models": [MODEL]}
+        ],
+        "models": {MODEL: {"policy": "round_robin"}},
+    }
+    if tenancy is not None:
+        config["auth"] = {"enabled": True}
+        config["tenants"] = {TENANT: {"keys": [tenancy.key_hash], **TENANT_LIMITS}}
+        config["quotas"] = {"redis": f"redis://{HOST}:{tenancy.redis_port}/0"}
+        # For the check after the run (GET /admin/tenants); loopback only, and /admin is
+        # not on the inference path.
+        config["admin"] = {"open": True}
+    path.write_text(json.dumps(config, indent=1) + "\n")  # JSON is YAML
+
+
+def start_redis(children: Children) -> int:
+    """A redis-server without persistence on a free loopback port (as tests/redis_server.py
+    starts one); it is a child like the others, so it is stopped on the way out."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchError(
+            "the kvroute+tenancy target needs redis-server: apt-get install redis-server "
+            "(./dev test installs it), or leave the target out with --targets"
+        )
+    port = free_port()
+    argv = [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
+    argv += ["--dir", str(children.logdir)]
+    children.start("redis", argv, "sim")
+    wait_port(children, "redis", port)
+    deadline = time.monotonic() + 10
+    while redis_call(port, "PING") is not True:  # redis-py answers PONG as True
+        if time.monotonic() > deadline:
+            raise BenchError("redis-server did not answer PING")
+        time.sleep(0.05)
+    return port
+
+
+def redis_call(port: int, *args: str) -> Any:
+    """One Redis command and its answer, with a short-lived connection."""
+    import redis  # kvroute's own dependency (router/quota/redis.py)
+
+    client = redis.Redis(host=HOST, port=port, socket_timeout=5, decode_responses=True)
+    try:
+        return client.execute_command(*args)
+    except redis.RedisError as exc:
+        return f"error: {exc}"
+    finally:
+        client.close()
 
 
 @contextlib.contextmanager
@@ -919,9 +1198,28 @@ class Target:
     port: int
     #: The process whose CPU time is the proxy's (None for the simulator itself).
     proxy: str | None
+    #: Headers wrk and the checks send (the tenancy target's key).
+    headers: dict[str, str] = field(default_factory=dict)
+    #: Other processes that work for this target alone (its Redis), whose CPU time per
+    #: request is reported beside the proxy's.
+    helpers: tuple[str, ...] = ()
 
 
-def start_targets(children: Children, access_log: bool) -> list[Target]:
+#: What each target is, for the report.
+TARGET_NOTES = {
+    "direct": "the zero-latency vLLM simulator itself (kvroute simulate)",
+    "floor": "bare Starlette + pooled aiohttp pass-through (this file)",
+    "kvroute": "kvroute serve, round_robin, access_log false",
+    "kvroute+log": "kvroute serve, round_robin, access_log true (to a file)",
+    TENANCY: "kvroute serve, round_robin, access_log false, auth enabled, one tenant "
+    "with rpm, tpm, max_concurrent and daily_tokens all set (never reached), counters in "
+    "a redis-server of its own on loopback; wrk sends the tenant's key",
+}
+
+
+def start_targets(children: Children, names: Sequence[str]) -> tuple[list[Target], Tenancy | None]:
+    """The simulator and the ``names`` targets (``direct`` is the simulator itself);
+    the Redis and key of the tenancy target when it is among them."""
     sim_port = free_port()
     children.start(
         "sim",
@@ -932,25 +1230,33 @@ def start_targets(children: Children, access_log: bool) -> list[Target]:
         "sim",
     )
     wait_port(children, "sim", sim_port)
-    targets = [Target("direct", sim_port, None), Target("floor", free_port(), "floor")]
-    children.start(
-        "floor",
-        [
-            *(sys.executable, str(Path(__file__).resolve()), "floor"),
-            *("--port", str(targets[1].port), "--upstream", f"http://{HOST}:{sim_port}"),
-        ],
-        "proxy",
-    )
-    for name, log in [("kvroute", False), *([("kvroute+log", True)] if access_log else [])]:
+    targets: list[Target] = []
+    tenancy = new_tenancy(start_redis(children)) if TENANCY in names else None
+    for name in TARGETS:
+        if name not in names:
+            continue
+        if name == "direct":
+            targets.append(Target("direct", sim_port, None))
+            continue
         target = Target(name, free_port(), name)
+        targets.append(target)
+        if name == "floor":
+            argv = [sys.executable, str(Path(__file__).resolve()), "floor"]
+            argv += ["--port", str(target.port), "--upstream", f"http://{HOST}:{sim_port}"]
+            children.start("floor", argv, "proxy")
+            continue
+        mine = tenancy if name == TENANCY else None
+        if mine is not None:
+            target.headers = mine.headers
+            target.helpers = ("redis",)
         config = children.logdir / f"{name}.yaml"
-        write_config(config, target.port, sim_port, log)
+        write_config(config, target.port, sim_port, name == "kvroute+log", mine)
         argv = [sys.executable, "-m", "router.cli", "serve", "--config", str(config)]
         children.start(name, argv, "proxy")
-        targets.append(target)
-    for target in targets[1:]:
-        wait_port(children, target.name, target.port)
-    return targets
+    for target in targets:
+        if target.proxy:
+            wait_port(children, target.name, target.port)
+    return targets, tenancy
 
 
 def measure_once(
@@ -961,7 +1267,7 @@ def measure_once(
     before = {name: cpu_seconds(p) for name, p in long_lived.items()}
     mine0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     busy0 = machine_jiffies()
-    raw = wrk.run(children, "measure", target.port, load, seconds)
+    raw = wrk.run(children, "measure", target.port, load, seconds, target.headers)
     busy1 = machine_jiffies()
     mine1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     spent = {name: cpu_seconds(p) - before[name] for name, p in long_lived.items()}
@@ -971,6 +1277,8 @@ def measure_once(
     if target.proxy:
         r["proxy_cpu_us_per_req"] = round(1e6 * spent[target.proxy] / done, 1)
         r["proxy_cpu_pct"] = round(100 * spent[target.proxy] / r["seconds"], 1)
+    if target.helpers:
+        r["redis_cpu_us_per_req"] = round(1e6 * sum(spent[h] for h in target.helpers) / done, 1)
     # The rest of the machine's busy time went to processes outside this benchmark.
     ours = sum(spent.values()) + sum(
         (b.ru_utime + b.ru_stime) - (a.ru_utime + a.ru_stime)
@@ -1001,7 +1309,7 @@ def measure(
     for load in loads:
         warm: dict[str, dict[str, Any]] = {}
         for t in targets:
-            raw = wrk.run(children, "warmup", t.port, load, args.warmup)
+            raw = wrk.run(children, "warmup", t.port, load, args.warmup, t.headers)
             warm[t.name] = summarise(raw, load, 0)
         rounds: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
         # Every wrk run, kept or not, for checking kvroute's request counters.
@@ -1058,7 +1366,7 @@ def print_round(
     chunks = f" {r['chunks_per_s']:>8.0f} chunks/s" if load.stream else ""
     cpu = r.get("proxy_cpu_us_per_req")
     print(
-        f"{prefix} {load.label:<11} {name:<11} round {n + 1}  {r['rps']:>7.1f} req/s{chunks}"
+        f"{prefix} {load.label:<11} {name:<15} round {n + 1}  {r['rps']:>7.1f} req/s{chunks}"
         f"  p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:8.3f} ms"
         f"{'' if cpu is None else f'  proxy CPU {cpu:5.0f} us/req'}"
         f"  non-2xx {r['non_2xx']}  socket errors {sum(r['socket_errors'].values())}"
@@ -1078,11 +1386,25 @@ def print_health(health: dict[str, Any]) -> None:
             f"upstream errors {h['upstream_errors']}, stream errors {h['stream_errors']}, "
             f"error log lines {h['log']['error_lines']}"
         )
+        t = h.get("tenancy")
+        if t:
+            evalsha = (t["redis_commandstats"] or {}).get("cmdstat_evalsha", {})
+            usage = (t["admin_tenants"].get("usage") or {}) if t["admin_tenants"] else {}
+            print(
+                f"  tenant {TENANT}: statuses {t['tenant_statuses']}, tokens "
+                f"{t['tenant_tokens']}, tokens_today (Redis) {usage.get('tokens_today')}; "
+                f"Redis EVALSHA calls {evalsha.get('calls')} "
+                f"({evalsha.get('usec_per_call')} us each in Redis); refusals "
+                f"{t['quota_refusals']}, unenforced {t['quota_unenforced']}, store failures "
+                f"{t['quota_store_failures']}, settle failures {t['quota_settle_failures']}"
+            )
+            for what, ok in t["checks"].items():
+                print(f"    {'ok  ' if ok else 'FAIL'} {what}")
 
 
 def run(args: argparse.Namespace) -> int:
     wrk_binary = ensure_wrk(args.install_wrk)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     logdir = Path(tempfile.mkdtemp(prefix="kvroute-overhead-"))
     layout = cpu_layout(args.pin)
     children = Children(logdir, layout)
@@ -1106,11 +1428,17 @@ def run(args: argparse.Namespace) -> int:
                 f"{meta['wrk']}; logs in {logdir}",
                 flush=True,
             )
-            targets = start_targets(children, args.access_log)
+            targets, tenancy = start_targets(children, args.targets)
+            meta["targets_run"] = [t.name for t in targets]
+            if tenancy is not None:
+                meta["tenant"] = {"name": TENANT, **TENANT_LIMITS}
+                meta["redis"] = str(
+                    redis_call(tenancy.redis_port, "INFO", "server").get("redis_version", "?")
+                )
             checks: dict[str, Any] = {}
             for t in targets:
-                checks[t.name] = {"before": check_target(t.name, t.port)}
-                print(f"  {t.name:<12} on :{t.port} answers: {checks[t.name]['before']}")
+                checks[t.name] = {"before": check_target(t.name, t.port, t.headers)}
+                print(f"  {t.name:<15} on :{t.port} answers: {checks[t.name]['before']}")
 
             loads = [Load("chat", CHAT_BODY, c) for c in CONCURRENCIES]
             loads += [Load("stream", STREAM_BODY, c) for c in STREAM_CONCURRENCIES]
@@ -1131,52 +1459,54 @@ def run(args: argparse.Namespace) -> int:
 
             health: dict[str, Any] = {}
             for t in targets:
-                checks[t.name]["after"] = check_target(t.name, t.port)
-                if t.name.startswith("kvroute"):
-                    health[t.name] = kvroute_health(
-                        kvroute_counters(t.port),
-                        scan_log(logdir / f"{t.name}.log"),
-                        runs[t.name],
+                checks[t.name]["after"] = check_target(t.name, t.port, t.headers)
+            time.sleep(0.5)  # the checks' settles run after their answers
+            for t in targets:
+                if not t.name.startswith("kvroute"):
+                    continue
+                counters = kvroute_counters(t.port)
+                health[t.name] = kvroute_health(
+                    counters, scan_log(logdir / f"{t.name}.log"), runs[t.name]
+                )
+                if t.name == TENANCY and tenancy is not None:
+                    health[t.name]["tenancy"] = tenancy_health(
+                        t.port, tenancy, counters, checks[t.name]["after"]
                     )
             ratios = compute_ratios(runs)
-            profile: dict[str, Any] = {"skipped": "--no-profile"}
-            if args.profile:
-                print(f"profiling kvroute with py-spy for {args.profile_seconds:.0f} s ...")
-                kvroute = next(t for t in targets if t.name == "kvroute")
-                profile = profile_kvroute(
-                    children,
-                    wrk,
-                    kvroute.port,
-                    args.profile_seconds,
-                    RESULTS / "overhead_profile.txt",
-                    meta["git_commit"],
+            profile: dict[str, Any] = {} if args.profile else {"skipped": "--no-profile"}
+            profiles = {"kvroute": "_profile.txt", TENANCY: "_tenancy_profile.txt"}
+            for t in targets:
+                if not args.profile or t.name not in profiles:
+                    continue
+                print(f"profiling {t.name} with py-spy for {args.profile_seconds:.0f} s ...")
+                out = args.out.with_name(args.out.stem + profiles[t.name])
+                result = profile_kvroute(
+                    children, wrk, t, args.profile_seconds, out, meta["git_commit"]
                 )
+                # kvroute's at the top level (as before), the tenancy target's under its name.
+                profile = result if t.name == "kvroute" else {**profile, t.name: result}
             meta["elapsed_s"] = round(time.monotonic() - started, 1)
             report = {
                 "meta": meta,
-                "targets": {
-                    "direct": "the zero-latency vLLM simulator itself (kvroute simulate)",
-                    "floor": "bare Starlette + pooled aiohttp pass-through (this file)",
-                    "kvroute": "kvroute serve, round_robin, access_log false",
-                    "kvroute+log": "kvroute serve, round_robin, access_log true (to a file)",
-                },
+                "targets": {t.name: TARGET_NOTES[t.name] for t in targets},
                 "runs": runs,
                 "ratios": ratios,
                 "checks": checks,
                 "kvroute_health": health,
                 "profile": profile,
             }
-            (RESULTS / "overhead.json").write_text(json.dumps(report, indent=2) + "\n")
-            plot(runs, meta, RESULTS / "overhead.png")
-            (RESULTS / "overhead.md").write_text(markdown_table(runs, ratios))
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+            plot(runs, meta, args.out.with_suffix(".png"))
+            args.out.with_suffix(".md").write_text(markdown_table(runs, ratios))
             print()
             print(format_table(runs, ratios))
             print()
             print_health(health)
             print_notes(meta)
-            print(f"\nwrote {RESULTS / 'overhead.json'}, overhead.png and overhead.md")
-            if "summary" in profile:
-                print(f"wrote {ROOT / profile['summary']}")
+            print(f"\nwrote {args.out} and its .png and .md")
+            for result in (profile, profile.get(TENANCY, {})):
+                if "summary" in result:
+                    print(f"wrote {ROOT / result['summary']}")
             print(f"took {meta['elapsed_s']:.0f} s")
             ok = True
             return 0
@@ -1201,10 +1531,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--rounds", type=int, default=6, help="measured rounds per load and target (median)"
     )
     parser.add_argument(
+        "--targets",
+        nargs="+",
+        choices=TARGETS,
+        default=list(TARGETS),
+        help="the targets to measure (default: all); the ratios need their baselines "
+        "(kvroute's: floor and direct; kvroute+tenancy's: kvroute)",
+    )
+    parser.add_argument(
         "--no-access-log",
         dest="access_log",
         action="store_false",
         help="skip the kvroute variant with its access log on",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS / "overhead.json",
+        help="the JSON report; the .png and .md beside it, and the profiles as "
+        "<stem>_profile.txt and <stem>_tenancy_profile.txt",
     )
     parser.add_argument(
         "--pin",
@@ -1248,6 +1593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_floor(args.port, args.upstream)
     if args.command == "report":
         return rerender(Path(args.json))
+    if not args.access_log:
+        args.targets = [t for t in args.targets if t != "kvroute+log"]
     return run(args)
 
 
