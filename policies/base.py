@@ -34,6 +34,8 @@ class EndpointView:
     #: Scraped from the backend's metrics; ``None`` when unknown or stale.
     running: float | None = None
     waiting: float | None = None
+    #: This router's ``in_flight`` when the scrape came back (None: unknown).
+    in_flight_at_scrape: int | None = None
     kv_usage: float | None = None
     #: Tokens the endpoint's KV cache holds (scraped or configured), if known.
     kv_capacity_tokens: int | None = None
@@ -94,14 +96,21 @@ class Policy(Protocol):
 
 
 def load_of(endpoint: EndpointView) -> float:
-    """Requests an endpoint holds. This router's in-flight count is exact for
-    its own traffic; the backend's scraped running + waiting also counts what
-    other routers sent, but lags. The larger of the two, so neither is missed
-    nor counted twice."""
+    """Requests an endpoint holds. This router's in-flight count is exact and
+    current for its own traffic; the backend's scraped running + waiting also
+    counts what other routers sent, but lags (up to a scrape interval). So:
+    our in-flight now, plus what the scrape saw beyond our own in-flight at
+    that moment (the others' share). Taking the larger of the two instead let
+    a 2 s old scrape hide the requests sent since, and at saturation every
+    request went to the endpoint that had looked emptiest at the last scrape
+    (benchmarks/README.md, "admission")."""
     if endpoint.running is None and endpoint.waiting is None:
         return float(endpoint.in_flight)
     scraped = (endpoint.running or 0.0) + (endpoint.waiting or 0.0)
-    return max(float(endpoint.in_flight), scraped)
+    if endpoint.in_flight_at_scrape is None:
+        return max(float(endpoint.in_flight), scraped)
+    others = max(0.0, scraped - endpoint.in_flight_at_scrape)
+    return endpoint.in_flight + others
 
 
 class NoParams(BaseModel):

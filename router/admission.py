@@ -60,9 +60,11 @@ class AdmissionRefused(RouterError):
     #: A metric label, from a fixed set.
     reason: str = "admission"
 
-    def __init__(self, message: str, retry_after: int) -> None:
+    def __init__(self, message: str, retry_after: int, waited: float = 0.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        #: Seconds the request waited before it was refused (0: refused at once).
+        self.waited = waited
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return [*super().headers(), (b"retry-after", str(self.retry_after).encode())]
@@ -72,11 +74,14 @@ class QueueFull(AdmissionRefused):
     code = "queue_full"
     reason = "queue_full"
 
-    def __init__(self, model: str, max_queue: int, retry_after: int) -> None:
+    def __init__(self, model: str, max_queue: int, retry_after: int, waited: float = 0.0) -> None:
         why = f"its queue is full ({max_queue} requests waiting)" if max_queue else "none may wait"
+        if waited:
+            why += " and a request of higher priority took this one's place"
         super().__init__(
             f"Every endpoint of model `{_shown(model)}` is busy and {why}; retry later.",
             retry_after,
+            waited,
         )
 
 
@@ -89,9 +94,8 @@ class QueueTimeout(AdmissionRefused):
             f"Every endpoint of model `{_shown(model)}` stayed busy for the {max_wait:g} s "
             "a request may wait; retry later.",
             retry_after,
+            waited,
         )
-        #: Seconds the request waited, for the same histogram as ``Ticket.waited``.
-        self.waited = waited
 
 
 def _shown(model: str) -> str:
@@ -127,6 +131,8 @@ class _Entry(Generic[T]):
     item: T
     cls: _Class[T]
     tenant: _Tenant[T]
+    #: Arrival order in the whole queue.
+    seq: int = 0
     live: bool = True
 
 
@@ -182,6 +188,7 @@ class FairQueue(Generic[T]):
         self._order: list[_Class[T]] = []
         self._turn = 0
         self._entries: dict[T, _Entry[T]] = {}
+        self._seq = 0
         self.set_weights(priorities)
 
     def set_weights(self, priorities: Mapping[str, int]) -> None:
@@ -227,7 +234,8 @@ class FairQueue(Generic[T]):
         if queue is None:
             queue = cls.ring[tenant] = _Tenant(tenant, weight)
         queue.weight = weight
-        entry = _Entry(item, cls, queue)
+        self._seq += 1
+        entry = _Entry(item, cls, queue, self._seq)
         queue.entries.append(entry)
         queue.live += 1
         cls.live += 1
@@ -293,6 +301,23 @@ class FairQueue(Generic[T]):
             tenant.dead = 0
         return True
 
+    def newest_below(self, priority: str) -> T | None:
+        """The newest waiter of the lightest class lighter than ``priority``
+        (None if none waits): the one a full queue turns away to make room."""
+        weight = self._weights.get(priority, 1)
+        lighter = [c for c in self._order if c.live and c.weight < weight]
+        if not lighter:
+            return None
+        cls = min(lighter, key=lambda c: c.weight)
+        newest: _Entry[T] | None = None
+        for tenant in cls.ring.values():
+            for entry in reversed(tenant.entries):
+                if entry.live:
+                    if newest is None or entry.seq > newest.seq:
+                        newest = entry
+                    break
+        return None if newest is None else newest.item
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -309,9 +334,11 @@ class FairQueue(Generic[T]):
 
 @dataclass(eq=False, slots=True)
 class _Waiter:
-    #: True when granted a slot, False when its deadline passed first.
+    #: True when granted a slot, False when its deadline passed first or a
+    #: higher priority took its place in a full queue (``displaced``).
     future: asyncio.Future[bool]
     granted: bool = False
+    displaced: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -423,7 +450,14 @@ class AdmissionGate:
             state.admitted += 1
             return Ticket(state, priority, 0.0, queued=False)
         if len(state.queue) >= config.max_queue:
-            raise QueueFull(model, config.max_queue, config.retry_after)
+            # Full: a newcomer of higher priority takes the place of the newest
+            # waiter of the lowest class below it; otherwise it is turned away.
+            victim = state.queue.newest_below(priority) if config.max_queue else None
+            if victim is None:
+                raise QueueFull(model, config.max_queue, config.retry_after)
+            state.queue.remove(victim)
+            victim.displaced = True
+            victim.future.set_result(False)
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future())
         state.queue.push(waiter, priority, tenant, weight)
@@ -441,6 +475,8 @@ class AdmissionGate:
         finally:
             timer.cancel()
         waited = self.clock() - start
+        if waiter.displaced:
+            raise QueueFull(model, config.max_queue, config.retry_after, waited)
         if not granted:
             raise QueueTimeout(model, config.max_wait, waited, config.retry_after)
         return Ticket(state, priority, waited, queued=True)
@@ -525,6 +561,8 @@ class Admission:
             )
         except AdmissionRefused as exc:
             metrics.child(metrics.admission_rejections, model, exc.reason).inc()
+            if exc.waited:  # the waits of refused requests count too
+                metrics.child(metrics.admission_wait, model, tenant.priority).observe(exc.waited)
             raise
         if ticket.queued:
             metrics.child(metrics.admission_wait, model, ticket.priority).observe(ticket.waited)

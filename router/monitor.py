@@ -182,6 +182,7 @@ class Monitor:
         if load.kv_capacity_tokens and endpoint.config.kv_capacity_tokens is None:
             endpoint.kv_capacity_tokens = load.kv_capacity_tokens
         endpoint.scraped_at = self.state.registry.clock()
+        endpoint.in_flight_at_scrape = endpoint.in_flight
 
     def expire_stale(self) -> None:
         now = self.state.registry.clock()
@@ -189,4 +190,4 @@ class Monitor:
         for endpoint in self.state.registry.all():
             if endpoint.scraped_at is not None and now - endpoint.scraped_at > horizon:
                 endpoint.running = endpoint.waiting = endpoint.kv_usage = None
-                endpoint.scraped_at = None
+                endpoint.scraped_at = endpoint.in_flight_at_scrape = None

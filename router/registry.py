@@ -46,6 +46,9 @@ class EndpointState:
     kv_usage: float | None = None
     kv_capacity_tokens: int | None = None
     scraped_at: float | None = None
+    #: ``in_flight`` when the scrape came back: the part of the scraped load
+    #: that was this router's own (policies/base.py ``load_of``).
+    in_flight_at_scrape: int | None = None
     #: Health-probe streaks for hysteresis.
     probe_failures: int = 0
     probe_successes: int = 0
@@ -147,6 +150,7 @@ class EndpointState:
             awaiting_first=self.awaiting_first,
             running=self.running,
             waiting=self.waiting,
+            in_flight_at_scrape=self.in_flight_at_scrape,
             kv_usage=self.kv_usage,
             kv_capacity_tokens=self.kv_capacity_tokens,
             labels=self._labels,
@@ -188,6 +192,7 @@ LIVE_STATE = (
     "waiting",
     "kv_usage",
     "scraped_at",
+    "in_flight_at_scrape",
 )
 
 

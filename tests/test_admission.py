@@ -339,7 +339,7 @@ async def test_queue_full_at_max_queue() -> None:
     waiters = [start(g.enter("m", 1, "a", "normal", 1)) for _ in range(2)]
     await settle()
     with pytest.raises(QueueFull) as caught:
-        await g.enter("m", 1, "b", "high", 1)
+        await g.enter("m", 1, "b", "normal", 1)  # no lower class to make room
     err = caught.value
     assert isinstance(err, RouterError)
     assert (err.status, err.type, err.code, err.reason, err.label) == (
@@ -364,6 +364,44 @@ async def test_queue_full_at_max_queue() -> None:
     held.release()
     for waiter in waiters:
         (await waiter).release()
+
+
+async def test_a_full_queue_makes_room_for_higher_priority() -> None:
+    """A high newcomer to a full queue takes the place of the newest waiter of
+    the lowest class below it, which is refused with queue_full."""
+    g = gate(max_queue=3)
+    held = await g.enter("m", 1, "a", "normal", 1)
+    normal = start(g.enter("m", 1, "a", "normal", 1))
+    await settle()
+    batch_old = start(g.enter("m", 1, "b", "batch", 1))
+    await settle()
+    batch_new = start(g.enter("m", 1, "c", "batch", 1))
+    await settle()
+    high = start(g.enter("m", 1, "d", "high", 1))
+    await settle()
+    with pytest.raises(QueueFull) as caught:
+        await batch_new
+    assert "took this one's place" in caught.value.message
+    assert g.stats()["m"]["waiting"] == 3
+    held.release()
+    order = []
+    for name, task in (("high", high), ("normal", normal), ("batch_old", batch_old)):
+        ticket = await task
+        order.append((name, ticket.priority))
+        ticket.release()
+    assert [n for n, _ in order] == ["high", "normal", "batch_old"]
+    assert g.stats()["m"]["admitted"] == 0 and g.stats()["m"]["waiting"] == 0
+    # same or higher classes only: a batch newcomer never displaces anyone
+    with pytest.raises(QueueFull):
+        full = gate(max_queue=1)
+        keep = await full.enter("m", 1, "a", "batch", 1)
+        waiting = start(full.enter("m", 1, "a", "batch", 1))
+        await settle()
+        try:
+            await full.enter("m", 1, "b", "batch", 1)
+        finally:
+            keep.release()
+            (await waiting).release()
     assert g.stats()["m"]["admitted"] == 0
 
 

@@ -113,3 +113,26 @@ def test_random_and_weighted_presets_are_seeded() -> None:
     rnd = build_policy("random", {}, random.Random(5))
     picks = [rnd.rank(REQ, views(0, 0, 0)).ranked[0].id for _ in range(300)]
     assert (picks.count("e0"), picks.count("e1"), picks.count("e2")) == (98, 92, 110)
+
+
+def test_load_counts_own_requests_now_and_others_from_the_last_scrape() -> None:
+    from policies.base import EndpointView, load_of
+
+    def view(in_flight: int, running: float | None, at_scrape: int | None) -> EndpointView:
+        return EndpointView(
+            "e",
+            "http://e",
+            "vllm",
+            in_flight=in_flight,
+            running=running,
+            waiting=0.0 if running is not None else None,
+            in_flight_at_scrape=at_scrape,
+        )
+
+    # all of the scraped load was ours: not counted twice, and our sends since count
+    assert load_of(view(12, 8.0, 8)) == 12.0
+    # we finished 6 since the scrape; 2 of the 10 seen were another router's
+    assert load_of(view(2, 10.0, 8)) == 4.0
+    # no scrape yet, or one without a record of our own share
+    assert load_of(view(3, None, None)) == 3.0
+    assert load_of(view(3, 10.0, None)) == 10.0
