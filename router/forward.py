@@ -18,6 +18,9 @@ import aiohttp
 from router.config import Timeouts
 from router.errors import UpstreamConnectError, UpstreamTimeout
 
+#: Seconds an idle upstream connection is kept for reuse: under uvicorn's 5.
+KEEPALIVE_SECONDS = 4.0
+
 
 @dataclass(frozen=True, slots=True)
 class UpstreamRequest:
@@ -43,7 +46,13 @@ class Forwarder:
         self._stream = aiohttp.ClientTimeout(total=timeouts.total, sock_connect=timeouts.connect)
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        # An idle connection is dropped before the backend drops it: uvicorn
+        # (vLLM's server) closes idle keep-alive connections after 5 s, and a
+        # request written to a connection the server is closing fails with no
+        # answer (seen as 502s in benchmarks/overhead.py with a 30 s keep-alive).
+        connector = aiohttp.TCPConnector(
+            limit=0, ttl_dns_cache=300, keepalive_timeout=KEEPALIVE_SECONDS
+        )
         self._session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=True,
@@ -59,13 +68,20 @@ class Forwarder:
     async def send(self, request: UpstreamRequest, stream: bool) -> aiohttp.ClientResponse:
         """Send ``request``; return the response once its headers are in."""
         assert self._session is not None, "Forwarder.start() was not awaited"
+        timeout = self._stream if stream else self._plain
         try:
-            return await self._session.post(
-                request.url,
-                data=request.body,
-                headers=request.headers,
-                timeout=self._stream if stream else self._plain,
-            )
+            try:
+                return await self._session.post(
+                    request.url, data=request.body, headers=request.headers, timeout=timeout
+                )
+            except aiohttp.ServerDisconnectedError:
+                # The server closed the connection without a byte of answer: the
+                # classic race with its keep-alive timer on a pooled connection.
+                # Once more (a backend that is really down refuses the next
+                # connection, and the caller fails over).
+                return await self._session.post(
+                    request.url, data=request.body, headers=request.headers, timeout=timeout
+                )
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"endpoint {request.endpoint_id} did not answer in time") from exc
         except (aiohttp.ClientError, OSError) as exc:

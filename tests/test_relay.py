@@ -255,3 +255,55 @@ async def test_a_stream_that_ends_before_its_first_chunk_fails_over() -> None:
     assert "ended before its first chunk" in next(
         e["last_error"] for e in admin if e["id"] == "empty"
     )
+
+
+async def test_a_pooled_connection_the_backend_closed_is_retried_once() -> None:
+    """The race with a backend's keep-alive timer: a request written to a pooled
+    connection the server closes without answering goes out once more."""
+    import re as regex
+
+    from router.config import Timeouts
+    from router.forward import Forwarder, UpstreamRequest
+
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        mine, answered = connections, 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                found = regex.search(rb"content-length: (\d+)", head, regex.I)
+                await reader.readexactly(int(found.group(1)) if found else 0)
+                if mine == 1 and answered == 1:
+                    return  # closes the connection without a byte of answer
+                body = b'{"ok": true}'
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\n\r\n%s" % (len(body), body)
+                )
+                await writer.drain()
+                answered += 1
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    forwarder = Forwarder(Timeouts())
+    await forwarder.start()
+    try:
+        statuses = []
+        for _ in range(2):
+            request = UpstreamRequest("e", f"http://127.0.0.1:{port}/x", b"{}", {})
+            resp = await forwarder.send(request, stream=False)
+            statuses.append((resp.status, await resp.read()))
+            resp.release()
+    finally:
+        await forwarder.close()
+        server.close()
+        await server.wait_closed()
+    assert statuses == [(200, b'{"ok": true}')] * 2
+    assert connections == 2
