@@ -123,7 +123,8 @@ class _Class(Generic[T]):
     #: Tenants with someone waiting, in round-robin order (the head's turn).
     ring: OrderedDict[str, _Tenant[T]] = field(default_factory=OrderedDict)
     live: int = 0
-    deficit: int = 0
+    #: Start-time fair queuing: the virtual time its next grant starts at.
+    finish: float = 0.0
 
 
 @dataclass(eq=False, slots=True)
@@ -139,36 +140,39 @@ class _Entry(Generic[T]):
 class FairQueue(Generic[T]):
     """Waiters ordered by priority class, and fairly between the tenants of a class.
 
-    Hierarchical deficit round robin (Shreedhar and Varghese's DRR) with unit
-    costs, at two levels:
+    Two levels, unit costs:
 
-    * Classes take turns in a fixed order, heaviest first (ties by name). A
-      turn serves up to the class's weight in items; it ends early when the
-      class runs out of waiters, and a class with nobody waiting takes no turn
-      (work-conserving). While several classes stay backlogged, each is served
-      exactly in proportion to its weight: with high=16, normal=4, batch=1,
-      every 21 pops are 16, 4 and 1; no class starves, and one that starts
-      waiting is served within a round (the other classes' turns). A queue
-      that empties starts its next round at the heaviest class, so a high
-      request is granted before a batch one that arrived just ahead of it.
-      New weights (a reload) apply from the next turn; between turns they
-      start a new round.
-    * Within a class, its tenants with waiters take turns the same way, each
-      serving up to its weight in items, first come first served within a
-      tenant. A tenant that starts waiting joins the end of the ring, so a
-      burst queued by another tenant delays it by one round at most (the other
-      tenants' weights), however long the burst.
+    * Between classes, weighted fair queuing in virtual time (start-time fair
+      queuing, Goyal et al.): each class's grants are spaced ``1 / weight``
+      apart in virtual time, and the next grant goes to the waiting class
+      whose grant would finish first (ties to the heavier class). While
+      several classes stay backlogged each gets exactly its weight's share:
+      with high=16, normal=4, batch=1, 16, 4 and 1 of every 21 grants. A class
+      with nobody waiting takes nothing (work-conserving) and saves up no
+      credit: when it waits again it starts from the current virtual time. So
+      no class starves, and a high request that arrives while batch requests
+      wait is served next: its grant finishes 1/16 after now, batch's a whole
+      unit after its last. (Deficit round robin over classes, tried first,
+      handed batch a turn after every high grant whenever high's queue ran
+      empty: sparse interactive traffic then waited behind batch half the
+      time; benchmarks/README.md, "admission".)
+    * Within a class, deficit round robin (Shreedhar and Varghese's DRR) over
+      its tenants with waiters, each serving up to its weight in items, first
+      come first served within a tenant. A tenant that starts waiting joins
+      the end of the ring, so a burst queued by another tenant delays it by
+      one round at most (the other tenants' weights), however long the burst.
 
     A tiny example, high=2 and batch=1; in high, tenant ``a`` (weight 2) queued
-    a1 a2 a3 and ``b`` (weight 1) b1, after batch's ``c`` queued c1 c2::
+    a1 a2 a3 and ``b`` (weight 1) b1, after batch's ``c`` queued c1 c2. High's
+    grants finish at 0.5, 1, 1.5, 2 in virtual time, batch's at 1 and 2::
 
-        pop  class turn       tenant turn   item
-        1    high (2 left)    a (2 left)    a1
-        2    high (1 left)    a (1 left)    a2   a to the ring's end; high's turn ends
-        3    batch (1 left)   c             c1   batch's turn ends
-        4    high (2 left)    b (1 left)    b1   b has no more waiters: it leaves
-        5    high (1 left)    a (2 left)    a3   high has no more waiters: turn ends
-        6    batch            c             c2
+        pop  class (finish)   tenant turn   item
+        1    high (0.5)       a (2 left)    a1
+        2    high (1, tie)    a (1 left)    a2   a to the ring's end
+        3    batch (1)        c             c1
+        4    high (1.5)       b             b1   b has no more waiters: it leaves
+        5    high (2, tie)    a             a3
+        6    batch (2)        c             c2
 
     ``remove`` (a waiter that timed out or left) is lazy: the entry is marked
     and skipped when it reaches its tenant's head, so it costs O(1); a tenant
@@ -184,21 +188,18 @@ class FairQueue(Generic[T]):
     def __init__(self, priorities: Mapping[str, int]) -> None:
         self._weights: dict[str, int] = {}
         self._classes: dict[str, _Class[T]] = {}
-        #: The visiting order of classes; ``_turn`` indexes the one whose turn it is.
+        #: Classes heaviest first: the order that breaks ties in virtual time.
         self._order: list[_Class[T]] = []
-        self._turn = 0
         self._entries: dict[T, _Entry[T]] = {}
         self._seq = 0
+        #: Virtual time: the start of the last grant.
+        self._vtime = 0.0
         self.set_weights(priorities)
 
     def set_weights(self, priorities: Mapping[str, int]) -> None:
         """New class weights (a reload); waiters keep their places."""
         if any(weight < 1 for weight in priorities.values()):
             raise ValueError("class weights must be at least 1")
-        # A class in the middle of its turn finishes it; otherwise a new round starts.
-        current = self._order[self._turn] if self._order else None
-        if current is not None and not current.deficit:
-            current = None
         self._weights = dict(priorities)
         for name in list(self._classes):
             if name not in self._weights and not self._classes[name].live:
@@ -212,11 +213,10 @@ class FairQueue(Generic[T]):
         for name, cls in self._classes.items():
             if name not in self._weights:
                 cls.weight = 1
-        self._reorder(current)
+        self._reorder()
 
-    def _reorder(self, current: _Class[T] | None) -> None:
+    def _reorder(self) -> None:
         self._order = sorted(self._classes.values(), key=lambda c: (-c.weight, c.name))
-        self._turn = self._order.index(current) if current in self._order else 0
 
     def push(self, item: T, priority: str, tenant: str, weight: int = 1) -> None:
         """Queue ``item`` last of ``tenant``'s waiters in class ``priority``;
@@ -227,9 +227,12 @@ class FairQueue(Generic[T]):
             raise ValueError("item is already queued")
         cls = self._classes.get(priority)
         if cls is None:
-            current = self._order[self._turn] if self._order else None
             cls = self._classes[priority] = _Class(priority, 1)
-            self._reorder(current)
+            self._reorder()
+        if not cls.live:
+            # Waiting again: it starts from now in virtual time, with no credit
+            # saved up from when it had nobody waiting.
+            cls.finish = max(cls.finish, self._vtime)
         queue = cls.ring.get(tenant)
         if queue is None:
             queue = cls.ring[tenant] = _Tenant(tenant, weight)
@@ -245,14 +248,11 @@ class FairQueue(Generic[T]):
         """The next item by the schedule, or None when nobody waits."""
         if not self._entries:
             return None
-        n = len(self._order)
-        cls = self._order[self._turn]
-        while not cls.live:  # no turn for a class with nobody waiting
-            cls.deficit = 0
-            self._turn = (self._turn + 1) % n
-            cls = self._order[self._turn]
-        if cls.deficit == 0:
-            cls.deficit = cls.weight
+        # The waiting class whose next grant would finish earliest in virtual
+        # time (start + 1/weight); ties go to the heavier class (``_order``).
+        cls = min((c for c in self._order if c.live), key=lambda c: c.finish + 1.0 / c.weight)
+        self._vtime = cls.finish
+        cls.finish += 1.0 / cls.weight
         tenant = next(iter(cls.ring.values()))
         if tenant.deficit == 0:
             tenant.deficit = tenant.weight
@@ -268,18 +268,10 @@ class FairQueue(Generic[T]):
         elif tenant.deficit == 0:
             cls.ring.move_to_end(tenant.name)
         cls.live -= 1
-        cls.deficit -= 1
-        if cls.deficit == 0 or not cls.live:
-            cls.deficit = 0
-            self._turn = (self._turn + 1) % n
         if not self._entries:
-            self._idle()
+            # Idle: whoever waits next starts level with the others, owing nothing.
+            self._vtime = max(c.finish for c in self._order)
         return entry.item
-
-    def _idle(self) -> None:
-        # Only the class whose turn it is can hold a deficit.
-        self._order[self._turn].deficit = 0
-        self._turn = 0
 
     def remove(self, item: T) -> bool:
         """Take ``item`` out of the queue; False when it is not queued (any more)."""
@@ -290,8 +282,6 @@ class FairQueue(Generic[T]):
         tenant, cls = entry.tenant, entry.cls
         tenant.live -= 1
         cls.live -= 1
-        if not self._entries:
-            self._idle()
         if not tenant.live:
             del cls.ring[tenant.name]  # its entries, all removed, go with it
             return True

@@ -75,8 +75,12 @@ def test_class_shares_are_16_4_1_in_every_21_pops() -> None:
     for start in range(0, len(popped), 21):
         window = Counter(item[0] for item in popped[start : start + 21])
         assert window == {"h": 16, "n": 4, "b": 1}, start
-    # Heaviest first, each class first come first served.
-    assert popped[:21] == [f"h{i}" for i in range(16)] + [f"n{i}" for i in range(4)] + ["b0"]
+    # Each class first come first served; the lightest class's first grant
+    # comes last in the round (ties in virtual time go to the heavier class).
+    for cls in "hnb":
+        mine = [item for item in popped if item[0] == cls]
+        assert mine == [f"{cls}{i}" for i in range(len(mine))]
+    assert popped[20] == "b0" and popped[:4] == ["h0", "h1", "h2", "h3"]
 
 
 def test_high_and_batch_backlogged_share_16_of_17() -> None:
@@ -109,12 +113,24 @@ def test_work_conserving_idle_classes_take_no_turns() -> None:
     assert [Counter(x[0] for x in popped[i : i + 5]) for i in range(0, 25, 5)] == [
         {"n": 4, "b": 1}
     ] * 5
-    # High arriving in the middle of a backlog is served once the current turn ends.
+    # High arriving in the middle of a backlog is served next: a grant of the
+    # heavier class finishes first in virtual time. This is what keeps an
+    # interactive request from waiting behind batch turns when high is sparse.
     q2: FairQueue[str] = FairQueue(WEIGHTS)
     fill(q2, "n", 20, "normal", "t")
     assert drain(q2, 2) == ["n0", "n1"]
     q2.push("h0", "high", "t")
-    assert drain(q2, 3) == ["n2", "n3", "h0"]
+    assert drain(q2, 3) == ["h0", "n2", "n3"]
+    # ...and so is each sparse high arrival behind a batch backlog (DRR's
+    # turns would hand batch a grant after every high one).
+    q3: FairQueue[str] = FairQueue(WEIGHTS)
+    fill(q3, "b", 100, "batch", "t")
+    order = []
+    for i in range(10):
+        order += drain(q3, 3)
+        q3.push(f"h{i}", "high", "t")
+        order += drain(q3, 1)
+    assert [x for i, x in enumerate(order) if i % 4 == 3] == [f"h{i}" for i in range(10)]
 
 
 def test_an_idle_queue_starts_its_round_at_the_heaviest_class() -> None:
