@@ -20,14 +20,18 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Complete events' data in ``chunk`` (and what came before it)."""
-        self._buffer += chunk
+        buffer = self._buffer + chunk if self._buffer else chunk
         events: list[bytes] = []
+        start = 0
         while True:
-            nl = self._buffer.find(b"\n")
+            nl = buffer.find(b"\n", start)
             if nl < 0:
+                # One slice per feed, not one per line: a whole stream fed at
+                # once (the response cache) stays linear in its length.
+                self._buffer = buffer[start:]
                 return events
-            line = self._buffer[:nl]
-            self._buffer = self._buffer[nl + 1 :]
+            line = buffer[start:nl]
+            start = nl + 1
             if line.endswith(b"\r"):
                 line = line[:-1]
             if not line:

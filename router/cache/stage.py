@@ -50,6 +50,8 @@ LOG = logging.getLogger("kvroute.cache")
 
 Result = Literal["hit", "miss", "bypass"]
 HEADER = b"x-kvroute-cache"
+#: Captured answers larger than this are read back in a worker thread.
+PARSE_IN_THREAD_BYTES = 128 * 1024
 KINDS: dict[str, Kind] = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completion",
@@ -216,7 +218,7 @@ class CacheStage:
                 # client's stream if it did not ask).
                 request = dataclasses.replace(request, router_usage=True)
             await call_next(request, capture)
-            answer = self._answer(request, capture)
+            answer = await self._answer(request, capture)
             if answer is not None:
                 await self._store(cache, model, key, answer, settings.ttl)
         finally:
@@ -258,14 +260,19 @@ class CacheStage:
                 return None
         return None
 
-    def _answer(self, request: InferenceRequest, capture: Capture) -> CachedAnswer | None:
+    async def _answer(self, request: InferenceRequest, capture: Capture) -> CachedAnswer | None:
         """The answer the client got, if it is complete and successful."""
         ctx = request.ctx
         body = capture.body()
         if body is None or ctx.error or ctx.cancelled:
             return None
         kind = KINDS[request.op.path]
-        answer = from_stream(kind, body) if request.stream else from_json(kind, body)
+        parse = from_stream if request.stream else from_json
+        if len(body) > PARSE_IN_THREAD_BYTES:
+            # A long answer takes milliseconds to read back: not on the loop.
+            answer = await asyncio.to_thread(parse, kind, body)
+        else:
+            answer = parse(kind, body)
         if answer is None:
             return None
         if answer.usage is None and ctx.prompt_tokens is not None and not ctx.usage_estimated:
