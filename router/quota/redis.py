@@ -45,6 +45,8 @@ T = TypeVar("T")
 EPOCH = 1_700_000_000
 #: Milliseconds a key outlives what it counts, so it never vanishes early.
 MARGIN_MS = 1000
+#: Seconds a settle waits to share a pipeline with the next admit.
+SETTLE_DELAY = 0.005
 #: Leases renewed per script run (one pipeline carries them all).
 RENEW_CHUNK = 256
 
@@ -268,6 +270,9 @@ class RedisStore:
         self._closed = False
         #: Script calls of this turn of the event loop, sent together (``_call``).
         self._batch: list[_Call] = []
+        self._flush_handle: asyncio.Handle | None = None
+        #: When the scheduled flush runs (loop time), None when none is.
+        self._flush_at: float | None = None
         self._sending: set[asyncio.Task[None]] = set()
 
     async def admit(self, plan: Plan) -> Verdict:
@@ -328,7 +333,7 @@ class RedisStore:
             args.append(plan.lease.holder)
         if plan.budget is not None:
             args += [settlement.budget_tokens, plan.budget.expire_at]
-        await self._call(self._settle, keys, args)
+        await self._call(self._settle, keys, args, urgent=False)
 
     def forget(self, plan: Plan) -> None:
         """Stop renewing ``plan``'s lease (it then expires after ``lease_ttl``).
@@ -355,20 +360,36 @@ class RedisStore:
             keys.append(self.prefix + plan.budget.key)
         return keys
 
-    async def _call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+    async def _call(
+        self, script: AsyncScript, keys: list[str], args: list[Any], *, urgent: bool = True
+    ) -> Any:
         """Run ``script``; calls made in the same turn of the event loop go to
         Redis together, as one pipeline: one write and one round trip for all
         of them. redis-py spends ~250 us of CPU per command sent alone on this
         machine, most of it writing to the socket; a batch of 16 costs a few
-        times one (benchmarks/README.md, "overhead")."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        times one (benchmarks/README.md, "overhead").
+
+        A call that is not ``urgent`` (a settle: no client waits for it) waits
+        up to ``SETTLE_DELAY`` for company: the next admit carries it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._batch.append((script, keys, args, future))
-        if len(self._batch) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
+        if urgent:
+            if self._flush_at is None or self._flush_at > loop.time():
+                if self._flush_handle is not None:
+                    self._flush_handle.cancel()
+                self._flush_handle = loop.call_soon(self._flush)
+                self._flush_at = loop.time()
+        elif self._flush_handle is None:
+            self._flush_handle = loop.call_later(SETTLE_DELAY, self._flush)
+            self._flush_at = loop.time() + SETTLE_DELAY
         return await future
 
     def _flush(self) -> None:
+        self._flush_handle = self._flush_at = None
         batch, self._batch = self._batch, []
+        if not batch:
+            return
         task = asyncio.get_running_loop().create_task(self._send(batch))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
