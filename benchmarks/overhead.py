@@ -1284,7 +1284,7 @@ def measure_once(
         (b.ru_utime + b.ru_stime) - (a.ru_utime + a.ru_stime)
         for a, b in zip(mine0, mine1, strict=True)
     )
-    capacity = len(os.sched_getaffinity(0)) * (busy1[1] - busy0[1]) / CLOCK_TICKS
+    capacity = (busy1[1] - busy0[1]) / CLOCK_TICKS  # /proc/stat sums all CPUs already
     machine = (busy1[0] - busy0[0]) / CLOCK_TICKS
     r["foreign_cpu_pct"] = round(max(0.0, 100 * (machine - ours) / max(capacity, 1e-9)), 1)
     return r
@@ -1353,7 +1353,7 @@ def wait_quiet(children: Children, max_pct: float, limit: float) -> None:
         ours0, busy0 = sum(cpu_seconds(p) for p in pids), machine_jiffies()
         time.sleep(0.5)
         ours1, busy1 = sum(cpu_seconds(p) for p in pids), machine_jiffies()
-        capacity = len(os.sched_getaffinity(0)) * (busy1[1] - busy0[1]) / CLOCK_TICKS
+        capacity = (busy1[1] - busy0[1]) / CLOCK_TICKS  # /proc/stat sums all CPUs already
         foreign = (busy1[0] - busy0[0]) / CLOCK_TICKS - (ours1 - ours0)
         if 100 * foreign / max(capacity, 1e-9) <= max_pct:
             return
