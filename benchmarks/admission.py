@@ -177,7 +177,11 @@ def router_config(
             name: {"keys": [key_hash(keys[name])], "priority": priority}
             for name, priority in TENANTS.items()
         },
-        "admission": {"max_queue": args.max_queue, "max_wait": args.max_wait},
+        "admission": {
+            "max_queue": args.max_queue,
+            "max_wait": args.max_wait,
+            "reserve": args.reserve,
+        },
     }
 
 
@@ -966,7 +970,11 @@ def meta(args: argparse.Namespace) -> dict[str, Any]:
         },
         "tenants": TENANTS,
         "priorities": {"high": 16, "normal": 4, "batch": 1},
-        "admission": {"max_queue": args.max_queue, "max_wait_s": args.max_wait},
+        "admission": {
+            "max_queue": args.max_queue,
+            "max_wait_s": args.max_wait,
+            "reserve": args.reserve,
+        },
         "policy": "least_load (max of kvroute's in-flight and the scraped running + waiting)",
         "routers": {
             name: {"max_concurrency": MAX_NUM_SEQS if adm else None, "scrape": scrape}
@@ -1101,6 +1109,12 @@ def main() -> int:
     )
     parser.add_argument(
         "--max-queue", type=int, default=1000, help="admission.max_queue of the router"
+    )
+    parser.add_argument(
+        "--reserve",
+        type=int,
+        default=0,
+        help="admission.reserve of the router: slots per model only high may take",
     )
     parser.add_argument(
         "--max-tokens",

@@ -244,13 +244,18 @@ class FairQueue(Generic[T]):
         cls.live += 1
         self._entries[item] = entry
 
-    def pop(self) -> T | None:
-        """The next item by the schedule, or None when nobody waits."""
+    def pop(self, heaviest_only: bool = False) -> T | None:
+        """The next item by the schedule, or None when nobody waits (with
+        ``heaviest_only``, when nobody of the heaviest class waits)."""
         if not self._entries:
+            return None
+        top = self._order[0].weight
+        waiting = [c for c in self._order if c.live and (c.weight == top or not heaviest_only)]
+        if not waiting:
             return None
         # The waiting class whose next grant would finish earliest in virtual
         # time (start + 1/weight); ties go to the heavier class (``_order``).
-        cls = min((c for c in self._order if c.live), key=lambda c: c.finish + 1.0 / c.weight)
+        cls = min(waiting, key=lambda c: c.finish + 1.0 / c.weight)
         self._vtime = cls.finish
         cls.finish += 1.0 / cls.weight
         tenant = next(iter(cls.ring.values()))
@@ -290,6 +295,10 @@ class FairQueue(Generic[T]):
             tenant.entries = deque(e for e in tenant.entries if e.live)
             tenant.dead = 0
         return True
+
+    def heaviest(self, priority: str) -> bool:
+        """Whether ``priority`` is (one of) the heaviest class(es)."""
+        return self._weights.get(priority, 1) >= self._order[0].weight
 
     def newest_below(self, priority: str) -> T | None:
         """The newest waiter of the lightest class lighter than ``priority``
@@ -339,12 +348,21 @@ class _Model:
     admitted: int = 0
     #: The capacity most recently seen (None: unbounded).
     capacity: int | None = None
+    #: Slots only the heaviest class may take (``admission.reserve``).
+    reserve: int = 0
+
+    def free_for(self, heaviest: bool) -> bool:
+        """A slot is free for a request of the heaviest class, or of another."""
+        if self.capacity is None:
+            return True
+        bound = self.capacity if heaviest else self.capacity - self.reserve
+        return self.admitted < bound
 
     def grant(self) -> int:
         """Grant waiters slots while there are free ones; how many were granted."""
         granted = 0
-        while self.capacity is None or self.admitted < self.capacity:
-            waiter = self.queue.pop()
+        while self.free_for(heaviest=True):
+            waiter = self.queue.pop(heaviest_only=not self.free_for(heaviest=False))
             if waiter is None:
                 break
             if waiter.future.done():
@@ -412,6 +430,7 @@ class AdmissionGate:
         self.config = config
         for state in self._models.values():
             state.queue.set_weights(config.priorities)
+            state.reserve = config.reserve
             if not config.enabled:
                 state.capacity = None
                 state.grant()
@@ -419,7 +438,9 @@ class AdmissionGate:
     def _model(self, model: str) -> _Model:
         state = self._models.get(model)
         if state is None:
-            state = self._models[model] = _Model(model, FairQueue(self.config.priorities))
+            state = self._models[model] = _Model(
+                model, FairQueue(self.config.priorities), reserve=self.config.reserve
+            )
         return state
 
     async def enter(
@@ -436,7 +457,8 @@ class AdmissionGate:
         state.capacity = capacity if config.enabled else None
         if len(state.queue):
             state.grant()  # the capacity may have grown since the last release
-        if not len(state.queue) and (state.capacity is None or state.admitted < state.capacity):
+        heaviest = state.queue.heaviest(priority)
+        if not len(state.queue) and state.free_for(heaviest):
             state.admitted += 1
             return Ticket(state, priority, 0.0, queued=False)
         if len(state.queue) >= config.max_queue:
@@ -452,6 +474,8 @@ class AdmissionGate:
         waiter = _Waiter(loop.create_future())
         state.queue.push(waiter, priority, tenant, weight)
         start = self.clock()
+        if state.reserve:
+            state.grant()  # a reserved slot may be free for it, behind lighter waiters
         timer = loop.call_later(config.max_wait, _expire, state, waiter)
         try:
             granted = await waiter.future

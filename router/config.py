@@ -552,6 +552,12 @@ class AdmissionConfig(Frozen):
     priorities: dict[str, int] = Field(
         default_factory=lambda: {"high": 16, "normal": 4, "batch": 1}, min_length=1
     )
+    #: Slots of each model's capacity that only the heaviest class may take:
+    #: the other classes are admitted while fewer than capacity - reserve
+    #: requests are in progress. Under overload a high request then finds a
+    #: free slot instead of waiting for one, at the cost of that much of the
+    #: lower classes' throughput. 0: none held back.
+    reserve: int = Field(0, ge=0)
     #: Seconds a refused client is told to wait (Retry-After).
     retry_after: int = Field(1, ge=0)
 

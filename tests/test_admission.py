@@ -685,3 +685,26 @@ def test_model_capacity_sums_available_endpoints() -> None:
     a.cooldown_until = 10.0
     assert model_capacity(registry, "chat", 5.0) == 0
     assert model_capacity(registry, "chat", 10.0) == 4
+
+
+async def test_reserved_slots_are_for_the_heaviest_class_only() -> None:
+    """capacity 3, reserve 1: lower classes stop at 2 in progress; the third
+    slot stays free for high, which never waits while it is."""
+    g = gate(reserve=1)
+    batch_a = await g.enter("m", 3, "b", "batch", 1)
+    normal_b = await g.enter("m", 3, "b", "normal", 1)
+    batch_c = start(g.enter("m", 3, "b", "batch", 1))
+    await settle()
+    assert not batch_c.done() and g.stats()["m"]["admitted"] == 2
+    high = await g.enter("m", 3, "h", "high", 1)  # the reserved slot, at once
+    assert high.waited < 0.5
+    assert g.stats()["m"]["admitted"] == 3
+    batch_a.release()  # 2 in progress again: still no room below the reserve
+    await settle()
+    assert not batch_c.done()
+    high.release()  # 1 in progress: batch may take the second
+    ticket = await batch_c
+    assert ticket.queued and g.stats()["m"]["admitted"] == 2
+    ticket.release()
+    normal_b.release()
+    assert g.stats()["m"]["admitted"] == 0 and g.stats()["m"]["waiting"] == 0
