@@ -25,7 +25,7 @@ the answers before it (a refused request is not retried).
 
 Phases, one after the other:
 
-1. capacity: a closed loop of 2x the fleet's slots (one batch tenant) on
+1. capacity: a closed loop of 2x the fleet's slots (the interactive tenant) on
    ``admission_no_scrape`` (the engines' capacity: every engine kept at exactly its
    batch), then on ``admission`` (what the default routing makes of it); completed
    requests per second, checked against the engines' own counters and against what the
@@ -109,6 +109,8 @@ PROMPT_WORDS = 100
 #: Tenant -> priority (README "Tenants, keys and quotas"; weights high 16, batch 1).
 TENANTS = {"interactive": "high", "batch-a": "batch", "batch-b": "batch"}
 BATCH = ("batch-a", "batch-b")
+#: Who fills the fleet in the closed-loop capacity phase.
+CAPACITY_TENANT = "interactive"
 #: Router -> (endpoints have max_concurrency, kvroute scrapes the engines' metrics).
 ROUTERS = {
     "admission": (True, True),
@@ -488,7 +490,9 @@ async def run_phase(
         return task
 
     if phase.rates is None:
-        tenant = BATCH[0]
+        # The heaviest class: the whole capacity is its, whatever admission.reserve
+        # holds back from the others.
+        tenant = CAPACITY_TENANT
 
         async def loop() -> None:
             while time.monotonic() - t0 < phase.seconds:
@@ -1016,7 +1020,7 @@ async def measure(
             ),
             args.seed,
         )  # fmt: skip
-        done = cap["summary"][BATCH[0]]["completed_per_s"]
+        done = cap["summary"][CAPACITY_TENANT]["completed_per_s"]
         window = cap["seconds"] - cap["warmup_s"]
         engines = cap["engines"]["finished_length"] / cap["elapsed_s"]
         capacity = {
@@ -1030,7 +1034,7 @@ async def measure(
                 / max(1, cap["engines"]["requests"]),
                 1,
             ),
-            "default_routing_req_s": cap_default["summary"][BATCH[0]]["completed_per_s"],
+            "default_routing_req_s": cap_default["summary"][CAPACITY_TENANT]["completed_per_s"],
         }
         print(
             f"capacity: {done:.1f} req/s measured ({capacity['default_routing_req_s']:.1f} with "
