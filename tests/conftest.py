@@ -13,6 +13,9 @@ from typing import Any
 import pytest
 import uvloop
 
+# The real redis-server fixture, for every test module that asks for it.
+from tests.redis_server import redis_server  # noqa: F401
+
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item

@@ -14,8 +14,11 @@ import contextlib
 import shutil
 import signal
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
+
+import pytest
 
 from tests.helpers import free_socket
 
@@ -129,3 +132,15 @@ class RedisServer:
     ) -> None:
         await self.stop()
         self._dir.cleanup()
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisServer]:
+    """A password-protected server for a test; a missing binary fails the test
+    (not a skip: ./dev test installs redis-server)."""
+    try:
+        server = RedisServer(password="s3cret")
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    async with server:
+        yield server

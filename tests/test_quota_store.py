@@ -56,16 +56,6 @@ class Harness:
         return pytest.approx(value, abs=self.tol)
 
 
-@pytest.fixture
-async def redis_server() -> AsyncIterator[RedisServer]:
-    try:
-        server = RedisServer(password="s3cret")
-    except RuntimeError as exc:
-        pytest.fail(str(exc))  # not a skip: ./dev test installs redis-server
-    async with server:
-        yield server
-
-
 @pytest.fixture(params=["memory", "redis"])
 async def h(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     if request.param == "memory":

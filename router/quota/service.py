@@ -54,20 +54,26 @@ class Kinds:
     per_model: tuple[int, ...] = ()
 
 
+def counter_key(tenant: str, what: str, model: str | None = None) -> str:
+    """The key of one of a tenant's counters (``rpm``, ``tpm``, ``conc``, ``day``).
+    The tenant is a Redis Cluster hash tag: its keys share a slot, as a Lua
+    script over several of them requires."""
+    key = f"{{{tenant}}}:{what}"
+    return key if model is None else f"{key}:{model}"
+
+
 def tenant_keys(tenant: str, models: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """Every counter of a tenant except the day's budget (for a reset). The
-    tenant is a Redis Cluster hash tag: its keys share a slot, as a Lua script
-    over several of them requires."""
-    keys = [f"{{{tenant}}}:rpm", f"{{{tenant}}}:tpm", f"{{{tenant}}}:conc"]
+    """Every counter of a tenant except the day's budget (for a reset)."""
+    keys = [counter_key(tenant, what) for what in ("rpm", "tpm", "conc")]
     for model in models:
-        keys += [f"{{{tenant}}}:rpm:{model}", f"{{{tenant}}}:tpm:{model}"]
+        keys += [counter_key(tenant, "rpm", model), counter_key(tenant, "tpm", model)]
     return tuple(keys)
 
 
 def day_key(tenant: str, now: float) -> tuple[str, int]:
     day = int(now // DAY)
     stamp = time.strftime("%Y%m%d", time.gmtime(day * DAY))
-    return f"{{{tenant}}}:day:{stamp}", (day + 1) * DAY + DAY_MARGIN
+    return counter_key(tenant, "day", stamp), (day + 1) * DAY + DAY_MARGIN
 
 
 class Quotas:
@@ -96,19 +102,25 @@ class Quotas:
         requests: list[int] = []
         token_rates: list[int] = []
         per_model = tc.model_limits.get(model) if model is not None else None
+        model_rpm = per_model.rpm if per_model else None
+        model_tpm = per_model.tpm if per_model else None
         scoped: list[int] = []
         for key, limit, cost, kind, on_model in (
-            (f"{{{name}}}:rpm", tc.rpm, 1, requests, False),
-            (f"{{{name}}}:tpm", tc.tpm, tokens, token_rates, False),
-            (f"{{{name}}}:rpm:{model}", per_model and per_model.rpm, 1, requests, True),
-            (f"{{{name}}}:tpm:{model}", per_model and per_model.tpm, tokens, token_rates, True),
+            (counter_key(name, "rpm"), tc.rpm, 1, requests, False),
+            (counter_key(name, "tpm"), tc.tpm, tokens, token_rates, False),
+            (counter_key(name, "rpm", model), model_rpm, 1, requests, True),
+            (counter_key(name, "tpm", model), model_tpm, tokens, token_rates, True),
         ):
             if limit:
                 kind.append(len(rates))
                 if on_model:
                     scoped.append(len(rates))
                 rates.append(RateCharge(key, Rate(limit, MINUTE), min(cost, limit)))
-        lease = Lease(f"{{{name}}}:conc", tc.max_concurrent, holder) if tc.max_concurrent else None
+        lease = (
+            Lease(counter_key(name, "conc"), tc.max_concurrent, holder)
+            if tc.max_concurrent
+            else None
+        )
         budget = None
         if tc.daily_tokens:
             key, expire_at = day_key(name, self.wall())

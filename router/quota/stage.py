@@ -125,10 +125,11 @@ class QuotaStage:
         if tenant is None or not quotas.limited(tenant, model):
             await call_next(request, send)
             return
-        estimate = self._estimate(request)
+        prompt = math.ceil(len(request.raw) / 4)
+        estimate = self._estimate(request, prompt)
         plan, kinds = quotas.plan(tenant, model, estimate, os.urandom(8).hex())
         for i in kinds.tokens:
-            if plan.rates[i].rate.limit < math.ceil(len(request.raw) / 4):
+            if plan.rates[i].rate.limit < prompt:
                 self.metrics.child(self.metrics.quota_refusals, tenant.name, "too_large").inc()
                 raise RateLimited(
                     f"Request too large for tenant '{tenant.name}': its prompt alone exceeds "
@@ -165,8 +166,8 @@ class QuotaStage:
         finally:
             quotas.settle_later(plan, self._settlement(ctx, plan, kinds, estimate), self.metrics)
 
-    def _estimate(self, request: InferenceRequest) -> int:
-        prompt = math.ceil(len(request.raw) / 4)
+    def _estimate(self, request: InferenceRequest, prompt: int) -> int:
+        """``prompt`` (the body's bytes / 4) plus the completion tokens it may take."""
         if not request.op.generates:
             return prompt
         config = self.state.config
