@@ -19,6 +19,54 @@ if TYPE_CHECKING:
     from policies.prefix_index import IndexStats
 
 
+class HeldBlocks(Protocol):
+    """An endpoint's KV-cache blocks as its engine's own KV events report them
+    (a live view kept by the router's event subscriber; see ``policies/blocks.py``).
+
+    Block hashes are kvroute's chained hashes of token ids (``PromptTokens``),
+    not the engine's own hashes."""
+
+    @property
+    def block_size(self) -> int: ...
+
+    @property
+    def stale(self) -> bool:
+        """True while the publisher is silent or a gap is being repaired:
+        the contents are not to be trusted, use the approximate index."""
+        ...
+
+    def __contains__(self, block_hash: object) -> bool: ...
+
+
+class PromptTokens(Protocol):
+    """A request's prompt as the model's tokenizer sees it (chat template
+    applied as the engine applies it), computed by the router before ranking."""
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    def block_hashes(self, block_size: int) -> Sequence[int]:
+        """Chained hashes of the prompt's full blocks of ``block_size`` tokens."""
+        ...
+
+
+class LatencyView(Protocol):
+    """Decayed latency estimates of one endpoint, in seconds (None: no data)."""
+
+    @property
+    def ttft(self) -> float | None: ...
+
+    @property
+    def tpot(self) -> float | None:
+        """Time per output token after the first (streams)."""
+        ...
+
+    @property
+    def duration(self) -> float | None:
+        """A whole non-streamed answer."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class EndpointView:
     """What a policy may know of one endpoint, frozen at decision time."""
@@ -40,6 +88,10 @@ class EndpointView:
     #: Tokens the endpoint's KV cache holds (scraped or configured), if known.
     kv_capacity_tokens: int | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
+    #: The endpoint's KV blocks from its KV events; None when it publishes none.
+    blocks: HeldBlocks | None = None
+    #: What this router measured of the endpoint's latency; None: nothing yet.
+    latency: LatencyView | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +102,9 @@ class RequestView:
     endpoint: str
     body: Mapping[str, Any]
     headers: Mapping[str, str] = field(default_factory=dict)
+    #: The prompt's tokens, when the model has a tokenizer configured and a
+    #: candidate publishes KV events (else None: policies use characters).
+    tokens: PromptTokens | None = None
 
 
 @dataclass(frozen=True, slots=True)
