@@ -259,6 +259,49 @@ class ModelRef(Frozen):
         return {"name": value} if isinstance(value, str) else value
 
 
+_ZMQ_URL = re.compile(r"^(tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}|ipc://[^\s]+)$")
+
+
+class KVEventsConfig(Frozen):
+    """Where an engine publishes its KV-cache events (vLLM: ``--kv-events-config
+    '{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint":
+    "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}'``), as kvroute reaches them."""
+
+    #: The engine's PUB socket: ``tcp://host:port`` or ``ipc://path``.
+    endpoint: str
+    #: Its ROUTER replay socket. Without one, missed events cannot be recovered:
+    #: a gap clears the endpoint's blocks.
+    replay_endpoint: str | None = None
+    #: vLLM's ``topic`` (empty: all messages).
+    topic: str = ""
+    #: Seconds a replay may take before the publisher counts as unresponsive.
+    replay_timeout: float = Field(5.0, gt=0)
+    #: Seconds between checks, through the replay socket, that the publisher is
+    #: the one whose events were applied (an idle engine publishes nothing, so
+    #: silence says nothing; a restarted one must be noticed anyway).
+    probe_interval: float = Field(5.0, gt=0)
+    #: Seconds the blocks stay stale after history was lost (a gap the replay
+    #: buffer could not fill): what the engine stored meanwhile is unknown.
+    resync_grace: float = Field(30.0, ge=0)
+
+    @field_validator("endpoint", "replay_endpoint")
+    @classmethod
+    def _zmq_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        if "*" in url:
+            raise PydanticCustomError(
+                "zmq_url",
+                "'{url}' is a bind address: give the engine's host (tcp://host:port)",
+                {"url": url},
+            )
+        if not _ZMQ_URL.match(url):
+            raise PydanticCustomError(
+                "zmq_url", "must be tcp://host:port or ipc://path, got '{url}'", {"url": url}
+            )
+        return url
+
+
 class EndpointConfig(Frozen):
     id: str = Field(pattern=r"^[A-Za-z0-9_.:-]+$")
     url: str
@@ -282,6 +325,9 @@ class EndpointConfig(Frozen):
     #: Settings of the kind's adapter (tgi: api, chat_template; triton: fields,
     #: output_mode, chat_template, default_max_tokens).
     options: dict[str, Any] = Field(default_factory=dict)
+    #: The engine's KV-cache events (vLLM's ZMQ publisher), for the precise
+    #: prefix index; None: it publishes none (or kvroute does not listen).
+    kv_events: KVEventsConfig | None = None
     #: ``options`` validated by the kind's options model, once, at load.
     _adapter_options: BaseModel = PrivateAttr()
 

@@ -1,6 +1,7 @@
 """The app's background services, peers owned by the lifespan.
 
-    lifespan ── Lifecycle.start ──> StoreKeeper, Monitor, Discovery, Reloader   (in order)
+    lifespan ── Lifecycle.start ──> StoreKeeper, Monitor, Discovery, KVEventsHub, Reloader
+             │                                                          (in order)
              └─ Lifecycle.stop  ──> the reverse                   (each, even if one fails)
 
     Reloader.reload: read + validate (worker thread) -> AppState.apply
@@ -20,6 +21,7 @@ from typing import Protocol
 
 from router.config import Config
 from router.consul import Discovery
+from router.kvevents.hub import KVEventsHub
 from router.monitor import Monitor
 from router.quota.service import StoreKeeper
 from router.reload import Reloader
@@ -50,12 +52,15 @@ class Lifecycle:
         self.monitor = monitor or Monitor(state)
         self.discovery = discovery or Discovery(state)
         self.reloader = Reloader(state, on_change=self.reconfigure)
+        #: KV-event subscribers (``status()`` for /admin/prefix-index).
+        self.kvevents = KVEventsHub(state)
         #: Started in this order and stopped in the reverse one: the reloader
         #: last, so no reload starts before everything runs or after it stops.
         self.services: list[Service] = [
             StoreKeeper(state),
             self.monitor,
             self.discovery,
+            self.kvevents,
             self.reloader,
         ]
         self._started: list[Service] = []

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from backends import ADAPTERS, Adapter, OpenAIRequest, Target
 from backends.tokens import load_tokenizer
 from policies.base import EndpointView, Policy
+from policies.blocks import BlockIndex, EndpointBlocks
 from policies.prefix_index import IndexStats
 from policies.registry import build_policy
 from router.circuit import Circuit
@@ -57,6 +58,8 @@ class EndpointState:
     #: Seconds to the response headers, exponentially weighted.
     latency_ewma: float | None = None
     last_error: str | None = None
+    #: Its KV-cache blocks, from its KV events (``kv_events`` configured), else None.
+    blocks: EndpointBlocks | None = None
     _labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -154,6 +157,7 @@ class EndpointState:
             kv_usage=self.kv_usage,
             kv_capacity_tokens=self.kv_capacity_tokens,
             labels=self._labels,
+            blocks=self.blocks,
         )
 
 
@@ -204,8 +208,11 @@ class EndpointRegistry:
         endpoints: Iterable[EndpointConfig] = (),
         circuit: CircuitConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        blocks: BlockIndex | None = None,
     ) -> None:
         self._by_id: dict[str, EndpointState] = {}
+        #: Every event-publishing endpoint's blocks; outlives reloads and endpoints' changes.
+        self.blocks = blocks if blocks is not None else BlockIndex()
         self._by_model: dict[str, list[EndpointState]] = {}
         self._circuit = circuit or CircuitConfig()
         self.clock = clock
@@ -216,6 +223,8 @@ class EndpointRegistry:
         old = self._by_id.get(cfg.id)
         state = EndpointState.from_config(cfg, self._circuit)
         state.source = source
+        if cfg.kv_events is not None:
+            state.blocks = self.blocks.endpoint(cfg.id)
         if old is not None:
             # Live state survives a change of the endpoint's config.
             for name in LIVE_STATE:

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from policies.blocks import BlockIndex
 from router.admission import AdmissionGate
 from router.cache import open_cache
 from router.cache.stage import ResponseCache
@@ -94,6 +95,12 @@ class AppState:
         status = store_status(self.quotas)
         return bool(status["up"]), int(status.get("failures", 0))
 
+    @property
+    def blocks(self) -> BlockIndex:
+        """The precise index: each event-publishing endpoint's KV blocks
+        (fed by router/kvevents; kept across reloads)."""
+        return self.registry.blocks
+
     def upsert_endpoint(self, cfg: EndpointConfig, source: Source) -> None:
         self.registry.upsert(cfg, source)
 
@@ -101,6 +108,7 @@ class AppState:
         """An endpoint left the fleet: no new requests (those in flight finish on
         the references they hold), and every policy forgets it."""
         self.registry.remove(endpoint_id)
+        self.blocks.forget(endpoint_id)
         for route in self.routes.routes():
             route.policy.forget(endpoint_id)
 

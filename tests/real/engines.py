@@ -226,9 +226,34 @@ class VLLMServer:
     log: Path
 
 
-def _start_vllm(python: Path, model: Path, core: int, workdir: Path) -> VLLMServer:
-    port = _free_port()
-    log = workdir / f"vllm-{core}.log"
+def kv_events_config(endpoint: str, replay_endpoint: str, topic: str = "") -> str:
+    """vLLM's ``--kv-events-config`` JSON: a ZMQ PUB and its ROUTER replay socket."""
+    import json
+
+    return json.dumps(
+        {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": endpoint,
+            "replay_endpoint": replay_endpoint,
+            "topic": topic,
+        }
+    )
+
+
+def _start_vllm(
+    python: Path,
+    model: Path,
+    core: int,
+    workdir: Path,
+    *,
+    port: int | None = None,
+    kv_events: str | None = None,
+) -> VLLMServer:
+    """``port``: a fixed one (to restart a server where it was); ``kv_events``:
+    a ``--kv-events-config`` JSON (``kv_events_config``)."""
+    port = port or _free_port()
+    log = workdir / f"vllm-{core}-{port}.log"
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -261,7 +286,9 @@ def _start_vllm(python: Path, model: Path, core: int, workdir: Path) -> VLLMServ
         str(NUM_BLOCKS),
         "--enforce-eager",
     ]
-    with log.open("wb") as out:
+    if kv_events is not None:
+        cmd += ["--kv-events-config", kv_events]
+    with log.open("ab") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     return VLLMServer(f"http://127.0.0.1:{port}", process, log)
 
@@ -277,28 +304,38 @@ def vllm_servers(workdir: Path, count: int = 2) -> Iterator[list[VLLMServer]]:
     try:
         deadline = time.monotonic() + 300
         for server in servers:
-            while True:
-                if server.process.poll() is not None:
-                    raise SetupError(
-                        f"vLLM exited ({server.process.returncode}):\n"
-                        f"{server.log.read_text()[-4000:]}"
-                    )
-                try:
-                    if httpx.get(server.url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SetupError(f"vLLM not ready in 300 s:\n{server.log.read_text()[-4000:]}")
-                time.sleep(0.5)
+            wait_ready(server, deadline)
         yield servers
     finally:
         for server in servers:
             if server.process.poll() is None:
                 server.process.send_signal(signal.SIGTERM)
         for server in servers:
-            try:
-                server.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.process.kill()
-                server.process.wait()
+            stop_vllm(server)
+
+
+def wait_ready(server: VLLMServer, deadline: float) -> None:
+    """Until ``server`` answers /health (``deadline``: time.monotonic())."""
+    while True:
+        if server.process.poll() is not None:
+            raise SetupError(
+                f"vLLM exited ({server.process.returncode}):\n{server.log.read_text()[-4000:]}"
+            )
+        try:
+            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise SetupError(f"vLLM not ready in time:\n{server.log.read_text()[-4000:]}")
+        time.sleep(0.5)
+
+
+def stop_vllm(server: VLLMServer, sig: int = signal.SIGTERM) -> None:
+    if server.process.poll() is None:
+        server.process.send_signal(sig)
+    try:
+        server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
