@@ -334,7 +334,8 @@ class Engine:
             seq.computed += n
             full = min(seq.computed // bs, len(seq.hashes), len(seq.blocks))
             for i in range(full):
-                self.cache.commit(seq.blocks[i], seq.hashes[i])
+                parent = seq.hashes[i - 1] if i else None
+                self.cache.commit(seq.blocks[i], seq.hashes[i], seq.all_ids, i, parent)
             if seq.computed >= seq.num_prompt:
                 self._emit(seq, now)
         for seq in decodes:
@@ -354,7 +355,7 @@ class Engine:
             h = block_hashes(seq.all_ids[i * bs : (i + 1) * bs], bs, parent)[0]
             seq.hashes.append(h)
             if i < len(seq.blocks):
-                self.cache.commit(seq.blocks[i], h)
+                self.cache.commit(seq.blocks[i], h, seq.all_ids, i, parent if i else None)
 
     def _emit(self, seq: Sequence_, now: float) -> None:
         if seq.emitted < seq.max_tokens:

@@ -11,6 +11,10 @@
   goes to the tail of a free queue but keeps its hash: it can still be hit
   until allocation takes it from the head of the queue (LRU eviction). A
   request frees its blocks in reverse order, so its tail goes first.
+
+With ``events`` set (backends/sim/kvevents.py), the cache reports what vLLM's
+KV events report: a block stored when its hash becomes cached, removed when
+allocation evicts it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import xxhash
 
@@ -40,6 +45,16 @@ def block_hashes(ids: Sequence[int], block_size: int, parent: int = 0) -> list[i
     return out
 
 
+class CacheEvents(Protocol):
+    """Who hears of blocks entering and leaving the cache."""
+
+    def stored(
+        self, block_hash: int, parent: int | None, token_ids: Sequence[int], block_size: int
+    ) -> None: ...
+
+    def removed(self, block_hash: int) -> None: ...
+
+
 class PrefixCache:
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 2:
@@ -50,6 +65,7 @@ class PrefixCache:
         self._free: OrderedDict[int, Block] = OrderedDict((b.id, b) for b in usable)
         self._cached: dict[int, Block] = {}
         self.evictions = 0
+        self.events: CacheEvents | None = None
 
     @property
     def usable_blocks(self) -> int:
@@ -98,19 +114,33 @@ class PrefixCache:
             if block.hash is not None:
                 if self._cached.get(block.hash) is block:
                     del self._cached[block.hash]
+                    if self.events is not None:
+                        self.events.removed(block.hash)
                 block.hash = None
                 self.evictions += 1
             block.ref = 1
             out.append(block)
         return out
 
-    def commit(self, block: Block, h: int) -> None:
-        """Mark a block full: its contents are now reusable under hash ``h``."""
+    def commit(
+        self,
+        block: Block,
+        h: int,
+        ids: Sequence[int] = (),
+        index: int = 0,
+        parent: int | None = None,
+    ) -> None:
+        """Mark a block full: its contents are now reusable under hash ``h``.
+        ``ids[index * block_size:][:block_size]`` are its tokens and ``parent``
+        the hash of the block before it (None for a first block): what a
+        BlockStored event carries."""
         if block.hash is not None:
             return
         block.hash = h
         # If another request computed the same block meanwhile, keep the first.
-        self._cached.setdefault(h, block)
+        if self._cached.setdefault(h, block) is block and self.events is not None:
+            bs = self.block_size
+            self.events.stored(h, parent, ids[index * bs : (index + 1) * bs], bs)
 
     def free(self, blocks: Sequence[Block]) -> None:
         for block in reversed(blocks):

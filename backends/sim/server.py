@@ -12,6 +12,7 @@ import uvicorn
 
 from backends.sim.common import Faults
 from backends.sim.engine import EngineParams
+from backends.sim.kvevents import KVEventPublisher, PublisherConfig
 from backends.sim.tgi import TGISimulator
 from backends.sim.triton import TritonSimulator
 from backends.sim.vllm import VLLMSimulator
@@ -85,6 +86,12 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--tokenizer", help="a Hugging Face tokenizer.json to count tokens with")
+    g.add_argument(
+        "--kv-events-config",
+        help='publish KV-cache events as vLLM does, e.g. \'{"enable_kv_cache_events": true, '
+        '"publisher": "zmq", "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}\' '
+        "(vLLM kind only)",
+    )
     f = p.add_argument_group("faults")
     f.add_argument("--fail-rate", type=float, default=0.0)
     f.add_argument("--fail-status", type=int, default=500)
@@ -129,6 +136,13 @@ async def run_simulator(args: argparse.Namespace) -> int:
         die_after_chunks=args.die_after_chunks,
     )
     sim = build_simulator(args.kind, args.model, params_from_args(args), faults)
+    publisher = None
+    if args.kv_events_config:
+        events = PublisherConfig.from_json(args.kv_events_config)
+        if events is not None:
+            publisher = KVEventPublisher(events)
+            await publisher.start()
+            sim.engine.cache.events = publisher
     config = uvicorn.Config(
         sim.app,
         host=args.host,
@@ -138,7 +152,11 @@ async def run_simulator(args: argparse.Namespace) -> int:
         lifespan="on",
         access_log=False,
     )
-    await QuietExitServer(config).serve()
+    try:
+        await QuietExitServer(config).serve()
+    finally:
+        if publisher is not None:
+            await publisher.close()
     return 0
 
 
