@@ -271,6 +271,12 @@ def test_resync_plans() -> None:
     assert plan_resync(t, 3, [batch(3, 99)]).verdict is Resync.RESTARTED
     assert plan_resync(t, 3, [batch(7)]).verdict is Resync.RESTARTED
     assert plan_resync(t, 3, []).verdict is Resync.RESTARTED
+    # Seq 0 applied: the check is the same.
+    t0 = SeqTracker()
+    t0.applied(batch(0, digest=5))
+    assert resync_start(t0) == 0
+    assert plan_resync(t0, 0, [batch(0, 5), batch(1)]).apply == (batch(1),)
+    assert plan_resync(t0, 0, [batch(0, 6), batch(1)]).verdict is Resync.RESTARTED
 
 
 def test_recorded_replay_resumes_after_the_last_applied() -> None:

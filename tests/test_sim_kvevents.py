@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import zmq
 import zmq.asyncio
 
-from backends.sim.kvevents import PublisherConfig
+from backends.sim.kvevents import KVEventPublisher, PublisherConfig
 from policies.blocks import EndpointBlocks
 from router.kvevents.subscriber import apply_batch
 from router.kvevents.wire import (
@@ -44,9 +43,15 @@ class Listener:
         return self.batches
 
 
-async def subscribed(listener: Listener, publish: object) -> None:
-    """Wait until the SUB socket receives (PUB drops what comes before a subscription)."""
-    await asyncio.sleep(0.3)
+async def subscribed(listener: Listener, publisher: KVEventPublisher) -> None:
+    """Until the subscription reaches the PUB socket (which drops what comes
+    before): publish AllBlocksCleared until one arrives."""
+    for _ in range(100):
+        publisher.cleared()
+        if await listener.sock.poll(100):
+            await listener.drain(quiet=0.1)
+            return
+    raise AssertionError("the SUB socket never received")
 
 
 def held_engine_hashes(batches: list[Batch]) -> set[int]:
@@ -84,7 +89,7 @@ async def test_events_rebuild_the_cache_and_evictions_remove() -> None:
         # 8 usable blocks of 4 tokens: three 12-token prompts do not all fit.
         async with publishing_engine(num_blocks=9, block_size=4) as p:
             listener = Listener(ctx, p.endpoint)
-            await subscribed(listener, p)
+            await subscribed(listener, p.publisher)
             blocks = EndpointBlocks("sim", max_blocks=1000)
             prompts = [
                 "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu",
@@ -94,14 +99,16 @@ async def test_events_rebuild_the_cache_and_evictions_remove() -> None:
             seen: list[list[int]] = []
             for prompt in prompts:
                 seen.append(await generate(p.engine, prompt))
-                for batch in await listener.drain():
-                    pass
+                await listener.drain()
                 held = held_engine_hashes(listener.batches)
                 assert held == set(p.engine.cache._cached)
             assert p.engine.cache.evictions > 0
             assert any(isinstance(e, BlockRemoved) for b in listener.batches for e in b.events)
-            # Sequence numbers from 0, in order, one batch per engine step's report.
-            assert [b.seq for b in listener.batches] == list(range(len(listener.batches)))
+            # Sequence numbers in order, one batch per engine step's report.
+            first = listener.batches[0].seq
+            assert [b.seq for b in listener.batches] == list(
+                range(first, first + len(listener.batches))
+            )
             for batch in listener.batches:
                 apply_batch(blocks, batch)
             assert len(blocks) == len(p.engine.cache._cached)
@@ -122,7 +129,7 @@ async def test_chained_blocks_carry_their_parent_and_tokens() -> None:
     try:
         async with publishing_engine(num_blocks=64, block_size=4) as p:
             listener = Listener(ctx, p.endpoint)
-            await subscribed(listener, p)
+            await subscribed(listener, p.publisher)
             ids = await generate(p.engine, "one two three four five six seven eight nine")
             longer = await generate(
                 p.engine, "one two three four five six seven eight nine ten eleven twelve thirteen"

@@ -303,7 +303,7 @@ def resync_start(tracker: SeqTracker) -> int:
 
 def plan_resync(tracker: SeqTracker, start: int, replayed: Sequence[Batch]) -> ResyncPlan:
     """What a replay from ``start`` (``resync_start``) says about the publisher."""
-    if start > 0:
+    if tracker.last_digest is not None and start == tracker.last:
         first = replayed[0] if replayed else None
         if first is not None and first.seq == start and first.digest == tracker.last_digest:
             return ResyncPlan(Resync.RESUMED, tuple(replayed[1:]))
