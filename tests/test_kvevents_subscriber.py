@@ -198,6 +198,25 @@ async def test_an_idle_restart_is_noticed_by_the_probe() -> None:
         await eventually(cleared, within=10)
 
 
+async def test_a_probe_of_the_same_publisher_changes_nothing() -> None:
+    clock = Clock()
+    async with publishing_engine() as p, subscribing(p, clock, probe_interval=5) as sub:
+        await live(sub)
+        ids = [await generate(p.engine, PROMPTS[0])]
+        await mirrors(sub, p, ids)
+        for _ in range(2):  # only seq 0 applied, then more
+            replays, held = sub.replays, len(sub.blocks)
+            clock.now += 5
+
+            async def probed() -> bool:
+                return sub.replays == replays + 1 and not sub._need_sync
+
+            await eventually(probed, within=5)
+            assert len(sub.blocks) == held and sub.restarts == 0 and sub.blocks.cleared_total == 0
+            ids.append(await generate(p.engine, PROMPTS[1]))
+            await mirrors(sub, p, ids)
+
+
 async def test_an_unhealthy_endpoint_is_stale_until_it_recovers() -> None:
     health = Health()
     async with publishing_engine() as p, subscribing(p, health=health) as sub:

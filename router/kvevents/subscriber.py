@@ -311,7 +311,8 @@ class Subscriber:
             self._lose_history("the replay had a malformed event batch")
             return
         self._replay_down = False
-        if start == 0:
+        if plan.verdict is not Resync.RESUMED:
+            # The publisher's whole buffer, from its first batch: start over.
             if len(self.blocks):
                 self.blocks.cleared()
             self.tracker.reset(0)
