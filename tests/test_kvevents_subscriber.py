@@ -208,7 +208,7 @@ async def test_a_probe_of_the_same_publisher_changes_nothing() -> None:
             replays, held = sub.replays, len(sub.blocks)
             clock.now += 5
 
-            async def probed() -> bool:
+            async def probed(replays: int = replays) -> bool:
                 return sub.replays == replays + 1 and not sub._need_sync
 
             await eventually(probed, within=5)

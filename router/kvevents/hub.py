@@ -140,8 +140,10 @@ class KVEventsHub:
 
     async def _run(self, subscriber: Subscriber) -> None:
         """A subscriber's task: restarted after a failure (a bug, or ZMQ refusing
-        a URL), a second later, rather than left dead."""
+        a URL), with backoff, rather than left dead."""
+        delay = 1.0
         while True:
+            began = self._clock()
             try:
                 await subscriber.run()
             except (Exception, zmq.ZMQError) as exc:
@@ -150,7 +152,9 @@ class KVEventsHub:
                 LOG.exception({"event": "kv_subscriber_failed", "endpoint": subscriber.endpoint_id})
             with contextlib.suppress(Exception):
                 subscriber.blocks.mark_stale("subscriber restarting after an error")
-            await asyncio.sleep(1.0)
+            # Back off while it fails at once (a URL ZMQ refuses), not after a long run.
+            delay = 1.0 if self._clock() - began > 60 else min(delay * 2, 30.0)
+            await asyncio.sleep(delay)
 
     def subscriber(self, endpoint_id: str) -> Subscriber | None:
         running = self._subscribers.get(endpoint_id)

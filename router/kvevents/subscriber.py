@@ -126,6 +126,8 @@ class Subscriber:
         self.connected = False
         #: A resync is due (at ``_sync_at``); False once one succeeded.
         self._need_sync = True
+        #: Why, when the blocks are not to be trusted meanwhile (None: a routine probe).
+        self._sync_reason: str | None = "replaying"
         self._sync_at = 0.0
         self._synced_once = False
         #: Just after a resync, batches the replay already gave are expected again.
@@ -183,7 +185,7 @@ class Subscriber:
         event = parse_monitor_message(await monitor.recv_multipart())["event"]
         if event == zmq.EVENT_CONNECTED:
             self.connected = True
-            self._request_sync(now=True)
+            self._request_sync("replaying")
         elif event == zmq.EVENT_DISCONNECTED:
             self.connected = False
         self._refresh()
@@ -192,7 +194,7 @@ class Subscriber:
         now = self._clock()
         healthy = self._healthy()
         if healthy and not self._was_healthy:
-            self._request_sync(now=True)  # it may have restarted while down
+            self._request_sync("checking the publisher after the endpoint recovered")
         self._was_healthy = healthy
         if (
             not self._need_sync
@@ -200,15 +202,18 @@ class Subscriber:
             and self.tracker.last_digest is not None
             and now >= self._next_probe
         ):
-            self._request_sync(now=True)
+            self._request_sync(None)
         if self._need_sync and self.connected and healthy and now >= self._sync_at:
             await self._resync()
         self._refresh()
 
-    def _request_sync(self, now: bool = False) -> None:
+    def _request_sync(self, reason: str | None) -> None:
+        """A resync now; ``reason``: why the blocks are stale until it succeeds
+        (None: a routine probe, the blocks stay trusted)."""
+        if not self._need_sync or self._sync_reason is None:
+            self._sync_reason = reason
         self._need_sync = True
-        if now:
-            self._sync_at = 0.0
+        self._sync_at = 0.0
 
     # -- live messages ---------------------------------------------------------------
 
@@ -232,7 +237,7 @@ class Subscriber:
         elif verdict is Verdict.GAP:
             if not self._need_sync:
                 self.gaps += 1
-            self._request_sync(now=not self._need_sync)
+                self._request_sync("replaying a gap")
         elif self._just_synced:
             pass  # already replayed
         elif verdict is Verdict.RESTART:
@@ -241,7 +246,7 @@ class Subscriber:
         else:
             # A stream going backwards that is not a restart at 0: ask the
             # replay socket who this publisher is.
-            self._request_sync(now=True)
+            self._request_sync("sequence went backwards")
 
     def _apply(self, batch: Batch) -> None:
         apply_batch(self.blocks, batch)
@@ -359,8 +364,8 @@ class Subscriber:
             return "endpoint unhealthy"
         if self._replay_down:
             return "replay socket not answering"
-        if self._need_sync and not self._synced_once:
-            return "replaying"
+        if self._need_sync and self._sync_reason is not None:
+            return self._sync_reason
         if self._overflow:
             return self.blocks.stale_reason or "publisher claims too many blocks"
         if self._clock() < self._grace_until:
