@@ -1,8 +1,9 @@
 """The precise index: which KV-cache blocks each endpoint holds, from its events.
 
 An engine that publishes KV events (vLLM's ``--kv-events-config``) says what
-it stores and evicts, block by block, under hashes of its own (seeded per
-process, so not reproducible outside it). Each stored block also carries its
+it stores and evicts, block by block, under hashes of its own (vLLM 0.32:
+sha256 with a fixed seed by default, the same in every process; with xxhash,
+a random seed per process): kvroute never computes them. Each stored block also carries its
 token ids and the engine hash of the block before it. From those kvroute
 computes its own chained hash of the block's tokens, ``chain_hashes``, the
 same function it applies to a tokenized prompt: a prompt's leading blocks
