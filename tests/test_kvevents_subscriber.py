@@ -152,6 +152,30 @@ async def test_a_gap_the_buffer_cannot_fill_clears_and_is_stale_for_the_grace() 
         await live(sub)
 
 
+async def test_a_replay_too_large_gives_the_history_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("router.kvevents.subscriber.MAX_REPLAY", 1)
+    clock = Clock()
+    async with publishing_engine() as p:
+        for prompt in PROMPTS:
+            await generate(p.engine, prompt)
+        async with subscribing(p, clock, resync_grace=30) as sub:
+
+            async def given_up() -> bool:
+                return sub.blocks.stale_reason == "the replay was unusable (ReplayTooLarge)"
+
+            await eventually(given_up, within=10)
+            assert len(sub.blocks) == 0 and sub.tracker.expected is None
+            # What comes next is applied (stale until the grace is over).
+            ids = await generate(p.engine, "a new prompt after the history was given up")
+
+            async def applied() -> bool:
+                return sub.blocks.match(our_hashes(p.engine, ids)) > 0
+
+            await eventually(applied, within=10)
+            clock.now += 31
+            await live(sub)
+
+
 async def test_a_restarted_publisher_clears_the_blocks() -> None:
     async with publishing_engine() as p:
         endpoint, replay = p.endpoint, p.replay_endpoint

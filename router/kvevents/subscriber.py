@@ -66,15 +66,22 @@ LOG = logging.getLogger("kvroute.kvevents")
 
 #: Live messages handled per wake-up before the loop looks at its other duties.
 DRAIN = 256
-#: Messages the SUB socket queues (beyond: dropped by ZMQ, seen as a gap).
-RCVHWM = 10_000
+#: Messages the SUB socket queues (beyond: dropped by ZMQ, seen as a gap and
+#: replayed). A vLLM step's batch is a few KB to a few hundred.
+RCVHWM = 1_000
 #: Batches one replay may return (vLLM buffers 10 000 steps by default).
 MAX_REPLAY = 20_000
+#: Bytes one replay may return; beyond, the history is given up (not retried).
+MAX_REPLAY_BYTES = 256 * 1024 * 1024
 TICK = 0.25
 
 
 class ReplayFailed(KVEventsError):
-    """The replay socket did not answer in time, or answered too much."""
+    """The replay socket did not answer in time (retried)."""
+
+
+class ReplayTooLarge(KVEventsError):
+    """The replay is beyond ``MAX_REPLAY`` batches or ``MAX_REPLAY_BYTES`` (given up)."""
 
 
 def apply_batch(blocks: EndpointBlocks, batch: Batch) -> None:
@@ -313,7 +320,7 @@ class Subscriber:
             self._replay_down = False
             self._need_sync = False
             self._synced_once = True
-            self._lose_history("the replay had a malformed event batch")
+            self._lose_history(f"the replay was unusable ({type(exc).__name__})")
             return
         self._replay_down = False
         if plan.verdict is not Resync.RESUMED:
@@ -338,18 +345,21 @@ class Subscriber:
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.MAXMSGSIZE, self._limits.max_frame_bytes)
         out: list[Batch] = []
+        size = 0
         try:
             dealer.connect(self.config.replay_endpoint)
             async with asyncio.timeout(self.config.replay_timeout):
                 await dealer.send_multipart(replay_request(start))
                 while True:
-                    batch = decode_replay(await dealer.recv_multipart(), self._limits)
+                    frames = await dealer.recv_multipart()
+                    size += sum(len(f) for f in frames)
+                    batch = decode_replay(frames, self._limits)
                     if batch is None:
                         return out
                     if batch.topic.startswith(self._topic):
                         out.append(batch)
-                    if len(out) > MAX_REPLAY:
-                        raise ReplayFailed(f"replay of more than {MAX_REPLAY} batches")
+                    if len(out) > MAX_REPLAY or size > MAX_REPLAY_BYTES:
+                        raise ReplayTooLarge(f"replay beyond {len(out)} batches, {size} bytes")
         except TimeoutError as exc:
             raise ReplayFailed(f"no replay within {self.config.replay_timeout} s") from exc
         finally:

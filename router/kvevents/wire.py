@@ -114,7 +114,7 @@ class Limits:
     """What one message may hold. vLLM's largest batch is one step's blocks:
     ``max_num_batched_tokens`` token ids and their hashes, far below these."""
 
-    max_frame_bytes: int = 16 * 1024 * 1024
+    max_frame_bytes: int = 4 * 1024 * 1024
     max_events: int = 65_536
 
 
