@@ -257,6 +257,33 @@ async def test_an_unhealthy_endpoint_is_stale_until_it_recovers() -> None:
         assert sub.replays == replays + 1  # it may have restarted: checked
 
 
+async def test_without_a_replay_endpoint_a_gap_clears_for_the_grace() -> None:
+    clock = Clock()
+    async with publishing_engine(replay_endpoint=None) as p:
+        async with subscribing(p, clock, resync_grace=30) as sub:
+
+            async def connected() -> bool:
+                return sub.blocks.stale_reason == "no replay endpoint to fill a gap"
+
+            await eventually(connected, within=10)
+            await asyncio.sleep(0.3)  # the subscription reaches the PUB socket
+            # The publisher's first batch (seq 0): its whole history, trusted at once.
+            ids = [await generate(p.engine, PROMPTS[0])]
+            await mirrors(sub, p, ids)
+            await live(sub)
+            p.publisher.lose = 1
+            await generate(p.engine, PROMPTS[1])
+            await generate(p.engine, PROMPTS[2])
+
+            async def lost() -> bool:
+                return sub.gaps == 1 and sub.blocks.stale
+
+            await eventually(lost, within=10)
+            assert sub.replays == 0 and sub.blocks.cleared_total >= 1
+            clock.now += 31
+            await live(sub)
+
+
 async def test_a_missing_replay_socket_is_stale_and_retried() -> None:
     clock = Clock()
     async with publishing_engine(replay_endpoint=None) as p:
