@@ -339,6 +339,19 @@ async def test_hub_follows_the_config_across_reloads() -> None:
             ids = [await generate(a.engine, PROMPTS[0])]
             await mirrors(hub.subscriber("a"), a, ids)  # type: ignore[arg-type]
 
+            # A reload that changes something else of the endpoint keeps its
+            # subscriber and what it learned.
+            subscriber = hub.subscriber("a")
+            changed = config({"a": a, "plain": None})
+            raw = changed.model_dump()
+            raw["endpoints"][0]["weight"] = 2.0
+            old = state.config
+            state.apply(type(changed).model_validate(raw))
+            await hub.reconfigure(old, state.config)
+            assert hub.subscriber("a") is subscriber
+            assert state.registry.get("a").view().blocks is blocks_a  # type: ignore[union-attr]
+            assert blocks_a.match(our_hashes(a.engine, ids[0])) > 0
+
             old = state.config
             state.apply(config({"b": b, "plain": None}))
             await hub.reconfigure(old, state.config)
