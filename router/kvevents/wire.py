@@ -240,11 +240,12 @@ class SeqTracker:
         expected   received          verdict
         None       any               APPLY      (no history: take it as it comes)
         n          n                 APPLY
-        n          > n               GAP        (replay from ``expected``)
+        n          > n               GAP        (resync: ``resync_start``, ``plan_resync``)
         n > 0      0                 RESTART    (a new publisher process: clear)
         n          0 < s < n         DUPLICATE  (drop)
 
-    ``applied(seq)`` moves ``expected`` past ``seq``; ``reset(n)`` after a resync.
+    ``applied(batch)`` moves ``expected`` past its seq and keeps its digest (to
+    recognise the publisher in a later replay); ``reset(n)`` after a resync.
     """
 
     def __init__(self) -> None:
