@@ -50,7 +50,10 @@ def test_chat_is_the_rendered_template_encoded_without_specials(tiny: PromptToke
     body = chat("You are terse.", "What is 2 + 2?")
     tokens = tiny.tokens("chat", body)
     assert tokens is not None
-    text = "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
+    text = (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert render(tiny.chat_template or "", body["messages"]) == text
     expected = tiny.tokenizer.encode(text, add_special_tokens=False).ids
     assert tokens.token_ids() == expected
