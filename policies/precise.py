@@ -40,23 +40,30 @@ from policies.prompt import block_hashes, canonical_prompt, model_seed
 Source = Literal["precise", "approximate", "stale"]
 
 
+#: The block size assumed for an endpoint whose events have stored nothing
+#: yet (vLLM's default): it holds nothing, but what is sent to it is in flight.
+DEFAULT_BLOCK_SIZE = 16
+
+
 def index_source(view: EndpointView, tokens_known: bool = True) -> Source:
     """Which index a prefix-aware policy consults for ``view`` (for a model
     whose prompts are tokenized, unless ``tokens_known`` is false)."""
     blocks = view.blocks
     if blocks is None or not tokens_known:
         return "approximate"
-    if blocks.stale or blocks.block_size <= 0:
-        return "stale"
-    return "precise"
+    return "stale" if blocks.stale else "precise"
 
 
 def live_blocks(view: EndpointView) -> HeldBlocks | None:
     """The endpoint's event-fed blocks, when they can be trusted."""
     blocks = view.blocks
-    if blocks is None or blocks.stale or blocks.block_size <= 0:
+    if blocks is None or blocks.stale:
         return None
     return blocks
+
+
+def block_size(blocks: HeldBlocks) -> int:
+    return blocks.block_size if blocks.block_size > 0 else DEFAULT_BLOCK_SIZE
 
 
 def leading(held: Container[int], hashes: Sequence[int]) -> int:
@@ -174,10 +181,11 @@ class PrecisePrefix:
             if blocks is None or tokens is None:
                 approximate.append(e.id)
                 continue
-            size = blocks.block_size
+            size = block_size(blocks)
             ours = tokens.block_hashes(size)
             held = max(leading(blocks, ours), self.in_flight.match(e.id, ours))
-            scores[i] = held * size / tokens.num_tokens
+            # Every full block held is all an engine can reuse: the whole prompt.
+            scores[i] = 1.0 if held and held == len(ours) else held * size / tokens.num_tokens
         if hashes and approximate:
             matches = self.index.match(hashes, approximate)
             for i, e in enumerate(candidates):
@@ -195,7 +203,7 @@ class PrecisePrefix:
         )
         blocks = live_blocks(endpoint)
         if blocks is not None and tokens is not None:
-            self.in_flight.add(endpoint.id, tokens.block_hashes(blocks.block_size))
+            self.in_flight.add(endpoint.id, tokens.block_hashes(block_size(blocks)))
 
     def forget(self, endpoint_id: str) -> None:
         self.index.forget(endpoint_id)

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from policies.base import Decision, EndpointView, Outcome, PromptTokens, RequestView, load_of
-from policies.precise import InFlight, leading, live_blocks
+from policies.precise import InFlight, block_size, leading, live_blocks
 from policies.prefix_index import IndexStats, PrefixIndex, capacity_blocks
 from policies.prompt import block_hashes, canonical_prompt, model_seed
 from policies.ring import Capacity, RingCache
@@ -173,7 +173,7 @@ class PrefixAffinity:
             match_len = min(prompt_len, round(best * prompt_len / tokens.num_tokens))
             blocks = live_blocks(chosen)
             if blocks is not None:
-                handle = self.in_flight.add(chosen.id, tokens.block_hashes(blocks.block_size))
+                handle = self.in_flight.add(chosen.id, tokens.block_hashes(block_size(blocks)))
         return Decision(
             (chosen, *rest),
             reason,
@@ -200,11 +200,13 @@ class PrefixAffinity:
             if blocks is None:
                 approximate.append(e.id)
                 continue
-            size = blocks.block_size
+            size = block_size(blocks)
             ours = tokens.block_hashes(size)
             precise = leading(blocks, ours)
             pending = self.in_flight.match(e.id, ours)
-            held = max(precise, pending) * size
+            n = max(precise, pending)
+            # Every full block held is all an engine can reuse: the whole prompt.
+            held = tokens.num_tokens if n and n == len(ours) else n * size
             if held:
                 matches[e.id] = held
                 if held >= p.min_match_tokens:
