@@ -4,12 +4,10 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-import pytest
-
 from policies import build_policy
 from policies.base import EndpointView, Outcome, RequestView, uses_tokens
 from policies.blocks import EndpointBlocks, chain_hashes
-from policies.composite import Composite, CompositeParams, ComponentSpec
+from policies.composite import ComponentSpec, Composite, CompositeParams
 from policies.precise import InFlight, index_source, leading
 from policies.prefix import PrefixAffinity, PrefixAffinityParams
 
