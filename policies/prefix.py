@@ -30,6 +30,32 @@ Three stages, first match wins:
 The index records the chosen endpoint at decision time (so a burst of
 requests for one new prefix follows the first), and the endpoint that
 actually served the request when failover moved it.
+
+Precise matches (``policies/precise.py``). When the request's tokens are
+known (``RequestView.tokens``: the model has a tokenizer) an endpoint whose
+KV events are live is matched in tokens against what its engine reports
+(``precise_hit``), not against the character index; the others (no events,
+or stale ones) keep the character index (``prefix_hit``), its match
+converted to tokens by the prompt's own characters per token, so stage 2
+compares one unit across a mixed fleet. Holding every full block of the
+prompt counts as holding the whole prompt (an engine reuses no partial
+block). A precise match under ``min_match_tokens`` counts as none.
+
+Bursts: an engine reports blocks only once it has prefilled them, so
+requests for a new prefix that arrive meanwhile would each look new. A
+decision on an event endpoint is kept in flight (``InFlight``) until
+``observe`` reports its attempt over; an endpoint's precise match is the
+larger of its events' and its in-flight decisions' (``inflight_hit`` when
+the latter). Unlike the character index, which also remembers what went to
+event endpoints (so it is warm should their events go stale), an in-flight
+entry never outlives its request: afterwards the events alone say whether
+the blocks are still there. Load guard, bounded load and ring placement
+(keyed by the first character block, so routers with and without a
+tokenizer agree) are the same for every source.
+
+``Decision.match_len`` stays in characters: a match in tokens is scaled by
+the prompt's characters per token, so ``match_len / prompt_len`` is the share
+of the prompt matched whatever the source.
 """
 
 from __future__ import annotations
