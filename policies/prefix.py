@@ -66,7 +66,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from policies.base import Decision, EndpointView, Outcome, PromptTokens, RequestView, load_of
-from policies.precise import InFlight, block_size, leading, live_blocks
+from policies.precise import DEFAULT_BLOCK_SIZE, InFlight, block_size, leading, live_blocks
 from policies.prefix_index import IndexStats, PrefixIndex, capacity_blocks
 from policies.prompt import block_hashes, canonical_prompt, model_seed
 from policies.ring import Capacity, RingCache
@@ -134,19 +134,27 @@ class PrefixAffinity:
             endpoint, p.default_capacity_tokens, self.chars_per_token, p.block_chars
         )
 
-    def hashes(self, request: RequestView) -> tuple[list[int], int]:
+    def hashes(self, request: RequestView, head_only: bool = False) -> tuple[list[int], int]:
+        """The prompt's character blocks' hashes (only the first with
+        ``head_only``: the ring key), and its length in characters."""
         seed = self._seeds.get(request.model)
         if seed is None:
             seed = self._seeds[request.model] = model_seed(request.model)
         text = canonical_prompt(request.body)
-        return block_hashes(text, self.params.block_chars, seed), len(text)
+        chars = self.params.block_chars
+        return block_hashes(text[:chars] if head_only else text, chars, seed), len(text)
 
     def rank(self, request: RequestView, candidates: Sequence[EndpointView]) -> Decision:
         p = self.params
-        hashes, prompt_len = self.hashes(request)
         tokens = request.tokens
         if tokens is not None and not tokens.num_tokens:
             tokens = None
+        # With every candidate's events live, the character index has no part
+        # in the decision: hash only the ring key, and feed it nothing.
+        precise_only = tokens is not None and all(
+            e.blocks is not None and not e.blocks.stale for e in candidates
+        )
+        hashes, prompt_len = self.hashes(request, head_only=precise_only)
         load_list = [load_of(e) for e in candidates]
         position = {e.id: i for i, e in enumerate(candidates)}
         loads = dict(zip(position, load_list, strict=True))
@@ -191,7 +199,8 @@ class PrefixAffinity:
             for i in order
             if candidates[i] is not chosen and candidates[i].id not in matches
         ]
-        self.index.insert(hashes, chosen.id, self.capacity_blocks(chosen))
+        if not precise_only:
+            self.index.insert(hashes, chosen.id, self.capacity_blocks(chosen))
         handle = None
         if tokens is None:
             match_len = min(prompt_len, int(best) * p.block_chars)
@@ -205,7 +214,7 @@ class PrefixAffinity:
             reason,
             match_len=match_len,
             prompt_len=prompt_len,
-            memo=(hashes, chosen.id, candidates, handle),
+            memo=([] if precise_only else hashes, chosen.id, candidates, handle),
         )
 
     def _matches(
@@ -221,22 +230,31 @@ class PrefixAffinity:
         matches: dict[str, float] = {}
         hits: dict[str, str] = {}
         approximate: list[str] = []
+        chains: dict[int, list[int]] = {}
+        in_flight = self.in_flight
+        num_tokens = tokens.num_tokens
         for e in candidates:
-            blocks = live_blocks(e)
-            if blocks is None:
+            blocks = e.blocks
+            if blocks is None or blocks.stale:
                 approximate.append(e.id)
                 continue
-            size = block_size(blocks)
-            ours = tokens.block_hashes(size)
-            precise = leading(blocks, ours)
-            pending = self.in_flight.match(e.id, ours)
-            n = max(precise, pending)
+            size = blocks.block_size or DEFAULT_BLOCK_SIZE
+            ours = chains.get(size)
+            if ours is None:
+                ours = chains[size] = tokens.block_hashes(size)
+            if not ours:
+                continue
+            # Most endpoints hold not even the first block: one lookup each.
+            precise = leading(blocks, ours) if ours[0] in blocks else 0
+            pending = in_flight.match(e.id, ours)
+            n = precise if precise >= pending else pending
+            if not n:
+                continue
             # Every full block held is all an engine can reuse: the whole prompt.
-            held = tokens.num_tokens if n and n == len(ours) else n * size
-            if held:
-                matches[e.id] = held
-                if held >= p.min_match_tokens:
-                    hits[e.id] = "precise_hit" if precise >= pending else "inflight_hit"
+            held = num_tokens if n == len(ours) else n * size
+            matches[e.id] = held
+            if held >= p.min_match_tokens:
+                hits[e.id] = "precise_hit" if precise >= pending else "inflight_hit"
         if approximate and hashes:
             per_char = tokens.num_tokens / prompt_len
             for eid, n in self.index.match(hashes, approximate).items():

@@ -47,7 +47,7 @@ class _State:
         view = memoryview(data)
         new = []
         for start in range(0, full, step):
-            h = digest(view[start : start + step], seed=h)
+            h = digest(view[start : start + step], h)
             new.append(h)
         return _State(self.hashes + tuple(new), data[full:])
 
