@@ -230,7 +230,7 @@ class PrefixAffinity:
         matches: dict[str, float] = {}
         hits: dict[str, str] = {}
         approximate: list[str] = []
-        chains: dict[int, list[int]] = {}
+        chains: dict[int, Sequence[int]] = {}
         in_flight = self.in_flight
         num_tokens = tokens.num_tokens
         for e in candidates:
