@@ -46,10 +46,13 @@ requests for a new prefix that arrive meanwhile would each look new. A
 decision on an event endpoint is kept in flight (``InFlight``) until
 ``observe`` reports its attempt over; an endpoint's precise match is the
 larger of its events' and its in-flight decisions' (``inflight_hit`` when
-the latter). Unlike the character index, which also remembers what went to
-event endpoints (so it is warm should their events go stale), an in-flight
-entry never outlives its request: afterwards the events alone say whether
-the blocks are still there. Load guard, bounded load and ring placement
+the latter). An in-flight entry never outlives its request: afterwards the
+events alone say whether the blocks are still there (the character index,
+by contrast, would go on crediting an endpoint with blocks its engine
+evicted). The character index is fed for event endpoints too when the fleet
+is mixed, so it is warm for one whose events go stale; when every candidate's
+events are live it plays no part, and only the ring key is hashed (a third
+of a decision's time on a 32k-character prompt). Load guard, bounded load and ring placement
 (keyed by the first character block, so routers with and without a
 tokenizer agree) are the same for every source.
 

@@ -4,6 +4,9 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from policies import build_policy
 from policies.base import EndpointView, Outcome, RequestView, uses_tokens
 from policies.blocks import EndpointBlocks, chain_hashes
@@ -91,6 +94,29 @@ def test_in_flight_decisions_are_counted_until_released_and_bounded() -> None:
     assert inflight.match("a", [1, 2]) == 0
     inflight.release(two)  # already gone: nothing happens
     assert len(inflight) == 2
+
+
+@given(
+    st.lists(st.integers(1, 3000), min_size=1, max_size=4),
+    st.integers(1, 3000),
+    st.integers(0, 3000),
+)
+@settings(max_examples=200, deadline=None)
+def test_in_flight_matches_are_exact_or_at_most_an_eighth_short(
+    lengths: list[int], query: int, shared: int
+) -> None:
+    inflight = InFlight()
+    chains = [list(range(i * 10_000, i * 10_000 + n)) for i, n in enumerate(lengths)]
+    for chain in chains:
+        inflight.add("a", chain)
+    # The query shares its first ``shared`` blocks with the first chain.
+    ours = chains[0][:shared] + list(range(-1, -1 - query, -1))
+    truth = max(leading(set(c), ours) for c in chains)
+    got = inflight.match("a", ours)
+    assert got <= truth
+    assert got >= truth * 8 // 9
+    # A chain in flight whole matches exactly.
+    assert inflight.match("a", chains[-1]) == len(chains[-1])
 
 
 def test_a_precise_hit_wins_over_the_approximate_belief() -> None:
