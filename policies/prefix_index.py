@@ -138,13 +138,10 @@ class PrefixIndex:
         self._capacity[endpoint_id] = capacity_blocks
         bit = 1 << self._slot[endpoint_id]
         holders = self._holders
-        refresh = lru.move_to_end
         for h in reversed(hashes[:capacity_blocks]):
-            try:
-                refresh(h)  # held already: most recent again (one lookup, not two)
+            if h in lru:
+                lru.move_to_end(h)
                 continue
-            except KeyError:
-                pass
             lru[h] = None
             holders[h] = holders.get(h, 0) | bit
             self.entries += 1
