@@ -118,6 +118,10 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._decisions)
 
+    def __contains__(self, endpoint_id: object) -> bool:
+        """Whether anything is in flight to ``endpoint_id``."""
+        return endpoint_id in self._held
+
     def add(self, endpoint_id: str, hashes: Sequence[int]) -> int | None:
         """Record a decision; returns its handle for ``release``."""
         n = len(hashes)

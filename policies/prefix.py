@@ -249,7 +249,7 @@ class PrefixAffinity:
                 continue
             # Most endpoints hold not even the first block: one lookup each.
             precise = leading(blocks, ours) if ours[0] in blocks else 0
-            pending = in_flight.match(e.id, ours)
+            pending = in_flight.match(e.id, ours) if e.id in in_flight else 0
             n = precise if precise >= pending else pending
             if not n:
                 continue
