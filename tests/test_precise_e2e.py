@@ -79,3 +79,38 @@ async def test_requests_go_where_the_events_say_the_prefix_is(
         requests = [(await sim_stats(u))["requests"] for u, _ in sims]
     assert requests == [2, 2]
     assert 'reason="precise_hit"} 4.0' in metrics
+
+
+async def prompts_tokenized(policy: str, publishes_events: bool, mp: pytest.MonkeyPatch) -> int:
+    """How many prompt pieces the router tokenized for four chats."""
+    held = EndpointBlocks("s0", 1000)
+    held.mark_live()
+    original = EndpointState.view
+
+    def with_blocks(self: EndpointState) -> EndpointView:
+        return dataclasses.replace(original(self), blocks=held if publishes_events else None)
+
+    mp.setattr(EndpointState, "view", with_blocks)
+    async with AsyncExitStack() as stack:
+        url0, _ = await stack.enter_async_context(simulator())
+        cfg = router_config(
+            [{"id": "s0", "url": url0, "kind": "vllm", "models": ["tiny"]}],
+            models={"tiny": {"policy": policy, "tokenizer": str(TINY)}},
+        )
+        prompts = cfg.models["tiny"].prompts
+        assert prompts is not None
+        before = prompts.hits + prompts.misses
+        url = await stack.enter_async_context(router(cfg))
+        async with httpx.AsyncClient(base_url=url) as c:
+            for k in range(4):
+                r = await c.post("/v1/chat/completions", json=chat(7, f"question {k}"))
+                assert r.status_code == 200
+        return prompts.hits + prompts.misses - before
+
+
+async def test_prompts_are_tokenized_only_for_token_policies_and_event_endpoints(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert await prompts_tokenized("prefix_affinity", True, monkeypatch) > 0
+    assert await prompts_tokenized("prefix_affinity", False, monkeypatch) == 0
+    assert await prompts_tokenized("least_load", True, monkeypatch) == 0
