@@ -91,6 +91,10 @@ def _ids(values: Sequence[int]) -> bytes:
     return array("I", values).tobytes()
 
 
+def _token_id(value: Any) -> bool:
+    return type(value) is int and 0 <= value < 1 << 32
+
+
 def _text_content(content: Any) -> str | None:
     """A message's content as vLLM gives it to a template (text parts joined
     by newlines); None for content with other parts (images, audio)."""
@@ -184,7 +188,7 @@ class PromptTokenizer:
                 prompt = prompt[0]
             if isinstance(prompt, str):
                 return prompt, True
-            if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+            if isinstance(prompt, list) and prompt and all(_token_id(t) for t in prompt):
                 return list(prompt)
         return None
 
@@ -305,7 +309,11 @@ class PromptTokenizer:
         if isinstance(prompt, list):
             return self._from_ids(prompt)
         plan = self.plan(*prompt)
-        return self.finish(plan, self.encode_missing(plan))
+        try:
+            encoded = self.encode_missing(plan)
+        except Exception:  # text tokenizers refuse (lone surrogates): route on characters
+            return None
+        return self.finish(plan, encoded)
 
     async def tokens_async(self, op: str, body: Mapping[str, Any]) -> Tokens | None:
         """As ``tokens``, encoding a long miss in a thread."""
@@ -315,10 +323,13 @@ class PromptTokenizer:
         if isinstance(prompt, list):
             return self._from_ids(prompt)
         plan = self.plan(*prompt)
-        if plan.missing_chars > self.thread_chars:
-            encoded = await asyncio.to_thread(self.encode_missing, plan)
-        else:
-            encoded = self.encode_missing(plan)
+        try:
+            if plan.missing_chars > self.thread_chars:
+                encoded = await asyncio.to_thread(self.encode_missing, plan)
+            else:
+                encoded = self.encode_missing(plan)
+        except Exception:  # text tokenizers refuse (lone surrogates): route on characters
+            return None
         return self.finish(plan, encoded)
 
 

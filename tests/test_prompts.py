@@ -91,6 +91,14 @@ def test_prompts_the_router_cannot_reproduce_get_no_tokens(tiny: PromptTokenizer
     assert tiny.tokens("embedding", {"input": "a"}) is None
 
 
+def test_text_the_tokenizer_refuses_gives_no_tokens(tiny: PromptTokenizer) -> None:
+    lone = "a\ud800b"  # JSON may carry a lone surrogate; tokenizers refuses it
+    assert tiny.tokens("chat", {"messages": [{"role": "user", "content": lone}]}) is None
+    assert asyncio.run(fresh(thread_chars=0).tokens_async("completion", {"prompt": lone})) is None
+    assert tiny.tokens("completion", {"prompt": [1, 1 << 40]}) is None
+    assert tiny.tokens("completion", {"prompt": [1, -5]}) is None
+
+
 def test_a_template_that_raises_gives_no_tokens() -> None:
     loaded = load_prompt_tokenizer(str(TINY))
     strict = PromptTokenizer(loaded.tokenizer, "{{ raise_exception('no') }}")
