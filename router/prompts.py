@@ -18,17 +18,19 @@ A request this module cannot reproduce (images, ``continue_final_message``,
 a template that fails) gets no tokens: policies fall back to characters.
 
 Cost, and caching (measured in benchmarks/README.md, "Tokenizing prompts on
-the request path"): a BPE tokenizer costs about 0.4 us per character, 13 ms
-for a 32k-character prompt. Hugging Face tokenizers cut the text at added
+the request path"): a BPE tokenizer costs 0.45 to 2 us per character, 15 to
+60 ms for a 32k-character prompt. Hugging Face tokenizers cut the text at added
 tokens (``<|im_start|>``...) before anything else, so the pieces between
 them tokenize independently: a piece seen before (a shared system prompt,
 a conversation's earlier turns) is looked up in a bounded LRU of piece ->
 ids, by a 128-bit hash of its text. That independence is checked when the
 tokenizer loads (added tokens that strip whitespace, normalised added
 tokens, or a probe whose pieces encode differently from the whole: the
-prompt is then encoded whole, uncached). What misses goes to a thread past
-``thread_chars`` characters (tokenizers releases the GIL), so a long new
-prompt does not stall the event loop.
+prompt is then encoded whole; only a prompt seen whole before is cached).
+What misses goes to a thread past ``thread_chars`` characters (tokenizers
+releases the GIL), so a long new prompt does not stall the event loop; the
+block hashes (``router/prompt_blocks.py``) are computed on the loop, by the
+policy, for the block sizes it needs.
 """
 
 from __future__ import annotations
