@@ -15,7 +15,7 @@ The tokenizer and template are the model's (``models.<m>.tokenizer``: a
 directory or its ``tokenizer.json``; the template found there as vLLM finds
 it, ``backends.hf_model``, unless ``models.<m>.chat_template`` overrides it).
 A request this module cannot reproduce (images, ``continue_final_message``,
-a template that fails) gets no tokens: policies fall back to characters.
+``chat_template_kwargs``, a template that fails) gets no tokens: policies fall back to characters.
 
 Cost, and caching (measured in benchmarks/README.md, "Tokenizing prompts on
 the request path"): a BPE tokenizer costs 0.45 to 2 us per character, 15 to
@@ -198,7 +198,9 @@ class PromptTokenizer:
         messages = body.get("messages")
         if self.chat_template is None or not isinstance(messages, list):
             return None
-        if body.get("continue_final_message"):
+        # Template arguments the router does not pass on (vLLM's
+        # chat_template_kwargs, documents) would render another prompt.
+        if body.get("continue_final_message") or body.get("chat_template_kwargs"):
             return None
         plain = []
         for m in messages:

@@ -86,6 +86,8 @@ def test_prompts_the_router_cannot_reproduce_get_no_tokens(tiny: PromptTokenizer
     image = {"type": "image_url", "image_url": {"url": "data:,x"}}
     assert tiny.tokens("chat", {"messages": [{"role": "user", "content": [image]}]}) is None
     assert tiny.tokens("chat", {**chat("a"), "continue_final_message": True}) is None
+    kwargs = {"chat_template_kwargs": {"enable_thinking": False}}
+    assert tiny.tokens("chat", {**chat("a"), **kwargs}) is None
     assert tiny.tokens("chat", {"messages": "nope"}) is None
     assert tiny.tokens("completion", {"prompt": ["a", "b"]}) is None
     assert tiny.tokens("embedding", {"input": "a"}) is None
