@@ -15,7 +15,8 @@ The tokenizer and template are the model's (``models.<m>.tokenizer``: a
 directory or its ``tokenizer.json``; the template found there as vLLM finds
 it, ``backends.hf_model``, unless ``models.<m>.chat_template`` overrides it).
 A request this module cannot reproduce (images, ``continue_final_message``,
-``chat_template_kwargs``, a template that fails) gets no tokens: policies fall back to characters.
+``chat_template_kwargs``, a template that fails) gets no tokens: policies
+fall back to characters.
 
 Cost, and caching (measured in benchmarks/README.md, "Tokenizing prompts on
 the request path"): a BPE tokenizer costs 0.45 to 2 us per character, 15 to
