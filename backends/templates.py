@@ -289,9 +289,15 @@ def render(
     documents: Sequence[Mapping[str, Any]] | None = None,
     max_seconds: float = MAX_SECONDS,
     max_chars: int | None = None,
+    add_generation_prompt: bool = True,
+    special_tokens: Mapping[str, str] | None = None,
 ) -> str:
     """Render ``messages`` (content flattened to text, other keys kept) with a
-    preset or template source, followed by the generation prompt.
+    preset or template source, followed by the generation prompt (unless
+    ``add_generation_prompt`` is false).
+
+    ``special_tokens`` (``bos_token``, ``eos_token``) are the model's own, for
+    a template read from its directory; by default a preset's, else "".
 
     ``max_chars`` (default: OUTPUT_GROWTH x the messages' text + OUTPUT_SLACK)
     bounds the prompt and every string or list the template builds;
@@ -315,8 +321,12 @@ def render(
         "messages": plain,
         "tools": tools,
         "documents": documents,
-        "add_generation_prompt": True,
-        **SPECIAL_TOKENS.get(template, _NO_SPECIAL_TOKENS),
+        "add_generation_prompt": add_generation_prompt,
+        **(
+            special_tokens
+            if special_tokens is not None
+            else SPECIAL_TOKENS.get(template, _NO_SPECIAL_TOKENS)
+        ),
         _BUDGET: budget,
     }
     parts = []

@@ -465,6 +465,115 @@ def decision_latency(
     }
 
 
+def precise_decision_latency(
+    endpoints: int = 64,
+    prompt_chars: int = 32_000,
+    n: int = 2000,
+    tokenizer: str = str(ROOT / "tests" / "fixtures" / "tiny-llama"),
+    **params: Any,
+) -> dict[str, float]:
+    """prefix_affinity on precise matches, the router's tokenizer in the loop:
+    every endpoint publishes KV events (an EndpointBlocks fed by hand with
+    the blocks of the tenants it served), each request is tokenized (chat
+    template + tokenizer + block hashes: ``router/prompts.py``) and ranked.
+    Hits: 200 tenants' system prompts seen before, a new question each time
+    (the new piece is a miss, the system prompt a cache hit). New prefixes:
+    a system prompt never seen, tokenized whole (in a thread on the router's
+    request path: ``thread_s``; ``loop_us`` is what stays on the loop)."""
+    from policies.blocks import EndpointBlocks
+    from router.prompts import load_prompt_tokenizer
+
+    rng = random.Random(3)
+    prompts = load_prompt_tokenizer(tokenizer)
+    policy = build_policy("prefix_affinity", params, random.Random(0))
+    held = [EndpointBlocks(f"e{i}", 1_000_000) for i in range(endpoints)]
+    views = [
+        EndpointView(
+            id=f"e{i}",
+            url="",
+            kind="vllm",
+            in_flight=rng.randint(0, 8),
+            kv_capacity_tokens=500_000,
+            blocks=held[i],
+        )
+        for i in range(endpoints)
+    ]
+    tenants = [words(rng, prompt_chars // 4)[: prompt_chars - 100] for _ in range(200)]
+
+    def body(system: str, k: int) -> dict[str, Any]:
+        return {
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": f"q{k}"},
+            ],
+        }
+
+    for t, system in enumerate(tenants):  # each tenant's blocks on one endpoint
+        tokens = prompts.tokens("chat", body(system, -1))
+        assert tokens is not None
+        ids = tokens.token_ids()
+        full = len(ids) // 16 * 16
+        held[t % endpoints].stored(list(range(t << 20, (t << 20) + full)), None, ids[:full], 16)
+    for blocks in held:
+        blocks.mark_live()
+
+    def timed(system: Callable[[int], str], count: int) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {"total": [], "tokenize": [], "rank": [], "loop": []}
+        for k in range(count):
+            req = body(system(k), k)
+            t0 = time.perf_counter()
+            prompt = prompts.prompt("chat", req)
+            assert isinstance(prompt, tuple)
+            plan = prompts.plan(*prompt)
+            t1 = time.perf_counter()
+            encoded = prompts.encode_missing(plan)
+            t2 = time.perf_counter()
+            tokens = prompts.finish(plan, encoded)
+            tokens.block_hashes(16)
+            t3 = time.perf_counter()
+            decision = policy.rank(RequestView("m", "chat", req, tokens=tokens), views)
+            t4 = time.perf_counter()
+            policy.observe(decision, decision.ranked[0].id, Outcome(True))
+            out["total"].append(t4 - t0)
+            out["tokenize"].append(t3 - t0)
+            out["rank"].append(t4 - t3)
+            # With a miss past the threshold, encode_missing runs in a thread.
+            big = plan.missing_chars > prompts.thread_chars
+            out["loop"].append((t4 - t0) - (t2 - t1 if big else 0.0))
+        return {key: sorted(v) for key, v in out.items()}
+
+    def pct(xs: list[float], q: float) -> float:
+        return xs[min(len(xs) - 1, int(len(xs) * q))] * 1e6
+
+    timed(lambda k: tenants[k % 200], 400)  # warm: every tenant seen twice
+    hits = timed(lambda k: tenants[k % 200], n)
+    new = timed(lambda k: f"new {k} " + tenants[k % 200], max(20, n // 50))
+    reasons = collections.Counter(
+        policy.rank(
+            RequestView(
+                "m", "chat", body(tenants[k], k), tokens=prompts.tokens("chat", body(tenants[k], k))
+            ),
+            views,
+        ).reason
+        for k in range(200)
+    )
+    return {
+        "endpoints": endpoints,
+        "prompt_chars": prompt_chars,
+        "p50_us": pct(hits["total"], 0.5),
+        "p99_us": pct(hits["total"], 0.99),
+        "tokenize_p50_us": pct(hits["tokenize"], 0.5),
+        "tokenize_p99_us": pct(hits["tokenize"], 0.99),
+        "rank_p50_us": pct(hits["rank"], 0.5),
+        "rank_p99_us": pct(hits["rank"], 0.99),
+        "new_prefix_loop_p50_us": pct(new["loop"], 0.5),
+        "new_prefix_loop_p99_us": pct(new["loop"], 0.99),
+        "new_prefix_total_p50_us": pct(new["total"], 0.5),
+        "precise_hit_share": reasons["precise_hit"] / 200,
+    }
+
+
 def index_memory(prefixes: int = 1_000_000, cap: int = 200_000) -> dict[str, float]:
     from policies.prefix_index import PrefixIndex
 
@@ -523,7 +632,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="4 replicas only, shorter runs")
+    parser.add_argument(
+        "--latency", action="store_true", help="decision latency only (printed, not saved)"
+    )
     args = parser.parse_args()
+    if args.latency:
+        print("decision latency:", decision_latency(), flush=True)
+        print("precise, tokenizer in the loop:", precise_decision_latency(), flush=True)
+        return 0
     fleets = (4,) if args.quick else (4, 8, 16)
     duration = 10.0 if args.quick else 20.0
     results: dict[str, Any] = {
@@ -563,6 +679,8 @@ def main() -> int:
     print(results["decision_latency"], flush=True)
     results["decision_latency_ring1"] = decision_latency(ring_choices=1)
     print("ring_choices 1:", results["decision_latency_ring1"], flush=True)
+    results["decision_latency_precise"] = precise_decision_latency()
+    print("precise, tokenizer in the loop:", results["decision_latency_precise"], flush=True)
     print("index memory ...", flush=True)
     results["index_memory"] = index_memory()
     print(results["index_memory"], flush=True)

@@ -150,6 +150,13 @@ class Policy(Protocol):
         ...
 
 
+def uses_tokens(policy: object) -> bool:
+    """Whether ``policy`` looks at ``RequestView.tokens``: it says so with a
+    true ``uses_tokens`` attribute. The router tokenizes prompts only for
+    those (tokenizing costs far more than a decision)."""
+    return getattr(policy, "uses_tokens", False) is True
+
+
 def load_of(endpoint: EndpointView) -> float:
     """Requests an endpoint holds. This router's in-flight count is exact and
     current for its own traffic; the backend's scraped running + waiting also

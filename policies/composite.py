@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from pydantic_core import PydanticCustomError
 
 from policies.base import Decision, EndpointView, Outcome, RequestView, load_of
+from policies.precise import PrecisePrefix, PrecisePrefixParams
 from policies.prefix_index import IndexStats, PrefixIndex
 from policies.prompt import block_hashes, canonical_prompt, model_seed
 from policies.ring import RingCache, bounded_capacity, ring_order
@@ -225,6 +226,7 @@ SCORERS: dict[str, Component] = {
     "weight": Component(Params, WeightScore),
     "prefix_match": Component(PrefixMatchParams, PrefixMatch),
     "ring_owner": Component(RingOwnerParams, RingOwner),
+    "precise_prefix": Component(PrecisePrefixParams, PrecisePrefix),
 }
 
 
@@ -292,6 +294,8 @@ class Composite:
         self.filters: list[Filter] = [c.build(p) for c, p in params._filters]
         self.scorers: list[tuple[float, Scorer]] = [(w, c.build(p)) for w, c, p in params._scorers]
         self._total_weight = sum(w for w, _ in self.scorers)
+        #: Prompts are tokenized for this policy only if a scorer reads tokens.
+        self.uses_tokens = any(getattr(s, "uses_tokens", False) for _, s in self.scorers)
 
     def rank(self, request: RequestView, candidates: Sequence[EndpointView]) -> Decision:
         kept = list(candidates)

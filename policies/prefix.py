@@ -30,6 +30,35 @@ Three stages, first match wins:
 The index records the chosen endpoint at decision time (so a burst of
 requests for one new prefix follows the first), and the endpoint that
 actually served the request when failover moved it.
+
+Precise matches (``policies/precise.py``). When the request's tokens are
+known (``RequestView.tokens``: the model has a tokenizer) an endpoint whose
+KV events are live is matched in tokens against what its engine reports
+(``precise_hit``), not against the character index; the others (no events,
+or stale ones) keep the character index (``prefix_hit``), its match
+converted to tokens by the prompt's own characters per token, so stage 2
+compares one unit across a mixed fleet. Holding every full block of the
+prompt counts as holding the whole prompt (an engine reuses no partial
+block). A precise match under ``min_match_tokens`` counts as none.
+
+Bursts: an engine reports blocks only once it has prefilled them, so
+requests for a new prefix that arrive meanwhile would each look new. A
+decision on an event endpoint is kept in flight (``InFlight``) until
+``observe`` reports its attempt over; an endpoint's precise match is the
+larger of its events' and its in-flight decisions' (``inflight_hit`` when
+the latter). An in-flight entry never outlives its request: afterwards the
+events alone say whether the blocks are still there (the character index,
+by contrast, would go on crediting an endpoint with blocks its engine
+evicted). The character index is fed for event endpoints too when the fleet
+is mixed, so it is warm for one whose events go stale; when every candidate's
+events are live it plays no part, and only the ring key is hashed (a third
+of a decision's time on a 32k-character prompt). Load guard, bounded load and ring placement
+(keyed by the first character block, so routers with and without a
+tokenizer agree) are the same for every source.
+
+``Decision.match_len`` stays in characters: a match in tokens is scaled by
+the prompt's characters per token, so ``match_len / prompt_len`` is the share
+of the prompt matched whatever the source.
 """
 
 from __future__ import annotations
@@ -39,7 +68,8 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from policies.base import Decision, EndpointView, Outcome, RequestView, load_of
+from policies.base import Decision, EndpointView, Outcome, PromptTokens, RequestView, load_of
+from policies.precise import DEFAULT_BLOCK_SIZE, InFlight, block_size, leading, live_blocks
 from policies.prefix_index import IndexStats, PrefixIndex, capacity_blocks
 from policies.prompt import block_hashes, canonical_prompt, model_seed
 from policies.ring import Capacity, RingCache
@@ -79,10 +109,18 @@ class PrefixAffinityParams(BaseModel):
     #: 40-50% above round robin's in virtual time, 4 came within 5%
     #: (benchmarks/README.md, "prefix_affinity on traffic that shares nothing").
     ring_choices: int = Field(4, ge=1)
+    #: A precise match (from KV events) shorter than this many tokens counts
+    #: as no match: the fixed head of a chat template (a Llama 3 system header
+    #: is ~30 tokens) is in every prompt and says nothing of the rest.
+    min_match_tokens: int = Field(64, ge=1)
+    #: Decisions on event-publishing endpoints remembered until they finish
+    #: (the oldest unfinished are dropped past this).
+    max_in_flight: int = Field(4096, ge=1)
 
 
 class PrefixAffinity:
     name = "prefix_affinity"
+    uses_tokens = True
 
     def __init__(self, params: PrefixAffinityParams, rng: random.Random) -> None:
         self.params = params
@@ -91,6 +129,7 @@ class PrefixAffinity:
         self._seeds: dict[str, int] = {}
         self.chars_per_token = params.chars_per_token
         self._ratio_samples = 0
+        self.in_flight = InFlight(params.max_in_flight)
 
     def capacity_blocks(self, endpoint: EndpointView) -> int:
         p = self.params
@@ -98,42 +137,56 @@ class PrefixAffinity:
             endpoint, p.default_capacity_tokens, self.chars_per_token, p.block_chars
         )
 
-    def hashes(self, request: RequestView) -> tuple[list[int], int]:
+    def hashes(self, request: RequestView, head_only: bool = False) -> tuple[list[int], int]:
+        """The prompt's character blocks' hashes (only the first with
+        ``head_only``: the ring key), and its length in characters."""
         seed = self._seeds.get(request.model)
         if seed is None:
             seed = self._seeds[request.model] = model_seed(request.model)
         text = canonical_prompt(request.body)
-        return block_hashes(text, self.params.block_chars, seed), len(text)
+        chars = self.params.block_chars
+        return block_hashes(text[:chars] if head_only else text, chars, seed), len(text)
 
     def rank(self, request: RequestView, candidates: Sequence[EndpointView]) -> Decision:
         p = self.params
-        hashes, prompt_len = self.hashes(request)
+        tokens = request.tokens
+        if tokens is not None and not tokens.num_tokens:
+            tokens = None
+        # With every candidate's events live, the character index has no part
+        # in the decision: hash only the ring key, and feed it nothing.
+        precise_only = tokens is not None and all(
+            e.blocks is not None and not e.blocks.stale for e in candidates
+        )
+        hashes, prompt_len = self.hashes(request, head_only=precise_only)
         load_list = [load_of(e) for e in candidates]
         position = {e.id: i for i, e in enumerate(candidates)}
         loads = dict(zip(position, load_list, strict=True))
         capacity = Capacity(candidates, p.epsilon, p.min_overload, sum(load_list))
-        matches: dict[str, int] = {}
-        match_blocks = 0
+        matches: dict[str, float] = {}
+        best = 0.0
         low, high = min(load_list), max(load_list)
         if high - low > p.balance_abs_threshold and high > p.balance_rel_threshold * low:
             chosen = min(candidates, key=lambda e: (loads[e.id], e.id))
             reason = "load_guard"
         else:
-            matches = self.index.match(hashes, loads) if hashes else {}
+            if tokens is None:
+                matches = self.index.match(hashes, loads) if hashes else {}  # type: ignore[assignment]
+                hits = {e: "prefix_hit" for e, n in matches.items() if n >= p.min_match_blocks}
+            else:
+                matches, hits = self._matches(hashes, prompt_len, tokens, candidates)
             # Only the endpoints that hold the prompt's head are worth a look.
             eligible = [
                 candidates[position[eid]]
-                for eid, blocks in matches.items()
-                if blocks >= p.min_match_blocks
-                and capacity.fits(candidates[position[eid]], loads[eid])
+                for eid in hits
+                if capacity.fits(candidates[position[eid]], loads[eid])
             ]
             if eligible:
-                match_blocks = max(matches[e.id] for e in eligible)
+                best = max(matches[e.id] for e in eligible)
                 chosen = min(
-                    (e for e in eligible if matches[e.id] == match_blocks),
-                    key=lambda e: (loads[e.id], e.id),
+                    (e for e in eligible if matches[e.id] == best),
+                    key=lambda e: (loads[e.id], hits[e.id] == "prefix_hit", e.id),
                 )
-                reason = "prefix_hit"
+                reason = hits[chosen.id]
             else:
                 key = hashes[0] if hashes else self._seeds[request.model]
                 chosen, reason = self._place_new(key, candidates, loads, capacity)
@@ -149,14 +202,69 @@ class PrefixAffinity:
             for i in order
             if candidates[i] is not chosen and candidates[i].id not in matches
         ]
-        self.index.insert(hashes, chosen.id, self.capacity_blocks(chosen))
+        if not precise_only:
+            self.index.insert(hashes, chosen.id, self.capacity_blocks(chosen))
+        handle = None
+        if tokens is None:
+            match_len = min(prompt_len, int(best) * p.block_chars)
+        else:
+            match_len = min(prompt_len, round(best * prompt_len / tokens.num_tokens))
+            blocks = live_blocks(chosen)
+            if blocks is not None:
+                handle = self.in_flight.add(chosen.id, tokens.block_hashes(block_size(blocks)))
         return Decision(
             (chosen, *rest),
             reason,
-            match_len=min(prompt_len, match_blocks * p.block_chars),
+            match_len=match_len,
             prompt_len=prompt_len,
-            memo=(hashes, chosen.id, candidates),
+            memo=([] if precise_only else hashes, chosen.id, candidates, handle),
         )
+
+    def _matches(
+        self,
+        hashes: list[int],
+        prompt_len: int,
+        tokens: PromptTokens,
+        candidates: Sequence[EndpointView],
+    ) -> tuple[dict[str, float], dict[str, str]]:
+        """Each endpoint's match in tokens (those with any), and the reason of
+        those whose match is long enough to count, by source."""
+        p = self.params
+        matches: dict[str, float] = {}
+        hits: dict[str, str] = {}
+        approximate: list[str] = []
+        chains: dict[int, Sequence[int]] = {}
+        in_flight = self.in_flight
+        num_tokens = tokens.num_tokens
+        for e in candidates:
+            blocks = e.blocks
+            if blocks is None or blocks.stale:
+                approximate.append(e.id)
+                continue
+            size = blocks.block_size or DEFAULT_BLOCK_SIZE
+            ours = chains.get(size)
+            if ours is None:
+                ours = chains[size] = tokens.block_hashes(size)
+            if not ours:
+                continue
+            # Most endpoints hold not even the first block: one lookup each.
+            precise = leading(blocks, ours) if ours[0] in blocks else 0
+            pending = in_flight.match(e.id, ours) if e.id in in_flight else 0
+            n = precise if precise >= pending else pending
+            if not n:
+                continue
+            # Every full block held is all an engine can reuse: the whole prompt.
+            held = num_tokens if n == len(ours) else n * size
+            matches[e.id] = held
+            if held >= p.min_match_tokens:
+                hits[e.id] = "precise_hit" if precise >= pending else "inflight_hit"
+        if approximate and hashes:
+            per_char = tokens.num_tokens / prompt_len
+            for eid, n in self.index.match(hashes, approximate).items():
+                matches[eid] = min(prompt_len, n * p.block_chars) * per_char
+                if n >= p.min_match_blocks:
+                    hits[eid] = "prefix_hit"
+        return matches, hits
 
     def _place_new(
         self,
@@ -204,7 +312,13 @@ class PrefixAffinity:
 
     def observe(self, decision: Decision, endpoint_id: str, outcome: Outcome) -> None:
         memo = decision.memo
-        if not outcome.ok or memo is None:
+        if memo is None:
+            return
+        hashes, recorded, candidates, handle = memo
+        # The attempt is over: its blocks are in the endpoint's events by now
+        # (or were never cached, or are gone), which then say which.
+        self.in_flight.release(handle)
+        if not outcome.ok:
             return
         if outcome.prompt_tokens and decision.prompt_len and self.params.learn_chars_per_token:
             # The index counts characters, caches count tokens: learn the ratio
@@ -214,7 +328,6 @@ class PrefixAffinity:
             ratio = decision.prompt_len / outcome.prompt_tokens
             weight = max(0.02, 1.0 / self._ratio_samples)
             self.chars_per_token += (ratio - self.chars_per_token) * weight
-        hashes, recorded, candidates = memo
         if endpoint_id == recorded:
             return
         for endpoint in candidates:
@@ -223,6 +336,7 @@ class PrefixAffinity:
 
     def forget(self, endpoint_id: str) -> None:
         self.index.forget(endpoint_id)
+        self.in_flight.forget(endpoint_id)
 
     def index_stats(self) -> IndexStats:
         return self.index.stats()

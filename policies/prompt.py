@@ -82,11 +82,11 @@ def block_hashes(text: str, block_chars: int, seed: int) -> list[int]:
         view = memoryview(data)
         digest = xxhash.xxh3_64_intdigest
         for start in range(0, len(data), block_chars):
-            h = digest(view[start : start + block_chars], seed=h)
+            h = digest(view[start : start + block_chars], h)
             out.append(h)
     else:
         for start in range(0, len(text), block_chars):
             chunk = text[start : start + block_chars].encode("utf-8", "surrogatepass")
-            h = xxhash.xxh3_64_intdigest(chunk, seed=h)
+            h = xxhash.xxh3_64_intdigest(chunk, h)
             out.append(h)
     return out

@@ -32,6 +32,7 @@ from backends import ADAPTERS
 from backends.templates import ChatTemplate
 from backends.tokens import TokenizerFile
 from policies.registry import POLICIES, known_policies
+from router.prompts import PromptTokenizer, PromptTokenizerError, load_prompt_tokenizer
 
 
 def redact_url(url: str) -> str:
@@ -655,6 +656,33 @@ class ModelConfig(Frozen):
     #: Caps on ``n`` and ``max_tokens`` for this model (default: ``requests``'s).
     limits: ModelLimits = ModelLimits()
     cache: ModelCache = ModelCache()
+    #: The model's tokenizer, for precise prefix routing: a Hugging Face model
+    #: directory (its ``tokenizer.json``, chat template and special tokens, as
+    #: vLLM finds them) or a ``tokenizer.json``. Loaded here, once per file.
+    tokenizer: str | None = None
+    #: Overrides the directory's chat template: a preset (chatml, llama-3,
+    #: mistral, plain) or Jinja2 source. Needs ``tokenizer``.
+    chat_template: ChatTemplate | None = None
+    _prompts: PromptTokenizer | None = PrivateAttr(None)
+
+    @property
+    def prompts(self) -> PromptTokenizer | None:
+        """The prompt tokenizer built from ``tokenizer`` and ``chat_template``."""
+        return self._prompts
+
+    @model_validator(mode="after")
+    def _load_tokenizer(self) -> ModelConfig:
+        if self.tokenizer is None:
+            if self.chat_template is not None:
+                raise PydanticCustomError(
+                    "chat_template", "chat_template needs a tokenizer to tokenize with", {}
+                )
+            return self
+        try:
+            self._prompts = load_prompt_tokenizer(self.tokenizer, self.chat_template)
+        except PromptTokenizerError as exc:
+            raise PydanticCustomError("tokenizer", "{error}", {"error": str(exc)}) from None
+        return self
 
 
 class Config(Frozen):

@@ -15,9 +15,10 @@ fleet-wide (the retry budget).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 from backends.base import Operation, Usage
-from policies.base import Decision, Outcome, RequestView
+from policies.base import Decision, EndpointView, Outcome, PromptTokens, RequestView, uses_tokens
 from router.errors import (
     InvalidRequest,
     NoHealthyEndpoint,
@@ -72,8 +73,12 @@ class Failover:
                     f"no healthy endpoint serves model '{current.model}'"
                 )
                 continue
-            view = RequestView(current.model, OP_NAMES[request.op], request.body, request.headers)
-            decision = current.policy.rank(view, [c.view() for c in candidates])
+            views = [c.view() for c in candidates]
+            tokens = await self._tokens(current, request, views)
+            view = RequestView(
+                current.model, OP_NAMES[request.op], request.body, request.headers, tokens
+            )
+            decision = current.policy.rank(view, views)
             ctx.policy, ctx.reason = current.policy_name, decision.reason
             state.metrics.record_decision(current.model, current.policy_name, decision)
             for choice in decision.ranked:
@@ -102,6 +107,19 @@ class Failover:
         if attempts > 1:
             err.should_retry = False
         raise err
+
+    async def _tokens(
+        self, route: Route, request: InferenceRequest, views: Sequence[EndpointView]
+    ) -> PromptTokens | None:
+        """The prompt's tokens, when the route's policy can use them and some
+        candidate publishes KV events (else the policy works on characters)."""
+        if not uses_tokens(route.policy) or all(v.blocks is None for v in views):
+            return None
+        model = self.state.config.models.get(route.model)
+        prompts = model.prompts if model is not None else None
+        if prompts is None:
+            return None
+        return await prompts.tokens_async(OP_NAMES[request.op], request.body)
 
     def _check_supported(self, request: InferenceRequest, route: Route) -> None:
         """No candidate: a client's error (400) if no endpoint of the model could

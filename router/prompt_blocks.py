@@ -1,0 +1,139 @@
+"""A tokenized prompt's chained block hashes, cached by prefix of pieces.
+
+``router/prompts.py`` tokenizes a prompt as a sequence of pieces (the text
+between a tokenizer's added tokens, and the added tokens themselves), each
+with its token ids. A block of ``block_size`` tokens may straddle pieces, so
+hashes cannot be cached per piece; but the state of the hash chain after a
+prefix of pieces (the full blocks' hashes, and the tokens of the unfinished
+block) depends on that prefix only. ``ChainCache`` keeps those states, keyed
+by a running hash of the pieces, so a prompt that begins with pieces already
+seen (a shared system prompt, the earlier turns of a conversation) hashes
+only what follows them: an 8k-token prefix costs a dict lookup and a list
+copy instead of 500 xxhash calls.
+
+Hashes are ``policies.blocks.chain_hashes``'s, byte for byte (tested).
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import xxhash
+
+from policies.blocks import ROOT_HASH
+
+#: Hashes kept across all cached chain states (about 8 bytes each, plus the
+#: states' token tails): bounds the cache's memory, not its entry count.
+MAX_CACHED_HASHES = 2_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class _State:
+    hashes: tuple[int, ...]
+    #: Token ids (little-endian uint32 bytes) not yet making a full block.
+    tail: bytes
+
+    def extend(self, ids: bytes, block_size: int) -> _State:
+        data = self.tail + ids if self.tail else ids
+        step = block_size * 4
+        full = len(data) - len(data) % step
+        if not full:
+            return _State(self.hashes, data)
+        digest = xxhash.xxh3_64_intdigest
+        h = self.hashes[-1] if self.hashes else ROOT_HASH
+        view = memoryview(data)
+        new = []
+        for start in range(0, full, step):
+            h = digest(view[start : start + step], h)
+            new.append(h)
+        return _State(self.hashes + tuple(new), data[full:])
+
+
+_ROOT = _State((), b"")
+
+
+class ChainCache:
+    """Chain states by (block size, prefix key), least recently used out first,
+    bounded by the hashes they hold."""
+
+    def __init__(self, max_hashes: int = MAX_CACHED_HASHES) -> None:
+        self.max_hashes = max_hashes
+        self._states: OrderedDict[tuple[int, int], _State] = OrderedDict()
+        self._held = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    def hashes(self, keys: Sequence[int], pieces: Sequence[bytes], block_size: int) -> list[int]:
+        """The chained hashes of the concatenated ``pieces``' full blocks;
+        ``keys[i]`` identifies ``pieces[: i + 1]``."""
+        states = self._states
+        state = _ROOT
+        start = len(keys)
+        while start:
+            found = states.get((block_size, keys[start - 1]))
+            if found is not None:
+                states.move_to_end((block_size, keys[start - 1]))
+                state = found
+                break
+            start -= 1
+        if start:
+            self.hits += 1
+        for i in range(start, len(keys)):
+            state = state.extend(pieces[i], block_size)
+            self._put((block_size, keys[i]), state)
+        if start < len(keys):
+            self.misses += 1
+        return list(state.hashes)
+
+    def _put(self, key: tuple[int, int], state: _State) -> None:
+        size = len(state.hashes)
+        if size > self.max_hashes:
+            return
+        old = self._states.pop(key, None)
+        if old is not None:
+            self._held -= len(old.hashes)
+        self._states[key] = state
+        self._held += size
+        while self._held > self.max_hashes:
+            _, dropped = self._states.popitem(last=False)
+            self._held -= len(dropped.hashes)
+
+
+class Tokens:
+    """A prompt's tokens (implements ``policies.base.PromptTokens``): its
+    pieces' token ids, and their block hashes computed once per block size."""
+
+    __slots__ = ("_by_size", "_cache", "_keys", "_pieces", "num_tokens")
+
+    def __init__(self, keys: list[int], pieces: list[bytes], cache: ChainCache) -> None:
+        self._keys = keys
+        self._pieces = pieces
+        self._cache = cache
+        self._by_size: dict[int, list[int]] = {}
+        self.num_tokens = sum(len(p) for p in pieces) // 4
+
+    def block_hashes(self, block_size: int) -> list[int]:
+        hashes = self._by_size.get(block_size)
+        if hashes is None:
+            if block_size <= 0:
+                return []
+            hashes = self._cache.hashes(self._keys, self._pieces, block_size)
+            self._by_size[block_size] = hashes
+        return hashes
+
+    def token_ids(self) -> list[int]:
+        """All the ids, in order (for tests and debugging: not on the hot path)."""
+        out = array("I")
+        for piece in self._pieces:
+            out.frombytes(piece)
+        return out.tolist()
