@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from pydantic_core import PydanticCustomError
 
 from policies.base import Decision, EndpointView, Outcome, RequestView, load_of
+from policies.latency import LowLatency, LowLatencyParams
 from policies.prefix_index import IndexStats, PrefixIndex
 from policies.prompt import block_hashes, canonical_prompt, model_seed
 from policies.ring import RingCache, bounded_capacity, ring_order
@@ -225,6 +226,7 @@ SCORERS: dict[str, Component] = {
     "weight": Component(Params, WeightScore),
     "prefix_match": Component(PrefixMatchParams, PrefixMatch),
     "ring_owner": Component(RingOwnerParams, RingOwner),
+    "low_latency": Component(LowLatencyParams, LowLatency),
 }
 
 
