@@ -7,6 +7,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from backends.sim.engine import EngineParams
 from tests.helpers import router, router_config, sim_stats, simulator
@@ -46,6 +47,7 @@ async def test_least_latency_prefers_the_fast_endpoint_and_still_measures_the_sl
             )
             assert all(r.status_code == 200 for r in burst)
             admin = (await c.get("/admin/endpoints")).json()["endpoints"]
+            text = (await c.get("/metrics")).text
         fast, slow = [(await sim_stats(u))["requests"] for u in (fast_url, slow_url)]
     assert fast + slow == 40
     # Both were measured: each new endpoint is probed once, for streams and for
@@ -57,3 +59,15 @@ async def test_least_latency_prefers_the_fast_endpoint_and_still_measures_the_sl
     assert latency["fast"]["duration_s"] < latency["slow"]["duration_s"]
     assert latency["fast"]["tpot_s"] is not None
     assert latency["slow"]["samples"]["ttft"] > 0
+    gauge = {
+        (s.labels["endpoint"], s.labels["quantity"]): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "kvroute_endpoint_latency_seconds"
+    }
+    assert set(gauge) == {(e, q) for e in ("fast", "slow") for q in ("ttft", "tpot", "duration")}
+    assert (
+        gauge["fast", "ttft"] == latency["fast"]["ttft_s"]
+        or abs(gauge["fast", "ttft"] - latency["fast"]["ttft_s"]) < 1e-6
+    )
+    assert gauge["fast", "duration"] < gauge["slow", "duration"]
