@@ -58,7 +58,7 @@ def expected(
     typical = statistics.median(known)
     out = []
     for entry in own:
-        if entry is None:
+        if entry is None or entry[1] + prior_samples <= 0:
             out.append(typical)
         else:
             value, w = entry

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from router.config import parse_config
 from router.latency import CLIP, REFERENCE_TOKENS, LatencyEstimate, LatencySnapshot
+from router.registry import EndpointRegistry
 
 
 def view(est: LatencyEstimate, now: float) -> LatencySnapshot:
@@ -135,3 +137,51 @@ def test_an_instant_endpoint_is_not_frozen_at_zero() -> None:
         est.first_byte(1.0, 3.0 + i)
     ttft = view(est, 23.0).ttft
     assert ttft is not None and ttft > 0.01
+
+
+def test_attempts_feed_their_endpoint_and_a_config_change_keeps_what_was_learned() -> None:
+    now = [0.0]
+    config = parse_config(
+        'endpoints: [{id: a, url: "http://a:1", kind: vllm, models: [m]}]\n'
+        "models: {m: {policy: least_latency}}\n",
+        {},
+    )
+    registry = EndpointRegistry(config.endpoints, clock=lambda: now[0])
+    endpoint = registry.get("a")
+    assert endpoint is not None and endpoint.view().latency is None
+    stream = endpoint.begin(0.0, stream=True)
+    stream.first_byte(0.2)
+    stream.answered(1.2, 101)  # 100 tokens after the first, in 1 s
+    stream.end()
+    whole = endpoint.begin(2.0)
+    whole.end()  # the end of a whole answer is not a time to first token
+    whole.answered(3.0, 50)
+    now[0] = 3.0
+    latency = endpoint.view().latency
+    assert latency is not None
+    assert latency.ttft == pytest.approx(0.2)
+    assert latency.tpot == pytest.approx(0.01)
+    assert latency.samples("duration") == 1.0
+    assert latency.duration == pytest.approx(1.0 / 50 * REFERENCE_TOKENS)
+    # A timeout before the first chunk makes it slower; a stream cut after it
+    # gave its time to first token, and nothing more.
+    late = endpoint.begin(3.0, stream=True)
+    late.failed(4.0)
+    cut = endpoint.begin(4.0, stream=True)
+    cut.first_byte(4.2)
+    cut.failed(9.0)
+    now[0] = 4.2
+    latency = endpoint.view().latency
+    assert latency is not None
+    w = (0.5 ** (4.0 / 30), 0.5 ** (0.2 / 30), 1.0)  # samples at 0.2, 4.0, 4.2
+    assert latency.samples("ttft") == pytest.approx(sum(w))
+    assert latency.ttft == pytest.approx((w[0] * 0.2 + w[1] * 1.0 + w[2] * 0.2) / sum(w))
+    before = latency.ttft
+    # A config change (reload) keeps the estimates; time still fades them.
+    registry.upsert(config.endpoints[0].model_copy(update={"weight": 3.0}))
+    changed = registry.get("a")
+    assert changed is not None and changed is not endpoint
+    now[0] = 33.0
+    latency = changed.view().latency
+    assert latency is not None and latency.ttft == before
+    assert latency.samples("ttft") == pytest.approx(sum(w) * 0.5 ** (28.8 / 30))
