@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 
 from policies.base import Decision
 from policies.prefix_index import IndexStats
+from router.latency import REFERENCE_TOKENS
 
 LATENCY_BUCKETS = (
     0.001,
@@ -331,7 +332,8 @@ class EndpointCollector(Collector):
         latency = GaugeMetricFamily(
             "kvroute_endpoint_latency_seconds",
             "This router's decayed latency estimates per endpoint (ttft; tpot: per "
-            "output token after the first; duration: a whole answer of 256 tokens).",
+            "output token after the first; duration: a whole answer of "
+            f"{REFERENCE_TOKENS} tokens).",
             labels=["endpoint", "quantity"],
         )
         for snap in self._source():
