@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -63,7 +63,14 @@ class LatencyView(Protocol):
 
     @property
     def duration(self) -> float | None:
-        """A whole non-streamed answer."""
+        """A whole non-streamed answer (router/latency.py: of a reference
+        size, so that endpoints answering requests of other sizes compare)."""
+        ...
+
+    def samples(self, quantity: Literal["ttft", "tpot", "duration"]) -> float:
+        """How much data backs an estimate: its samples, each counting 1 when
+        fresh and half as much every half-life (0: none). Policies shrink a
+        thinly backed estimate toward the fleet's."""
         ...
 
 

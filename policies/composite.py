@@ -25,6 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from policies.base import Decision, EndpointView, Outcome, RequestView, load_of
 from policies.precise import PrecisePrefix, PrecisePrefixParams
+from policies.latency import LowLatency, LowLatencyParams
 from policies.prefix_index import IndexStats, PrefixIndex
 from policies.prompt import block_hashes, canonical_prompt, model_seed
 from policies.ring import RingCache, bounded_capacity, ring_order
@@ -227,6 +228,7 @@ SCORERS: dict[str, Component] = {
     "prefix_match": Component(PrefixMatchParams, PrefixMatch),
     "ring_owner": Component(RingOwnerParams, RingOwner),
     "precise_prefix": Component(PrecisePrefixParams, PrecisePrefix),
+    "low_latency": Component(LowLatencyParams, LowLatency),
 }
 
 

@@ -13,8 +13,9 @@ from policies.keyed import (
     SessionAffinity,
     SessionAffinityParams,
 )
+from policies.latency import LeastLatency, LeastLatencyParams
 from policies.prefix import PrefixAffinity, PrefixAffinityParams
-from policies.simple import LeastLoad, PowerOfTwo, RoundRobin
+from policies.simple import LeastLoad, PowerOfTwo, RoundRobin, WeightedRoundRobin
 
 POLICIES: dict[str, PolicyFactory] = {
     "round_robin": PolicyFactory(NoParams, lambda params, rng: RoundRobin(rng)),
@@ -26,6 +27,8 @@ POLICIES: dict[str, PolicyFactory] = {
     "session_affinity": PolicyFactory(SessionAffinityParams, SessionAffinity),
     "prefix_affinity": PolicyFactory(PrefixAffinityParams, PrefixAffinity),
     "composite": PolicyFactory(CompositeParams, Composite),
+    "least_latency": PolicyFactory(LeastLatencyParams, LeastLatency),
+    "weighted_round_robin": PolicyFactory(NoParams, lambda params, rng: WeightedRoundRobin(rng)),
 }
 
 

@@ -29,6 +29,7 @@ from starlette.routing import BaseRoute, Route
 from router.cache.store import CacheUnavailable
 from router.config import AdminConfig, redact_url
 from router.errors import error_body
+from router.latency import REFERENCE_TOKENS, LatencySnapshot
 from router.quota.base import QuotaUnavailable
 from router.quota.service import store_status
 from router.registry import EndpointState
@@ -65,8 +66,28 @@ def describe(endpoint: EndpointState, now: float) -> dict[str, Any]:
             "kv_capacity_tokens": endpoint.kv_capacity_tokens,
             "age_s": None if endpoint.scraped_at is None else round(now - endpoint.scraped_at, 3),
         },
-        "latency_ewma_s": endpoint.latency_ewma,
+        "latency": describe_latency(endpoint.latency.view(now)),
         "last_error": endpoint.last_error,
+    }
+
+
+def describe_latency(snap: LatencySnapshot | None) -> dict[str, Any] | None:
+    """The estimates in seconds (rounded to microseconds), with the decayed
+    samples behind each."""
+    if snap is None:
+        return None
+
+    def r(x: float | None) -> float | None:
+        return None if x is None else round(x, 6)
+
+    return {
+        "ttft_s": r(snap.ttft),
+        "tpot_s": r(snap.tpot),
+        "duration_s": r(snap.duration),
+        "duration_reference_tokens": REFERENCE_TOKENS,
+        "duration_fixed_s": r(snap.duration_fixed),
+        "duration_per_token_s": r(snap.duration_per_token),
+        "samples": {q: round(snap.samples(q), 3) for q in ("ttft", "tpot", "duration")},
     }
 
 

@@ -158,20 +158,23 @@ class Failover:
         usage: Usage | None = None
         ok = False
         started = clock()
-        attempt = endpoint.begin(started)
+        attempt = endpoint.begin(started, request.stream)
         try:
             translator = await self.relay(request, send, attempt, endpoint.targets[route.model])
             usage = translator.usage
             ok = True
         except UpstreamError as exc:
             state.metrics.child(state.metrics.upstream_errors, endpoint.id, exc.label).inc()
-            endpoint.failed(exc, clock())
+            now = clock()
+            if endpoint.failed(exc, now):
+                attempt.failed(now)
             raise
         except asyncio.CancelledError:
             endpoint.abandoned()
             raise
         else:
-            endpoint.succeeded(clock() - started)
+            endpoint.succeeded()
+            attempt.answered(clock(), usage.completion_tokens if usage else None)
         finally:
             attempt.end()
             if usage is not None:

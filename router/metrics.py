@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 
 from policies.base import Decision
 from policies.prefix_index import IndexStats
+from router.latency import REFERENCE_TOKENS
 
 LATENCY_BUCKETS = (
     0.001,
@@ -328,7 +329,16 @@ class EndpointCollector(Collector):
             "Load scraped from the endpoint's metrics (running, waiting, kv_usage).",
             labels=["endpoint", "kind"],
         )
+        latency = GaugeMetricFamily(
+            "kvroute_endpoint_latency_seconds",
+            "This router's decayed latency estimates per endpoint (ttft; tpot: per "
+            "output token after the first; duration: a whole answer of "
+            f"{REFERENCE_TOKENS} tokens).",
+            labels=["endpoint", "quantity"],
+        )
         for snap in self._source():
+            for quantity, seconds in snap.latency:
+                latency.add_metric([snap.id, quantity], seconds)
             up.add_metric([snap.id], 1.0 if snap.available else 0.0)
             circuit.add_metric([snap.id], 1.0 if snap.circuit_open else 0.0)
             in_flight.add_metric([snap.id], snap.in_flight)
@@ -339,7 +349,7 @@ class EndpointCollector(Collector):
             ):
                 if value is not None:
                     load.add_metric([snap.id, kind], value)
-        return [up, circuit, in_flight, load]
+        return [up, circuit, in_flight, load, latency]
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,6 +361,8 @@ class EndpointSnapshot:
     running: float | None
     waiting: float | None
     kv_usage: float | None
+    #: (quantity, seconds) of the latency estimates this router has.
+    latency: tuple[tuple[str, float], ...] = ()
 
 
 class QuotaStoreCollector(Collector):

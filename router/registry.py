@@ -20,6 +20,7 @@ from policies.registry import build_policy
 from router.circuit import Circuit
 from router.config import CircuitConfig, Config, EndpointConfig, PolicySpec
 from router.errors import EndpointMisconfigured, UpstreamError, UpstreamHTTPError
+from router.latency import LatencyEstimate
 from router.retry import retry_after_seconds
 from router.sources import STATIC, Source
 
@@ -55,12 +56,14 @@ class EndpointState:
     probe_successes: int = 0
     #: A 429 or 503 with Retry-After keeps the endpoint out of rotation until then.
     cooldown_until: float = 0.0
-    #: Seconds to the response headers, exponentially weighted.
-    latency_ewma: float | None = None
+    #: What this router measured of the endpoint's latency (router/latency.py).
+    latency: LatencyEstimate = field(default_factory=LatencyEstimate)
     last_error: str | None = None
     #: Its KV-cache blocks, from its KV events (``kv_events`` configured), else None.
     blocks: EndpointBlocks | None = None
     _labels: dict[str, str] = field(default_factory=dict)
+    #: The registry's clock (for the latency snapshot in ``view``).
+    clock: Callable[[], float] = time.monotonic
 
     @classmethod
     def from_config(cls, cfg: EndpointConfig, circuit: CircuitConfig) -> EndpointState:
@@ -98,38 +101,38 @@ class EndpointState:
 
     # -- one attempt's bookkeeping: begin, then one verdict, then end -------------
 
-    def begin(self, now: float) -> Attempt:
+    def begin(self, now: float, stream: bool = False) -> Attempt:
         """An attempt starts (a half-open circuit's trial, if it is one)."""
         self.circuit.begin(now)
         self.in_flight += 1
         self.awaiting_first += 1
-        return Attempt(self)
+        return Attempt(self, now, stream)
 
-    def succeeded(self, seconds: float) -> None:
+    def succeeded(self) -> None:
         self.circuit.success()
-        prev = self.latency_ewma
-        self.latency_ewma = seconds if prev is None else prev + (seconds - prev) * 0.2
 
-    def failed(self, exc: UpstreamError, now: float) -> None:
+    def failed(self, exc: UpstreamError, now: float) -> bool:
         """What a failed attempt says about the endpoint: a 429 (or a 503 with
         Retry-After) cools it down without a circuit verdict; another 4xx is a
         correct refusal; a misconfiguration (its chat template breaks) is ours,
-        not the backend's; connection errors, timeouts and 5xx count against it."""
+        not the backend's; connection errors, timeouts and 5xx count against it
+        (then True)."""
         self.last_error = exc.message
         if isinstance(exc, EndpointMisconfigured):
             self.circuit.abandon()
-            return
+            return False
         if isinstance(exc, UpstreamHTTPError):
             if exc.status in (429, 503) and exc.retry_after:
                 self.cooldown_until = now + retry_after_seconds(exc.retry_after)
             if exc.status == 429:
                 self.cooldown_until = max(self.cooldown_until, now + 1.0)
                 self.circuit.abandon()
-                return
+                return False
             if not exc.server_fault:
                 self.circuit.success()  # it answered, and correctly refused the request
-                return
+                return False
         self.circuit.failure(now)
+        return True
 
     def abandoned(self) -> None:
         """The client left mid-attempt: no verdict on the endpoint."""
@@ -158,22 +161,49 @@ class EndpointState:
             kv_capacity_tokens=self.kv_capacity_tokens,
             labels=self._labels,
             blocks=self.blocks,
+            latency=self.latency.view(self.clock()),
         )
 
 
 @dataclass(slots=True, eq=False)
 class Attempt:
-    """One attempt's hold on its endpoint's counts, released exactly once each."""
+    """One attempt's hold on its endpoint's counts, released exactly once each;
+    and its timings, the endpoint's latency samples."""
 
     endpoint: EndpointState
+    started: float = 0.0
+    stream: bool = False
     first_seen: bool = False
     ended: bool = False
+    #: When a stream's first chunk came back (None: not yet, or not a stream).
+    first_at: float | None = None
+    #: SSE events relayed after the first chunk: a stream's tokens, roughly.
+    events: int = 0
 
-    def first_byte(self) -> None:
-        """The endpoint's first byte came back: no longer waiting on it."""
+    def first_byte(self, now: float | None = None) -> None:
+        """The endpoint's first byte came back: no longer waiting on it. With
+        ``now`` (a stream's first chunk), a time-to-first-token sample."""
         if not self.first_seen:
             self.first_seen = True
             self.endpoint.awaiting_first -= 1
+            if now is not None:
+                self.first_at = now
+                self.endpoint.latency.first_byte(now - self.started, now)
+
+    def answered(self, now: float, tokens: int | None) -> None:
+        """The answer is complete, of ``tokens`` output tokens (None: unknown):
+        a stream's time per token after the first, or a whole answer's duration."""
+        if self.first_at is None:
+            self.endpoint.latency.answer(now - self.started, tokens, now)
+            return
+        # Without usage, count the events after the first, less the [DONE].
+        after_first = tokens - 1 if tokens is not None else self.events - 1
+        self.endpoint.latency.stream_end(now - self.first_at, after_first, now)
+
+    def failed(self, now: float) -> None:
+        """The attempt failed in a way that counts against the endpoint."""
+        if self.first_at is None:
+            self.endpoint.latency.failed(now - self.started, self.stream, now)
 
     def end(self) -> None:
         if not self.ended:
@@ -188,7 +218,7 @@ LIVE_STATE = (
     "in_flight",
     "awaiting_first",
     "circuit",
-    "latency_ewma",
+    "latency",
     "probe_failures",
     "probe_successes",
     "cooldown_until",
@@ -225,6 +255,7 @@ class EndpointRegistry:
         state.source = source
         if cfg.kv_events is not None:
             state.blocks = self.blocks.endpoint(cfg.id)
+        state.clock = self.clock
         if old is not None:
             # Live state survives a change of the endpoint's config.
             for name in LIVE_STATE:

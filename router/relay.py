@@ -149,7 +149,7 @@ class Relay:
                         return
                     chunks = resp.content.iter_any()
                     first, ended = await _first_output(tr, chunks, endpoint_id)
-                    attempt.first_byte()
+                    attempt.first_byte(self.state.registry.clock())
                     ctx.ttft = time.perf_counter() - ctx.start
                     started = True
                     await send(
@@ -162,7 +162,7 @@ class Relay:
                     tail = (
                         first
                         if ended
-                        else await _pump(send, tr, chunks, first, bound, timeouts.idle)
+                        else await _pump(send, tr, chunks, first, bound, timeouts.idle, attempt)
                     )
                 finally:
                     resp.release()
@@ -249,9 +249,11 @@ async def _pump(
     first: bytes,
     bound: asyncio.Timeout,
     idle: float,
+    attempt: Attempt,
 ) -> bytes:
     """Relay ``first`` and the rest of the stream, each chunk within ``idle`` of
-    the last; return what the translator owes at the end."""
+    the last; return what the translator owes at the end. Counts the events
+    after the first (the endpoint's tokens, when no usage says)."""
     loop = asyncio.get_running_loop()
     out = first
     while True:
@@ -260,8 +262,11 @@ async def _pump(
         bound.reschedule(loop.time() + idle)
         chunk = await anext(chunks, b"")
         if not chunk:
-            return _feed(tr, None)
+            out = _feed(tr, None)
+            attempt.events += out.count(b"data:")
+            return out
         out = _feed(tr, chunk)
+        attempt.events += out.count(b"data:")
 
 
 def _feed(tr: Translator, chunk: bytes | None) -> bytes:

@@ -19,6 +19,7 @@ from router.cache.stage import ResponseCache
 from router.circuit import CircuitState
 from router.config import Config, EndpointConfig
 from router.forward import Forwarder
+from router.latency import LatencySnapshot
 from router.metrics import (
     AdmissionCollector,
     CacheStoreCollector,
@@ -34,6 +35,13 @@ from router.registry import EndpointRegistry, RouteTable
 from router.retry import RetryBudget
 from router.sources import STATIC, Source
 from router.tenants import Tenants
+
+
+def _estimates(snap: LatencySnapshot | None) -> tuple[tuple[str, float], ...]:
+    if snap is None:
+        return ()
+    pairs = (("ttft", snap.ttft), ("tpot", snap.tpot), ("duration", snap.duration))
+    return tuple((q, s) for q, s in pairs if s is not None)
 
 
 class Closable(Protocol):
@@ -74,6 +82,7 @@ class AppState:
                 e.running,
                 e.waiting,
                 e.kv_usage,
+                _estimates(e.latency.view(now)),
             )
             for e in self.registry.all()
         ]

@@ -62,8 +62,8 @@ def test_unknown_policy_names_path_and_known_list() -> None:
     text = MINIMAL.replace("policy: round_robin", "policy: foo")
     assert errors_of(text) == [
         "models.tiny.policy: unknown policy 'foo' (known: composite, consistent_hash, "
-        "least_load, power_of_two, prefix_affinity, random, round_robin, session_affinity, "
-        "weighted)"
+        "least_latency, least_load, power_of_two, prefix_affinity, random, round_robin, "
+        "session_affinity, weighted, weighted_round_robin)"
     ]
 
 

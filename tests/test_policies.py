@@ -30,6 +30,7 @@ def test_known_policies() -> None:
     assert known_policies() == [
         "composite",
         "consistent_hash",
+        "least_latency",
         "least_load",
         "power_of_two",
         "prefix_affinity",
@@ -37,6 +38,7 @@ def test_known_policies() -> None:
         "round_robin",
         "session_affinity",
         "weighted",
+        "weighted_round_robin",
     ]
 
 

@@ -109,8 +109,8 @@ async def test_invalid_reload_under_load_loses_nothing_and_changes_nothing(tmp_p
             assert r.status_code == 422
             assert r.json()["errors"] == [
                 "models.tiny.policy: unknown policy 'no_such_policy' (known: composite, "
-                "consistent_hash, least_load, power_of_two, prefix_affinity, random, "
-                "round_robin, session_affinity, weighted)"
+                "consistent_hash, least_latency, least_load, power_of_two, prefix_affinity, "
+                "random, round_robin, session_affinity, weighted, weighted_round_robin)"
             ]
             path.write_text("endpoints: [oops")
             assert (await c.post("/admin/reload")).status_code == 422
