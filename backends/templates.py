@@ -289,9 +289,14 @@ def render(
     documents: Sequence[Mapping[str, Any]] | None = None,
     max_seconds: float = MAX_SECONDS,
     max_chars: int | None = None,
+    special_tokens: Mapping[str, str] | None = None,
 ) -> str:
     """Render ``messages`` (content flattened to text, other keys kept) with a
     preset or template source, followed by the generation prompt.
+
+    ``special_tokens`` (``bos_token``, ``eos_token``) are the model's own, as
+    ``transformers`` passes them to its template; by default a preset's, or
+    empty strings.
 
     ``max_chars`` (default: OUTPUT_GROWTH x the messages' text + OUTPUT_SLACK)
     bounds the prompt and every string or list the template builds;
@@ -317,6 +322,7 @@ def render(
         "documents": documents,
         "add_generation_prompt": True,
         **SPECIAL_TOKENS.get(template, _NO_SPECIAL_TOKENS),
+        **(special_tokens or {}),
         _BUDGET: budget,
     }
     parts = []
