@@ -44,7 +44,6 @@ import json
 import os
 import random
 import secrets
-import shutil
 import statistics
 import subprocess
 import sys
@@ -348,14 +347,16 @@ def simulate_args(params: EngineParams) -> list[str]:
 @contextmanager
 def sim_servers(extra_args: Sequence[str], count: int = 2) -> Iterator[list[str]]:
     """``count`` ``kvroute simulate`` processes (vLLM face), each with ``extra_args``."""
-    kvroute = shutil.which("kvroute", path=str(Path(sys.executable).parent)) or "kvroute"
+    # This checkout's code (an installed ``kvroute`` script may point at another).
+    kvroute = [sys.executable, "-c", "import sys; from router.cli import main; sys.exit(main())"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs: list[subprocess.Popen[bytes]] = []
     urls = []
     try:
         for _ in range(count):
             port = _free_port()
-            cmd = [kvroute, "simulate", "--kind=vllm", f"--port={port}", "--model=tiny"]
-            procs.append(subprocess.Popen([*cmd, *extra_args]))
+            cmd = [*kvroute, "simulate", "--kind=vllm", f"--port={port}", "--model=tiny"]
+            procs.append(subprocess.Popen([*cmd, *extra_args], cwd=ROOT, env=env))
             urls.append(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + 60
         for url, proc in zip(urls, procs, strict=True):
@@ -413,6 +414,8 @@ async def main() -> int:
     else:
         with tempfile.TemporaryDirectory() as tmp, vllm_servers(Path(tmp)) as servers:
             real_measured = await measure([s.url for s in servers], model_dir, opts.repeats)
+    partial = ROOT / "benchmarks" / "results" / "calibration_real.json"
+    partial.write_text(json.dumps({"real": {"measured": real_measured}}))
     real = fit(real_measured)
     print("real:", json.dumps({k: v for k, v in real.items() if "median" not in k}), flush=True)
     params = first_guess(real)
