@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -49,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,8 @@ WORDS = [
     ],
     *["cache", "token", "route", "prefix", "server", "batch", "stream", "model", "queue"],
 ]
+LOADED_REQUESTS = 40
+LOADED_CONCURRENCY = 4
 PARAMS = ("step_base", "prefill_per_token", "decode_per_seq", "request_overhead")
 
 
@@ -242,6 +245,74 @@ async def measure(urls: Sequence[str], model_dir: Path, repeats: int) -> dict[st
             }
             result["loadavg"].append(loadavg())
     return result
+
+
+@contextlib.asynccontextmanager
+async def through_router(urls: Sequence[str], policy: str) -> AsyncIterator[str]:
+    """kvroute (in this process) over ``urls`` with ``policy``; yields its URL."""
+    from router.app import build_app
+    from router.config import parse_config
+    from tests.helpers import serve_app
+
+    config = parse_config(
+        json.dumps(
+            {
+                "endpoints": [
+                    {"id": f"vllm-{i}", "url": u, "kind": "vllm", "models": ["tiny"]}
+                    for i, u in enumerate(urls)
+                ],
+                "models": {"tiny": {"policy": policy}},
+                "server": {"access_log": False},
+                "scrape": {"interval": 0.5},
+                "seed": 3,
+            }
+        )
+    )
+    async with serve_app(build_app(config)) as url:
+        yield url
+
+
+async def loaded_phase(urls: Sequence[str], model_dir: Path, repeats: int) -> dict[str, Any]:
+    """Closed-loop load through kvroute (round_robin, concurrency 4 over the
+    servers): unique prompts of 100-1500 tokens (no prefix sharing, so no cache
+    effects), 4-24 output tokens; the client's TTFT of every request."""
+    ttfts: list[float] = []
+    loads = [loadavg()]
+    async with (
+        through_router(urls, "round_robin") as router,
+        httpx.AsyncClient(timeout=120) as client,
+    ):
+        for rep in range(repeats):
+            rng = random.Random(100 + rep)
+            prompts = Prompts(model_dir, seed=100 + rep)
+            bodies = [
+                {
+                    "model": "tiny",
+                    "prompt": prompts.make(rng.randint(100, 1500)),
+                    "max_tokens": rng.randint(4, 24),
+                    "temperature": 0,
+                    "ignore_eos": True,
+                }
+                for _ in range(LOADED_REQUESTS)
+            ]
+            gate = asyncio.Semaphore(LOADED_CONCURRENCY)
+
+            async def one(body: dict[str, Any], gate: asyncio.Semaphore = gate) -> None:
+                async with gate:
+                    ttfts.append((await stream(client, router, "/v1/completions", body))["ttft"])
+
+            await asyncio.gather(*(one(b) for b in bodies))
+            loads.append(loadavg())
+    return {"ttfts": ttfts, "loadavg": loads, **quantiles(ttfts)}
+
+
+def quantiles(values: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(values)
+
+    def q(p: float) -> float:
+        return ordered[min(len(ordered) - 1, round(p * (len(ordered) - 1)))]
+
+    return {"p50": q(0.5), "p90": q(0.9)}
 
 
 # -- fitting ------------------------------------------------------------------------
@@ -401,6 +472,7 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--loaded-repeats", type=int, default=3)
     parser.add_argument(
         "--real", type=Path, help="reuse the real measurements of an earlier calibration.json"
     )
@@ -413,7 +485,9 @@ async def main() -> int:
         real_measured = json.loads(opts.real.read_text())["real"]["measured"]
     else:
         with tempfile.TemporaryDirectory() as tmp, vllm_servers(Path(tmp)) as servers:
-            real_measured = await measure([s.url for s in servers], model_dir, opts.repeats)
+            urls = [s.url for s in servers]
+            real_measured = await measure(urls, model_dir, opts.repeats)
+            real_measured["loaded"] = await loaded_phase(urls, model_dir, opts.loaded_repeats)
     partial = ROOT / "benchmarks" / "results" / "calibration_real.json"
     partial.write_text(json.dumps({"real": {"measured": real_measured}}))
     real = fit(real_measured)
@@ -442,7 +516,26 @@ async def main() -> int:
         )
 
     best = min(rounds, key=gap)
-    profile = {k: round(best["params"][k], 7) for k in PARAMS}
+    # Under load (two engines, kvroute and the client on two cores) the real
+    # engine's steps take longer than alone; the simulator's sleeps do not. One
+    # factor on every latency parameter, fitted on the loaded phase's TTFT p50:
+    # simulated at factors 1 and 2, interpolated, then checked.
+    real_loaded = real_measured["loaded"]
+    print("real loaded:", quantiles(real_loaded["ttfts"]), flush=True)
+
+    async def sim_loaded(factor: float) -> dict[str, Any]:
+        scaled = {k: best["params"][k] * factor for k in PARAMS}
+        with sim_servers(simulate_args(base_params(model_dir, **scaled))) as urls:
+            out = await loaded_phase(urls, model_dir, opts.loaded_repeats)
+        print(f"sim loaded x{factor:.2f}:", {k: out[k] for k in ("p50", "p90")}, flush=True)
+        return {"factor": factor, **out}
+
+    contention = [await sim_loaded(1.0), await sim_loaded(2.0)]
+    slope = contention[1]["p50"] - contention[0]["p50"]
+    factor = 1.0 + (real_loaded["p50"] - contention[0]["p50"]) / slope if slope > 0 else 1.0
+    factor = min(max(factor, 0.5), 4.0)
+    contention.append(await sim_loaded(factor))
+    profile = {k: round(best["params"][k] * factor, 7) for k in PARAMS}
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "loadavg_at_end": loadavg()},
@@ -456,6 +549,12 @@ async def main() -> int:
         },
         "real": {"fit": real, "measured": real_measured},
         "rounds": rounds,
+        "uncontended": {k: best["params"][k] for k in PARAMS},
+        "contention": {
+            "real": {k: real_loaded[k] for k in ("p50", "p90", "loadavg")},
+            "sim": [{k: c[k] for k in ("factor", "p50", "p90", "loadavg")} for c in contention],
+            "factor": factor,
+        },
         "profile": profile,
     }
     out = ROOT / "benchmarks" / "results" / "calibration.json"

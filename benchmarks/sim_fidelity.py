@@ -17,7 +17,9 @@ on single requests and synthetic concurrent decodes of the ChatML tiny Llama):
   conversations that grow turn by turn (fixed assistant replies, so real and
   simulated engines get identical prompts).
 
-Real: two vLLM CPU servers per model (one core each), their prefix caches
+Every case runs ``--repeats`` times (default 2); hit rates are pooled (hits
+and queries summed), TTFTs pooled, per-repeat values kept. Real: two vLLM CPU
+servers per model (one core each), their prefix caches
 reset between runs (``/reset_prefix_cache``, VLLM_SERVER_DEV_MODE=1).
 Simulated: two ``kvroute simulate --profile vllm-cpu-tiny --tokenizer MODEL_DIR``
 processes, fresh for every run. Hit rates come from the engines' counters
@@ -210,6 +212,29 @@ async def run(urls: list[str], policy: str, rounds: list[list[dict[str, Any]]]) 
         "ttft_mean": statistics.fmean(ttfts),
         "seconds": round(elapsed, 2),
         "loadavg": [load_before, loadavg()],
+        "ttfts": ttfts,
+    }
+
+
+def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repeats of one case: hits and queries summed, TTFTs pooled."""
+    hits = sum(r["hit_tokens"] for r in runs)
+    queries = sum(r["query_tokens"] for r in runs)
+    ttfts = [t for r in runs for t in r["ttfts"]]
+    return {
+        "repeats": len(runs),
+        "requests": sum(r["requests"] for r in runs),
+        "hit_rate": hits / queries if queries else 0.0,
+        "hit_rate_by_repeat": [r["hit_rate"] for r in runs],
+        "hit_tokens": hits,
+        "query_tokens": queries,
+        "ttft_p50": statistics.median(ttfts),
+        "ttft_p90": percentile(ttfts, 0.9),
+        "ttft_mean": statistics.fmean(ttfts),
+        "ttft_p50_by_repeat": [r["ttft_p50"] for r in runs],
+        "seconds": sum(r["seconds"] for r in runs),
+        "loadavg": [la for r in runs for la in r["loadavg"]],
+        "ttfts": ttfts,
     }
 
 
@@ -227,7 +252,7 @@ async def reset_caches(urls: list[str]) -> None:
 
 
 async def measure_real_model(
-    model: Path, loads: dict[str, list[list[dict[str, Any]]]], workdir: Path
+    model: Path, loads: dict[str, list[list[dict[str, Any]]]], workdir: Path, repeats: int
 ) -> dict[str, Any]:
     from tests.real.engines import vllm_servers
 
@@ -238,9 +263,12 @@ async def measure_real_model(
         urls = [s.url for s in servers]
         for name, rounds in loads.items():
             for policy in POLICIES:
-                await reset_caches(urls)
-                out[f"{name}/{policy}"] = await run(urls, policy, rounds)
-                print("real", model.name, name, policy, summary(out[f"{name}/{policy}"]))
+                runs = []
+                for _ in range(repeats):
+                    await reset_caches(urls)
+                    runs.append(await run(urls, policy, rounds))
+                    print("real", model.name, name, policy, summary(runs[-1]), flush=True)
+                out[f"{name}/{policy}"] = pooled(runs)
     return out
 
 
@@ -251,14 +279,17 @@ def sim_params(model: Path) -> EngineParams:
 
 
 async def measure_sim_model(
-    model: Path, loads: dict[str, list[list[dict[str, Any]]]]
+    model: Path, loads: dict[str, list[list[dict[str, Any]]]], repeats: int
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, rounds in loads.items():
         for policy in POLICIES:
-            with sim_servers(simulate_args(sim_params(model))) as urls:
-                out[f"{name}/{policy}"] = await run(urls, policy, rounds)
-            print("sim ", model.name, name, policy, summary(out[f"{name}/{policy}"]))
+            runs = []
+            for _ in range(repeats):
+                with sim_servers(simulate_args(sim_params(model))) as urls:
+                    runs.append(await run(urls, policy, rounds))
+                print("sim ", model.name, name, policy, summary(runs[-1]), flush=True)
+            out[f"{name}/{policy}"] = pooled(runs)
     return out
 
 
@@ -315,6 +346,7 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller workloads")
     parser.add_argument("--output", default="sim_fidelity")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per case, pooled")
     opts = parser.parse_args()
     loads = workloads(opts.quick)
     models = {"tiny-llama (chatml)": ensure_tiny_model(), "tiny-llama3 (held out)": None}
@@ -327,6 +359,7 @@ async def main() -> int:
             "num_blocks": NUM_BLOCKS,
             "concurrency": CONCURRENCY,
             "requests": {k: sum(len(r) for r in v) for k, v in loads.items()},
+            "repeats": opts.repeats,
             "targets": {"hit_rate_gap": HIT_TARGET, "ttft_relative_error": TTFT_TARGET},
         },
         "models": {},
@@ -334,8 +367,8 @@ async def main() -> int:
     for label, model in models.items():
         assert model is not None
         with tempfile.TemporaryDirectory() as tmp:
-            real = await measure_real_model(model, loads, Path(tmp))
-        sim = await measure_sim_model(model, loads)
+            real = await measure_real_model(model, loads, Path(tmp), opts.repeats)
+        sim = await measure_sim_model(model, loads, opts.repeats)
         result["models"][label] = {
             "dir": model.name,
             "real": real,
