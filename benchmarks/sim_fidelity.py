@@ -320,9 +320,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cases = [(m, k) for m in result["models"] for k in result["models"][m]["real"]]
-    labels = [f"{m}\n{k.replace('/', chr(10))}" for m, k in cases]
+    short = {"round_robin": "RR", "prefix_affinity": "PA"}
+    labels = [
+        f"{m.split()[0].removeprefix('tiny-')}\n{k.split('/')[0]}\n{short[k.split('/')[1]]}"
+        for m, k in cases
+    ]
     x = range(len(cases))
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     for ax, key, title in (
         (axes[0], "hit_rate", "prefix-cache hit rate (engine counters)"),
         (axes[1], "ttft_p50", "client TTFT p50 (ms)"),
@@ -347,7 +351,12 @@ async def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller workloads")
     parser.add_argument("--output", default="sim_fidelity")
     parser.add_argument("--repeats", type=int, default=2, help="runs per case, pooled")
+    parser.add_argument("--replot", action="store_true", help="redraw the plot from the JSON")
     opts = parser.parse_args()
+    out = ROOT / "benchmarks" / "results"
+    if opts.replot:
+        plot(json.loads((out / f"{opts.output}.json").read_text()), out / f"{opts.output}.png")
+        return 0
     loads = workloads(opts.quick)
     models = {"tiny-llama (chatml)": ensure_tiny_model(), "tiny-llama3 (held out)": None}
     models["tiny-llama3 (held out)"] = ensure_held_out_model()
@@ -383,7 +392,6 @@ async def main() -> int:
         "hit_ok": all(c["hit_ok"] for c in cmp),
         "ttft_ok": all(c["ttft_ok"] for c in cmp),
     }
-    out = ROOT / "benchmarks" / "results"
     (out / f"{opts.output}.json").write_text(json.dumps(result, indent=1))
     plot(result, out / f"{opts.output}.png")
     print(json.dumps(result["summary"], indent=1))
