@@ -163,7 +163,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[i]
 
 
-async def run(urls: list[str], policy: str, rounds: list[list[dict[str, Any]]]) -> dict[str, Any]:
+async def run(
+    urls: list[str],
+    policy: str,
+    rounds: list[list[dict[str, Any]]],
+    concurrency: int = CONCURRENCY,
+) -> dict[str, Any]:
     config = parse_config(
         json.dumps(
             {
@@ -182,7 +187,7 @@ async def run(urls: list[str], policy: str, rounds: list[list[dict[str, Any]]]) 
     load_before = loadavg()
     async with serve_app(build_app(config)) as router, httpx.AsyncClient(timeout=300) as c:
         before = await read_counters(c, urls)
-        gate = asyncio.Semaphore(CONCURRENCY)
+        gate = asyncio.Semaphore(concurrency)
         ttfts: list[float] = []
 
         async def one(body: dict[str, Any]) -> None:
