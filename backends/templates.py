@@ -299,6 +299,10 @@ def render(
     ``special_tokens`` (``bos_token``, ``eos_token``) are the model's own, for
     a template read from its directory; by default a preset's, else "".
 
+    ``special_tokens`` (``bos_token``, ``eos_token``) are the model's own, as
+    ``transformers`` passes them to its template; by default a preset's, or
+    empty strings.
+
     ``max_chars`` (default: OUTPUT_GROWTH x the messages' text + OUTPUT_SLACK)
     bounds the prompt and every string or list the template builds;
     ``max_seconds`` bounds the rendering time. Raises ChatTemplateRejected or
@@ -322,11 +326,8 @@ def render(
         "tools": tools,
         "documents": documents,
         "add_generation_prompt": add_generation_prompt,
-        **(
-            special_tokens
-            if special_tokens is not None
-            else SPECIAL_TOKENS.get(template, _NO_SPECIAL_TOKENS)
-        ),
+        **SPECIAL_TOKENS.get(template, _NO_SPECIAL_TOKENS),
+        **(special_tokens or {}),
         _BUDGET: budget,
     }
     parts = []

@@ -26,14 +26,15 @@ import contextlib
 import random
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import xxhash
 
 from backends.sim.kvcache import Block, PrefixCache, block_hashes
-from backends.sim.tokenizer import token_ids, tokenize
+from backends.sim.model import SimModel
+from backends.sim.tokenizer import render_chatml, token_ids, tokenize
 
 # Each is one token of the simulators' tokenizer (a word of at most 6 letters).
 _WORD_LIST = (
@@ -55,12 +56,26 @@ class EngineParams:
     prefill_per_token: float = 0.0001
     decode_per_seq: float = 0.0002
     seed: int = 0
-    #: A Hugging Face tokenizer.json to count tokens with instead of the built-in one.
+    #: A Hugging Face model directory (or its tokenizer.json) whose tokenizer and
+    #: chat template to use instead of the built-in ones (backends/sim/model.py).
     tokenizer: str | None = None
+    #: Seconds a request spends before the scheduler sees it (a real server's
+    #: front end: parsing, tokenizing, handing it to the engine process).
+    request_overhead: float = 0.0
 
     @classmethod
     def zero_latency(cls, **kw: int | float) -> EngineParams:
         return cls(step_base=0.0, prefill_per_token=0.0, decode_per_seq=0.0, **kw)  # type: ignore[arg-type]
+
+    @classmethod
+    def profile(cls, name: str, **overrides: Any) -> EngineParams:
+        """A named profile fitted to a real engine (backends/sim/profiles.py),
+        with ``overrides`` (e.g. ``num_blocks``, ``tokenizer``) on top."""
+        from backends.sim.profiles import PROFILES
+
+        if name not in PROFILES:
+            raise ValueError(f"unknown engine profile '{name}' (known: {', '.join(PROFILES)})")
+        return cls(**{**PROFILES[name], **overrides})
 
 
 @dataclass(eq=False)
@@ -140,11 +155,7 @@ class Engine:
         self.running: list[Sequence_] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._hf_tokenizer: Any = None
-        if params.tokenizer:
-            from tokenizers import Tokenizer  # optional: only for calibration runs
-
-            self._hf_tokenizer = Tokenizer.from_file(params.tokenizer)
+        self.model: SimModel | None = SimModel(params.tokenizer) if params.tokenizer else None
 
     def start(self) -> None:
         if self._task is None:
@@ -164,10 +175,13 @@ class Engine:
         seed: int | None = None,
         now: float | None = None,
         run: bool = True,
+        add_special_tokens: bool = False,
     ) -> Sequence_:
         """Queue a generation. ``now`` and ``run=False`` are for virtual time: the
-        caller then drives ``plan_step``/``finish_step`` itself."""
-        ids = self.encode(prompt)
+        caller then drives ``plan_step``/``finish_step`` itself.
+        ``add_special_tokens``: let the model's tokenizer add its special tokens
+        (vLLM does for completions, not for rendered chats)."""
+        ids = self.encode(prompt, add_special_tokens)
         n = len(ids)
         if n + 1 > self.params.max_model_len:
             raise PromptTooLong(n, self.params.max_model_len)
@@ -195,13 +209,18 @@ class Engine:
             self.start()
         return seq
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids: the built-in tokenizer, or a Hugging Face ``tokenizer.json``
-        (to match a real engine's model exactly, for calibration)."""
-        if self._hf_tokenizer is not None:
-            ids: list[int] = self._hf_tokenizer.encode(text, add_special_tokens=False).ids
-            return ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids: the built-in tokenizer, or the model's (to match a real
+        engine's model exactly)."""
+        if self.model is not None:
+            return self.model.encode(text, add_special_tokens)
         return token_ids(tokenize(text))
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        """A chat's prompt: the model's chat template, or ChatML without a model."""
+        if self.model is not None:
+            return self.model.render_chat(messages)
+        return render_chatml(messages)
 
     def abort(self, seq: Sequence_) -> None:
         """The client went away: stop the sequence and give back its blocks."""

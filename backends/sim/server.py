@@ -13,6 +13,7 @@ import uvicorn
 from backends.sim.common import Faults
 from backends.sim.engine import EngineParams
 from backends.sim.kvevents import KVEventPublisher, PublisherConfig
+from backends.sim.profiles import PROFILES
 from backends.sim.tgi import TGISimulator
 from backends.sim.triton import TritonSimulator
 from backends.sim.vllm import VLLMSimulator
@@ -85,7 +86,24 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
         help="all latency parameters 0: steps only yield to the event loop",
     )
     g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--tokenizer", help="a Hugging Face tokenizer.json to count tokens with")
+    g.add_argument(
+        "--tokenizer",
+        help="a Hugging Face model directory or its tokenizer.json: count tokens with its "
+        "tokenizer and render chats with its chat template, as vLLM does",
+    )
+    g.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        help="a latency model and batch limits fitted to a real engine "
+        "(backends/sim/profiles.py); engine flags given with other values than their "
+        "defaults override it",
+    )
+    g.add_argument(
+        "--request-overhead",
+        type=float,
+        default=d.request_overhead,
+        help="seconds before the scheduler sees a request (a real server's front end)",
+    )
     g.add_argument(
         "--kv-events-config",
         help='publish KV-cache events as vLLM does, e.g. \'{"enable_kv_cache_events": true, '
@@ -108,6 +126,9 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def params_from_args(args: argparse.Namespace) -> EngineParams:
+    profile = getattr(args, "profile", None)
+    if profile:
+        return profile_params_from_args(args, profile)
     latency = (
         (0.0, 0.0, 0.0)
         if args.zero_latency
@@ -124,7 +145,37 @@ def params_from_args(args: argparse.Namespace) -> EngineParams:
         decode_per_seq=latency[2],
         seed=args.seed,
         tokenizer=args.tokenizer,
+        request_overhead=0.0 if args.zero_latency else args.request_overhead,
     )
+
+
+def profile_params_from_args(args: argparse.Namespace, profile: str) -> EngineParams:
+    """A named profile; engine flags whose value differs from the built-in
+    default override it (a flag set to its default leaves the profile's value)."""
+    d = EngineParams()
+    names = (
+        "block_size",
+        "num_blocks",
+        "max_num_seqs",
+        "max_batched_tokens",
+        "max_model_len",
+        "step_base",
+        "prefill_per_token",
+        "decode_per_seq",
+        "request_overhead",
+        "seed",
+    )
+    overrides: dict[str, object] = {
+        name: getattr(args, name)
+        for name in names
+        if getattr(args, name, getattr(d, name)) != getattr(d, name)
+    }
+    if args.tokenizer:
+        overrides["tokenizer"] = args.tokenizer
+    if args.zero_latency:
+        overrides.update(step_base=0.0, prefill_per_token=0.0, decode_per_seq=0.0)
+        overrides["request_overhead"] = 0.0
+    return EngineParams.profile(profile, **overrides)
 
 
 async def run_simulator(args: argparse.Namespace) -> int:

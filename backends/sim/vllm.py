@@ -34,7 +34,8 @@ from backends.sim.common import (
     until_disconnect,
 )
 from backends.sim.engine import Engine, EngineParams, PromptTooLong, Sequence_
-from backends.sim.tokenizer import render_chatml, tokenize
+from backends.sim.tokenizer import tokenize
+from backends.templates import ChatTemplateError
 
 FINGERPRINT = "vllm-0.32.0-sim"
 
@@ -171,11 +172,19 @@ class VLLMSimulator:
             return failure
         return body
 
-    def _submit(self, prompt: str, body: dict[str, Any]) -> Sequence_ | Response:
+    def _submit(self, prompt: str, body: dict[str, Any], chat: bool) -> Sequence_ | Response:
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
         seed = body.get("seed")
+        # vLLM: a rendered chat already holds its special tokens; a completion
+        # prompt gets the tokenizer's (both overridable per request).
+        special = body.get("add_special_tokens", not chat)
         try:
-            return self.engine.submit(prompt, max_tokens, seed if isinstance(seed, int) else None)
+            return self.engine.submit(
+                prompt,
+                max_tokens,
+                seed if isinstance(seed, int) else None,
+                add_special_tokens=special is True,
+            )
         except PromptTooLong as exc:
             return vllm_error(str(exc), "BadRequestError", "input_tokens", 400)
 
@@ -186,7 +195,11 @@ class VLLMSimulator:
         messages = parsed["messages"]
         if not isinstance(messages, list):
             return vllm_error("messages must be a list", "Bad Request", "body.messages", 400)
-        return await self._generate(request, parsed, render_chatml(messages), chat=True)
+        try:
+            prompt = self.engine.render_chat(messages)
+        except ChatTemplateError as exc:
+            return vllm_error(str(exc), "BadRequestError", None, 400)
+        return await self._generate(request, parsed, prompt, chat=True)
 
     async def completions(self, request: Request) -> Response:
         parsed = await self._parse(request, "prompt")
@@ -208,7 +221,10 @@ class VLLMSimulator:
         stream = body.get("stream") is True
         if self.faults.stall and not await until_disconnect(request, self.fault_state.stall()):
             return Response(status_code=499)
-        seq = self._submit(prompt, body)
+        overhead = self.engine.params.request_overhead
+        if overhead > 0:
+            await asyncio.sleep(overhead)
+        seq = self._submit(prompt, body, chat)
         if isinstance(seq, Response):
             return seq
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(8)

@@ -219,6 +219,19 @@ def ensure_tiny_model() -> Path:
     return TINY_MODEL
 
 
+HELD_OUT_MODEL = CACHE / "tiny-llama3"
+
+
+def ensure_held_out_model() -> Path:
+    """The tiny Llama's held-out twin: the same shapes, a Llama-3-like chat template
+    and special tokens (build_tiny_model.py --template llama3)."""
+    python = ensure_vllm()
+    if not (HELD_OUT_MODEL / "model.safetensors").exists():
+        script = str(Path(__file__).with_name("build_tiny_model.py"))
+        _run([str(python), script, str(HELD_OUT_MODEL), "--template", "llama3"], timeout=600)
+    return HELD_OUT_MODEL
+
+
 @dataclass
 class VLLMServer:
     url: str
@@ -294,10 +307,13 @@ def _start_vllm(
 
 
 @contextmanager
-def vllm_servers(workdir: Path, count: int = 2) -> Iterator[list[VLLMServer]]:
-    """``count`` fresh vLLM servers (empty caches), each bound to its own core."""
+def vllm_servers(
+    workdir: Path, count: int = 2, model: Path | None = None
+) -> Iterator[list[VLLMServer]]:
+    """``count`` fresh vLLM servers (empty caches), each bound to its own core;
+    serving ``model`` (default: the tiny Llama)."""
     python = ensure_vllm()
-    model = ensure_tiny_model()
+    model = model or ensure_tiny_model()
     workdir.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
     servers = [_start_vllm(python, model, i % cores, workdir) for i in range(count)]
