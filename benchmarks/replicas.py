@@ -77,7 +77,8 @@ from benchmarks.real_vllm import (  # noqa: E402
     vllm_fleet,
     wait_counters,
 )
-from router.app import build_app  # noqa: E402
+from policies import RequestView  # noqa: E402
+from router.app import RequestMiddleware, build_app  # noqa: E402
 from router.config import Config, parse_config  # noqa: E402
 from tests.helpers import serve_app, simulator  # noqa: E402
 from tests.real.engines import BLOCK_SIZE, NUM_BLOCKS, ensure_tiny_model  # noqa: E402
@@ -104,6 +105,12 @@ class Arm:
 ROUND_ROBIN = Arm("round_robin", {"policy": "round_robin"})
 APPROXIMATE = Arm("approximate", {"policy": "prefix_affinity"})
 ORACLE = Arm("oracle", None)
+#: Variants, to find out what loses hit rate across routers.
+VARIANTS = {
+    "approximate_ring1": Arm(
+        "approximate_ring1", {"policy": {"name": "prefix_affinity", "ring_choices": 1}}
+    ),
+}
 
 
 def precise_arm(
@@ -162,14 +169,47 @@ def decision_reasons(metrics: str) -> dict[str, int]:
 
 
 @asynccontextmanager
-async def routers(urls: Sequence[str], arm: Arm, count: int) -> AsyncIterator[list[str]]:
+async def routers(
+    urls: Sequence[str], arm: Arm, count: int
+) -> AsyncIterator[list[tuple[str, RequestMiddleware]]]:
     """``count`` kvroute instances over ``urls``, each with its own state."""
     async with AsyncExitStack() as stack:
-        out = [
-            await stack.enter_async_context(serve_app(build_app(router_config(urls, arm, 3 + k))))
-            for k in range(count)
-        ]
+        out = []
+        for k in range(count):
+            app = build_app(router_config(urls, arm, 3 + k))
+            out.append((await stack.enter_async_context(serve_app(app)), app))
         yield out
+
+
+def beliefs(
+    apps: Sequence[RequestMiddleware], items: Sequence[tuple[int, dict[str, Any]]]
+) -> dict[str, float] | None:
+    """Where each router's prefix index believes each tenant's prompt head is
+    (endpoints matching at least its first block), after the run: the mean
+    number of endpoints per tenant one router believes in, and in the union
+    of all routers' beliefs. None when the policy keeps no such index."""
+    sample: dict[int, dict[str, Any]] = {}
+    for tenant, body in items:
+        sample.setdefault(tenant, body)
+    per_router: list[float] = []
+    union: dict[int, set[str]] = {t: set() for t in sample}
+    for app in apps:
+        routes = list(app.state.routes.routes())
+        policy: Any = routes[0].policy if routes else None
+        if policy is None or not hasattr(policy, "index") or not hasattr(policy, "hashes"):
+            return None
+        ids = [e.id for e in app.state.registry.all()]
+        counts = []
+        for tenant, body in sample.items():
+            hashes, _ = policy.hashes(RequestView(model="tiny", endpoint="chat", body=body))
+            held = set(policy.index.match(hashes[:1], ids))
+            union[tenant] |= held
+            counts.append(len(held))
+        per_router.append(sum(counts) / len(counts))
+    return {
+        "endpoints_per_tenant_one_router": sum(per_router) / len(per_router),
+        "endpoints_per_tenant_all_routers": sum(len(v) for v in union.values()) / len(union),
+    }
 
 
 async def measure_routers(
@@ -188,9 +228,10 @@ async def measure_routers(
         c = await stack.enter_async_context(httpx.AsyncClient(timeout=300))
         if arm.model is None:
             targets = [urls[t % len(urls)] for t, _ in items]
-            router_urls: list[str] = []
+            instances: list[tuple[str, RequestMiddleware]] = []
         else:
-            router_urls = await stack.enter_async_context(routers(urls, arm, router_count))
+            instances = await stack.enter_async_context(routers(urls, arm, router_count))
+            router_urls = [u for u, _ in instances]
             targets = [router_urls[i % len(router_urls)] for i in range(len(items))]
         before = await read_counters(c, urls)
         gate = asyncio.Semaphore(concurrency)
@@ -209,7 +250,8 @@ async def measure_routers(
         await asyncio.gather(*(one(i) for i in range(len(items))))
         elapsed = time.perf_counter() - started
         after = await wait_counters(c, urls, before, len(items))
-        reasons = [decision_reasons((await c.get(u + "/metrics")).text) for u in router_urls]
+        reasons = [decision_reasons((await c.get(u + "/metrics")).text) for u, _ in instances]
+        belief = beliefs([a for _, a in instances], items) if instances else None
     hits = after["hits"] - before["hits"]
     queries = after["queries"] - before["queries"]
     # A "cold" request: less than half its prompt was cached (a prefix miss).
@@ -229,6 +271,7 @@ async def measure_routers(
         "cold_requests": cold,
         "excess_cold": cold - tenants,
         "reasons": reasons,
+        "beliefs": belief,
         "seconds": round(elapsed, 2),
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),
@@ -270,7 +313,8 @@ def sim_params() -> EngineParams:
 def report(label: str, r: dict[str, Any]) -> None:
     print(
         f"{label:28s} {r['arm']:12s} routers {r['routers']}  hit {r['hit_rate']:.3f}  "
-        f"excess cold {r['excess_cold']:4d}  {r['seconds']:6.1f}s  load {r['loadavg_before']}",
+        f"excess cold {r['excess_cold']:4d}  {r['seconds']:6.1f}s  load {r['loadavg_before']}"
+        f"  beliefs {r['beliefs']}",
         flush=True,
     )
 
@@ -296,6 +340,12 @@ async def run_simulated(
                 rows.append(r)
             out[f"{n}/{wname}"] = rows
     return out
+
+
+def merge(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of a later run replace the same arm at the same router count."""
+    fresh = {(r["arm"], r["routers"]) for r in new}
+    return [r for r in old if (r["arm"], r["routers"]) not in fresh] + new
 
 
 async def run_real(
@@ -376,10 +426,14 @@ def main() -> int:
     parser.add_argument("--fleets", type=int, nargs="*", help="override the fleet sizes")
     parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
     parser.add_argument("--arms", nargs="*", default=["round_robin", "approximate", "oracle"])
+    parser.add_argument("--routers", type=int, nargs="*", default=[1, 2, 4])
+    parser.add_argument(
+        "--single", nargs="*", default=["oracle"], help="arms run with one router only"
+    )
     parser.add_argument("--output", default="replicas")
     args = parser.parse_args()
-    arms = {a.name: a for a in (ROUND_ROBIN, APPROXIMATE, ORACLE)}
-    plan = Plan([arms[a] for a in args.arms])
+    arms = {a.name: a for a in (ROUND_ROBIN, APPROXIMATE, ORACLE, *VARIANTS.values())}
+    plan = Plan([arms[a] for a in args.arms], tuple(args.routers), set(args.single))
     path = RESULTS / f"{args.output}.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     results["setup"] = {
@@ -392,10 +446,14 @@ def main() -> int:
     }
     if args.sim:
         sim = asyncio.run(run_simulated(args.fleets or (8, 16), args.workloads, plan))
-        results.setdefault("simulated", {}).update(sim)
+        for key, rows in sim.items():
+            old = results.setdefault("simulated", {}).get(key, [])
+            results["simulated"][key] = merge(old, rows)
     if args.real:
         real = asyncio.run(run_real(args.fleets or (2, 4), args.workloads, plan))
-        results.setdefault("real", {}).update(real)
+        for key, rows in real.items():
+            old = results.setdefault("real", {}).get(key, [])
+            results["real"][key] = merge(old, rows)
     results["summary"] = {
         fleet: {key: summary(rows) for key, rows in results.get(fleet, {}).items()}
         for fleet in ("simulated", "real")
