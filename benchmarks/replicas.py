@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import re
 import sys
 import tempfile
@@ -81,7 +82,12 @@ from policies import RequestView  # noqa: E402
 from router.app import RequestMiddleware, build_app  # noqa: E402
 from router.config import Config, parse_config  # noqa: E402
 from tests.helpers import serve_app, simulator  # noqa: E402
-from tests.real.engines import BLOCK_SIZE, NUM_BLOCKS, ensure_tiny_model  # noqa: E402
+from tests.real.engines import (  # noqa: E402
+    BLOCK_SIZE,
+    NUM_BLOCKS,
+    TINY_MODEL,
+    ensure_tiny_model,
+)
 
 RESULTS = ROOT / "benchmarks" / "results"
 SYSTEM_WORDS = 200  # ~620 tokens with the tiny Llama's tokenizer
@@ -304,7 +310,8 @@ def workload_items(name: str, replicas: int, seed: int = 1) -> list[tuple[int, d
 
 def sim_params() -> EngineParams:
     """The simulator sized like the real servers, with the default latency model."""
-    tokenizer = str(ensure_tiny_model() / "tokenizer.json")
+    model = TINY_MODEL if (TINY_MODEL / "tokenizer.json").exists() else ensure_tiny_model()
+    tokenizer = str(model / "tokenizer.json")
     return EngineParams(
         block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS, max_model_len=2048, tokenizer=tokenizer
     )
@@ -313,8 +320,8 @@ def sim_params() -> EngineParams:
 def report(label: str, r: dict[str, Any]) -> None:
     print(
         f"{label:28s} {r['arm']:12s} routers {r['routers']}  hit {r['hit_rate']:.3f}  "
-        f"excess cold {r['excess_cold']:4d}  {r['seconds']:6.1f}s  load {r['loadavg_before']}"
-        f"  beliefs {r['beliefs']}",
+        f"excess cold {r['excess_cold']:4d}  {r['seconds']:6.1f}s  load {r.get('loadavg_before')}"
+        f"  beliefs {r.get('beliefs')}",
         flush=True,
     )
 
@@ -376,6 +383,152 @@ async def run_real(
     return out
 
 
+# -- virtual time: the same fleet and workloads, deterministic --------------------------
+
+
+def virtual(
+    n: int,
+    arm: Arm,
+    items: Sequence[tuple[int, dict[str, Any]]],
+    router_count: int,
+    concurrency: int,
+    scrape_interval: float = 0.5,
+) -> dict[str, Any]:
+    """The HTTP run's setup without HTTP or wall clock: ``n`` simulator engines
+    (``sim_params()``) driven step by step in virtual time (as benchmarks/
+    routing.py does), ``router_count`` policy objects built from the arm's
+    config, each with its own in-flight counts and scraped view of the engines
+    (every ``scrape_interval`` virtual seconds), ``concurrency`` closed-loop
+    clients taking the requests in order, request i to router i mod N. It
+    measures the policies alone, deterministically, in a fraction of a second
+    per run; the oracle sends tenant t to engine t mod n."""
+    import heapq
+
+    from backends.sim.engine import Engine, Sequence_
+    from backends.sim.tokenizer import render_chatml
+    from policies import EndpointView, build_policy
+    from policies.base import Decision, Outcome
+
+    params = sim_params()
+    engines = [Engine(params) for _ in range(n)]
+    t = 0.0
+    capacity = (params.num_blocks - 1) * params.block_size
+    policies: list[Any] = []
+    if arm.model is not None:
+        cfg = router_config(["http://127.0.0.1:1"], arm, 3).models["tiny"].policy
+        for k in range(router_count):
+            policies.append(build_policy(cfg.name, cfg.typed_params, random.Random(3 + k)))
+    in_flight = [[0] * n for _ in range(max(1, router_count))]
+    awaiting = [[0] * n for _ in range(max(1, router_count))]
+    scraped: list[tuple[float, float]] = [(0.0, 0.0)] * n
+    at_scrape = [[0] * n for _ in range(max(1, router_count))]
+    busy = [False] * n
+    events: list[tuple[float, int, str, Any]] = []
+    counter = 0
+    owners: dict[Sequence_, tuple[int, int, Decision | None, int]] = {}
+    reasons: list[dict[str, int]] = [{} for _ in range(max(1, router_count))]
+    cached: list[tuple[int, int, int]] = []
+    served: dict[int, set[int]] = {}
+
+    def push(t: float, kind: str, payload: Any) -> None:
+        nonlocal counter
+        counter += 1
+        heapq.heappush(events, (t, counter, kind, payload))
+
+    def start_step(i: int, now: float) -> None:
+        step = engines[i].plan_step()
+        busy[i] = step is not None
+        if step is not None:
+            push(now + step.seconds, "step", (i, step))
+
+    nxt = 0
+
+    def send(now: float) -> None:
+        nonlocal nxt
+        if nxt >= len(items):
+            return
+        k = nxt
+        nxt += 1
+        tenant, body = items[k]
+        r = k % max(1, router_count)
+        decision: Decision | None = None
+        if arm.model is None:
+            i = tenant % n
+        else:
+            views = [
+                EndpointView(
+                    id=str(e),
+                    url="",
+                    kind="vllm",
+                    in_flight=in_flight[r][e],
+                    awaiting_first=awaiting[r][e],
+                    running=scraped[e][0],
+                    waiting=scraped[e][1],
+                    in_flight_at_scrape=at_scrape[r][e],
+                    kv_capacity_tokens=capacity,
+                )
+                for e in range(n)
+            ]
+            request = RequestView(model="tiny", endpoint="chat", body=body)
+            decision = policies[r].rank(request, views)
+            i = int(decision.ranked[0].id)
+            reasons[r][decision.reason] = reasons[r].get(decision.reason, 0) + 1
+        seq = engines[i].submit(
+            render_chatml(body["messages"]), body["max_tokens"], now=now, run=False
+        )
+        owners[seq] = (r, i, decision, tenant)
+        served.setdefault(tenant, set()).add(i)
+        in_flight[r][i] += 1
+        awaiting[r][i] += 1
+        if not busy[i]:
+            start_step(i, now)
+
+    for _ in range(concurrency):
+        send(0.0)
+    push(scrape_interval, "scrape", None)
+    while events:
+        t, _, kind, payload = heapq.heappop(events)
+        if kind == "scrape":
+            scraped = [(float(len(e.running)), float(len(e.waiting))) for e in engines]
+            at_scrape = [list(row) for row in in_flight]
+            if owners or nxt < len(items):
+                push(t + scrape_interval, "scrape", None)
+            continue
+        i, step = payload
+        engines[i].finish_step(step, t)
+        for seq, (r, e, decision, tenant) in list(owners.items()):
+            if e != i:
+                continue
+            if not seq.done:
+                continue
+            del owners[seq]
+            # Not streamed: the router's first byte back is the whole answer.
+            awaiting[r][e] -= 1
+            in_flight[r][e] -= 1
+            cached.append((tenant, seq.num_prompt, seq.hit_tokens))
+            if decision is not None:
+                policies[r].observe(decision, str(e), Outcome(True, seq.num_prompt, seq.hit_tokens))
+            send(t)
+        start_step(i, t)
+    queries = sum(e.stats.queries for e in engines)
+    hits = sum(e.stats.hits for e in engines)
+    cold = sum(1 for _, p, k in cached if k < p / 2)
+    tenants = len({t for t, _ in items})
+    return {
+        "arm": arm.name,
+        "routers": router_count if arm.model is not None else 0,
+        "requests": len(items),
+        "tenants": tenants,
+        "concurrency": concurrency,
+        "hit_rate": hits / queries if queries else 0.0,
+        "cold_requests": cold,
+        "excess_cold": cold - tenants,
+        "reasons": reasons if arm.model is not None else [],
+        "replicas_per_tenant": sum(len(v) for v in served.values()) / max(1, len(served)),
+        "virtual_seconds": round(t, 2),
+    }
+
+
 def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Hit rate per arm@routers, plus ratios to the one-router run and the oracle."""
     by = {f"{r['arm']}@{r['routers']}": r["hit_rate"] for r in rows}
@@ -397,7 +550,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(fleet, key) for fleet in ("simulated", "real") for key in results.get(fleet, {})]
+    panels = [
+        (fleet, key) for fleet in ("simulated", "virtual", "real") for key in results.get(fleet, {})
+    ]
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
@@ -423,6 +578,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sim", action="store_true", help="simulated fleets (8 and 16)")
     parser.add_argument("--real", action="store_true", help="real vLLM (2 and 4 servers)")
+    parser.add_argument("--virtual", action="store_true", help="simulated fleets, virtual time")
     parser.add_argument("--fleets", type=int, nargs="*", help="override the fleet sizes")
     parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
     parser.add_argument("--arms", nargs="*", default=["round_robin", "approximate", "oracle"])
@@ -449,6 +605,14 @@ def main() -> int:
         for key, rows in sim.items():
             old = results.setdefault("simulated", {}).get(key, [])
             results["simulated"][key] = merge(old, rows)
+    if args.virtual:
+        for n in args.fleets or (8, 16):
+            for wname in args.workloads:
+                items = workload_items(wname, n)
+                rows = [virtual(n, arm, items, count, 2 * n) for arm, count in plan.runs()]
+                for r in rows:
+                    report(f"virtual {n:2d} replicas {wname}", {**r, "seconds": 0.0})
+                results.setdefault("virtual", {})[f"{n}/{wname}"] = rows
     if args.real:
         real = asyncio.run(run_real(args.fleets or (2, 4), args.workloads, plan))
         for key, rows in real.items():
@@ -456,7 +620,7 @@ def main() -> int:
             results["real"][key] = merge(old, rows)
     results["summary"] = {
         fleet: {key: summary(rows) for key, rows in results.get(fleet, {}).items()}
-        for fleet in ("simulated", "real")
+        for fleet in ("simulated", "virtual", "real")
     }
     results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     RESULTS.mkdir(parents=True, exist_ok=True)
