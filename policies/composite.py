@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from pydantic_core import PydanticCustomError
 
 from policies.base import Decision, EndpointView, Outcome, RequestView, load_of
-from policies.precise import PrecisePrefix, PrecisePrefixParams
 from policies.latency import LowLatency, LowLatencyParams
+from policies.precise import PrecisePrefix, PrecisePrefixParams
 from policies.prefix_index import IndexStats, PrefixIndex
 from policies.prompt import block_hashes, canonical_prompt, model_seed
 from policies.ring import RingCache, bounded_capacity, ring_order

@@ -139,6 +139,6 @@ def test_composite_unknown_components_fail_with_known_names() -> None:
     (error,) = info.value.errors
     assert error.startswith("models.m.policy: bad parameters for policy 'composite'")
     assert (
-        "unknown scorer 'magic' (known: kv_free, low_latency, low_load, precise_prefix, prefix_match,"
-        " ring_owner, weight)" in (error)
+        "unknown scorer 'magic' (known: kv_free, low_latency, low_load, precise_prefix,"
+        " prefix_match, ring_owner, weight)" in (error)
     )
