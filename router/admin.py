@@ -6,7 +6,9 @@ POST /admin/endpoints/{id}/drain      no new requests; in-flight ones finish
 POST /admin/endpoints/{id}/undrain
 GET  /admin/config                    the effective config, secrets redacted
 POST /admin/reload                    reload the config file: 200, or 422 with the errors
-GET  /admin/prefix-index              prefix-index size per model and endpoint
+GET  /admin/prefix-index              prefix-index size per model and endpoint, and each
+                                     endpoint's source (precise, approximate, stale)
+GET  /admin/kv-events                 each KV-event subscriber's connection, sequence, blocks
 GET  /admin/tenants                   each tenant's limits and what it used; the store's state
 POST /admin/tenants/{name}/reset      forget a tenant's counters (windows, slots, today's tokens)
 GET  /admin/cache                     the response cache: store, stats, models with a cache
@@ -26,9 +28,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from policies.base import uses_tokens
+from policies.precise import index_source
 from router.cache.store import CacheUnavailable
 from router.config import AdminConfig, redact_url
 from router.errors import error_body
+from router.kvevents.hub import KVEventsHub
 from router.latency import REFERENCE_TOKENS, LatencySnapshot
 from router.quota.base import QuotaUnavailable
 from router.quota.service import store_status
@@ -127,7 +132,7 @@ def admin_denied(config: AdminConfig, request: Request, mutating: bool) -> Respo
     return None
 
 
-def admin_routes(state: AppState, reloader: Reloader) -> list[BaseRoute]:
+def admin_routes(state: AppState, reloader: Reloader, kvevents: KVEventsHub) -> list[BaseRoute]:
     if state.config.admin.open and state.config.admin.token is None:
         LOG.warning(
             {
@@ -182,9 +187,27 @@ def admin_routes(state: AppState, reloader: Reloader) -> list[BaseRoute]:
     async def prefix_index(request: Request) -> Response:
         if (no := denied(request)) is not None:
             return no
-        return json_response(
-            {model: dataclasses.asdict(stats) for model, stats in state.routes.index_stats()}
-        )
+        out: dict[str, Any] = {}
+        for route in state.routes.routes():
+            stats = route.policy.index_stats()
+            if stats is None:
+                continue
+            entry = out[route.model] = dataclasses.asdict(stats)
+            # Which index the policy consults for each endpoint of the model.
+            model = state.config.models.get(route.model)
+            tokens_known = (
+                model is not None and model.prompts is not None and uses_tokens(route.policy)
+            )
+            entry["sources"] = {
+                e.id: index_source(e.view(), tokens_known)
+                for e in state.registry.serving(route.model)
+            }
+        return json_response(out)
+
+    async def kv_events(request: Request) -> Response:
+        if (no := denied(request)) is not None:
+            return no
+        return json_response({"endpoints": kvevents.status()})
 
     async def tenants(request: Request) -> Response:
         if (no := denied(request)) is not None:
@@ -274,4 +297,5 @@ def admin_routes(state: AppState, reloader: Reloader) -> list[BaseRoute]:
         Route("/admin/config", config),
         Route("/admin/reload", reload, methods=["POST"]),
         Route("/admin/prefix-index", prefix_index),
+        Route("/admin/kv-events", kv_events),
     ]

@@ -250,7 +250,7 @@ def build_control_app(state: AppState, lifecycle: Lifecycle) -> Starlette:
             Route("/ready", ready),
             Route("/metrics", metrics),
             Route("/openapi.json", openapi),
-            *admin_routes(state, lifecycle.reloader),
+            *admin_routes(state, lifecycle.reloader, lifecycle.kvevents),
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,

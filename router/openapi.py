@@ -430,7 +430,15 @@ def document() -> dict[str, Any]:
             "reload",
             **{"422": json_body("The file is invalid: every error", ref("ReloadOutcome"))},
         ),
-        "/admin/prefix-index": admin("get", "Prefix-index stats per model", "prefixIndex"),
+        "/admin/prefix-index": admin(
+            "get",
+            "Prefix-index stats per model, and the index (precise, approximate, stale) "
+            "each endpoint is matched by",
+            "prefixIndex",
+        ),
+        "/admin/kv-events": admin(
+            "get", "Each KV-event subscriber: connection, sequence, gaps, blocks", "kvEvents"
+        ),
         "/admin/cache": admin("get", "The response cache: store, stats, models", "adminCache"),
         "/admin/cache/purge": {
             "parameters": [
