@@ -22,7 +22,7 @@ from backends.templates import render
 from policies.blocks import EndpointBlocks, chain_hashes
 from router.config import KVEventsConfig
 from router.kvevents.subscriber import Subscriber
-from tests.helpers import FIXTURES, eventually, free_socket
+from tests.helpers import FIXTURES, eventually, free_socket, router, router_config
 from tests.kvevents_helpers import free_tcp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,3 +154,43 @@ async def test_index_predicts_the_simulators_cached_tokens_and_survives_a_kill()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         ctx.destroy(linger=0)
+
+
+async def test_router_routes_on_the_simulators_events_and_says_so() -> None:
+    """The whole path: config (kv_events, tokenizer) -> hub -> subscriber -> the
+    index -> prefix_affinity's precise match; /admin shows the source and the feed."""
+    pub, replay = free_tcp(), free_tcp()
+    async with sim_process(pub, replay) as (sim_url, _):
+        config = router_config(
+            [
+                {
+                    "id": "sim",
+                    "url": sim_url,
+                    "kind": "vllm",
+                    "models": ["tiny"],
+                    "kv_events": {"endpoint": pub, "replay_endpoint": replay},
+                }
+            ],
+            models={"tiny": {"policy": "prefix_affinity", "tokenizer": str(TINY)}},
+        )
+        async with router(config) as url, httpx.AsyncClient(base_url=url, timeout=30) as c:
+
+            async def live() -> bool:
+                feed = (await c.get("/admin/kv-events")).json()["endpoints"]["sim"]
+                return feed["connected"] and not feed["stale"]
+
+            await eventually(live, within=15)
+            body = {"model": "tiny", "max_tokens": 3, "messages": conversation("What is os?")}
+            assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
+
+            async def stored() -> bool:
+                feed = (await c.get("/admin/kv-events")).json()["endpoints"]["sim"]
+                return bool(feed["blocks"] > 0)
+
+            await eventually(stored, within=10)
+            r = await c.post("/v1/chat/completions", json=body)
+            assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+            index = (await c.get("/admin/prefix-index")).json()
+            assert index["tiny"]["sources"] == {"sim": "precise"}
+            metrics = (await c.get("/metrics")).text
+            assert 'reason="precise_hit"' in metrics
