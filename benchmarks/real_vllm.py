@@ -21,8 +21,6 @@ import asyncio
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,11 +43,15 @@ from tests.helpers import serve_app, simulator  # noqa: E402
 from tests.real.engines import (  # noqa: E402
     BLOCK_SIZE,
     NUM_BLOCKS,
-    SetupError,
+    VLLMServer,
     _free_port,
+    _start_vllm,
     ensure_tiny_model,
     ensure_vllm,
+    kv_events_config,
+    stop_vllm,
     vllm_servers,
+    wait_ready,
 )
 
 TENANTS = 12
@@ -143,8 +145,7 @@ class FleetServer:
     url: str
     #: The ZMQ endpoint of its KV-cache events (``tcp://127.0.0.1:<port>``), if on.
     kv_events: str | None
-    process: subprocess.Popen[bytes]
-    log: Path
+    server: VLLMServer
 
 
 @contextmanager
@@ -159,88 +160,22 @@ def vllm_fleet(workdir: Path, count: int, kv_events: bool = False) -> Iterator[l
     workdir.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
     servers: list[FleetServer] = []
-    for i in range(count):
-        port = _free_port()
-        log = workdir / f"vllm-{i}.log"
-        env = {
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "VLLM_CPU_KVCACHE_SPACE": "1",
-            "VLLM_CACHE_ROOT": str(workdir / f"cache-{i}"),
-            "VLLM_CPU_OMP_THREADS_BIND": str(i % cores),
-            "VLLM_SERVER_DEV_MODE": "1",
-            "PATH": os.pathsep.join([str(python.parent), os.environ.get("PATH", "")]),
-        }
-        cmd = [
-            str(python),
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(model),
-            "--served-model-name",
-            "tiny",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            "2048",
-            "--enable-prefix-caching",
-            "--enable-prompt-tokens-details",
-            "--block-size",
-            str(BLOCK_SIZE),
-            "--num-gpu-blocks-override",
-            str(NUM_BLOCKS),
-            "--enforce-eager",
-        ]
-        events = None
-        if kv_events:
-            pub, replay = _free_port(), _free_port()
-            events = f"tcp://127.0.0.1:{pub}"
-            cmd += [
-                "--kv-events-config",
-                json.dumps(
-                    {
-                        "enable_kv_cache_events": True,
-                        "publisher": "zmq",
-                        "endpoint": f"tcp://*:{pub}",
-                        "replay_endpoint": f"tcp://*:{replay}",
-                    }
-                ),
-            ]
-        with log.open("wb") as out:
-            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        servers.append(FleetServer(f"http://127.0.0.1:{port}", events, process, log))
     try:
+        for i in range(count):
+            events = config = None
+            if kv_events:
+                pub, replay = _free_port(), _free_port()
+                events = f"tcp://127.0.0.1:{pub}"
+                config = kv_events_config(f"tcp://*:{pub}", f"tcp://*:{replay}")
+            server = _start_vllm(python, model, i % cores, workdir, kv_events=config, dev_mode=True)
+            servers.append(FleetServer(server.url, events, server))
         deadline = time.monotonic() + 600
-        for server in servers:
-            while True:
-                if server.process.poll() is not None:
-                    raise SetupError(
-                        f"vLLM exited ({server.process.returncode}):\n"
-                        f"{server.log.read_text()[-4000:]}"
-                    )
-                try:
-                    if httpx.get(server.url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SetupError(f"vLLM not ready in 600 s:\n{server.log.read_text()[-4000:]}")
-                time.sleep(0.5)
+        for fleet_server in servers:
+            wait_ready(fleet_server.server, deadline)
         yield servers
     finally:
-        for server in servers:
-            if server.process.poll() is None:
-                server.process.send_signal(signal.SIGTERM)
-        for server in servers:
-            try:
-                server.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.process.kill()
-                server.process.wait()
+        for fleet_server in servers:
+            stop_vllm(fleet_server.server)
 
 
 async def reset_prefix_caches(client: httpx.AsyncClient, urls: list[str]) -> None:

@@ -28,7 +28,7 @@ Nothing here does I/O; the subscriber (``router/kvevents``) feeds it.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 
 import xxhash
@@ -51,6 +51,26 @@ def chain_hashes(token_ids: Sequence[int], block_size: int, parent: int = ROOT_H
         h = digest(data[start : start + step], seed=h)
         out.append(h)
     return out
+
+
+def leading(held: Container[int], hashes: Sequence[int]) -> int:
+    """How many leading ``hashes`` are in ``held``, assuming what is held of a
+    chain is a prefix of it: a gallop, then bisection (O(log n) lookups)."""
+    n = len(hashes)
+    if not n or hashes[0] not in held:
+        return 0
+    lo, step = 0, 1
+    while lo + step < n and hashes[lo + step] in held:
+        lo += step
+        step *= 2
+    hi = min(n, lo + step)  # hashes[hi] is not held (or hi == n)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if hashes[mid] in held:
+            lo = mid
+        else:
+            hi = mid
+    return lo + 1
 
 
 @dataclass(eq=False)
@@ -155,23 +175,7 @@ class EndpointBlocks:
         Engines free a request's blocks tail first, so what an endpoint holds
         of one chain is (almost always) a prefix of it: a galloping then binary
         search costs O(log n) lookups instead of one per block."""
-        held = self._held
-        n = len(hashes)
-        if not n or hashes[0] not in held:
-            return 0
-        # Gallop: the largest 2^k - 1 index still held.
-        lo, step = 0, 1
-        while lo + step < n and hashes[lo + step] in held:
-            lo += step
-            step *= 2
-        hi = min(n, lo + step)  # hashes[hi] is not held (or hi == n)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if hashes[mid] in held:
-                lo = mid
-            else:
-                hi = mid
-        return lo + 1
+        return leading(self._held, hashes)
 
 
 class BlockIndex:

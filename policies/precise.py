@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
-from collections.abc import Container, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from policies.base import EndpointView, HeldBlocks, RequestView
+from policies.blocks import leading
 from policies.prefix_index import IndexStats, PrefixIndex
 from policies.prompt import block_hashes, canonical_prompt, model_seed
 
@@ -65,26 +66,6 @@ def live_blocks(view: EndpointView) -> HeldBlocks | None:
 
 def block_size(blocks: HeldBlocks) -> int:
     return blocks.block_size if blocks.block_size > 0 else DEFAULT_BLOCK_SIZE
-
-
-def leading(held: Container[int], hashes: Sequence[int]) -> int:
-    """How many leading ``hashes`` are in ``held``, assuming what is held of a
-    chain is a prefix of it: a gallop, then bisection (O(log n) lookups)."""
-    n = len(hashes)
-    if not n or hashes[0] not in held:
-        return 0
-    lo, step = 0, 1
-    while lo + step < n and hashes[lo + step] in held:
-        lo += step
-        step *= 2
-    hi = min(n, lo + step)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if hashes[mid] in held:
-            lo = mid
-        else:
-            hi = mid
-    return lo + 1
 
 
 def _grid(limit: int = 1 << 24) -> list[int]:

@@ -69,7 +69,8 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from policies.base import Decision, EndpointView, Outcome, PromptTokens, RequestView, load_of
-from policies.precise import DEFAULT_BLOCK_SIZE, InFlight, block_size, leading, live_blocks
+from policies.blocks import leading
+from policies.precise import DEFAULT_BLOCK_SIZE, InFlight, block_size, live_blocks
 from policies.prefix_index import IndexStats, PrefixIndex, capacity_blocks
 from policies.prompt import block_hashes, canonical_prompt, model_seed
 from policies.ring import Capacity, RingCache

@@ -262,9 +262,11 @@ def _start_vllm(
     *,
     port: int | None = None,
     kv_events: str | None = None,
+    dev_mode: bool = False,
 ) -> VLLMServer:
     """``port``: a fixed one (to restart a server where it was); ``kv_events``:
-    a ``--kv-events-config`` JSON (``kv_events_config``)."""
+    a ``--kv-events-config`` JSON (``kv_events_config``); ``dev_mode``: vLLM's
+    development endpoints (``POST /reset_prefix_cache`` empties the cache)."""
     port = port or _free_port()
     log = workdir / f"vllm-{core}-{port}.log"
     env = {
@@ -274,6 +276,7 @@ def _start_vllm(
         "VLLM_CACHE_ROOT": str(workdir / f"cache-{core}"),
         "VLLM_CPU_OMP_THREADS_BIND": str(core),
         "PATH": os.pathsep.join([str(python.parent), os.environ.get("PATH", "")]),
+        **({"VLLM_SERVER_DEV_MODE": "1"} if dev_mode else {}),
     }
     cmd = [
         str(python),
