@@ -143,8 +143,8 @@ async def read_counters(client: httpx.AsyncClient, urls: list[str]) -> dict[str,
 @dataclass
 class FleetServer:
     url: str
-    #: The ZMQ endpoint of its KV-cache events (``tcp://127.0.0.1:<port>``), if on.
-    kv_events: str | None
+    #: Its KV-cache events as kvroute's ``endpoints[].kv_events`` names them, if on.
+    kv_events: dict[str, str] | None
     server: VLLMServer
 
 
@@ -165,7 +165,10 @@ def vllm_fleet(workdir: Path, count: int, kv_events: bool = False) -> Iterator[l
             events = config = None
             if kv_events:
                 pub, replay = _free_port(), _free_port()
-                events = f"tcp://127.0.0.1:{pub}"
+                events = {
+                    "endpoint": f"tcp://127.0.0.1:{pub}",
+                    "replay_endpoint": f"tcp://127.0.0.1:{replay}",
+                }
                 config = kv_events_config(f"tcp://*:{pub}", f"tcp://*:{replay}")
             server = _start_vllm(python, model, i % cores, workdir, kv_events=config, dev_mode=True)
             servers.append(FleetServer(server.url, events, server))

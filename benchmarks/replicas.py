@@ -119,19 +119,19 @@ VARIANTS = {
 }
 
 
-def precise_arm(
-    kv_events: Sequence[str | None], tokenizer: str, policy: Any = "prefix_affinity"
-) -> Arm:
-    """The precise index's arm, for when kvroute has one: the same policy fed by
-    each endpoint's KV events (``endpoints[i].kv_events``) and the model's
-    tokenizer (``models.tiny.tokenizer``). The config keys follow issue 15's
-    interfaces; adjust here if the branch that adds them names them otherwise."""
+def precise_arm(kv_events: Sequence[dict[str, str] | None], policy: Any = "prefix_affinity") -> Arm:
+    """The precise index's arm: the same policy fed by each endpoint's KV events
+    (``endpoints[i].kv_events``) and the model's tokenizer (``models.tiny.tokenizer``)."""
     return Arm(
         "precise",
-        {"policy": policy, "tokenizer": tokenizer},
+        {"policy": policy, "tokenizer": str(ensure_tiny_model())},
         tuple({"kv_events": e} if e else {} for e in kv_events),
         needs_kv_events=True,
     )
+
+
+#: Filled in with the fleet's event endpoints when the fleet is up.
+PRECISE = Arm("precise", None, needs_kv_events=True)
 
 
 def router_config(urls: Sequence[str], arm: Arm, seed: int) -> Config:
@@ -371,7 +371,10 @@ async def run_real(
                 for wname in workloads:
                     items = workload_items(wname, n)
                     rows = []
-                    for arm, count in plan.runs():
+                    for planned, count in plan.runs():
+                        arm = planned
+                        if planned.needs_kv_events:
+                            arm = precise_arm([s.kv_events for s in servers])
                         async with httpx.AsyncClient(timeout=60) as c:
                             await reset_prefix_caches(c, urls)
                         r = await measure_routers(
@@ -588,7 +591,7 @@ def main() -> int:
     )
     parser.add_argument("--output", default="replicas")
     args = parser.parse_args()
-    arms = {a.name: a for a in (ROUND_ROBIN, APPROXIMATE, ORACLE, *VARIANTS.values())}
+    arms = {a.name: a for a in (ROUND_ROBIN, APPROXIMATE, ORACLE, PRECISE, *VARIANTS.values())}
     plan = Plan([arms[a] for a in args.arms], tuple(args.routers), set(args.single))
     path = RESULTS / f"{args.output}.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
