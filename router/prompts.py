@@ -306,14 +306,20 @@ class PromptTokenizer:
         data = _ids(ids)
         return Tokens([xxhash.xxh3_64_intdigest(data, seed=1)], [data], self.chains)
 
-    def tokens(self, op: str, body: Mapping[str, Any]) -> Tokens | None:
-        """The request's prompt tokens, computed here and now."""
+    def _planned(self, op: str, body: Mapping[str, Any]) -> Tokens | _Plan | None:
+        """Token ids given as the prompt, or the plan to encode its text."""
         prompt = self.prompt(op, body)
         if prompt is None:
             return None
         if isinstance(prompt, list):
             return self._from_ids(prompt)
-        plan = self.plan(*prompt)
+        return self.plan(*prompt)
+
+    def tokens(self, op: str, body: Mapping[str, Any]) -> Tokens | None:
+        """The request's prompt tokens, computed here and now."""
+        plan = self._planned(op, body)
+        if not isinstance(plan, _Plan):
+            return plan
         try:
             encoded = self.encode_missing(plan)
         except Exception:  # text tokenizers refuse (lone surrogates): route on characters
@@ -322,12 +328,9 @@ class PromptTokenizer:
 
     async def tokens_async(self, op: str, body: Mapping[str, Any]) -> Tokens | None:
         """As ``tokens``, encoding a long miss in a thread."""
-        prompt = self.prompt(op, body)
-        if prompt is None:
-            return None
-        if isinstance(prompt, list):
-            return self._from_ids(prompt)
-        plan = self.plan(*prompt)
+        plan = self._planned(op, body)
+        if not isinstance(plan, _Plan):
+            return plan
         try:
             if plan.missing_chars > self.thread_chars:
                 encoded = await asyncio.to_thread(self.encode_missing, plan)
