@@ -236,6 +236,7 @@ class Oracle:
     rule as prefix_affinity), else the least loaded."""
 
     name = "oracle"
+    uses_tokens = False
 
     def __init__(self, engines: Sequence[Engine]) -> None:
         self.engines = engines

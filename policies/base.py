@@ -138,6 +138,9 @@ class Decision:
 
 class Policy(Protocol):
     name: str
+    #: Whether ``rank`` looks at ``RequestView.tokens``: the router tokenizes
+    #: prompts only for such policies (tokenizing costs more than a decision).
+    uses_tokens: bool
 
     def rank(self, request: RequestView, candidates: Sequence[EndpointView]) -> Decision:
         """Order ``candidates`` (never empty) for ``request``."""
@@ -155,13 +158,6 @@ class Policy(Protocol):
     def index_stats(self) -> IndexStats | None:
         """The policy's prefix index (size, evictions), if it keeps one."""
         ...
-
-
-def uses_tokens(policy: object) -> bool:
-    """Whether ``policy`` looks at ``RequestView.tokens``: it says so with a
-    true ``uses_tokens`` attribute. The router tokenizes prompts only for
-    those (tokenizing costs far more than a decision)."""
-    return getattr(policy, "uses_tokens", False) is True
 
 
 def load_of(endpoint: EndpointView) -> float:
@@ -198,6 +194,7 @@ class StatelessPolicy:
     """Base for policies that learn nothing from outcomes."""
 
     name = "stateless"
+    uses_tokens = False
 
     def observe(self, decision: Decision, endpoint_id: str, outcome: Outcome) -> None:
         return None

@@ -84,6 +84,9 @@ class KVUsageBelow:
 
 
 class Scorer(Protocol):
+    #: Whether ``score`` looks at ``RequestView.tokens``.
+    uses_tokens: bool
+
     def score(
         self, request: RequestView, candidates: Sequence[EndpointView]
     ) -> tuple[list[float], Any]:
@@ -98,6 +101,8 @@ class Scorer(Protocol):
 
 
 class _Stateless:
+    uses_tokens = False
+
     def picked(self, memo: Any, endpoint: EndpointView) -> None:
         return None
 
@@ -154,6 +159,8 @@ class PrefixMatchParams(Params):
 
 class PrefixMatch:
     """Share of the prompt's blocks an endpoint is believed to hold."""
+
+    uses_tokens = False
 
     def __init__(self, params: PrefixMatchParams) -> None:
         self.params = params
@@ -297,7 +304,7 @@ class Composite:
         self.scorers: list[tuple[float, Scorer]] = [(w, c.build(p)) for w, c, p in params._scorers]
         self._total_weight = sum(w for w, _ in self.scorers)
         #: Prompts are tokenized for this policy only if a scorer reads tokens.
-        self.uses_tokens = any(getattr(s, "uses_tokens", False) for _, s in self.scorers)
+        self.uses_tokens = any(s.uses_tokens for _, s in self.scorers)
 
     def rank(self, request: RequestView, candidates: Sequence[EndpointView]) -> Decision:
         kept = list(candidates)

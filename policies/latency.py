@@ -125,6 +125,8 @@ class LowLatency:
     it, without load or probing) scores 1, another ``fastest / its own``; an
     endpoint without data is typical; 0.5 for all when none has data."""
 
+    uses_tokens = False
+
     def __init__(self, params: LowLatencyParams) -> None:
         self.prior_samples = params.prior_samples
 

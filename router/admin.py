@@ -28,7 +28,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from policies.base import uses_tokens
 from policies.precise import index_source
 from router.cache.store import CacheUnavailable
 from router.config import AdminConfig, redact_url
@@ -196,7 +195,7 @@ def admin_routes(state: AppState, reloader: Reloader, kvevents: KVEventsHub) -> 
             # Which index the policy consults for each endpoint of the model.
             model = state.config.models.get(route.model)
             tokens_known = (
-                model is not None and model.prompts is not None and uses_tokens(route.policy)
+                model is not None and model.prompts is not None and route.policy.uses_tokens
             )
             entry["sources"] = {
                 e.id: index_source(e.view(), tokens_known)

@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import Sequence
 
 from backends.base import Operation, Usage
-from policies.base import Decision, EndpointView, Outcome, PromptTokens, RequestView, uses_tokens
+from policies.base import Decision, EndpointView, Outcome, PromptTokens, RequestView
 from router.errors import (
     InvalidRequest,
     NoHealthyEndpoint,
@@ -113,7 +113,7 @@ class Failover:
     ) -> PromptTokens | None:
         """The prompt's tokens, when the route's policy can use them and some
         candidate publishes KV events (else the policy works on characters)."""
-        if not uses_tokens(route.policy) or all(v.blocks is None for v in views):
+        if not route.policy.uses_tokens or all(v.blocks is None for v in views):
             return None
         model = self.state.config.models.get(route.model)
         prompts = model.prompts if model is not None else None

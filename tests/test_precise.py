@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policies import build_policy
-from policies.base import EndpointView, Outcome, RequestView, uses_tokens
+from policies.base import EndpointView, Outcome, RequestView
 from policies.blocks import EndpointBlocks, chain_hashes
 from policies.composite import ComponentSpec, Composite, CompositeParams
 from policies.precise import InFlight, index_source, leading
@@ -276,9 +276,7 @@ def test_precise_prefix_follows_its_own_recent_picks() -> None:
 
 
 def test_only_token_aware_policies_ask_for_tokens() -> None:
-    assert uses_tokens(affinity())
-    assert uses_tokens(precise_composite())
-    assert not uses_tokens(
-        build_policy("composite", {"scorers": ["prefix_match"]}, random.Random())
-    )
-    assert not uses_tokens(build_policy("round_robin", {}, random.Random()))
+    assert affinity().uses_tokens
+    assert precise_composite().uses_tokens
+    assert not build_policy("composite", {"scorers": ["prefix_match"]}, random.Random()).uses_tokens
+    assert not build_policy("round_robin", {}, random.Random()).uses_tokens
