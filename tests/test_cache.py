@@ -27,7 +27,9 @@ def cache_config(sim: str, redis: str | None = None, **extra: Any) -> Any:
     return router_config(
         [{"id": "e", "url": sim, "kind": "vllm", "models": ["m", "plain"]}],
         models={"m": {"cache": model_cache}, "plain": {}},
-        cache={"redis": redis} if redis else {},
+        # A generous bound per store call: on a busy 2-core machine the default
+        # 0.25 s turned a first lookup into a bypass (the guard's verdict).
+        cache={"redis": redis, "timeout": 2.0} if redis else {},
         **extra,
     )
 
@@ -196,10 +198,10 @@ async def test_identical_misses_collapse_into_one_upstream_call(store: RedisServ
 
 async def test_entries_expire_after_their_ttl(store: RedisServer | None) -> None:
     async with simulator(["m", "plain"]) as (sim, _):
-        cfg = cache_config(sim, store.url if store else None, model_cache={"ttl": 0.3})
+        cfg = cache_config(sim, store.url if store else None, model_cache={"ttl": 1.0})
         async with router(cfg) as url, httpx.AsyncClient(base_url=url) as client:
             results = []
-            for pause in (0.0, 0.0, 0.5):
+            for pause in (0.0, 0.0, 1.3):
                 await asyncio.sleep(pause)
                 r = await client.post("/v1/chat/completions", json=chat())
                 results.append(r.headers["x-kvroute-cache"])
