@@ -11,10 +11,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from backends.hf_model import read_model_files
-from backends.templates import render
-from policies.blocks import EndpointBlocks, chain_hashes
-from router.kvevents.subscriber import apply_batch
-from router.kvevents.wire import (
+from backends.kv_events import (
     END_SEQ,
     AllBlocksCleared,
     Batch,
@@ -33,6 +30,9 @@ from router.kvevents.wire import (
     plan_resync,
     resync_start,
 )
+from backends.templates import render
+from policies.blocks import EndpointBlocks, chain_hashes
+from router.kvevents.subscriber import apply_batch
 from tests.helpers import FIXTURES
 
 KV = FIXTURES / "vllm" / "kv_events"

@@ -7,10 +7,7 @@ import json
 import zmq
 import zmq.asyncio
 
-from backends.sim.kvevents import KVEventPublisher, PublisherConfig
-from policies.blocks import EndpointBlocks
-from router.kvevents.subscriber import apply_batch
-from router.kvevents.wire import (
+from backends.kv_events import (
     AllBlocksCleared,
     Batch,
     BlockRemoved,
@@ -19,6 +16,9 @@ from router.kvevents.wire import (
     decode_replay,
     replay_request,
 )
+from backends.sim.kvevents import KVEventPublisher, PublisherConfig
+from policies.blocks import EndpointBlocks
+from router.kvevents.subscriber import apply_batch
 from tests.kvevents_helpers import (
     cached_prefix_blocks,
     generate,

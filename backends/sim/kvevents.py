@@ -3,7 +3,7 @@
 Same sockets and bytes as vLLM's ``ZmqEventPublisher``: a PUB socket sends
 ``[topic, seq (8 bytes big-endian), msgpack [ts, [events], 0]]``, a ROUTER
 socket answers ``[b"", start_seq]`` with every buffered batch from
-``start_seq`` on, then the end marker (router/kvevents/wire.py). Events come
+``start_seq`` on, then the end marker (backends/kv_events.py). Events come
 from the engine's ``PrefixCache`` (``CacheEvents``): consecutive stored blocks
 of one chain become one ``BlockStored``, as vLLM's per request; what one
 synchronous run of the engine's loop reports (a step's scheduling, or its
@@ -32,7 +32,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from router.kvevents.wire import (
+from backends.kv_events import (
     END_SEQ,
     AllBlocksCleared,
     BlockRemoved,

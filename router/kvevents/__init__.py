@@ -1,6 +1,8 @@
 """KV-cache events from engines (vLLM's ZMQ publisher) into the precise index.
 
-wire.py        bytes <-> batches, the sequence tracker, resync decisions (sans I/O)
+The wire format (bytes <-> batches, the sequence tracker; sans I/O) is
+``backends/kv_events.py``: the simulator publishes it too.
+
 subscriber.py  one endpoint's sockets: live stream, replays, staleness
 hub.py         the lifespan service: a subscriber per endpoint with ``kv_events``
 """

@@ -42,9 +42,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from policies.blocks import EndpointBlocks
-from router.config import KVEventsConfig
-from router.kvevents.wire import (
+from backends.kv_events import (
     DEFAULT_LIMITS,
     AllBlocksCleared,
     Batch,
@@ -61,6 +59,8 @@ from router.kvevents.wire import (
     replay_request,
     resync_start,
 )
+from policies.blocks import EndpointBlocks
+from router.config import KVEventsConfig
 
 LOG = logging.getLogger("kvroute.kvevents")
 
