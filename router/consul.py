@@ -22,6 +22,10 @@ tags of the form ``key=value``):
     kvroute-metrics-url where its Prometheus metrics are (Triton's own port)
     kvroute-kv-capacity-tokens
     kvroute-options     the kind's options, as JSON
+    kvroute-kv-events-port         vLLM's KV-event PUB port at the instance's
+                                   address (enables the precise index)
+    kvroute-kv-events-replay-port  its replay (ROUTER) port
+    kvroute-kv-events-topic        its topic (default: all messages)
 
 Other Meta entries become the endpoint's labels. An entry kvroute cannot use
 (no models, a ``Port`` that is not a number, ``Meta`` that is not an object,
@@ -169,9 +173,10 @@ def instance_endpoint(service: str, entry: Any) -> EndpointConfig:
     if not models:
         raise InvalidInstance("no kvroute-models in the service's Meta or tags")
     instance_id = _text(svc.get("ID"), "Service.ID") or f"{address}-{port}"
+    host = f"[{address}]" if ":" in address else address  # an IPv6 literal
     raw: dict[str, Any] = {
         "id": f"consul:{service}:{instance_id}",
-        "url": f"{meta.get('kvroute-scheme', 'http')}://{address}:{port}",
+        "url": f"{meta.get('kvroute-scheme', 'http')}://{host}:{port}",
         "kind": meta.get("kvroute-kind", "openai"),
         "models": models,
         "labels": {
@@ -185,6 +190,8 @@ def instance_endpoint(service: str, entry: Any) -> EndpointConfig:
         raw["metrics_url"] = meta["kvroute-metrics-url"]
     if "kvroute-kv-capacity-tokens" in meta:
         raw["kv_capacity_tokens"] = _number(meta, "kvroute-kv-capacity-tokens", int)
+    if "kvroute-kv-events-port" in meta:
+        raw["kv_events"] = kv_events(meta, host)
     if "kvroute-options" in meta:
         try:
             options = orjson.loads(meta["kvroute-options"])
@@ -201,6 +208,25 @@ def instance_endpoint(service: str, entry: Any) -> EndpointConfig:
                 f"{'.'.join(map(str, e['loc'])) or 'endpoint'}: {e['msg']}" for e in exc.errors()
             )
         ) from None
+
+
+def kv_events(meta: Mapping[str, str], host: str) -> dict[str, Any]:
+    """The instance's KV-event feed: vLLM binds its sockets on every address
+    (``tcp://*:5557``), so the ports are reached at the instance's address."""
+    feed: dict[str, Any] = {"endpoint": f"tcp://{host}:{_port(meta, 'kvroute-kv-events-port')}"}
+    if "kvroute-kv-events-replay-port" in meta:
+        replay = _port(meta, "kvroute-kv-events-replay-port")
+        feed["replay_endpoint"] = f"tcp://{host}:{replay}"
+    if "kvroute-kv-events-topic" in meta:
+        feed["topic"] = meta["kvroute-kv-events-topic"]
+    return feed
+
+
+def _port(meta: Mapping[str, str], key: str) -> int:
+    port = _number(meta, key, int)
+    if not 0 < port < 65536:
+        raise InvalidInstance(f"{key} is not a port number: {meta[key]!r}")
+    return int(port)
 
 
 class Discovery:

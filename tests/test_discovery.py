@@ -13,10 +13,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from router import consul as consul_module
 from router.config import EndpointConfig
 from router.consul import Discovery, DiscoveryError, InvalidInstance, instance_endpoint, next_index
+from router.kvevents.hub import KVEventsHub
 from router.sources import Source
 from router.state import AppState
 from tests.fake_consul import FakeConsul
 from tests.helpers import admin_endpoints, eventually, router, router_config, serve_app, simulator
+from tests.kvevents_helpers import cached_prefix_blocks, generate, our_hashes, publishing_engine
 
 MSG = [{"role": "user", "content": "hi"}]
 META = {"kvroute-kind": "vllm", "kvroute-models": "tiny", "zone": "a"}
@@ -112,6 +114,11 @@ MALFORMED: dict[str, Any] = {
     "weight is infinite": with_meta(**{"kvroute-weight": "inf"}),
     "capacity is not a number": with_meta(**{"kvroute-kv-capacity-tokens": "lots"}),
     "kind is unknown": with_meta(**{"kvroute-kind": "grpc"}),
+    "event port is not a number": with_meta(**{"kvroute-kv-events-port": "zmq"}),
+    "event port is out of range": with_meta(**{"kvroute-kv-events-port": "0"}),
+    "replay port is out of range": with_meta(
+        **{"kvroute-kv-events-port": "5557", "kvroute-kv-events-replay-port": "65536"}
+    ),
 }
 
 
@@ -119,6 +126,38 @@ MALFORMED: dict[str, Any] = {
 def test_a_malformed_entry_is_an_invalid_instance(entry: Any) -> None:
     with pytest.raises(InvalidInstance):
         instance_endpoint("llm", entry)
+
+
+def test_an_instance_can_carry_its_kv_event_feed() -> None:
+    # vLLM binds tcp://*:5557; kvroute reaches the ports at the instance's address.
+    ep = instance_endpoint(
+        "llm",
+        with_meta(
+            **{
+                "kvroute-kind": "vllm",
+                "kvroute-kv-events-port": "5557",
+                "kvroute-kv-events-replay-port": "5558",
+                "kvroute-kv-events-topic": "kv",
+            }
+        ),
+    )
+    assert ep.kv_events is not None
+    assert (ep.kv_events.endpoint, ep.kv_events.replay_endpoint, ep.kv_events.topic) == (
+        "tcp://10.0.0.1:5557",
+        "tcp://10.0.0.1:5558",
+        "kv",
+    )
+    plain = instance_endpoint("llm", {"Service": SERVICE})
+    assert plain.kv_events is None
+    v6 = {
+        **SERVICE,
+        "Address": "fd00::7",
+        "Meta": {"kvroute-models": "t", "kvroute-kv-events-port": "5557"},
+    }
+    ep6 = instance_endpoint("llm", {"Service": v6})
+    assert ep6.url == "http://[fd00::7]:8000"
+    assert ep6.kv_events is not None and ep6.kv_events.endpoint == "tcp://[fd00::7]:5557"
+    assert ep6.kv_events.replay_endpoint is None
 
 
 def test_a_well_formed_entry_maps() -> None:
@@ -388,3 +427,50 @@ async def test_a_reload_starts_and_stops_discovery(tmp_path: Any) -> None:
                 return set(await admin_endpoints(url)) == {"static-0"}
 
             await eventually(static_only)
+
+
+async def test_a_discovered_vllm_feeds_the_precise_index() -> None:
+    # Consul -> registry -> the KV-event hub subscribes to the instance's feed.
+    consul = FakeConsul()
+    async with AsyncExitStack() as stack:
+        consul_url = await stack.enter_async_context(serve_app(consul.app))
+        p = await stack.enter_async_context(publishing_engine())
+        assert p.replay_endpoint is not None
+        state = AppState.from_config(router_config([], **consul_config(consul_url)))
+        discovery = Discovery(state)
+        hub = KVEventsHub(state, follow_interval=0.05)
+        await discovery.start()
+        await hub.start()
+        try:
+            consul.register(
+                "llm",
+                "v",
+                9001,
+                {
+                    **META,
+                    "kvroute-kv-events-port": p.endpoint.rpartition(":")[2],
+                    "kvroute-kv-events-replay-port": p.replay_endpoint.rpartition(":")[2],
+                },
+            )
+            ids = await generate(p.engine, "a system prompt long enough to fill some blocks " * 4)
+
+            async def mirrored() -> bool:
+                blocks = state.blocks.get("consul:llm:v")
+                return (
+                    blocks is not None
+                    and not blocks.stale
+                    and blocks.match(our_hashes(p.engine, ids))
+                    == cached_prefix_blocks(p.engine, ids)
+                    and cached_prefix_blocks(p.engine, ids) > 0
+                )
+
+            await eventually(mirrored, within=10)
+            consul.deregister("llm", "v")
+
+            async def unsubscribed() -> bool:
+                return hub.status() == {} and state.blocks.get("consul:llm:v") is None
+
+            await eventually(unsubscribed, within=10)
+        finally:
+            await hub.stop()
+            await discovery.stop()
