@@ -176,6 +176,16 @@ class CircuitConfig(Frozen):
     max_backoff: float = Field(60.0, gt=0)
 
 
+class LatencyConfig(Frozen):
+    """How each endpoint's measured latency is estimated (router/latency.py)."""
+
+    #: Seconds after which a sample's weight has halved.
+    half_life: float = Field(30.0, gt=0)
+    #: Once an estimate is established, a sample counts as at most this many
+    #: times it (one timeout cannot swamp it; a real slowdown still gets through).
+    clip: float = Field(4.0, ge=1)
+
+
 class RetryConfig(Frozen):
     """Failover before the first byte reaches the client."""
 
@@ -691,6 +701,7 @@ class Config(Frozen):
     health: HealthConfig = HealthConfig()
     scrape: ScrapeConfig = ScrapeConfig()
     circuit: CircuitConfig = CircuitConfig()
+    latency: LatencyConfig = LatencyConfig()
     retries: RetryConfig = RetryConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()

@@ -9,14 +9,16 @@ Three quantities, in seconds (``policies.base.LatencyView``):
 The rules, and why:
 
 - Decay in time, not per sample. A sample's weight halves every
-  ``half_life`` seconds and an estimate is the weighted mean of its samples.
+  ``half_life`` seconds (``latency.half_life``, default 30) and an estimate
+  is the weighted mean of its samples.
   Old data fades at the same pace whatever the traffic; a burst of samples
   counts as the many samples it is, but does not wipe out what came before,
   as a per-sample EWMA does (twenty samples at alpha 0.2 leave 1% of the past).
 - Clip upward only. Once ``MIN_SAMPLES`` back an estimate, a sample counts as
-  at most ``CLIP`` times the estimate: one 60 s timeout moves the mean by at
-  most (CLIP - 1) / weight of itself, while a real slowdown still gets
-  through (the estimate grows by that factor per sample). Fast samples are
+  at most ``clip`` times the estimate (``latency.clip``, default 4): one 60 s
+  timeout moves the mean by at most (clip - 1) / weight of itself, while a
+  real slowdown still gets through (the estimate grows by that factor per
+  sample). Fast samples are
   not clipped: an endpoint that looks too fast gets more traffic, hence more
   samples that correct it; one that looks too slow gets none. Guard that side.
 - Durations are normalised by size. A whole answer's duration grows with the
@@ -68,10 +70,10 @@ class _Mean:
     def samples(self, now: float, half_life: float) -> float:
         return self.weight * _decay(half_life, now - self.at) if self.weight else 0.0
 
-    def add(self, x: float, now: float, half_life: float) -> None:
+    def add(self, x: float, now: float, half_life: float, clip: float) -> None:
         w = self.samples(now, half_life)
         if w >= MIN_SAMPLES:
-            x = min(x, CLIP * max(self.mean, FLOOR))
+            x = min(x, clip * max(self.mean, FLOOR))
         w += 1.0
         self.mean += (x - self.mean) / w
         self.weight, self.at = w, now
@@ -92,13 +94,13 @@ class _Line:
     def samples(self, now: float, half_life: float) -> float:
         return self.w * _decay(half_life, now - self.at) if self.w else 0.0
 
-    def add(self, tokens: float, seconds: float, now: float, half_life: float) -> None:
+    def add(self, tokens: float, seconds: float, now: float, half_life: float, clip: float) -> None:
         f = _decay(half_life, now - self.at)
         self.w, self.n, self.nn, self.d, self.nd = (
             x * f for x in (self.w, self.n, self.nn, self.d, self.nd)
         )
         if self.w >= MIN_SAMPLES:
-            seconds = min(seconds, CLIP * max(self.predict(tokens), FLOOR))
+            seconds = min(seconds, clip * max(self.predict(tokens), FLOOR))
         self.w += 1.0
         self.n += tokens
         self.nn += tokens * tokens
@@ -159,37 +161,38 @@ class LatencyEstimate:
     """The live estimates of one endpoint; feed it samples, read snapshots."""
 
     half_life: float = HALF_LIFE
+    clip: float = CLIP
     _ttft: _Mean = field(default_factory=_Mean)
     _tpot: _Mean = field(default_factory=_Mean)
     _duration: _Line = field(default_factory=_Line)
 
     def first_byte(self, seconds: float, now: float) -> None:
         """A stream's first chunk came ``seconds`` after sending."""
-        self._ttft.add(seconds, now, self.half_life)
+        self._ttft.add(seconds, now, self.half_life, self.clip)
 
     def stream_end(self, seconds: float, tokens: int, now: float) -> None:
         """A stream ended ``seconds`` after its first chunk, ``tokens`` later."""
         if tokens >= 1:
-            self._tpot.add(seconds / tokens, now, self.half_life)
+            self._tpot.add(seconds / tokens, now, self.half_life, self.clip)
 
     def answer(self, seconds: float, tokens: int | None, now: float) -> None:
         """A whole answer of ``tokens`` output tokens (None: unknown, taken as
         this endpoint's typical size) took ``seconds``."""
         n = float(tokens) if tokens is not None else self._duration.mean_tokens()
-        self._duration.add(max(n, 1.0), seconds, now, self.half_life)
+        self._duration.add(max(n, 1.0), seconds, now, self.half_life, self.clip)
 
     def failed(self, seconds: float, stream: bool, now: float) -> None:
         """An attempt failed ``seconds`` after sending, before any byte came back."""
         if stream:
             m = self._ttft
             if m.samples(now, self.half_life) > 0 and seconds > m.mean:
-                m.add(seconds, now, self.half_life)
+                m.add(seconds, now, self.half_life, self.clip)
             return
         line = self._duration
         if line.samples(now, self.half_life) > 0:
             n = line.mean_tokens()
             if seconds > line.predict(n):
-                line.add(n, seconds, now, self.half_life)
+                line.add(n, seconds, now, self.half_life, self.clip)
 
     def view(self, now: float) -> LatencySnapshot | None:
         """The estimates now (None: never measured)."""

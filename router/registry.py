@@ -18,7 +18,7 @@ from policies.blocks import BlockIndex, EndpointBlocks
 from policies.prefix_index import IndexStats
 from policies.registry import build_policy
 from router.circuit import Circuit
-from router.config import CircuitConfig, Config, EndpointConfig, PolicySpec
+from router.config import CircuitConfig, Config, EndpointConfig, LatencyConfig, PolicySpec
 from router.errors import EndpointMisconfigured, UpstreamError, UpstreamHTTPError
 from router.latency import LatencyEstimate
 from router.retry import retry_after_seconds
@@ -66,7 +66,10 @@ class EndpointState:
     clock: Callable[[], float] = time.monotonic
 
     @classmethod
-    def from_config(cls, cfg: EndpointConfig, circuit: CircuitConfig) -> EndpointState:
+    def from_config(
+        cls, cfg: EndpointConfig, circuit: CircuitConfig, latency: LatencyConfig | None = None
+    ) -> EndpointState:
+        latency = latency or LatencyConfig()
         headers = {"content-type": "application/json"}
         if cfg.api_key is not None:
             headers["authorization"] = f"Bearer {cfg.api_key.get_secret_value()}"
@@ -86,6 +89,7 @@ class EndpointState:
             },
             headers=headers,
             circuit=Circuit(circuit),
+            latency=LatencyEstimate(half_life=latency.half_life, clip=latency.clip),
             kv_capacity_tokens=cfg.kv_capacity_tokens,
             _labels=dict(cfg.labels),
         )
@@ -237,6 +241,7 @@ class EndpointRegistry:
         self,
         endpoints: Iterable[EndpointConfig] = (),
         circuit: CircuitConfig | None = None,
+        latency: LatencyConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
         blocks: BlockIndex | None = None,
     ) -> None:
@@ -245,13 +250,14 @@ class EndpointRegistry:
         self.blocks = blocks if blocks is not None else BlockIndex()
         self._by_model: dict[str, list[EndpointState]] = {}
         self._circuit = circuit or CircuitConfig()
+        self._latency = latency or LatencyConfig()
         self.clock = clock
         for cfg in endpoints:
             self.upsert(cfg)
 
     def upsert(self, cfg: EndpointConfig, source: Source = STATIC) -> EndpointState:
         old = self._by_id.get(cfg.id)
-        state = EndpointState.from_config(cfg, self._circuit)
+        state = EndpointState.from_config(cfg, self._circuit, self._latency)
         state.source = source
         if cfg.kv_events is not None:
             state.blocks = self.blocks.endpoint(cfg.id)
@@ -281,6 +287,13 @@ class EndpointRegistry:
         self._circuit = circuit
         for endpoint in self._by_id.values():
             endpoint.circuit.config = circuit
+
+    def set_latency_config(self, latency: LatencyConfig) -> None:
+        """New estimation rules for every endpoint; the estimates are kept."""
+        self._latency = latency
+        for endpoint in self._by_id.values():
+            endpoint.latency.half_life = latency.half_life
+            endpoint.latency.clip = latency.clip
 
     def ids(self, source: Source) -> set[str]:
         return {e.id for e in self._by_id.values() if e.source == source}

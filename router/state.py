@@ -131,6 +131,7 @@ class AppState:
             if current is None or current.config != ep:
                 self.registry.upsert(ep, STATIC)
         self.registry.set_circuit_config(config.circuit)
+        self.registry.set_latency_config(config.latency)
         self.routes = RouteTable(config, self.registry, previous=self.routes)
         self.tenants = Tenants(config)
         if config.admission != self.config.admission:
@@ -154,7 +155,7 @@ class AppState:
 
     @classmethod
     def from_config(cls, config: Config, config_path: str | None = None) -> AppState:
-        registry = EndpointRegistry(config.endpoints, config.circuit)
+        registry = EndpointRegistry(config.endpoints, config.circuit, config.latency)
         state = cls(
             config=config,
             registry=registry,

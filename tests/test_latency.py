@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from router.config import parse_config
+from router.config import ConfigError, parse_config
 from router.latency import CLIP, REFERENCE_TOKENS, LatencyEstimate, LatencySnapshot
 from router.registry import EndpointRegistry
+from router.state import AppState
+from tests.helpers import router_config
 
 
 def view(est: LatencyEstimate, now: float) -> LatencySnapshot:
@@ -185,3 +187,32 @@ def test_attempts_feed_their_endpoint_and_a_config_change_keeps_what_was_learned
     latency = changed.view().latency
     assert latency is not None and latency.ttft == before
     assert latency.samples("ttft") == pytest.approx(sum(w) * 0.5 ** (28.8 / 30))
+
+
+def test_the_clip_is_the_configured_one() -> None:
+    rises = {}
+    for clip in (2.0, 4.0):
+        est = LatencyEstimate(half_life=60.0, clip=clip)
+        for i in range(9):
+            est.first_byte(0.5, float(i))
+        est.first_byte(600.0, 9.0)
+        ttft = view(est, 9.0).ttft
+        assert ttft is not None
+        rises[clip] = ttft - 0.5
+    # The outlier counts as clip x 0.5 s: it lifts the mean by (clip - 1) x 0.5 / weight.
+    assert rises[4.0] == pytest.approx(3 * rises[2.0])
+
+
+def test_latency_rules_come_from_config_and_a_reload_keeps_the_estimates() -> None:
+    endpoints = [{"id": "a", "url": "http://127.0.0.1:9", "models": ["m"]}]
+    state = AppState.from_config(router_config(endpoints, latency={"half_life": 5, "clip": 2}))
+    a = state.registry.get("a")
+    assert a is not None
+    assert (a.latency.half_life, a.latency.clip) == (5.0, 2.0)
+    a.latency.first_byte(0.3, 0.0)
+    state.apply(router_config(endpoints, latency={"half_life": 90, "clip": 8}))
+    kept = state.registry.get("a")
+    assert kept is not None and (kept.latency.half_life, kept.latency.clip) == (90.0, 8.0)
+    assert view(kept.latency, 0.0).ttft == pytest.approx(0.3)
+    with pytest.raises(ConfigError, match="clip"):
+        router_config(endpoints, latency={"clip": 0.5})
