@@ -347,6 +347,9 @@ def test_compose_router_config_and_image_config() -> None:
     for router in ("router-a", "router-b"):
         volumes = compose()["services"][router]["volumes"]
         assert "./kvroute-consul.yaml:/etc/kvroute/kvroute.yaml:ro" in volumes
+    # docker stops a router after stop_grace_period: more than its own shutdown
+    period = compose()["services"]["router-a"]["stop_grace_period"]
+    assert float(period.removesuffix("s")) > config.shutdown.grace + config.shutdown.timeout
     image = parse_config((DEPLOY / "kvroute-image.yaml").read_text(), TOKEN)
     assert image.admin.token is not None and image.server.host == "0.0.0.0"
 
