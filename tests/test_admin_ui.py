@@ -16,7 +16,7 @@ import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -24,6 +24,9 @@ import pytest
 from backends.sim.engine import EngineParams
 from router.config import Config
 from tests.helpers import eventually, router, router_config, simulator
+
+if TYPE_CHECKING:
+    from playwright.async_api import Page
 
 TOKEN = "fleet-page-test-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -214,13 +217,11 @@ def chromium() -> str:
     return path
 
 
-async def test_the_fleet_page_in_a_browser(
-    fleet: tuple[str, dict[str, str]], tmp_path: Path
-) -> None:
-    from playwright.async_api import async_playwright, expect
+@contextlib.asynccontextmanager
+async def browser_page() -> AsyncIterator[tuple[Page, list[str]]]:
+    """A page of Debian's Chromium, and the errors its console and scripts report."""
+    from playwright.async_api import async_playwright
 
-    url, _ = fleet
-    await traffic(url)
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
         try:
@@ -228,72 +229,104 @@ async def test_the_fleet_page_in_a_browser(
             problems: list[str] = []
             page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: problems.append(str(e)))
-
-            # No token yet: the page asks for it and shows no data.
-            await page.goto(url + "/admin/ui")
-            await expect(page.locator("#login")).to_be_visible()
-            await expect(page.locator("#banner")).to_contain_text("needs its token")
-            assert await page.locator("tr[data-endpoint]").count() == 0
-            assert "llama-0" not in await page.content()
-
-            # A wrong token: refused, still nothing shown.
-            await page.fill("#token", "not-the-token")
-            await page.press("#token", "Enter")
-            await expect(page.locator("#banner")).to_contain_text("refused")
-            assert await page.locator("tr[data-endpoint]").count() == 0
-
-            # The token: the fleet appears.
-            await page.fill("#token", TOKEN)
-            await page.click("#login button[type=submit]")
-            rows = page.locator("#endpoints tbody tr")
-            await expect(rows).to_have_count(4)
-            await expect(page.locator("#banner")).to_be_hidden()
-            row = page.locator('tr[data-endpoint="llama-2"]')
-            await expect(row.locator("td.status")).to_have_text("up")
-            card = page.locator('.card[data-model="llama-3-8b"]')
-            await expect(card).to_contain_text("prefix_affinity")
-            await expect(card.locator("dd.cached")).to_contain_text("prompt tokens")
-            await expect(page.locator("#updated")).to_contain_text("updated")
-            # the token never went into the URL
-            assert TOKEN not in page.url
-            # The two 401s above are logged by the browser; nothing else may be.
-            assert all("401" in p for p in problems), problems
-            problems.clear()
-
-            # Drain: the row says so, and so does the admin API.
-            await row.locator("button[data-action=drain]").click()
-            await expect(row.locator("td.status")).to_have_text("draining")
-            assert (await admin_endpoints_auth(url))["llama-2"]["draining"] is True
-            await expect(row.locator("button")).to_have_text("Undrain")
-
-            # The screenshot, of a fleet at work: streams in flight, load scraped.
-            stop = asyncio.Event()
-            load = asyncio.create_task(streams(url, stop))
-            try:
-                await wait_for_load(url)
-                await expect(page.locator("tr[data-endpoint] meter")).to_have_count(4)
-                await expect(page.locator("#summary")).not_to_contain_text("in flight 0")
-                shot = tmp_path / "fleet-page.png"
-                await page.screenshot(path=str(shot), full_page=True)
-            finally:
-                stop.set()
-                await load
-            print(f"fleet page screenshot: {shot}")
-            if out := os.environ.get("KVROUTE_SCREENSHOT_DIR"):
-                await asyncio.to_thread(keep, shot, Path(out))
-
-            # Undrain restores it.
-            await row.locator("button[data-action=undrain]").click()
-            await expect(row.locator("td.status")).to_have_text("up")
-            assert (await admin_endpoints_auth(url))["llama-2"]["draining"] is False
-
-            # A reload of the page keeps the token for this tab only.
-            await page.reload()
-            await expect(rows).to_have_count(4)
-            assert problems == []  # no script error, no CSP violation
+            yield page, problems
         finally:
             await browser.close()
+
+
+async def test_the_fleet_page_in_a_browser(
+    fleet: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    from playwright.async_api import expect
+
+    url, _ = fleet
+    await traffic(url)
+    async with browser_page() as (page, problems):
+        # No token yet: the page asks for it and shows no data.
+        await page.goto(url + "/admin/ui")
+        await expect(page.locator("#login")).to_be_visible()
+        await expect(page.locator("#banner")).to_contain_text("needs its token")
+        assert await page.locator("tr[data-endpoint]").count() == 0
+        assert "llama-0" not in await page.content()
+
+        # A wrong token: refused, still nothing shown.
+        await page.fill("#token", "not-the-token")
+        await page.press("#token", "Enter")
+        await expect(page.locator("#banner")).to_contain_text("refused")
+        assert await page.locator("tr[data-endpoint]").count() == 0
+
+        # The token: the fleet appears.
+        await page.fill("#token", TOKEN)
+        await page.click("#login button[type=submit]")
+        rows = page.locator("#endpoints tbody tr")
+        await expect(rows).to_have_count(4)
+        await expect(page.locator("#banner")).to_be_hidden()
+        row = page.locator('tr[data-endpoint="llama-2"]')
+        await expect(row.locator("td.status")).to_have_text("up")
+        card = page.locator('.card[data-model="llama-3-8b"]')
+        await expect(card).to_contain_text("prefix_affinity")
+        await expect(card.locator("dd.cached")).to_contain_text("prompt tokens")
+        await expect(page.locator("#updated")).to_contain_text("updated")
+        # the token never went into the URL
+        assert TOKEN not in page.url
+        # The two 401s above are logged by the browser; nothing else may be.
+        assert all("401" in p for p in problems), problems
+        problems.clear()
+
+        # Drain: the row says so, and so does the admin API.
+        await row.locator("button[data-action=drain]").click()
+        await expect(row.locator("td.status")).to_have_text("draining")
+        assert (await admin_endpoints_auth(url))["llama-2"]["draining"] is True
+        await expect(row.locator("button")).to_have_text("Undrain")
+
+        # The screenshot, of a fleet at work: streams in flight, load scraped.
+        stop = asyncio.Event()
+        load = asyncio.create_task(streams(url, stop))
+        try:
+            await wait_for_load(url)
+            await expect(page.locator("tr[data-endpoint] meter")).to_have_count(4)
+            await expect(page.locator("#summary")).not_to_contain_text("in flight 0")
+            shot = tmp_path / "fleet-page.png"
+            await page.screenshot(path=str(shot), full_page=True)
+        finally:
+            stop.set()
+            await load
+        print(f"fleet page screenshot: {shot}")
+        if out := os.environ.get("KVROUTE_SCREENSHOT_DIR"):
+            await asyncio.to_thread(keep, shot, Path(out))
+
+        # Undrain restores it.
+        await row.locator("button[data-action=undrain]").click()
+        await expect(row.locator("td.status")).to_have_text("up")
+        assert (await admin_endpoints_auth(url))["llama-2"]["draining"] is False
+
+        # Reloading the page keeps the token (the tab's sessionStorage).
+        await page.reload()
+        await expect(rows).to_have_count(4)
+        await expect(page.locator("#login")).to_be_hidden()
+        assert problems == []  # no script error, no CSP violation
     assert shot.stat().st_size > 0
+
+
+async def test_an_open_admin_page_drains_from_its_own_origin() -> None:
+    """admin.open (a demo): no token asked, and the page's own POSTs pass the
+    cross-site check that refuses other sites' pages."""
+    from playwright.async_api import expect
+
+    async with simulator(["m"]) as (sim, _):
+        endpoints = [{"id": "only", "url": sim, "kind": "vllm", "models": ["m"]}]
+        async with router(router_config(endpoints, admin={"open": True})) as url:
+            async with browser_page() as (page, problems):
+                await page.goto(url + "/admin/ui")
+                row = page.locator('tr[data-endpoint="only"]')
+                await expect(row.locator("td.status")).to_have_text("up")
+                await expect(page.locator("#login")).to_be_hidden()
+                await row.locator("button[data-action=drain]").click()
+                await expect(row.locator("td.status")).to_have_text("draining")
+                async with httpx.AsyncClient() as client:
+                    state = (await client.get(url + "/admin/endpoints")).json()
+                assert state["endpoints"][0]["draining"] is True
+                assert problems == []
 
 
 def keep(shot: Path, directory: Path) -> None:
