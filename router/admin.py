@@ -37,6 +37,7 @@ from router.config import AdminConfig, redact_url
 from router.errors import error_body
 from router.kvevents.hub import KVEventsHub
 from router.latency import REFERENCE_TOKENS, LatencySnapshot
+from router.metrics import ModelTotals
 from router.quota.base import QuotaUnavailable
 from router.quota.service import store_status
 from router.registry import EndpointState
@@ -110,38 +111,44 @@ def index_sources(state: AppState, route: ModelRoute) -> dict[str, str] | None:
 
 
 def describe_models(state: AppState) -> list[dict[str, Any]]:
-    """Each routed model: its policy, endpoints, and what this process counted
-    for it since it started (the counters behind /metrics)."""
+    """Each model the config names or an endpoint serves: its policy, endpoints,
+    and what this process counted for it since it started (the counters behind
+    /metrics). A model only endpoints name gets its route (and its policy
+    object) at its first request: until then the default policy is shown."""
     totals = state.metrics.model_totals()
+    routes = {route.model: route for route in state.routes.routes()}
     now = state.registry.clock()
-    out = []
-    for route in sorted(state.routes.routes(), key=lambda r: r.model):
-        t = totals.get(route.model)
-        serving = state.registry.serving(route.model)
-        match = None
-        if t is not None and t.match_count:
-            match = {"mean": round(t.match_sum / t.match_count, 4), "decisions": t.match_count}
-        prompt = t.prompt_tokens if t is not None else 0.0
-        cached = t.cached_tokens if t is not None else 0.0
-        out.append(
-            {
-                "model": route.model,
-                "policy": route.policy_name,
-                "aliases": list(state.routes.aliases(route.model)),
-                "endpoints": [e.id for e in serving],
-                "available": sum(1 for e in serving if e.admits(now)),
-                "requests": dict(t.requests) if t is not None else {},
-                "decisions": dict(t.decisions) if t is not None else {},
-                "prefix_match": match,
-                "tokens": {
-                    "prompt": prompt,
-                    "cached": cached,
-                    "cached_share": round(cached / prompt, 4) if prompt else None,
-                },
-                "index_sources": index_sources(state, route),
-            }
-        )
-    return out
+    return [
+        describe_model(state, name, routes.get(name), totals.get(name), now)
+        for name in sorted(set(routes) | set(state.registry.models()))
+    ]
+
+
+def describe_model(
+    state: AppState, name: str, route: ModelRoute | None, t: ModelTotals | None, now: float
+) -> dict[str, Any]:
+    serving = state.registry.serving(name)
+    match = None
+    if t is not None and t.match_count:
+        match = {"mean": round(t.match_sum / t.match_count, 4), "decisions": t.match_count}
+    prompt = t.prompt_tokens if t is not None else 0.0
+    cached = t.cached_tokens if t is not None else 0.0
+    return {
+        "model": name,
+        "policy": route.policy_name if route is not None else state.config.default_policy.name,
+        "aliases": list(state.routes.aliases(name)),
+        "endpoints": [e.id for e in serving],
+        "available": sum(1 for e in serving if e.admits(now)),
+        "requests": dict(t.requests) if t is not None else {},
+        "decisions": dict(t.decisions) if t is not None else {},
+        "prefix_match": match,
+        "tokens": {
+            "prompt": prompt,
+            "cached": cached,
+            "cached_share": round(cached / prompt, 4) if prompt else None,
+        },
+        "index_sources": index_sources(state, route) if route is not None else None,
+    }
 
 
 def cross_site(request: Request) -> bool:

@@ -310,17 +310,22 @@ async def test_the_fleet_page_in_a_browser(
 
 async def test_an_open_admin_page_drains_from_its_own_origin() -> None:
     """admin.open (a demo): no token asked, and the page's own POSTs pass the
-    cross-site check that refuses other sites' pages."""
+    cross-site check that refuses other sites' pages. Names are shown as text."""
     from playwright.async_api import expect
 
-    async with simulator(["m"]) as (sim, _):
-        endpoints = [{"id": "only", "url": sim, "kind": "vllm", "models": ["m"]}]
+    # A model name is whatever a config file or Consul says: the page shows it as text.
+    model = '<img src=x onerror="document.body.dataset.pwned=1">'
+    async with simulator([model]) as (sim, _):
+        endpoints = [{"id": "only", "url": sim, "kind": "vllm", "models": [model]}]
         async with router(router_config(endpoints, admin={"open": True})) as url:
             async with browser_page() as (page, problems):
                 await page.goto(url + "/admin/ui")
                 row = page.locator('tr[data-endpoint="only"]')
                 await expect(row.locator("td.status")).to_have_text("up")
                 await expect(page.locator("#login")).to_be_hidden()
+                await expect(page.locator(".card h3")).to_have_text(model)
+                assert await page.locator("main img").count() == 0
+                assert await page.evaluate("document.body.dataset.pwned") is None
                 await row.locator("button[data-action=drain]").click()
                 await expect(row.locator("td.status")).to_have_text("draining")
                 async with httpx.AsyncClient() as client:
