@@ -53,7 +53,7 @@ FLEET = {
 SYSTEM = "You are a careful assistant for the support team. " * 12
 
 
-def fleet_config(sims: dict[str, str], **admin: Any) -> Config:
+def fleet_config(sims: dict[str, str], admin: dict[str, Any] | None = None) -> Config:
     """Three replicas of a chat model on prefix affinity, one of another model."""
     endpoints = [
         {"id": name, "url": url, "kind": "vllm", "models": [FLEET[name]]}
@@ -61,7 +61,7 @@ def fleet_config(sims: dict[str, str], **admin: Any) -> Config:
     ]
     return router_config(
         endpoints,
-        admin=admin or {"token": TOKEN},
+        admin={"token": TOKEN} if admin is None else admin,
         models={
             "llama-3-8b": {"policy": "prefix_affinity", "aliases": ["llama"]},
             "qwen-7b": {"policy": "least_latency"},
@@ -195,9 +195,10 @@ async def test_without_the_token_nothing_is_served_but_the_empty_page(
 
 async def test_the_page_is_off_when_the_admin_api_is(fleet: tuple[str, dict[str, str]]) -> None:
     _, sims = fleet
-    closed = fleet_config(sims)
-    closed = closed.model_copy(update={"admin": closed.admin.model_copy(update={"token": None})})
-    async with router(closed) as url, httpx.AsyncClient(base_url=url) as client:
+    async with (
+        router(fleet_config(sims, admin={})) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
         for path in ("/admin/ui", "/admin/ui/fleet.js", "/admin/overview", "/admin/models"):
             r = await client.get(path, headers=AUTH)
             assert r.status_code == 403, path
@@ -220,12 +221,15 @@ def chromium() -> str:
 @contextlib.asynccontextmanager
 async def browser_page() -> AsyncIterator[tuple[Page, list[str]]]:
     """A page of Debian's Chromium, and the errors its console and scripts report."""
-    from playwright.async_api import async_playwright
+    from playwright.async_api import async_playwright, expect
 
+    # Bounds for a busy machine, not measurements: the page refreshes every 2 s.
+    expect.set_options(timeout=30_000)
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
         try:
             page = await browser.new_page(viewport={"width": 1440, "height": 760})
+            page.set_default_timeout(30_000)
             problems: list[str] = []
             page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: problems.append(str(e)))
