@@ -13,6 +13,9 @@ GET  /admin/tenants                   each tenant's limits and what it used; the
 POST /admin/tenants/{name}/reset      forget a tenant's counters (windows, slots, today's tokens)
 GET  /admin/cache                     the response cache: store, stats, models with a cache
 POST /admin/cache/purge[?model=m]     drop cached answers (of one model, or all)
+GET  /admin/models                    per model: policy, endpoints, decisions by reason,
+                                     prefix match ratio, cached-token share
+The fleet page (/admin/ui, /admin/overview) is router/admin_ui.py.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ from router.config import AdminConfig, redact_url
 from router.errors import error_body
 from router.kvevents.hub import KVEventsHub
 from router.latency import REFERENCE_TOKENS, LatencySnapshot
+from router.metrics import ModelTotals
 from router.quota.base import QuotaUnavailable
 from router.quota.service import store_status
 from router.registry import EndpointState
+from router.registry import Route as ModelRoute
 from router.reload import Reloader
 from router.state import AppState
 
@@ -92,6 +97,57 @@ def describe_latency(snap: LatencySnapshot | None) -> dict[str, Any] | None:
         "duration_fixed_s": r(snap.duration_fixed),
         "duration_per_token_s": r(snap.duration_per_token),
         "samples": {q: round(snap.samples(q), 3) for q in ("ttft", "tpot", "duration")},
+    }
+
+
+def index_sources(state: AppState, route: ModelRoute) -> dict[str, str] | None:
+    """Which index a prefix-aware policy consults for each endpoint of the
+    route's model (None for a policy that keeps no prefix index)."""
+    if route.policy.index_stats() is None:
+        return None
+    model = state.config.models.get(route.model)
+    tokens_known = model is not None and model.prompts is not None and route.policy.uses_tokens
+    return {e.id: index_source(e.view(), tokens_known) for e in state.registry.serving(route.model)}
+
+
+def describe_models(state: AppState) -> list[dict[str, Any]]:
+    """Each model the config names or an endpoint serves: its policy, endpoints,
+    and what this process counted for it since it started (the counters behind
+    /metrics). A model only endpoints name gets its route (and its policy
+    object) at its first request: until then the default policy is shown."""
+    totals = state.metrics.model_totals()
+    routes = {route.model: route for route in state.routes.routes()}
+    now = state.registry.clock()
+    return [
+        describe_model(state, name, routes.get(name), totals.get(name), now)
+        for name in sorted(set(routes) | set(state.registry.models()))
+    ]
+
+
+def describe_model(
+    state: AppState, name: str, route: ModelRoute | None, t: ModelTotals | None, now: float
+) -> dict[str, Any]:
+    serving = state.registry.serving(name)
+    match = None
+    if t is not None and t.match_count:
+        match = {"mean": round(t.match_sum / t.match_count, 4), "decisions": t.match_count}
+    prompt = t.prompt_tokens if t is not None else 0.0
+    cached = t.cached_tokens if t is not None else 0.0
+    return {
+        "model": name,
+        "policy": route.policy_name if route is not None else state.config.default_policy.name,
+        "aliases": list(state.routes.aliases(name)),
+        "endpoints": [e.id for e in serving],
+        "available": sum(1 for e in serving if e.admits(now)),
+        "requests": dict(t.requests) if t is not None else {},
+        "decisions": dict(t.decisions) if t is not None else {},
+        "prefix_match": match,
+        "tokens": {
+            "prompt": prompt,
+            "cached": cached,
+            "cached_share": round(cached / prompt, 4) if prompt else None,
+        },
+        "index_sources": index_sources(state, route) if route is not None else None,
     }
 
 
@@ -192,16 +248,13 @@ def admin_routes(state: AppState, reloader: Reloader, kvevents: KVEventsHub) -> 
             if stats is None:
                 continue
             entry = out[route.model] = dataclasses.asdict(stats)
-            # Which index the policy consults for each endpoint of the model.
-            model = state.config.models.get(route.model)
-            tokens_known = (
-                model is not None and model.prompts is not None and route.policy.uses_tokens
-            )
-            entry["sources"] = {
-                e.id: index_source(e.view(), tokens_known)
-                for e in state.registry.serving(route.model)
-            }
+            entry["sources"] = index_sources(state, route)
         return json_response(out)
+
+    async def models(request: Request) -> Response:
+        if (no := denied(request)) is not None:
+            return no
+        return json_response({"models": describe_models(state)})
 
     async def kv_events(request: Request) -> Response:
         if (no := denied(request)) is not None:
@@ -297,4 +350,5 @@ def admin_routes(state: AppState, reloader: Reloader, kvevents: KVEventsHub) -> 
         Route("/admin/reload", reload, methods=["POST"]),
         Route("/admin/prefix-index", prefix_index),
         Route("/admin/kv-events", kv_events),
+        Route("/admin/models", models),
     ]

@@ -23,6 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from router.admin import admin_routes
+from router.admin_ui import admin_ui_routes
 from router.config import Config
 from router.errors import InvalidRequest, RouterError, error_body, error_messages
 from router.lifecycle import Lifecycle
@@ -251,6 +252,7 @@ def build_control_app(state: AppState, lifecycle: Lifecycle) -> Starlette:
             Route("/metrics", metrics),
             Route("/openapi.json", openapi),
             *admin_routes(state, lifecycle.reloader, lifecycle.kvevents),
+            *admin_ui_routes(state, lifecycle.kvevents),
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,

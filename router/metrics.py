@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -42,6 +42,7 @@ __all__ = [
     "EndpointSnapshot",
     "IndexCollector",
     "Metrics",
+    "ModelTotals",
 ]
 
 
@@ -254,6 +255,30 @@ class Metrics:
         if decision.prompt_len:
             self.prefix_match.labels(model).observe(decision.match_len / decision.prompt_len)
 
+    def model_totals(self) -> dict[str, ModelTotals]:
+        """What this process counted per model since it started, read from the
+        counters /metrics serves (for the admin API: the same numbers, as JSON)."""
+        acc: dict[str, _ModelAccumulator] = {}
+
+        def of(model: str) -> _ModelAccumulator:
+            return acc.setdefault(model, _ModelAccumulator())
+
+        for labels, value in _samples(self.requests, "_total"):
+            counts = of(labels["model"]).requests
+            counts[labels["status"]] = counts.get(labels["status"], 0.0) + value
+        for labels, value in _samples(self.decisions, "_total"):
+            counts = of(labels["model"]).decisions
+            counts[labels["reason"]] = counts.get(labels["reason"], 0.0) + value
+        for labels, value in _samples(self.prefix_match, "_sum"):
+            of(labels["model"]).match_sum += value
+        for labels, value in _samples(self.prefix_match, "_count"):
+            of(labels["model"]).match_count += value
+        for labels, value in _samples(self.prompt_tokens, "_total"):
+            of(labels["model"]).prompt_tokens += value
+        for labels, value in _samples(self.cached_tokens, "_total"):
+            of(labels["model"]).cached_tokens += value
+        return {model: a.freeze() for model, a in acc.items()}
+
     def series(self, model: str, endpoint: str) -> _EndpointSeries:
         key = (model, endpoint)
         s = self._series.get(key)
@@ -266,6 +291,51 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelTotals:
+    """One model's counters, summed over endpoints (and over the policies it had)."""
+
+    #: Requests answered, by HTTP status.
+    requests: dict[str, float]
+    #: Routing decisions, by reason.
+    decisions: dict[str, float]
+    #: Sum and count of the prefix match ratios of its decisions.
+    match_sum: float
+    match_count: float
+    #: Prompt tokens the backends reported, and those they served from cache.
+    prompt_tokens: float
+    cached_tokens: float
+
+
+@dataclass(slots=True)
+class _ModelAccumulator:
+    requests: dict[str, float] = field(default_factory=dict)
+    decisions: dict[str, float] = field(default_factory=dict)
+    match_sum: float = 0.0
+    match_count: float = 0.0
+    prompt_tokens: float = 0.0
+    cached_tokens: float = 0.0
+
+    def freeze(self) -> ModelTotals:
+        return ModelTotals(
+            dict(self.requests),
+            dict(self.decisions),
+            self.match_sum,
+            self.match_count,
+            self.prompt_tokens,
+            self.cached_tokens,
+        )
+
+
+def _samples(metric: Counter | Histogram, suffix: str) -> Iterable[tuple[dict[str, str], float]]:
+    """The (labels, value) of ``metric``'s samples named ``<name><suffix>``."""
+    for family in metric.collect():
+        name = family.name + suffix
+        for sample in family.samples:
+            if sample.name == name:
+                yield sample.labels, sample.value
 
 
 def _task_count() -> float:

@@ -356,6 +356,24 @@ def admin(method: str, summary: str, operation_id: str, **responses: Any) -> dic
     }
 
 
+def admin_page(summary: str, operation_id: str, media_type: str) -> dict[str, Any]:
+    """A file of the fleet page: static, no data, so no token (router/admin_ui.py)."""
+    return {
+        "get": {
+            "operationId": operation_id,
+            "summary": summary,
+            "tags": ["admin"],
+            "responses": {
+                "200": {
+                    "description": "The file",
+                    "content": {media_type: {"schema": {"type": "string"}}},
+                },
+                "403": error("The admin API is off (`admin_disabled`)"),
+            },
+        }
+    }
+
+
 ENDPOINT_ID = {"name": "endpoint_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
@@ -439,6 +457,21 @@ def document() -> dict[str, Any]:
         "/admin/kv-events": admin(
             "get", "Each KV-event subscriber: connection, sequence, gaps, blocks", "kvEvents"
         ),
+        "/admin/models": admin(
+            "get",
+            "Per model: policy, endpoints, decisions by reason, prefix match, cached tokens",
+            "adminModels",
+        ),
+        "/admin/overview": admin(
+            "get", "Everything the fleet page shows, in one snapshot", "adminOverview"
+        ),
+        "/admin/ui": admin_page(
+            "The fleet page (asks for the admin token)", "fleetPage", "text/html"
+        ),
+        "/admin/ui/fleet.js": admin_page(
+            "The fleet page's script", "fleetScript", "text/javascript"
+        ),
+        "/admin/ui/fleet.css": admin_page("The fleet page's style", "fleetStyle", "text/css"),
         "/admin/cache": admin("get", "The response cache: store, stats, models", "adminCache"),
         "/admin/cache/purge": {
             "parameters": [

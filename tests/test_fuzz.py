@@ -40,6 +40,7 @@ from schemathesis.specs.openapi.checks import (
 
 from backends.sim.common import Faults
 from backends.sim.engine import EngineParams
+from router.admin_ui import ASSETS
 from router.app import build_app
 from router.openapi import document
 from tests.helpers import eventually, free_socket, router, router_config, simulator
@@ -311,6 +312,10 @@ def _stream(body: bytes, expected: str | None) -> list[str]:
 def _control_success(probe: Probe, answer: Answer, ctype: str) -> list[str]:
     if probe.path.startswith("/metrics"):
         return [] if ctype.startswith("text/plain") else [f"/metrics as {ctype!r}"]
+    path = probe.path.split("?")[0]
+    if path in ASSETS:  # the fleet page's files: HTML, script, style
+        media_type = ASSETS[path][1]
+        return [] if ctype == media_type else [f"{path} as {ctype!r}, not {media_type!r}"]
     if not ctype.startswith("application/json"):
         return [f"2xx answer of content-type {ctype!r}"]
     try:
