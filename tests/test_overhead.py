@@ -5,6 +5,7 @@ measured and what the backend was made to spend (relations, not numbers)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backends.sim.common import Faults
 from router.overhead import Waits, header_value
+from router.tenants import hash_key, new_key
 from tests.helpers import router, router_config, simulator
 
 HEADER = "x-kvroute-overhead-ms"
@@ -156,3 +158,38 @@ async def test_a_cache_hit_says_its_overhead() -> None:
             r, total = await timed_post(c, body)
             assert r.headers["x-kvroute-cache"] == "hit"
             assert 0 <= overhead_ms(r) <= total + ROUNDING_MS
+
+
+async def admission_wait_sum(c: httpx.AsyncClient) -> tuple[float, float]:
+    """(count, sum) of kvroute_admission_wait_seconds over every label."""
+    count = total = 0.0
+    for family in text_string_to_metric_families((await c.get("/metrics")).text):
+        if family.name == "kvroute_admission_wait_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_count"):
+                    count += sample.value
+                elif sample.name.endswith("_sum"):
+                    total += sample.value
+    return count, total
+
+
+async def test_time_queued_for_admission_is_not_overhead() -> None:
+    """One slot, a backend that takes ``stall``: the second request queues for
+    the first's, then waits on the backend itself; neither wait is kvroute's."""
+    stall = 0.3
+    key = new_key()
+    async with simulator(faults=Faults(stall=stall)) as (sim, _):
+        config = router_config(
+            [{"id": "e", "url": sim, "kind": "vllm", "models": ["tiny"], "max_concurrency": 1}],
+            auth={"enabled": True},
+            tenants={"t": {"keys": [hash_key(key)]}},
+        )
+        headers = {"authorization": f"Bearer {key}"}
+        async with router(config) as url, httpx.AsyncClient(base_url=url, timeout=30) as c:
+            first = asyncio.ensure_future(timed_post(c, chat(), headers=headers))
+            await asyncio.sleep(0.1)  # the first holds the slot
+            r, total = await timed_post(c, chat(), headers=headers)
+            assert (await first)[0].status_code == 200 and r.status_code == 200
+            count, queued = await admission_wait_sum(c)
+            assert count == 1 and queued > 0  # only the second one queued
+            assert 0 <= overhead_ms(r) <= total - (stall + queued) * 1000 + ROUNDING_MS

@@ -166,7 +166,7 @@ class KVEventsHub:
         return [running.subscriber.snapshot() for _, running in sorted(self._subscribers.items())]
 
     def status(self) -> dict[str, dict[str, Any]]:
-        """Per endpoint with ``kv_events``: connected, last_seq, last_event_age
+        """Per endpoint with ``kv_events``: connected, state, last_seq, last_event_age
         (seconds), batches, events, gaps, replays, restarts, errors, last_error,
         stale and stale_reason, blocks held, block_size, stored/removed/skipped/
         cleared counts."""
