@@ -144,6 +144,23 @@ async def test_a_gap_without_replay_is_stale_for_the_grace() -> None:
         await until(lambda: current_state(state) == "live")
 
 
+async def test_a_restart_is_counted_with_its_resync_and_the_clear() -> None:
+    clock = Clock()
+    async with publishing_engine() as p, feeding(p.endpoint, p.replay_endpoint, clock) as state:
+        await until(lambda: current_state(state) == "live")
+        await generate(p.engine, PROMPTS[0])
+        await until(lambda: value(state, "blocks") > 0)
+        clears = value(state, "clears")
+        # The publisher forgets its history, as a restart the SUB socket never
+        # saw: the next probe (probe_interval, 30 s by default) finds out.
+        p.publisher._buffer.clear()
+        p.publisher.seq = 0
+        clock.now += 31
+        await until(lambda: value(state, "restarts") == 1)
+        assert value(state, "resyncs", result="restarted") == 1
+        assert value(state, "blocks") == 0 and value(state, "clears") > clears
+
+
 async def test_a_malformed_batch_counts_as_a_decode_error_and_labels_nothing_of_it() -> None:
     endpoint = free_tcp()
     ctx = zmq.asyncio.Context()

@@ -346,6 +346,7 @@ class Subscriber:
         try:
             start = resync_start(self.tracker)
             plan = plan_resync(self.tracker, start, await self._replay(start))
+            result = plan.verdict  # a restart's replay from 0 is still a restart
             if plan.verdict is Resync.RESTARTED:
                 self._restarted()
                 start = 0
@@ -368,7 +369,7 @@ class Subscriber:
             self._lose_history(f"the replay was unusable ({type(exc).__name__})")
             return
         self._replay_down = False
-        self.resyncs[plan.verdict.value] += 1
+        self.resyncs[result.value] += 1
         if plan.verdict is not Resync.RESUMED:
             # The publisher's whole buffer, from its first batch: start over.
             if len(self.blocks):
