@@ -577,10 +577,12 @@ class Admission:
             metrics.child(metrics.admission_rejections, model, exc.reason).inc()
             if exc.waited:  # the waits of refused requests count too
                 metrics.child(metrics.admission_wait, model, tenant.priority).observe(exc.waited)
+                request.ctx.waits.add(exc.waited)  # capacity, not kvroute's overhead
             raise
         if ticket.queued:
             metrics.child(metrics.admission_wait, model, ticket.priority).observe(ticket.waited)
             request.ctx.queued_ms = round(ticket.waited * 1000, 3)
+            request.ctx.waits.add(ticket.waited)
         try:
             await call_next(request, send)
         finally:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -30,6 +30,8 @@ from router.lifecycle import Lifecycle
 from router.logs import ACCESS, LOG
 from router.metrics import CONTENT_TYPE_LATEST
 from router.openapi import openapi
+from router.overhead import HEADER as OVERHEAD
+from router.overhead import header_value
 from router.pipeline import Pipeline
 from router.request import OPERATIONS, RequestContext
 from router.state import AppState
@@ -48,11 +50,16 @@ def json_response(body: Any, status: int = 200) -> Response:
 
 class RequestMiddleware:
     """Gives every HTTP request an id (``x-request-id``, accepted or made and always
-    echoed), turns any error into OpenAI's shape, and logs one JSON line."""
+    echoed), turns any error into OpenAI's shape, and logs one JSON line. Every
+    answer of an inference route, errors too, says kvroute's own time in
+    ``x-kvroute-overhead-ms`` (router/overhead.py), on ``clock``."""
 
-    def __init__(self, app: ASGIApp, state: AppState) -> None:
+    def __init__(
+        self, app: ASGIApp, state: AppState, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.app = app
         self.state = state
+        self.clock = clock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,9 +72,11 @@ class RequestMiddleware:
                 break
         if not request_id:
             request_id = os.urandom(16).hex()
-        ctx = RequestContext(request_id, time.perf_counter())
+        clock = self.clock
+        ctx = RequestContext(request_id, clock(), clock=clock)
         scope["kvroute.ctx"] = ctx
         rid_header = (REQUEST_ID, request_id.encode("latin-1"))
+        inference = scope["path"] in OPERATIONS
         started = False
 
         async def send_with_id(message: Message) -> None:
@@ -75,7 +84,11 @@ class RequestMiddleware:
             if message["type"] == "http.response.start":
                 started = True
                 ctx.status = message["status"]
-                message["headers"] = [*message.get("headers", ()), rid_header]
+                headers = [*message.get("headers", ()), rid_header]
+                if inference:
+                    ctx.overhead = own = ctx.waits.own(ctx.start, clock())
+                    headers.append((OVERHEAD, header_value(own)))
+                message["headers"] = headers
             await send(message)
 
         try:
@@ -100,7 +113,7 @@ class RequestMiddleware:
             self._record(scope, ctx)
 
     def _record(self, scope: Scope, ctx: RequestContext) -> None:
-        duration = time.perf_counter() - ctx.start
+        duration = ctx.clock() - ctx.start
         # Labels come from resolved names only: a model no route knows counts
         # under one label, whatever the client wrote.
         model = ctx.model or (UNKNOWN_MODEL if ctx.requested_model is not None else None)
@@ -112,6 +125,8 @@ class RequestMiddleware:
             series.duration.observe(duration)
             if ctx.ttft is not None:
                 series.ttft.observe(ctx.ttft)
+            if ctx.overhead is not None:
+                metrics.child(metrics.overhead, model).observe(ctx.overhead)
             if ctx.prompt_tokens is not None and not ctx.usage_estimated:
                 metrics.child(metrics.prompt_tokens, model, endpoint).inc(ctx.prompt_tokens)
                 cached = ctx.cached_tokens or 0
@@ -150,6 +165,8 @@ class RequestMiddleware:
                 line["queued_ms"] = ctx.queued_ms
             if ctx.ttft is not None:
                 line["ttft_ms"] = round(ctx.ttft * 1000, 3)
+            if ctx.overhead is not None:
+                line["overhead_ms"] = round(ctx.overhead * 1000, 3)
             if ctx.prompt_tokens is not None:
                 line.update(prompt_tokens=ctx.prompt_tokens, cached_tokens=ctx.cached_tokens)
                 if ctx.usage_estimated:

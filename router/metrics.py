@@ -1,11 +1,20 @@
-"""The router's Prometheus metrics, on a registry of its own (no globals)."""
+"""The router's Prometheus metrics, on a registry of its own (no globals).
+
+Every family is declared once, as a ``Family`` (name, type, help, labels):
+``Metrics`` records one for each metric it creates, and each collector here
+lists its own in ``FAMILIES`` (its ``describe()``, so the registry learns its
+names without collecting). ``Metrics.families()`` is therefore the whole list
+of what ``/metrics`` can expose, and docs/metrics.md is generated from it
+(router/metrics_doc.py), so the reference cannot drift from the code.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+import enum
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -35,15 +44,83 @@ LATENCY_BUCKETS = (
     120.0,
     300.0,
 )
+#: kvroute's own time per request is usually well under a millisecond.
+OVERHEAD_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
 
 __all__ = [
     "CONTENT_TYPE_LATEST",
+    "AdmissionCollector",
+    "CacheStoreCollector",
     "EndpointCollector",
     "EndpointSnapshot",
+    "Family",
+    "FeedSnapshot",
     "IndexCollector",
+    "KVEventsCollector",
+    "Kind",
     "Metrics",
     "ModelTotals",
+    "QuotaStoreCollector",
 ]
+
+
+#: What a collector here fills: counters and gauges.
+Samples = CounterMetricFamily | GaugeMetricFamily
+
+
+class Kind(enum.StrEnum):
+    COUNTER = "counter"
+    GAUGE = "gauge"
+    HISTOGRAM = "histogram"
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """One metric family: what docs/metrics.md lists for it."""
+
+    #: prometheus-client's family name (a counter's without ``_total``).
+    name: str
+    kind: Kind
+    help: str
+    labels: tuple[str, ...] = ()
+
+    @property
+    def exposed(self) -> str:
+        """The name a query uses (a histogram's series add _bucket, _sum, _count)."""
+        return f"{self.name}_total" if self.kind is Kind.COUNTER else self.name
+
+    def empty(self) -> Samples:
+        """A family of this shape with no samples yet (collectors fill it)."""
+        if self.kind is Kind.COUNTER:
+            return CounterMetricFamily(self.name, self.help, labels=self.labels)
+        if self.kind is Kind.GAUGE:
+            return GaugeMetricFamily(self.name, self.help, labels=self.labels)
+        raise TypeError(f"collectors here build counters and gauges, not {self.kind}")
+
+
+class DescribedCollector(Collector):
+    """A collector that states its families up front (``describe``), so they
+    can be registered and documented without data."""
+
+    FAMILIES: ClassVar[tuple[Family, ...]] = ()
+
+    def describe(self) -> list[Samples]:
+        return [family.empty() for family in self.FAMILIES]
 
 
 @dataclass(slots=True)
@@ -55,191 +132,200 @@ class _EndpointSeries:
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
+        self._families: dict[str, Family] = {}
+        self.requests = self._counter(
             "kvroute_requests_total",
             "Requests answered, by model, endpoint (none if never forwarded) and HTTP status.",
             ["model", "endpoint", "status"],
-            registry=r,
         )
-        self.duration = Histogram(
+        self.duration = self._histogram(
             "kvroute_request_duration_seconds",
             "Time from request to the end of the response, per model and endpoint.",
             ["model", "endpoint"],
             buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.ttft = Histogram(
+        self.ttft = self._histogram(
             "kvroute_time_to_first_token_seconds",
             "Time from request to the first streamed chunk, per model and endpoint.",
             ["model", "endpoint"],
             buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.upstream_errors = Counter(
+        self.upstream_errors = self._counter(
             "kvroute_upstream_errors_total",
             "Failed attempts to an endpoint, by kind of failure.",
             ["endpoint", "error"],
-            registry=r,
         )
-        self.decisions = Counter(
+        self.decisions = self._counter(
             "kvroute_routing_decisions_total",
             "Routing decisions by model, policy and reason.",
             ["model", "policy", "reason"],
-            registry=r,
         )
-        self.stream_errors = Counter(
+        self.stream_errors = self._counter(
             "kvroute_stream_errors_total",
             "Streams cut short by the upstream after the first byte reached the client.",
             ["endpoint"],
-            registry=r,
         )
-        self.retries = Counter(
+        self.retries = self._counter(
             "kvroute_retries_total",
             "Attempts beyond the first (failover to another endpoint or model).",
             ["model"],
-            registry=r,
         )
-        self.retries_denied = Counter(
+        self.retries_denied = self._counter(
             "kvroute_retries_denied_total",
             "Retries not made because the fleet-wide retry budget was spent.",
-            registry=r,
         )
-        self.prompt_tokens = Counter(
+        self.prompt_tokens = self._counter(
             "kvroute_prompt_tokens_total",
             "Prompt tokens, as the backends reported them in usage.",
             ["model", "endpoint"],
-            registry=r,
         )
-        self.cached_tokens = Counter(
+        self.cached_tokens = self._counter(
             "kvroute_cached_prompt_tokens_total",
             "Prompt tokens the backends reported served from their prefix cache.",
             ["model", "endpoint"],
-            registry=r,
         )
-        self.discovery_errors = Counter(
+        self.discovery_errors = self._counter(
             "kvroute_discovery_errors_total",
             "Failed discovery queries (the last known endpoints keep serving).",
             ["source"],
-            registry=r,
         )
-        self.discovery_invalid = Counter(
+        self.discovery_invalid = self._counter(
             "kvroute_discovery_invalid_instances_total",
             "Discovered instances skipped for unusable metadata.",
             ["source"],
-            registry=r,
         )
-        self.discovery_up = Gauge(
+        self.discovery_up = self._gauge(
             "kvroute_discovery_up",
             "1 while the discovery source answers, 0 during an outage.",
             ["source"],
-            registry=r,
         )
-        self.reloads = Counter(
+        self.reloads = self._counter(
             "kvroute_config_reload",
             "Config reloads, by result (success: swapped in; error: invalid, nothing changed).",
             ["result"],
-            registry=r,
         )
-        self.last_reload = Gauge(
+        self.last_reload = self._gauge(
             "kvroute_config_last_success_timestamp_seconds",
             "When the running config was last loaded successfully.",
-            registry=r,
         )
         self.last_reload.set_to_current_time()
-        self.tasks = Gauge(
+        self.tasks = self._gauge(
             "kvroute_event_loop_tasks",
             "asyncio tasks alive in the router's event loop (at scrape time): one per "
             "request in flight and a few background ones; growth at a steady load is a leak.",
-            registry=r,
         )
         self.tasks.set_function(_task_count)
-        self.prefix_match = Histogram(
+        self.prefix_match = self._histogram(
             "kvroute_prefix_match_ratio",
             "Share of the prompt the chosen endpoint was believed to hold in KV cache.",
             ["model"],
             buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0),
-            registry=r,
         )
         # Tenants: labels are configured tenant names (and "anonymous"), never
         # anything a client wrote.
-        self.tenant_requests = Counter(
+        self.tenant_requests = self._counter(
             "kvroute_tenant_requests_total",
             "Inference requests by tenant and HTTP status.",
             ["tenant", "status"],
-            registry=r,
         )
-        self.tenant_tokens = Counter(
+        self.tenant_tokens = self._counter(
             "kvroute_tenant_tokens_total",
             "Tokens by tenant and kind (prompt, completion), from the answers' usage.",
             ["tenant", "kind"],
-            registry=r,
         )
-        self.quota_refusals = Counter(
+        self.quota_refusals = self._counter(
             "kvroute_quota_refusals_total",
             "Requests refused by a tenant's limits, by reason (requests, tokens, "
             "concurrency, budget, too_large, unavailable).",
             ["tenant", "reason"],
-            registry=r,
         )
-        self.quota_unenforced = Counter(
+        self.quota_unenforced = self._counter(
             "kvroute_quota_unenforced_total",
             "Requests admitted without limits because the quota store was unavailable "
             "(quotas.on_failure: fail_open).",
-            registry=r,
         )
-        self.quota_settle_failures = Counter(
+        self.quota_settle_failures = self._counter(
             "kvroute_quota_settle_failures_total",
             "Finished requests whose real token count could not be recorded in the store.",
-            registry=r,
         )
-        self.admission_wait = Histogram(
+        self.admission_wait = self._histogram(
             "kvroute_admission_wait_seconds",
             "Time requests waited in the admission queue of a saturated model.",
             ["model", "priority"],
             buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.admission_rejections = Counter(
+        self.admission_rejections = self._counter(
             "kvroute_admission_rejections_total",
             "Requests refused by the admission queue, by reason (queue_full, queue_timeout).",
             ["model", "reason"],
-            registry=r,
         )
-        self.cache_requests = Counter(
+        self.cache_requests = self._counter(
             "kvroute_cache_requests_total",
             "Requests for models with a response cache, by result (hit, miss, bypass).",
             ["model", "result"],
-            registry=r,
         )
-        self.cache_stores = Counter(
+        self.cache_stores = self._counter(
             "kvroute_cache_stores_total",
             "Answers stored in the response cache.",
             ["model"],
-            registry=r,
         )
-        self.cache_stored_bytes = Counter(
+        self.cache_stored_bytes = self._counter(
             "kvroute_cache_stored_bytes_total",
             "Bytes of answers stored in the response cache.",
             ["model"],
-            registry=r,
         )
-        self.cache_tokens = Counter(
+        self.cache_tokens = self._counter(
             "kvroute_cache_tokens_total",
             "Tokens served from the response cache instead of a backend, by kind "
             "(prompt, completion): the GPU work saved.",
             ["model", "kind"],
-            registry=r,
         )
-        self.cache_lookup = Histogram(
+        self.cache_lookup = self._histogram(
             "kvroute_cache_lookup_seconds",
             "Time to look an answer up in the response cache (hit or miss).",
             ["model"],
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
-            registry=r,
+        )
+        self.overhead = self._histogram(
+            "kvroute_overhead_seconds",
+            "kvroute's own time per inference answer: from receiving the request to "
+            "sending the response's start, minus the time spent waiting on backends "
+            "(each attempt, failed ones too, from sending it to its answer or first "
+            "output) and queued for admission. Also the x-kvroute-overhead-ms header.",
+            ["model"],
+            buckets=OVERHEAD_BUCKETS,
         )
         self._series: dict[tuple[str, str], _EndpointSeries] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _declare(self, family: Family) -> None:
+        if family.name in self._families:
+            raise ValueError(f"metric family {family.name} declared twice")
+        self._families[family.name] = family
+
+    def _counter(self, name: str, help_: str, labels: Sequence[str] = ()) -> Counter:
+        self._declare(Family(name.removesuffix("_total"), Kind.COUNTER, help_, tuple(labels)))
+        return Counter(name, help_, labels, registry=self.registry)
+
+    def _gauge(self, name: str, help_: str, labels: Sequence[str] = ()) -> Gauge:
+        self._declare(Family(name, Kind.GAUGE, help_, tuple(labels)))
+        return Gauge(name, help_, labels, registry=self.registry)
+
+    def _histogram(
+        self, name: str, help_: str, labels: Sequence[str], buckets: Sequence[float]
+    ) -> Histogram:
+        self._declare(Family(name, Kind.HISTOGRAM, help_, tuple(labels)))
+        return Histogram(name, help_, labels, buckets=buckets, registry=self.registry)
+
+    def register(self, collector: DescribedCollector) -> None:
+        """Add a scrape-time collector (its families join ``families()``)."""
+        for family in collector.FAMILIES:
+            self._declare(family)
+        self.registry.register(collector)
+
+    def families(self) -> list[Family]:
+        """Every family /metrics may expose, by name."""
+        return sorted(self._families.values(), key=lambda f: f.name)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached: prometheus-client's own lookup takes a
@@ -345,67 +431,79 @@ def _task_count() -> float:
         return 0.0
 
 
-class IndexCollector(Collector):
+def _model(name: str, kind: Kind, help_: str) -> Family:
+    return Family(name, kind, help_, ("model",))
+
+
+class IndexCollector(DescribedCollector):
     """Prefix-index size and evictions per model, read at scrape time."""
+
+    FAMILIES = (
+        _model(
+            "kvroute_prefix_index_entries",
+            Kind.GAUGE,
+            "Entries (block x endpoint) in the prefix index.",
+        ),
+        _model("kvroute_prefix_index_blocks", Kind.GAUGE, "Distinct prompt blocks indexed."),
+        _model(
+            "kvroute_prefix_index_evictions", Kind.COUNTER, "Index entries dropped for capacity."
+        ),
+    )
 
     def __init__(self, source: Callable[[], Iterable[tuple[str, IndexStats]]]) -> None:
         self._source = source
 
     def collect(self) -> Iterable[Metric]:
-        entries = GaugeMetricFamily(
-            "kvroute_prefix_index_entries",
-            "Entries (block x endpoint) in the prefix index.",
-            labels=["model"],
-        )
-        blocks = GaugeMetricFamily(
-            "kvroute_prefix_index_blocks", "Distinct prompt blocks indexed.", labels=["model"]
-        )
-        evictions = CounterMetricFamily(
-            "kvroute_prefix_index_evictions",
-            "Index entries dropped for capacity.",
-            labels=["model"],
-        )
+        entries, blocks, evictions = out = self.describe()
         for model, stats in self._source():
             entries.add_metric([model], stats.entries)
             blocks.add_metric([model], stats.distinct_blocks)
             evictions.add_metric([model], stats.evictions)
-        return [entries, blocks, evictions]
+        return out
 
 
-class EndpointCollector(Collector):
+def _endpoint(name: str, kind: Kind, help_: str, *more: str) -> Family:
+    return Family(name, kind, help_, ("endpoint", *more))
+
+
+class EndpointCollector(DescribedCollector):
     """Each endpoint's live state, read at scrape time: up, circuit, scraped load."""
+
+    FAMILIES = (
+        _endpoint(
+            "kvroute_endpoint_up",
+            Kind.GAUGE,
+            "1 when the endpoint takes requests (healthy, not draining, circuit not open).",
+        ),
+        _endpoint(
+            "kvroute_endpoint_circuit_open", Kind.GAUGE, "1 while the endpoint's circuit is open."
+        ),
+        _endpoint(
+            "kvroute_in_flight_requests",
+            Kind.GAUGE,
+            "Requests this router has in flight to each endpoint.",
+        ),
+        _endpoint(
+            "kvroute_endpoint_load",
+            Kind.GAUGE,
+            "Load scraped from the endpoint's metrics (running, waiting, kv_usage).",
+            "kind",
+        ),
+        _endpoint(
+            "kvroute_endpoint_latency_seconds",
+            Kind.GAUGE,
+            "This router's decayed latency estimates per endpoint (ttft; tpot: per "
+            "output token after the first; duration: a whole answer of "
+            f"{REFERENCE_TOKENS} tokens).",
+            "quantity",
+        ),
+    )
 
     def __init__(self, source: Callable[[], Iterable[EndpointSnapshot]]) -> None:
         self._source = source
 
     def collect(self) -> Iterable[Metric]:
-        up = GaugeMetricFamily(
-            "kvroute_endpoint_up",
-            "1 when the endpoint takes requests (healthy, not draining, circuit not open).",
-            labels=["endpoint"],
-        )
-        circuit = GaugeMetricFamily(
-            "kvroute_endpoint_circuit_open",
-            "1 while the endpoint's circuit is open.",
-            labels=["endpoint"],
-        )
-        in_flight = GaugeMetricFamily(
-            "kvroute_in_flight_requests",
-            "Requests this router has in flight to each endpoint.",
-            labels=["endpoint"],
-        )
-        load = GaugeMetricFamily(
-            "kvroute_endpoint_load",
-            "Load scraped from the endpoint's metrics (running, waiting, kv_usage).",
-            labels=["endpoint", "kind"],
-        )
-        latency = GaugeMetricFamily(
-            "kvroute_endpoint_latency_seconds",
-            "This router's decayed latency estimates per endpoint (ttft; tpot: per "
-            "output token after the first; duration: a whole answer of "
-            f"{REFERENCE_TOKENS} tokens).",
-            labels=["endpoint", "quantity"],
-        )
+        up, circuit, in_flight, load, latency = out = self.describe()
         for snap in self._source():
             for quantity, seconds in snap.latency:
                 latency.add_metric([snap.id, quantity], seconds)
@@ -419,7 +517,7 @@ class EndpointCollector(Collector):
             ):
                 if value is not None:
                     load.add_metric([snap.id, kind], value)
-        return [up, circuit, in_flight, load, latency]
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,46 +533,73 @@ class EndpointSnapshot:
     latency: tuple[tuple[str, float], ...] = ()
 
 
-class QuotaStoreCollector(Collector):
+class QuotaStoreCollector(DescribedCollector):
     """The quota store (Redis) as the last calls found it: up, and failures so far."""
+
+    FAMILIES = (
+        Family(
+            "kvroute_quota_store_up",
+            Kind.GAUGE,
+            "1 while the quota store (Redis) answers in time, 0 while it is down or slow.",
+        ),
+        Family(
+            "kvroute_quota_store_failures",
+            Kind.COUNTER,
+            "Calls to the quota store that failed or timed out.",
+        ),
+    )
 
     def __init__(self, source: Callable[[], tuple[bool, int]]) -> None:
         self._source = source
 
     def collect(self) -> Iterable[Metric]:
         is_up, failures = self._source()
-        up = GaugeMetricFamily(
-            "kvroute_quota_store_up",
-            "1 while the quota store (Redis) answers in time, 0 while it is down or slow.",
-        )
+        up, failed = out = self.describe()
         up.add_metric([], 1.0 if is_up else 0.0)
-        failed = CounterMetricFamily(
-            "kvroute_quota_store_failures",
-            "Calls to the quota store that failed or timed out.",
-        )
         failed.add_metric([], failures)
-        return [up, failed]
+        return out
 
 
-class AdmissionCollector(Collector):
+class AdmissionCollector(DescribedCollector):
     """Requests waiting in each model's admission queue, by priority, at scrape time."""
+
+    FAMILIES = (
+        Family(
+            "kvroute_admission_queue_depth",
+            Kind.GAUGE,
+            "Requests waiting for a slot of a saturated model, by priority.",
+            ("model", "priority"),
+        ),
+    )
 
     def __init__(self, source: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
         self._source = source
 
     def collect(self) -> Iterable[Metric]:
-        depth = GaugeMetricFamily(
-            "kvroute_admission_queue_depth",
-            "Requests waiting for a slot of a saturated model, by priority.",
-            labels=["model", "priority"],
-        )
+        (depth,) = out = self.describe()
         for model, priority, waiting in self._source():
             depth.add_metric([model, priority], waiting)
-        return [depth]
+        return out
 
 
-class CacheStoreCollector(Collector):
-    """The response cache's store at scrape time: entries, bytes, evictions, up."""
+class CacheStoreCollector(DescribedCollector):
+    """The response cache's store at scrape time: entries, bytes, evictions, up
+    (each only where the store keeps it)."""
+
+    FAMILIES = (
+        Family("kvroute_cache_entries", Kind.GAUGE, "Answers in the in-process response cache."),
+        Family("kvroute_cache_bytes", Kind.GAUGE, "Bytes held by the in-process response cache."),
+        Family(
+            "kvroute_cache_evictions",
+            Kind.COUNTER,
+            "Answers the in-process cache dropped for room.",
+        ),
+        Family(
+            "kvroute_cache_up",
+            Kind.GAUGE,
+            "1 while the response cache's store answers (Redis), else 0.",
+        ),
+    )
 
     def __init__(self, source: Callable[[], dict[str, float]]) -> None:
         self._source = source
@@ -482,18 +607,139 @@ class CacheStoreCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         stats = self._source()
         out: list[Metric] = []
-        for name, help_, kind in (
-            ("entries", "Answers in the in-process response cache.", GaugeMetricFamily),
-            ("bytes", "Bytes held by the in-process response cache.", GaugeMetricFamily),
-            ("evictions", "Answers the in-process cache dropped for room.", CounterMetricFamily),
-            (
-                "up",
-                "1 while the response cache's store answers (Redis), else 0.",
-                GaugeMetricFamily,
-            ),
-        ):
-            if name in stats:
-                family = kind(f"kvroute_cache_{name}", help_)
-                family.add_metric([], stats[name])
-                out.append(family)
+        for family in self.FAMILIES:
+            key = family.name.removeprefix("kvroute_cache_")
+            if key in stats:
+                metric = family.empty()
+                metric.add_metric([], stats[key])
+                out.append(metric)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class FeedSnapshot:
+    """One endpoint's KV-event feed at scrape time (router/kvevents/subscriber.py).
+    Each pair is (label value, number) over a fixed set of values (an enum's),
+    zeros included, so every series exists from the start."""
+
+    endpoint: str
+    #: (state, 1 for the current one else 0).
+    states: tuple[tuple[str, float], ...]
+    batches: int
+    events: int
+    gaps: int
+    replays: int
+    #: (result of a resync, count).
+    resyncs: tuple[tuple[str, int], ...]
+    restarts: int
+    #: (kind of error, count).
+    errors: tuple[tuple[str, int], ...]
+    blocks: int
+    #: (what happened to blocks: stored, removed, skipped; count of blocks).
+    block_events: tuple[tuple[str, int], ...]
+    clears: int
+
+
+def _feed(name: str, kind: Kind, help_: str, *more: str) -> Family:
+    return Family(f"kvroute_kv_events_{name}", kind, help_, ("endpoint", *more))
+
+
+class KVEventsCollector(DescribedCollector):
+    """The KV-event feeds, per endpoint with ``kv_events``, read at scrape time.
+    Labels are endpoint ids (the config's or discovery's) and fixed enums:
+    nothing a publisher sends becomes a label."""
+
+    FAMILIES = (
+        _feed(
+            "state",
+            Kind.GAUGE,
+            "1 for the feed's current state, 0 for the others: live (its blocks are "
+            "trusted), disconnected, unhealthy (endpoint fails its health probes), "
+            "resyncing (a replay is due or its socket does not answer), grace (history "
+            "was lost: rebuilding for resync_grace), overflow (the publisher claims more "
+            "blocks than the index holds). Every state but live routes on the "
+            "approximate index.",
+            "state",
+        ),
+        _feed("batches", Kind.COUNTER, "Event batches applied to the precise index."),
+        _feed("events", Kind.COUNTER, "Events in the batches applied."),
+        _feed(
+            "gaps",
+            Kind.COUNTER,
+            "Gaps in the publisher's sequence numbers (batches missed; a resync follows).",
+        ),
+        _feed("replays", Kind.COUNTER, "Replays asked of the publisher's replay socket."),
+        _feed(
+            "resyncs",
+            Kind.COUNTER,
+            "Resyncs by result: resumed (same publisher, gap filled or probe passed), "
+            "empty (no history yet), restarted (another publisher process: blocks "
+            "cleared), partial (history lost), complete (replayed from the start), "
+            "failed (the replay socket did not answer).",
+            "result",
+        ),
+        _feed(
+            "restarts",
+            Kind.COUNTER,
+            "Publisher restarts detected (its sequence started again; blocks cleared).",
+        ),
+        _feed(
+            "errors",
+            Kind.COUNTER,
+            "Errors by kind: decode (a batch kvroute could not read, live or replayed), "
+            "replay_timeout, replay_too_large, crash (the subscriber task failed and "
+            "was restarted).",
+            "kind",
+        ),
+        _feed("blocks", Kind.GAUGE, "KV blocks the precise index holds for the endpoint."),
+        _feed(
+            "block_events",
+            Kind.COUNTER,
+            "Blocks by what the events did to them: stored (indexed), removed, skipped "
+            "(not indexable: another medium or KV-cache group, an unknown parent).",
+            "action",
+        ),
+        _feed(
+            "clears",
+            Kind.COUNTER,
+            "Times the endpoint's blocks were emptied at once (the engine cleared its "
+            "cache or restarted, history was lost, or the publisher overflowed the index).",
+        ),
+    )
+
+    def __init__(self, source: Callable[[], Iterable[FeedSnapshot]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        out = self.describe()
+        (
+            state,
+            batches,
+            events,
+            gaps,
+            replays,
+            resyncs,
+            restarts,
+            errors,
+            blocks,
+            actions,
+            clears,
+        ) = out
+        for feed in self._source():
+            at = [feed.endpoint]
+            for name, value in feed.states:
+                state.add_metric([*at, name], value)
+            batches.add_metric(at, feed.batches)
+            events.add_metric(at, feed.events)
+            gaps.add_metric(at, feed.gaps)
+            replays.add_metric(at, feed.replays)
+            for result, n in feed.resyncs:
+                resyncs.add_metric([*at, result], n)
+            restarts.add_metric(at, feed.restarts)
+            for kind, n in feed.errors:
+                errors.add_metric([*at, kind], n)
+            blocks.add_metric(at, feed.blocks)
+            for action, n in feed.block_events:
+                actions.add_metric([*at, action], n)
+            clears.add_metric(at, feed.clears)
         return out

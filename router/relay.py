@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Mapping
 from functools import lru_cache
 
@@ -109,15 +108,20 @@ class Relay:
                 forwarded(self.state.config.forward_headers),
             ),
         )
-        if request.stream:
-            await self._stream(request, send, upstream, exchange.translator, attempt)
-        else:
-            await self._whole(request, send, upstream, exchange.translator)
+        waits = request.ctx.waits
+        try:
+            if request.stream:
+                await self._stream(request, send, upstream, exchange.translator, attempt)
+            else:
+                await self._whole(request, send, upstream, exchange.translator)
+        finally:
+            waits.end(request.ctx.clock())  # a failure's wait ends with it
         return exchange.translator
 
     async def _whole(
         self, request: InferenceRequest, send: Send, upstream: UpstreamRequest, tr: Translator
     ) -> None:
+        request.ctx.waits.begin(request.ctx.clock())
         resp = await self.forwarder.send(upstream, stream=False)
         try:
             await _relay_whole(resp, request, send, tr, upstream.endpoint_id)
@@ -138,6 +142,7 @@ class Relay:
         started = False
         try:
             async with asyncio.timeout(timeouts.first_byte) as bound:
+                ctx.waits.begin(ctx.clock())
                 resp = await self.forwarder.send(upstream, stream=True)
                 try:
                     if resp.status >= 400 or not resp.headers.get("content-type", "").startswith(
@@ -149,8 +154,10 @@ class Relay:
                         return
                     chunks = resp.content.iter_any()
                     first, ended = await _first_output(tr, chunks, endpoint_id)
+                    now = ctx.clock()
+                    ctx.waits.end(now)
                     attempt.first_byte(self.state.registry.clock())
-                    ctx.ttft = time.perf_counter() - ctx.start
+                    ctx.ttft = now - ctx.start
                     started = True
                     await send(
                         {
@@ -219,6 +226,7 @@ async def _relay_whole(
 ) -> None:
     """An error status, or one whole answer, translated to OpenAI JSON."""
     data = await _read_all(resp, endpoint_id)
+    request.ctx.waits.end(request.ctx.clock())
     if resp.status >= 400:
         err = normalise_upstream_error(resp.status, data, resp.headers.get("retry-after"))
         err.server_fault = tr.server_fault(resp.status, data)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ import orjson
 from backends.base import Operation, Sampling
 from router.config import RequestLimits
 from router.errors import BodyTooLarge, InvalidRequest, MalformedJSON
+from router.overhead import Waits
 from router.types import Receive, Scope
 
 if TYPE_CHECKING:
@@ -68,6 +70,11 @@ class RequestContext:
     #: Who is calling (set before the body is read).
     tenant: Tenant | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The clock ``start`` was read from; and the time that was not kvroute's
+    #: (router/overhead.py), which leaves ``overhead``, set at response start.
+    clock: Callable[[], float] = time.perf_counter
+    waits: Waits = field(default_factory=Waits)
+    overhead: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

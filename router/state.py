@@ -9,6 +9,7 @@ hold their own references, so they finish on the config they started with.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,7 +26,9 @@ from router.metrics import (
     CacheStoreCollector,
     EndpointCollector,
     EndpointSnapshot,
+    FeedSnapshot,
     IndexCollector,
+    KVEventsCollector,
     Metrics,
     QuotaStoreCollector,
 )
@@ -70,6 +73,8 @@ class AppState:
     discovery: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Quota and cache stores replaced by a reload, closed by the lifecycle.
     retired_stores: list[Closable] = field(default_factory=list)
+    #: The KV-event feeds at scrape time; the KVEventsHub sets it (none without one).
+    kv_feeds: Callable[[], Iterable[FeedSnapshot]] = lambda: ()
 
     def endpoint_snapshots(self) -> list[EndpointSnapshot]:
         now = self.registry.clock()
@@ -169,10 +174,12 @@ class AppState:
             cache=open_cache(config.cache),
             config_path=config_path,
         )
-        state.metrics.registry.register(IndexCollector(lambda: state.routes.index_stats()))
-        state.metrics.registry.register(EndpointCollector(state.endpoint_snapshots))
-        state.metrics.registry.register(QuotaStoreCollector(state.quota_store_health))
-        state.metrics.registry.register(AdmissionCollector(state.admission_depths))
-        state.metrics.registry.register(CacheStoreCollector(state.cache_store_stats))
+        metrics = state.metrics
+        metrics.register(IndexCollector(lambda: state.routes.index_stats()))
+        metrics.register(EndpointCollector(state.endpoint_snapshots))
+        metrics.register(QuotaStoreCollector(state.quota_store_health))
+        metrics.register(AdmissionCollector(state.admission_depths))
+        metrics.register(CacheStoreCollector(state.cache_store_stats))
+        metrics.register(KVEventsCollector(lambda: state.kv_feeds()))
         state.reload_status.update(path=config_path, last_success=time.time(), last_error=None)
         return state

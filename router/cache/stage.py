@@ -146,7 +146,11 @@ class CacheStage:
                 return
             flight = cache.flights.get(key)
             if flight is not None:
+                # Waiting on another request's backend: not kvroute's own time.
+                ctx = request.ctx
+                ctx.waits.begin(ctx.clock())
                 answer = await self._wait(flight)
+                ctx.waits.end(ctx.clock())
                 if answer is not None:
                     await self._serve(request, send, answer, 0.0)
                     return
@@ -207,7 +211,9 @@ class CacheStage:
                 locked = await self._lock(cache, model, key)
                 if not locked:
                     # Another replica is fetching it: its answer, if it comes in time.
+                    request.ctx.waits.begin(request.ctx.clock())
                     answer = await self._poll(cache, model, key)
+                    request.ctx.waits.end(request.ctx.clock())
                     if answer is not None:
                         await self._serve(request, send, answer, 0.0)
                         return

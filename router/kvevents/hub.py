@@ -25,7 +25,8 @@ from typing import Any
 import zmq.asyncio
 
 from router.config import Config, KVEventsConfig
-from router.kvevents.subscriber import Subscriber
+from router.kvevents.subscriber import ErrorKind, Subscriber
+from router.metrics import FeedSnapshot
 from router.state import AppState
 from router.tasks import cancel_all
 
@@ -55,6 +56,7 @@ class KVEventsHub:
         self._subscribers: dict[str, _Running] = {}
         self._follow: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        state.kv_feeds = self.snapshots
 
     async def start(self) -> None:
         self._ctx = zmq.asyncio.Context()
@@ -147,8 +149,7 @@ class KVEventsHub:
             try:
                 await subscriber.run()
             except (Exception, zmq.ZMQError) as exc:
-                subscriber.errors += 1
-                subscriber.last_error = f"{type(exc).__name__}: {str(exc)[:160]}"
+                subscriber.record_error(ErrorKind.CRASH, f"{type(exc).__name__}: {str(exc)[:160]}")
                 LOG.exception({"event": "kv_subscriber_failed", "endpoint": subscriber.endpoint_id})
             with contextlib.suppress(Exception):
                 subscriber.blocks.mark_stale("subscriber restarting after an error")
@@ -160,8 +161,12 @@ class KVEventsHub:
         running = self._subscribers.get(endpoint_id)
         return None if running is None else running.subscriber
 
+    def snapshots(self) -> list[FeedSnapshot]:
+        """Each feed's numbers, for /metrics (``AppState.kv_feeds``)."""
+        return [running.subscriber.snapshot() for _, running in sorted(self._subscribers.items())]
+
     def status(self) -> dict[str, dict[str, Any]]:
-        """Per endpoint with ``kv_events``: connected, last_seq, last_event_age
+        """Per endpoint with ``kv_events``: connected, state, last_seq, last_event_age
         (seconds), batches, events, gaps, replays, restarts, errors, last_error,
         stale and stale_reason, blocks held, block_size, stored/removed/skipped/
         cleared counts."""

@@ -33,6 +33,7 @@ as duplicates when they come.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections.abc import Callable
@@ -61,6 +62,7 @@ from backends.kv_events import (
 )
 from policies.blocks import EndpointBlocks
 from router.config import KVEventsConfig
+from router.metrics import FeedSnapshot
 
 LOG = logging.getLogger("kvroute.kvevents")
 
@@ -74,6 +76,39 @@ MAX_REPLAY = 20_000
 #: Bytes one replay may return; beyond, the history is given up (not retried).
 MAX_REPLAY_BYTES = 256 * 1024 * 1024
 TICK = 0.25
+
+
+class FeedState(enum.StrEnum):
+    """Where a feed stands (``kvroute_kv_events_state``); every state but LIVE
+    means its blocks are stale and policies use the approximate index."""
+
+    LIVE = "live"
+    #: The SUB socket is not connected (or the subscriber is not running).
+    DISCONNECTED = "disconnected"
+    #: The endpoint fails its health probes.
+    UNHEALTHY = "unhealthy"
+    #: A resync is due (a gap, a connect, a recovery) or the replay socket is not answering.
+    RESYNCING = "resyncing"
+    #: History was lost: the blocks are rebuilt from what comes next, for resync_grace.
+    GRACE = "grace"
+    #: The publisher claims more blocks than the index holds.
+    OVERFLOW = "overflow"
+
+
+class ErrorKind(enum.StrEnum):
+    """What went wrong (``kvroute_kv_events_errors_total{kind}``)."""
+
+    #: A batch kvroute could not read, live or replayed.
+    DECODE = "decode"
+    REPLAY_TIMEOUT = "replay_timeout"
+    REPLAY_TOO_LARGE = "replay_too_large"
+    #: The subscriber's task failed (a bug, or ZMQ refusing a URL) and was restarted.
+    CRASH = "crash"
+
+
+#: A resync's outcomes (``kvroute_kv_events_resyncs_total{result}``): a plan's
+#: verdict, or failed (the replay socket did not answer).
+RESYNC_RESULTS = (*(r.value for r in Resync), "failed")
 
 
 class ReplayFailed(KVEventsError):
@@ -151,10 +186,15 @@ class Subscriber:
         self.gaps = 0
         self.replays = 0
         self.restarts = 0
-        self.errors = 0
+        self.error_counts = dict.fromkeys(ErrorKind, 0)
+        self.resyncs = dict.fromkeys(RESYNC_RESULTS, 0)
         self.last_error: str | None = None
         self.last_event_at: float | None = None
         blocks.mark_stale("publisher not connected")
+
+    @property
+    def errors(self) -> int:
+        return sum(self.error_counts.values())
 
     # -- the task ----------------------------------------------------------------
 
@@ -228,7 +268,7 @@ class Subscriber:
         try:
             batch = decode(frames, self._limits)
         except KVEventsError as exc:
-            self._error(exc)
+            self.record_error(ErrorKind.DECODE, str(exc))
             self._lose_history("a malformed event batch was dropped")
             return
         if not batch.topic.startswith(self._topic):
@@ -284,9 +324,9 @@ class Subscriber:
         self._grace_reason = reason
         self._overflow = False
 
-    def _error(self, exc: Exception) -> None:
-        self.errors += 1
-        self.last_error = str(exc)[:200]
+    def record_error(self, kind: ErrorKind, message: str) -> None:
+        self.error_counts[kind] += 1
+        self.last_error = message[:200]
         LOG.warning(
             {"event": "kv_events_error", "endpoint": self.endpoint_id, "error": self.last_error}
         )
@@ -306,23 +346,30 @@ class Subscriber:
         try:
             start = resync_start(self.tracker)
             plan = plan_resync(self.tracker, start, await self._replay(start))
+            result = plan.verdict  # a restart's replay from 0 is still a restart
             if plan.verdict is Resync.RESTARTED:
                 self._restarted()
                 start = 0
                 plan = plan_resync(self.tracker, 0, await self._replay(0))
         except ReplayFailed as exc:
-            self._error(exc)
+            self.record_error(ErrorKind.REPLAY_TIMEOUT, str(exc))
+            self.resyncs["failed"] += 1
             self._replay_down = True
             self._sync_at = now + min(self.config.probe_interval, self.config.replay_timeout)
             return
         except KVEventsError as exc:
-            self._error(exc)
+            too_large = isinstance(exc, ReplayTooLarge)
+            self.record_error(
+                ErrorKind.REPLAY_TOO_LARGE if too_large else ErrorKind.DECODE, str(exc)
+            )
+            self.resyncs[Resync.PARTIAL.value] += 1
             self._replay_down = False
             self._need_sync = False
             self._synced_once = True
             self._lose_history(f"the replay was unusable ({type(exc).__name__})")
             return
         self._replay_down = False
+        self.resyncs[result.value] += 1
         if plan.verdict is not Resync.RESUMED:
             # The publisher's whole buffer, from its first batch: start over.
             if len(self.blocks):
@@ -367,20 +414,27 @@ class Subscriber:
 
     # -- staleness and status ---------------------------------------------------------
 
-    def stale_reason(self) -> str | None:
+    def condition(self) -> tuple[FeedState, str | None]:
+        """The feed's state, and why its blocks are stale (None when live)."""
         if not self.connected:
-            return "publisher not connected"
+            return FeedState.DISCONNECTED, "publisher not connected"
         if not self._healthy():
-            return "endpoint unhealthy"
+            return FeedState.UNHEALTHY, "endpoint unhealthy"
         if self._replay_down:
-            return "replay socket not answering"
+            return FeedState.RESYNCING, "replay socket not answering"
         if self._need_sync and self._sync_reason is not None:
-            return self._sync_reason
+            return FeedState.RESYNCING, self._sync_reason
         if self._overflow:
-            return self.blocks.stale_reason or "publisher claims too many blocks"
+            return (
+                FeedState.OVERFLOW,
+                self.blocks.stale_reason or "publisher claims too many blocks",
+            )
         if self._clock() < self._grace_until:
-            return self._grace_reason
-        return None
+            return FeedState.GRACE, self._grace_reason
+        return FeedState.LIVE, None
+
+    def stale_reason(self) -> str | None:
+        return self.condition()[1]
 
     def _refresh(self) -> None:
         reason = self.stale_reason()
@@ -405,6 +459,7 @@ class Subscriber:
             "restarts": self.restarts,
             "errors": self.errors,
             "last_error": self.last_error,
+            "state": self.condition()[0].value,
             "stale": self.blocks.stale,
             "stale_reason": self.blocks.stale_reason if self.blocks.stale else None,
             "blocks": len(self.blocks),
@@ -414,3 +469,26 @@ class Subscriber:
             "skipped": self.blocks.skipped_total,
             "cleared": self.blocks.cleared_total,
         }
+
+    def snapshot(self) -> FeedSnapshot:
+        """The feed's numbers for /metrics."""
+        state = self.condition()[0]
+        blocks = self.blocks
+        return FeedSnapshot(
+            endpoint=self.endpoint_id,
+            states=tuple((s.value, 1.0 if s is state else 0.0) for s in FeedState),
+            batches=self.batches,
+            events=self.events,
+            gaps=self.gaps,
+            replays=self.replays,
+            resyncs=tuple(self.resyncs.items()),
+            restarts=self.restarts,
+            errors=tuple((kind.value, n) for kind, n in self.error_counts.items()),
+            blocks=len(blocks),
+            block_events=(
+                ("stored", blocks.stored_total),
+                ("removed", blocks.removed_total),
+                ("skipped", blocks.skipped_total),
+            ),
+            clears=blocks.cleared_total,
+        )
