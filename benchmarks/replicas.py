@@ -76,6 +76,7 @@ from benchmarks import measure as shared  # noqa: E402
 from benchmarks.measure import loadavg  # noqa: E402
 from benchmarks.real_vllm import reset_prefix_caches, tenant_workload, vllm_fleet  # noqa: E402
 from policies import RequestView  # noqa: E402
+from policies.blocks import EndpointBlocks  # noqa: E402
 from router.app import RequestMiddleware, build_app  # noqa: E402
 from router.config import Config  # noqa: E402
 from tests.helpers import free_socket, serve_app, simulator  # noqa: E402
@@ -445,6 +446,22 @@ def real_fleet(
 # -- virtual time: the same fleet and workloads, deterministic --------------------------
 
 
+@dataclass(frozen=True)
+class Feed:
+    """A simulated engine's cache events straight into a view of its blocks
+    (what the router's KV-event subscriber does, without the wire)."""
+
+    blocks: EndpointBlocks
+
+    def stored(
+        self, block_hash: int, parent: int | None, token_ids: Sequence[int], block_size: int
+    ) -> None:
+        self.blocks.stored([block_hash], parent, token_ids, block_size)
+
+    def removed(self, block_hash: int) -> None:
+        self.blocks.removed([block_hash])
+
+
 def virtual(
     n: int,
     arm: Arm,
@@ -467,9 +484,22 @@ def virtual(
     from backends.sim.tokenizer import render_chatml
     from policies import EndpointView, build_policy
     from policies.base import Decision, Outcome
+    from router.prompts import PromptTokenizer, load_prompt_tokenizer
 
     params = sim_params()
     engines = [Engine(params) for _ in range(n)]
+    # The precise arm: every engine's cache events feed one view of its blocks
+    # that all routers read (at once: events take no time here), and each
+    # request's tokens come from the router's tokenizer of the same model.
+    held: list[EndpointBlocks] | None = None
+    prompts: PromptTokenizer | None = None
+    if arm.needs_kv_events:
+        arm = precise_arm([], SIM_MODEL)
+        prompts = load_prompt_tokenizer(str(SIM_MODEL))
+        held = [EndpointBlocks(str(e), 1_000_000) for e in range(n)]
+        for engine, blocks in zip(engines, held, strict=True):
+            blocks.mark_live()
+            engine.cache.events = Feed(blocks)
     t = 0.0
     capacity = (params.num_blocks - 1) * params.block_size
     policies: list[Any] = []
@@ -525,10 +555,12 @@ def virtual(
                     waiting=scraped[e][1],
                     in_flight_at_scrape=at_scrape[r][e],
                     kv_capacity_tokens=capacity,
+                    blocks=held[e] if held is not None else None,
                 )
                 for e in range(n)
             ]
-            request = RequestView(model="tiny", endpoint="chat", body=body)
+            tokens = prompts.tokens("chat", body) if prompts is not None else None
+            request = RequestView(model="tiny", endpoint="chat", body=body, tokens=tokens)
             decision = policies[r].rank(request, views)
             i = int(decision.ranked[0].id)
             reasons[r][decision.reason] = reasons[r].get(decision.reason, 0) + 1
