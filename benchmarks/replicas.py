@@ -517,6 +517,8 @@ def virtual(
     owners: dict[Sequence_, tuple[int, int, Decision | None, int]] = {}
     reasons: list[dict[str, int]] = [{} for _ in range(max(1, router_count))]
     cached: list[tuple[int, int, int]] = []
+    #: Per decision reason: (requests, cold ones: less than half the prompt cached).
+    by_reason: dict[str, list[int]] = {}
     served: dict[int, set[int]] = {}
 
     def push(t: float, kind: str, payload: Any) -> None:
@@ -597,6 +599,9 @@ def virtual(
             awaiting[r][e] -= 1
             in_flight[r][e] -= 1
             cached.append((tenant, seq.num_prompt, seq.hit_tokens))
+            tally = by_reason.setdefault(decision.reason if decision else "oracle", [0, 0])
+            tally[0] += 1
+            tally[1] += seq.hit_tokens < seq.num_prompt / 2
             if decision is not None:
                 policies[r].observe(decision, str(e), Outcome(True, seq.num_prompt, seq.hit_tokens))
             send(t)
@@ -616,6 +621,7 @@ def virtual(
         "excess_cold": cold - tenants,
         "reasons": reasons if arm.model is not None else [],
         "replicas_per_tenant": sum(len(v) for v in served.values()) / max(1, len(served)),
+        "cold_by_reason": {k: {"requests": v[0], "cold": v[1]} for k, v in by_reason.items()},
         "virtual_seconds": round(t, 2),
     }
 
