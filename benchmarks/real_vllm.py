@@ -17,6 +17,7 @@ and chat template): the simulator is calibrated when its hit rates land within
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -229,4 +230,6 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
+    # No options; parsed so that --help prints this instead of starting vLLM.
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     sys.exit(asyncio.run(main()))
