@@ -655,8 +655,17 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
     for ax, (fleet, key) in zip(axes[0], panels, strict=True):
         rows = results[fleet][key]
-        labels = [r["arm"] + (f"\n{r['routers']}r" if r["routers"] else "") for r in rows]
-        colors = {"round_robin": "tab:gray", "approximate": "tab:blue", "oracle": "tab:green"}
+        short = {"round_robin": "RR", "approximate": "approx", "approximate_ring1": "ring1"}
+        labels = [
+            short.get(r["arm"], r["arm"]) + (f"\n{r['routers']}r" if r["routers"] else "")
+            for r in rows
+        ]
+        colors = {
+            "round_robin": "tab:gray",
+            "approximate": "tab:blue",
+            "precise": "tab:purple",
+            "oracle": "tab:green",
+        }
         ax.bar(
             range(len(rows)),
             [r["hit_rate"] for r in rows],
