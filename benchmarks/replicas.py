@@ -80,7 +80,8 @@ from policies import RequestView  # noqa: E402
 from policies.blocks import EndpointBlocks  # noqa: E402
 from router.app import RequestMiddleware, build_app  # noqa: E402
 from router.config import Config  # noqa: E402
-from tests.helpers import free_socket, serve_app, simulator  # noqa: E402
+from tests.helpers import serve_app, simulator  # noqa: E402
+from tests.kvevents_helpers import free_tcp  # noqa: E402
 from tests.real.engines import BLOCK_SIZE, NUM_BLOCKS, ensure_tiny_model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -374,13 +375,6 @@ async def run_fleets(
                     rows.append(r)
                 out[f"{n}/{wname}"] = rows
     return out
-
-
-def free_tcp() -> str:
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
-    return f"tcp://127.0.0.1:{port}"
 
 
 @asynccontextmanager
