@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import json
 import os
@@ -50,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -62,47 +61,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from backends.sim.engine import EngineParams  # noqa: E402
+from benchmarks.measure import WORDS as TENANT_WORDS  # noqa: E402
+from benchmarks.measure import loadavg, through_router  # noqa: E402
 from tests.real.engines import BLOCK_SIZE, NUM_BLOCKS, ensure_tiny_model  # noqa: E402
 
 LENGTHS = (16, 64, 128, 256, 512, 768, 1024, 1400, 1900)
 CONCURRENCY = (1, 2, 4, 8, 16, 32)
 DECODE_TOKENS = 32
+#: The tenant workloads' words and a few more.
 WORDS = [
-    *[
-        "the",
-        "service",
-        "level",
-        "agreement",
-        "covers",
-        "support",
-        "tickets",
-        "billing",
-        "disputes",
-        "refunds",
-    ],
-    *[
-        "escalation",
-        "paths",
-        "data",
-        "retention",
-        "privacy",
-        "requests",
-        "account",
-        "recovery",
-        "invoices",
-    ],
+    *TENANT_WORDS,
     *["cache", "token", "route", "prefix", "server", "batch", "stream", "model", "queue"],
 ]
 LOADED_REQUESTS = 40
 LOADED_CONCURRENCY = 4
 PARAMS = ("step_base", "prefill_per_token", "decode_per_seq", "request_overhead")
-
-
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return "?"
 
 
 # -- prompts -------------------------------------------------------------------------
@@ -245,31 +218,6 @@ async def measure(urls: Sequence[str], model_dir: Path, repeats: int) -> dict[st
             }
             result["loadavg"].append(loadavg())
     return result
-
-
-@contextlib.asynccontextmanager
-async def through_router(urls: Sequence[str], policy: str) -> AsyncIterator[str]:
-    """kvroute (in this process) over ``urls`` with ``policy``; yields its URL."""
-    from router.app import build_app
-    from router.config import parse_config
-    from tests.helpers import serve_app
-
-    config = parse_config(
-        json.dumps(
-            {
-                "endpoints": [
-                    {"id": f"vllm-{i}", "url": u, "kind": "vllm", "models": ["tiny"]}
-                    for i, u in enumerate(urls)
-                ],
-                "models": {"tiny": {"policy": policy}},
-                "server": {"access_log": False},
-                "scrape": {"interval": 0.5},
-                "seed": 3,
-            }
-        )
-    )
-    async with serve_app(build_app(config)) as url:
-        yield url
 
 
 async def loaded_phase(urls: Sequence[str], model_dir: Path, repeats: int) -> dict[str, Any]:

@@ -17,6 +17,7 @@ and chat template): the simulator is calibrated when its hit rates land within
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -31,15 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from backends.sim.engine import EngineParams  # noqa: E402
-from router.app import build_app  # noqa: E402
-from router.config import parse_config  # noqa: E402
-from tests.helpers import serve_app, simulator  # noqa: E402
+from benchmarks.measure import WORDS, measure, through_router  # noqa: E402
+from tests.helpers import simulator  # noqa: E402
 from tests.real.engines import (  # noqa: E402
     BLOCK_SIZE,
     NUM_BLOCKS,
@@ -57,27 +56,6 @@ from tests.real.engines import (  # noqa: E402
 TENANTS = 12
 REQUESTS = 240
 CONCURRENCY = 4
-WORDS = [
-    "the",
-    "service",
-    "level",
-    "agreement",
-    "covers",
-    "support",
-    "tickets",
-    "billing",
-    "disputes",
-    "refunds",
-    "escalation",
-    "paths",
-    "data",
-    "retention",
-    "privacy",
-    "requests",
-    "account",
-    "recovery",
-    "invoices",
-]
 
 
 def tenant_workload(
@@ -117,27 +95,6 @@ def tenant_workload(
 
 def workload(seed: int = 1, requests: int = REQUESTS) -> list[dict[str, Any]]:
     return [body for _, body in tenant_workload(seed, requests)]
-
-
-def counters(text: str) -> dict[str, float]:
-    out = {"hits": 0.0, "queries": 0.0, "done": 0.0}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "vllm:prefix_cache_hits_total":
-                out["hits"] += s.value
-            elif s.name == "vllm:prefix_cache_queries_total":
-                out["queries"] += s.value
-            elif s.name == "vllm:request_success_total":
-                out["done"] += s.value
-    return out
-
-
-async def read_counters(client: httpx.AsyncClient, urls: list[str]) -> dict[str, float]:
-    total = {"hits": 0.0, "queries": 0.0, "done": 0.0}
-    for url in urls:
-        for k, v in counters((await client.get(url + "/metrics")).text).items():
-            total[k] += v
-    return total
 
 
 @dataclass
@@ -194,36 +151,9 @@ async def reset_prefix_caches(client: httpx.AsyncClient, urls: list[str]) -> Non
             raise RuntimeError(f"{url}: prefix cache not reset")
 
 
-async def wait_counters(
-    client: httpx.AsyncClient, urls: list[str], before: dict[str, float], requests: int
-) -> dict[str, float]:
-    """vLLM's counters lag the last response a moment: wait until they cover it."""
-    deadline = time.monotonic() + 30
-    while True:
-        after = await read_counters(client, urls)
-        if after["done"] - before["done"] >= requests or time.monotonic() > deadline:
-            return after
-        await asyncio.sleep(0.2)
-
-
-async def measure(urls: list[str], policy: str, bodies: list[dict[str, Any]]) -> dict[str, Any]:
+async def run_policy(urls: list[str], policy: str, bodies: list[dict[str, Any]]) -> dict[str, Any]:
     """Send ``bodies`` through kvroute over ``urls``; hit rates from the backends."""
-    config = parse_config(
-        json.dumps(
-            {
-                "endpoints": [
-                    {"id": f"vllm-{i}", "url": u, "kind": "vllm", "models": ["tiny"]}
-                    for i, u in enumerate(urls)
-                ],
-                "models": {"tiny": {"policy": policy}},
-                "server": {"access_log": False},
-                "scrape": {"interval": 0.5},
-                "seed": 3,
-            }
-        )
-    )
-    async with serve_app(build_app(config)) as router, httpx.AsyncClient(timeout=120) as c:
-        before = await read_counters(c, urls)
+    async with through_router(urls, policy) as router, httpx.AsyncClient(timeout=120) as c:
         gate = asyncio.Semaphore(CONCURRENCY)
         client_cached = 0
 
@@ -235,26 +165,18 @@ async def measure(urls: list[str], policy: str, bodies: list[dict[str, Any]]) ->
                 details = r.json()["usage"].get("prompt_tokens_details") or {}
                 client_cached += details.get("cached_tokens") or 0
 
-        started = time.perf_counter()
-        await asyncio.gather(*(one(b) for b in bodies))
-        elapsed = time.perf_counter() - started
-        # vLLM's counters lag the last response a moment: wait until they cover it.
-        deadline = time.monotonic() + 30
-        while True:
-            after = await read_counters(c, urls)
-            if after["done"] - before["done"] >= len(bodies) or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.2)
-    hits = after["hits"] - before["hits"]
-    queries = after["queries"] - before["queries"]
+        async def send() -> None:
+            await asyncio.gather(*(one(b) for b in bodies))
+
+        counted = await measure(c, urls, len(bodies), send)
     return {
         "policy": policy,
         "requests": len(bodies),
-        "hit_rate": hits / queries if queries else 0.0,
-        "hit_tokens": hits,
-        "query_tokens": queries,
+        "hit_rate": counted.hit_rate,
+        "hit_tokens": counted.hit_tokens,
+        "query_tokens": counted.query_tokens,
         "client_cached_tokens": client_cached,
-        "seconds": round(elapsed, 2),
+        "seconds": counted.seconds,
     }
 
 
@@ -262,7 +184,7 @@ async def measure_real(workdir: Path, bodies: list[dict[str, Any]]) -> dict[str,
     out: dict[str, Any] = {}
     for policy in ("round_robin", "prefix_affinity"):
         with vllm_servers(workdir / policy) as servers:
-            out[policy] = await measure([s.url for s in servers], policy, bodies)
+            out[policy] = await run_policy([s.url for s in servers], policy, bodies)
     return out
 
 
@@ -276,7 +198,7 @@ async def measure_simulated(bodies: list[dict[str, Any]]) -> dict[str, Any]:
     for policy in ("round_robin", "prefix_affinity"):
         async with AsyncExitStack() as stack:
             sims = [await stack.enter_async_context(simulator(params=params)) for _ in range(2)]
-            out[policy] = await measure([u for u, _ in sims], policy, bodies)
+            out[policy] = await run_policy([u for u, _ in sims], policy, bodies)
     return out
 
 
@@ -308,4 +230,6 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
+    # No options; parsed so that --help prints this instead of starting vLLM.
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     sys.exit(asyncio.run(main()))

