@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from policies.blocks import BlockIndex
 from router.admission import AdmissionGate
@@ -35,6 +35,9 @@ from router.registry import EndpointRegistry, RouteTable
 from router.retry import RetryBudget
 from router.sources import STATIC, Source
 from router.tenants import Tenants
+
+if TYPE_CHECKING:
+    from router.tracing import Tracing
 
 
 def _estimates(snap: LatencySnapshot | None) -> tuple[tuple[str, float], ...]:
@@ -70,6 +73,8 @@ class AppState:
     discovery: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Quota and cache stores replaced by a reload, closed by the lifecycle.
     retired_stores: list[Closable] = field(default_factory=list)
+    #: OpenTelemetry spans (None: tracing off); set by the lifecycle's TracingService.
+    tracing: Tracing | None = None
 
     def endpoint_snapshots(self) -> list[EndpointSnapshot]:
         now = self.registry.clock()
