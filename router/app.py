@@ -1,6 +1,6 @@
 """The router's ASGI application.
 
-RequestMiddleware      request id, OpenAI-shaped errors, access log, request metrics
+RequestMiddleware      request id, trace, OpenAI-shaped errors, access log, request metrics
   └── Dispatch         POST /v1/{chat/completions,completions,embeddings} -> Pipeline
                        everything else -> the control app (Starlette)
 """
