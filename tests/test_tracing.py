@@ -25,6 +25,8 @@ from backends.sim.engine import EngineParams
 from backends.sim.server import build_simulator
 from router.app import build_app
 from router.config import Config, ConfigError, parse_config
+from router.lifecycle import TracingService
+from router.state import AppState
 from router.trace_context import parse_traceparent
 from router.types import ASGIApp, Receive, Scope, Send
 from tests.helpers import router, router_config, serve_app
@@ -412,3 +414,22 @@ def test_tracing_without_the_otel_extra_is_a_config_error(
     assert message.startswith("tracing: ") and "pip install 'kvroute[otel]'" in message
     # Without tracing asked for, the extra is not needed.
     assert not parse_config("endpoints: []", {}).tracing.enabled
+
+
+async def test_a_reload_that_changes_tracing_swaps_the_exporter() -> None:
+    off = router_config(endpoints(["http://127.0.0.1:9"]))
+    on = router_config(
+        endpoints(["http://127.0.0.1:9"]), tracing={"otlp_endpoint": "http://127.0.0.1:9"}
+    )
+    state = AppState.from_config(off)
+    service = TracingService(state)
+    await service.start()
+    assert state.tracing is None
+    await service.reconfigure(off, on)
+    first = state.tracing
+    assert first is not None and first.owned
+    await service.reconfigure(on, on)  # unchanged: the same exporter
+    assert state.tracing is first
+    await service.reconfigure(on, off)
+    assert state.tracing is None
+    await service.stop()
