@@ -14,6 +14,7 @@ fails the request.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections.abc import Sequence
@@ -29,13 +30,16 @@ MAX_MEMBERS = 32
 #: Level 1 defines only the sampled flag; the other bits are sent as zero.
 SAMPLED = 0x01
 
-_HEX = frozenset("0123456789abcdef")
+_TRACEPARENT = re.compile(
+    r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^\x00-\x1f\x7f]*)?"
+)
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
-_KEY = re.compile(
-    r"[a-z][_0-9a-z\-*/]{0,255}|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13}"
+#: One list member: a key (simple, or tenant@system), "=", a value.
+_MEMBER = re.compile(
+    r"(?P<key>[a-z][_0-9a-z\-*/]{0,255}|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13})"
+    r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
 )
-_VALUE = re.compile(r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,28 +69,25 @@ class TraceContext:
 
 
 def new_trace(rng: random.Random | None = None) -> TraceContext:
-    """A fresh trace (not sampled: nothing records it unless tracing is on).
-    Ids are random, not secret: the generator is the one OpenTelemetry uses."""
-    bits = random.getrandbits if rng is None else rng.getrandbits
-    trace_id = bits(128) or 1
-    span_id = bits(64) or 1
-    return TraceContext(f"{trace_id:032x}", f"{span_id:016x}")
+    """A fresh trace (not sampled: nothing records it unless tracing is on),
+    its ids from one read of 24 random bytes."""
+    ids = (os.urandom(24) if rng is None else rng.randbytes(24)).hex()
+    trace_id, span_id = ids[:32], ids[32:]
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:  # 2^-64: still not valid
+        return new_trace(rng)
+    return TraceContext(trace_id, span_id)
 
 
 def parse_traceparent(value: str) -> tuple[str, str, int] | None:
     """(trace id, parent id, flags) of a valid ``traceparent``, else None."""
-    if len(value) < 55 or len(value) > MAX_TRACEPARENT:
+    if len(value) > MAX_TRACEPARENT:
         return None
-    version = value[:2]
-    if not _is_hex(version) or version == "ff":
+    match = _TRACEPARENT.fullmatch(value)
+    if match is None:
         return None
-    # Version 00 is exactly 55 characters; a higher one may add "-..." fields.
-    if len(value) > 55 and (version == "00" or value[55] != "-"):
-        return None
-    if value[2] != "-" or value[35] != "-" or value[52] != "-":
-        return None
-    trace_id, span_id, flags = value[3:35], value[36:52], value[53:55]
-    if not (_is_hex(trace_id) and _is_hex(span_id) and _is_hex(flags)):
+    version, trace_id, span_id, flags, rest = match.groups()
+    # Version 00 is exactly 55 characters; a later one may add "-..." fields.
+    if version == "ff" or (rest and version == "00"):
         return None
     if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
         return None
@@ -106,8 +107,8 @@ def parse_tracestate(values: Sequence[str]) -> str | None:
             member = member.strip(" \t")
             if not member:
                 continue
-            key, eq, val = member.partition("=")
-            if not eq or not _KEY.fullmatch(key) or not _VALUE.fullmatch(val) or key in keys:
+            match = _MEMBER.fullmatch(member)
+            if match is None or (key := match["key"]) in keys:
                 return None
             keys.add(key)
             members.append(member)
@@ -129,7 +130,3 @@ def parse(headers: Sequence[tuple[bytes, bytes]]) -> TraceContext | None:
     state = parse_tracestate(states) if states else None
     trace_id, span_id, flags = parsed
     return TraceContext(trace_id, span_id, flags & SAMPLED, state)
-
-
-def _is_hex(text: str) -> bool:
-    return all(c in _HEX for c in text)
