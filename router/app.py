@@ -1,6 +1,6 @@
 """The router's ASGI application.
 
-RequestMiddleware      request id, OpenAI-shaped errors, access log, request metrics
+RequestMiddleware      request id, trace, OpenAI-shaped errors, access log, request metrics
   └── Dispatch         POST /v1/{chat/completions,completions,embeddings} -> Pipeline
                        everything else -> the control app (Starlette)
 """
@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.applications import Starlette
@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from router import trace_context
 from router.admin import admin_routes
 from router.admin_ui import admin_ui_routes
 from router.config import Config
@@ -37,7 +38,11 @@ from router.request import OPERATIONS, RequestContext
 from router.state import AppState
 from router.types import ASGIApp, Message, Receive, Scope, Send
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
 REQUEST_ID = b"x-request-id"
+TRACE_HEADERS = (trace_context.TRACEPARENT, trace_context.TRACESTATE)
 #: Characters of a request's path the access log keeps.
 MAX_LOGGED_PATH = 256
 #: The model label of requests for a model kvroute does not know.
@@ -66,14 +71,27 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = ""
+        trace_headers: list[tuple[bytes, bytes]] | None = None
         for name, value in scope["headers"]:
             if name == REQUEST_ID:
-                request_id = value.decode("latin-1")[:128]
-                break
+                request_id = request_id or value.decode("latin-1")[:128]
+            elif name in TRACE_HEADERS:
+                if trace_headers is None:
+                    trace_headers = []
+                trace_headers.append((name, value))
         if not request_id:
             request_id = os.urandom(16).hex()
         clock = self.clock
-        ctx = RequestContext(request_id, clock(), clock=clock)
+        # Every request has a trace: the client's (valid), or a new one.
+        trace = trace_context.parse(trace_headers) if trace_headers else None
+        tracing = self.state.tracing
+        span = None
+        if tracing is not None and scope["method"] == "POST" and scope["path"] in OPERATIONS:
+            span = tracing.server_span(trace, OPERATIONS[scope["path"]], scope["path"], request_id)
+            trace = span.trace
+        elif trace is None:
+            trace = trace_context.new_trace()
+        ctx = RequestContext(request_id, clock(), trace, span, clock=clock)
         scope["kvroute.ctx"] = ctx
         rid_header = (REQUEST_ID, request_id.encode("latin-1"))
         inference = scope["path"] in OPERATIONS
@@ -147,6 +165,7 @@ class RequestMiddleware:
                 "path": scope["path"][:MAX_LOGGED_PATH],
                 "status": ctx.status,
                 "duration_ms": round(duration * 1000, 3),
+                "trace_id": ctx.trace.trace_id,
             }
             if tenant is not None:
                 line["tenant"] = tenant.name
@@ -176,6 +195,8 @@ class RequestMiddleware:
             if ctx.cancelled:
                 line["cancelled"] = True
             ACCESS.info(line)
+        if ctx.span is not None:
+            ctx.span.finish(ctx)
 
 
 class Dispatch:
@@ -276,7 +297,12 @@ def build_control_app(state: AppState, lifecycle: Lifecycle) -> Starlette:
     )
 
 
-def build_app(config: Config, config_path: str | None = None) -> RequestMiddleware:
+def build_app(
+    config: Config,
+    config_path: str | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> RequestMiddleware:
+    """The router; ``tracer_provider`` (tests) stands in for ``tracing`` in the config."""
     state = AppState.from_config(config, config_path)
-    control = build_control_app(state, Lifecycle(state))
+    control = build_control_app(state, Lifecycle(state, tracer_provider=tracer_provider))
     return RequestMiddleware(Dispatch(Pipeline(state), control), state)

@@ -7,6 +7,7 @@ policy 'foo' (known: ...)``). Strings may reference the environment as
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -79,6 +80,10 @@ NEVER_FORWARDED = frozenset(
         "expect",
     }
 )
+
+
+#: The W3C trace context: parsed and sent anew, never passed through.
+TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 
 
 class Frozen(BaseModel):
@@ -478,6 +483,102 @@ class AdminConfig(Frozen):
         return None if value == "" else value
 
 
+#: Header names (RFC 9110 tokens).
+HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+#: What ``tracing`` needs installed: the ``otel`` extra's modules.
+OTEL_MODULES = ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
+
+
+def missing_module(names: tuple[str, ...]) -> str | None:
+    """The first of ``names`` that cannot be imported (found, not imported)."""
+    for name in names:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except (ImportError, ValueError):
+            return name
+    return None
+
+
+class TracingConfig(Frozen):
+    """OpenTelemetry spans, exported over OTLP/HTTP (``pip install kvroute[otel]``).
+    Off unless ``otlp_endpoint`` is set; the trace context is propagated to the
+    backends either way. A reload that changes it replaces the exporter."""
+
+    #: The collector's OTLP/HTTP traces URL; a URL with no path gets
+    #: ``/v1/traces`` (``http://collector:4318`` is enough). Redacted when shown.
+    otlp_endpoint: str | None = None
+    service_name: str = Field("kvroute", min_length=1, max_length=128)
+    #: Share of new traces recorded; a client's sampled flag is followed.
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+    #: Sent with every export (e.g. a collector's API key): never shown.
+    headers: dict[str, SecretStr] = Field(default_factory=dict, max_length=32)
+    #: Seconds one export may take (exports run in a thread of their own).
+    timeout: float = Field(10.0, gt=0, le=60)
+
+    @property
+    def enabled(self) -> bool:
+        return self.otlp_endpoint is not None
+
+    @field_validator("otlp_endpoint", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _otlp_http_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        # The URL is not echoed: it may carry credentials.
+        if not re.match(r"^https?://[^/\s?#]+(/[^\s]*)?$", url):
+            raise PydanticCustomError(
+                "url",
+                "must be the http:// or https:// URL of an OTLP/HTTP collector "
+                "(e.g. http://collector:4318); gRPC is not supported",
+                {},
+            )
+        parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 (raises on a bad port)
+        except ValueError:
+            raise PydanticCustomError("url", "has an invalid port", {}) from None
+        if parts.path in ("", "/"):
+            url = url.rstrip("/") + "/v1/traces"
+        return url
+
+    @field_validator("headers")
+    @classmethod
+    def _header_lines(cls, headers: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, value in headers.items():
+            if not HEADER_NAME.match(name):
+                raise PydanticCustomError(
+                    "header", "'{name}' is not a header name", {"name": name[:64]}
+                )
+            if any(c in value.get_secret_value() for c in "\r\n\0"):
+                raise PydanticCustomError(
+                    "header", "the value of '{name}' has a line break", {"name": name}
+                )
+        return headers
+
+    @field_serializer("otlp_endpoint", when_used="json")
+    def _redacted(self, url: str | None) -> str | None:
+        return None if url is None else redact_url(url)
+
+    @model_validator(mode="after")
+    def _installed(self) -> TracingConfig:
+        if self.enabled:
+            missing = missing_module(OTEL_MODULES)
+            if missing is not None:
+                raise PydanticCustomError(
+                    "otel",
+                    "tracing needs the otel extra (pip install 'kvroute[otel]'): "
+                    "cannot import {module}",
+                    {"module": missing},
+                )
+        return self
+
+
 #: ``sha256:`` and the hex digest of an API key (``kvroute keys hash``).
 KEY_HASH = r"^sha256:[0-9a-f]{64}$"
 #: Tenant names: metric labels and Redis keys, so a bounded alphabet.
@@ -713,14 +814,16 @@ class Config(Frozen):
     seed: int | None = None
     admin: AdminConfig = AdminConfig()
     requests: RequestLimits = RequestLimits()
-    #: Client headers sent on to the backends, besides the trace context
-    #: (traceparent, tracestate); no other client header ever goes upstream.
+    #: Client headers sent on to the backends as they came. The trace context
+    #: (traceparent, tracestate) is not one of them: kvroute validates it and
+    #: sends its own (router/trace_context.py). No other client header goes upstream.
     forward_headers: tuple[str, ...] = ()
     auth: AuthConfig = AuthConfig()
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
     quotas: QuotaConfig = QuotaConfig()
     admission: AdmissionConfig = AdmissionConfig()
     cache: CacheConfig = CacheConfig()
+    tracing: TracingConfig = TracingConfig()
 
     @field_validator("forward_headers")
     @classmethod
@@ -733,6 +836,12 @@ class Config(Frozen):
             if lower in NEVER_FORWARDED:
                 raise PydanticCustomError(
                     "header", "'{name}' is never sent upstream", {"name": name}
+                )
+            if lower in TRACE_HEADERS:
+                raise PydanticCustomError(
+                    "header",
+                    "'{name}' is the trace context, which kvroute checks and sends itself",
+                    {"name": name},
                 )
             out.append(lower)
         return tuple(out)

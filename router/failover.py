@@ -81,6 +81,8 @@ class Failover:
             decision = current.policy.rank(view, views)
             ctx.policy, ctx.reason = current.policy_name, decision.reason
             state.metrics.record_decision(current.model, current.policy_name, decision)
+            if ctx.span is not None:
+                ctx.span.decision(current.policy_name, decision)
             for choice in decision.ranked:
                 if attempts >= retries.max_attempts or clock() > deadline:
                     break
@@ -159,8 +161,11 @@ class Failover:
         ok = False
         started = clock()
         attempt = endpoint.begin(started, request.stream)
+        span = None if ctx.span is None else ctx.span.attempt(endpoint, route.model, ctx.attempts)
         try:
-            translator = await self.relay(request, send, attempt, endpoint.targets[route.model])
+            translator = await self.relay(
+                request, send, attempt, endpoint.targets[route.model], span
+            )
             usage = translator.usage
             ok = True
         except UpstreamError as exc:
@@ -168,15 +173,22 @@ class Failover:
             now = clock()
             if endpoint.failed(exc, now):
                 attempt.failed(now)
+            if span is not None:
+                span.failed(exc.label)
             raise
         except asyncio.CancelledError:
             endpoint.abandoned()
+            if span is not None:
+                span.end(ok, cancelled=True)
+                span = None
             raise
         else:
             endpoint.succeeded()
             attempt.answered(clock(), usage.completion_tokens if usage else None)
         finally:
             attempt.end()
+            if span is not None:
+                span.end(ok)
             if usage is not None:
                 ctx.prompt_tokens, ctx.cached_tokens = usage.prompt_tokens, usage.cached_tokens
                 ctx.completion_tokens = usage.completion_tokens

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from router.config import Timeouts
 from router.errors import UpstreamConnectError, UpstreamTimeout
+
+if TYPE_CHECKING:
+    from router.tracing import ClientSpan
 
 #: Seconds an idle upstream connection is kept for reuse: under uvicorn's 5.
 KEEPALIVE_SECONDS = 4.0
@@ -28,6 +32,8 @@ class UpstreamRequest:
     url: str
     body: bytes
     headers: Mapping[str, str]
+    #: The attempt's span (tracing on): it learns the answer's status here.
+    span: ClientSpan | None = None
 
 
 class Forwarder:
@@ -71,7 +77,7 @@ class Forwarder:
         timeout = self._stream if stream else self._plain
         try:
             try:
-                return await self._session.post(
+                resp = await self._session.post(
                     request.url, data=request.body, headers=request.headers, timeout=timeout
                 )
             except aiohttp.ServerDisconnectedError:
@@ -79,7 +85,7 @@ class Forwarder:
                 # classic race with its keep-alive timer on a pooled connection.
                 # Once more (a backend that is really down refuses the next
                 # connection, and the caller fails over).
-                return await self._session.post(
+                resp = await self._session.post(
                     request.url, data=request.body, headers=request.headers, timeout=timeout
                 )
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
@@ -88,3 +94,6 @@ class Forwarder:
             raise UpstreamConnectError(
                 f"cannot reach endpoint {request.endpoint_id}: {exc.__class__.__name__}"
             ) from exc
+        if request.span is not None:
+            request.span.responded(resp.status)
+        return resp

@@ -1,7 +1,7 @@
 """The app's background services, peers owned by the lifespan.
 
-    lifespan ── Lifecycle.start ──> StoreKeeper, Monitor, Discovery, KVEventsHub, Reloader
-             │                                                          (in order)
+    lifespan ── Lifecycle.start ──> TracingService, StoreKeeper, Monitor, Discovery,
+             │                       KVEventsHub, Reloader                 (in order)
              └─ Lifecycle.stop  ──> the reverse                   (each, even if one fails)
 
     Reloader.reload: read + validate (worker thread) -> AppState.apply
@@ -10,14 +10,15 @@
 A service decides for itself what a change means: the Monitor restarts a
 loop whose interval changed, Discovery restarts when the ``discovery``
 section changed, the Reloader starts or stops watching the file, the StoreKeeper closes a
-quota store a reload replaced (and at stop drains settlements). Nobody owns
+quota store a reload replaced (and at stop drains settlements), the
+TracingService swaps its span exporter when ``tracing`` changed. Nobody owns
 anybody else.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from router.config import Config
 from router.consul import Discovery
@@ -26,6 +27,9 @@ from router.monitor import Monitor
 from router.quota.service import StoreKeeper
 from router.reload import Reloader
 from router.state import AppState
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 LOG = logging.getLogger("kvroute.lifecycle")
 
@@ -42,12 +46,53 @@ class Service(Protocol):
         """``new`` was just applied to the app's state (a reload); follow it."""
 
 
+class TracingService:
+    """OpenTelemetry spans while the app runs: from ``tracing`` in the config
+    (the SDK is imported only then), or from a provider handed in (tests).
+    Stopping flushes what is queued and ends the exporter's thread."""
+
+    def __init__(self, state: AppState, provider: TracerProvider | None = None) -> None:
+        self.state = state
+        self.provider = provider
+
+    async def start(self) -> None:
+        if self.provider is not None:
+            from router.tracing import Tracing
+
+            self.state.tracing = Tracing(self.provider, owned=False)
+        else:
+            self._build(self.state.config)
+
+    async def stop(self) -> None:
+        tracing, self.state.tracing = self.state.tracing, None
+        if tracing is not None:
+            await tracing.close()
+
+    async def reconfigure(self, old: Config, new: Config) -> None:
+        if self.provider is not None or old.tracing == new.tracing:
+            return
+        previous = self.state.tracing
+        self._build(new)
+        if previous is not None:
+            # Spans of requests in flight that end after this are dropped.
+            await previous.close()
+
+    def _build(self, config: Config) -> None:
+        if not config.tracing.enabled:
+            self.state.tracing = None
+            return
+        from router.tracing import Tracing
+
+        self.state.tracing = Tracing.from_config(config.tracing)
+
+
 class Lifecycle:
     def __init__(
         self,
         state: AppState,
         monitor: Monitor | None = None,
         discovery: Discovery | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.monitor = monitor or Monitor(state)
         self.discovery = discovery or Discovery(state)
@@ -57,6 +102,7 @@ class Lifecycle:
         #: Started in this order and stopped in the reverse one: the reloader
         #: last, so no reload starts before everything runs or after it stops.
         self.services: list[Service] = [
+            TracingService(state, tracer_provider),
             StoreKeeper(state),
             self.monitor,
             self.discovery,

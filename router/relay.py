@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
-from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -38,38 +38,40 @@ from router.forward import UpstreamRequest
 from router.registry import Attempt
 from router.request import InferenceRequest, RequestContext
 from router.state import AppState
+from router.trace_context import TraceContext
 from router.types import Send
+
+if TYPE_CHECKING:
+    from router.tracing import ClientSpan
 
 LOG = logging.getLogger("kvroute.relay")
 
-#: Client headers that go upstream: the trace context. Everything else a client
-#: sends stays here (its credentials, hop-by-hop and Connection-named headers,
-#: x-forwarded-*, expect, cookies...) unless the config names it in
-#: ``forward_headers``. kvroute sets content-type, x-request-id,
-#: accept-encoding and the endpoint's own authorization itself.
-FORWARDED = ("traceparent", "tracestate")
 JSON = b"application/json"
 SSE = b"text/event-stream"
-
-
-@lru_cache(maxsize=8)
-def forwarded(configured: tuple[str, ...]) -> tuple[str, ...]:
-    return FORWARDED + tuple(h for h in configured if h not in FORWARDED)
 
 
 def upstream_headers(
     client: Mapping[str, str],
     base: Mapping[str, str],
     request_id: str,
-    allowed: tuple[str, ...] = FORWARDED,
+    trace: TraceContext,
+    allowed: tuple[str, ...] = (),
 ) -> dict[str, str]:
-    """The endpoint's own headers, the allowed client headers, the request id."""
+    """The endpoint's own headers, the client headers the config names in
+    ``forward_headers`` (``allowed``), the request id and the trace context.
+
+    Everything else a client sends stays here (its credentials, hop-by-hop and
+    Connection-named headers, x-forwarded-*, expect, cookies...). The trace
+    context is kvroute's own: validated and written anew, never passed through."""
     headers = dict(base)
     for name in allowed:
         value = client.get(name)
         if value is not None:
             headers[name] = value
     headers["x-request-id"] = request_id
+    headers["traceparent"] = trace.traceparent()
+    if trace.state is not None:
+        headers["tracestate"] = trace.state
     # Readable answers: a compressing proxy in between should not compress
     # (and if it does anyway, the forwarder decodes).
     headers["accept-encoding"] = "identity"
@@ -83,10 +85,16 @@ class Relay:
         self.metrics = state.metrics
 
     async def __call__(
-        self, request: InferenceRequest, send: Send, attempt: Attempt, target: Target
+        self,
+        request: InferenceRequest,
+        send: Send,
+        attempt: Attempt,
+        target: Target,
+        span: ClientSpan | None = None,
     ) -> Translator:
         """Serve ``request`` from the attempt's endpoint; the translator (with the
-        answer's usage) once the answer is out."""
+        answer's usage) once the answer is out. With ``span`` (tracing on), the
+        backend's parent span is the attempt's."""
         endpoint = attempt.endpoint
         try:
             exchange = endpoint.adapter.prepare(request, target)
@@ -105,8 +113,10 @@ class Relay:
                 request.headers,
                 endpoint.headers,
                 request.request_id,
-                forwarded(self.state.config.forward_headers),
+                request.ctx.trace if span is None else span.trace,
+                self.state.config.forward_headers,
             ),
+            span,
         )
         waits = request.ctx.waits
         try:

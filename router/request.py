@@ -23,11 +23,13 @@ from backends.base import Operation, Sampling
 from router.config import RequestLimits
 from router.errors import BodyTooLarge, InvalidRequest, MalformedJSON
 from router.overhead import Waits
+from router.trace_context import TraceContext
 from router.types import Receive, Scope
 
 if TYPE_CHECKING:
     from router.registry import Route
     from router.tenants import Tenant
+    from router.tracing import ServerSpan
 
 OPERATIONS: dict[str, Operation] = {op.path: op for op in Operation}
 #: The field each operation requires besides ``model``.
@@ -44,6 +46,11 @@ class RequestContext:
 
     request_id: str
     start: float
+    #: The request's trace (the client's, validated, or a new one): the access
+    #: log's ``trace_id``, and the ``traceparent`` the backend gets.
+    trace: TraceContext
+    #: The request's server span, when tracing is on.
+    span: ServerSpan | None = None
     status: int = 0
     #: The model as the client named it (truncated), and as kvroute resolved it.
     requested_model: str | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from policies.blocks import BlockIndex
 from router.admission import AdmissionGate
@@ -38,6 +38,9 @@ from router.registry import EndpointRegistry, RouteTable
 from router.retry import RetryBudget
 from router.sources import STATIC, Source
 from router.tenants import Tenants
+
+if TYPE_CHECKING:
+    from router.tracing import Tracing
 
 
 def _estimates(snap: LatencySnapshot | None) -> tuple[tuple[str, float], ...]:
@@ -75,6 +78,8 @@ class AppState:
     retired_stores: list[Closable] = field(default_factory=list)
     #: The KV-event feeds at scrape time; the KVEventsHub sets it (none without one).
     kv_feeds: Callable[[], Iterable[FeedSnapshot]] = lambda: ()
+    #: OpenTelemetry spans (None: tracing off); set by the lifecycle's TracingService.
+    tracing: Tracing | None = None
 
     def endpoint_snapshots(self) -> list[EndpointSnapshot]:
         now = self.registry.clock()
