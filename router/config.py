@@ -509,8 +509,12 @@ class TracingConfig(Frozen):
     #: ``/v1/traces`` (``http://collector:4318`` is enough). Redacted when shown.
     otlp_endpoint: str | None = None
     service_name: str = Field("kvroute", min_length=1, max_length=128)
-    #: Share of new traces recorded; a client's sampled flag is followed.
+    #: Share of traces recorded, decided on the trace id (so every router
+    #: replica and every span of one trace agree).
     sample_ratio: float = Field(1.0, ge=0, le=1)
+    #: Follow a client's sampled flag instead. Off by default: a client must not
+    #: be able to make the router record (and export) every one of its requests.
+    trust_client_sampling: bool = False
     #: Sent with every export (e.g. a collector's API key): never shown.
     headers: dict[str, SecretStr] = Field(default_factory=dict, max_length=32)
     #: Seconds one export may take (exports run in a thread of their own).

@@ -29,7 +29,7 @@ from opentelemetry import trace as otel
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.util.types import AttributeValue
 
 from backends.base import Operation
@@ -50,13 +50,20 @@ GEN_AI_OPERATIONS = {
 SCOPE = "kvroute"
 
 
+def sampler(config: TracingConfig) -> Sampler:
+    """By the trace id at ``sample_ratio`` (a client's flag is ignored, unless
+    ``trust_client_sampling``: then a client's sampled flag decides)."""
+    by_id = TraceIdRatioBased(config.sample_ratio)
+    return ParentBased(by_id) if config.trust_client_sampling else by_id
+
+
 def build_provider(config: TracingConfig) -> TracerProvider:
     """A provider exporting over OTLP/HTTP to the configured collector."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     assert config.otlp_endpoint is not None
     provider = TracerProvider(
-        sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)),
+        sampler=sampler(config),
         resource=Resource.create({"service.name": config.service_name}),
         shutdown_on_exit=False,  # the app's lifespan shuts it down
     )

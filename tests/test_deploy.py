@@ -496,6 +496,9 @@ def test_dockerfile_is_multi_stage_and_small() -> None:
     # the final stage takes the built environment from the builder, nothing else
     copies_from = [a for i, a in final if i == "COPY" and a.startswith("--from=")]
     assert copies_from and all(a.startswith(f"--from={name} ") for a in copies_from)
+    # the image can trace: the builder installs the otel extra (tracing is config only)
+    installs = [a for i, a in builder if i == "RUN" and "pip install" in a]
+    assert any('".[otel]"' in a for a in installs), installs
     # ... and has no build step: no compiler, no package installs
     for instruction, args in final:
         if instruction == "RUN":

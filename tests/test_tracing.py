@@ -433,3 +433,31 @@ async def test_a_reload_that_changes_tracing_swaps_the_exporter() -> None:
     await service.reconfigure(on, off)
     assert state.tracing is None
     await service.stop()
+
+
+def _decide(ratio: float, trust: bool, client_sampled: bool) -> bool:
+    from opentelemetry.sdk.trace.sampling import Decision
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
+
+    from router.tracing import sampler
+
+    config = parse_config(
+        "tracing: {otlp_endpoint: 'http://127.0.0.1:4318', "
+        f"sample_ratio: {ratio}, trust_client_sampling: {str(trust).lower()}}}",
+        {},
+    ).tracing
+    trace_id = 0x4BF92F3577B34DA6A3CE929D0E0E4736
+    parent = SpanContext(trace_id, 0x00F067AA0BA902B7, True, TraceFlags(int(client_sampled)))
+    result = sampler(config).should_sample(
+        set_span_in_context(NonRecordingSpan(parent)), trace_id, "POST /v1/chat/completions"
+    )
+    return result.decision is Decision.RECORD_AND_SAMPLE
+
+
+def test_a_client_cannot_choose_what_is_recorded_unless_trusted() -> None:
+    # By default the ratio decides on the trace id, whatever the client's flag says.
+    assert not _decide(0.0, trust=False, client_sampled=True)
+    assert _decide(1.0, trust=False, client_sampled=False)
+    # trust_client_sampling: the client's flag decides.
+    assert _decide(0.0, trust=True, client_sampled=True)
+    assert not _decide(1.0, trust=True, client_sampled=False)
