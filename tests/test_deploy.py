@@ -160,7 +160,7 @@ def _set(doc: dict[str, Any], path: tuple[str | int, ...], value: Any) -> None:
         # a field at the wrong level (it belongs to the pod spec)
         ("kvroute.yaml", "Deployment", ("spec", "terminationGracePeriodSeconds"), 75),
         # a wrong type
-        ("kvroute.yaml", "Deployment", ("spec", "replicas"), "3"),
+        ("kvroute.yaml", "Deployment", ("spec", "minReadySeconds"), "3"),
         ("kvroute.yaml", "NetworkPolicy", ("spec", "ingress", 0, "port"), 8080),
         (
             "autoscaling.yaml",
@@ -297,6 +297,9 @@ def test_hpa_scales_the_deployment_on_cpu_and_the_adapters_metric() -> None:
 def test_the_service_monitor_scrapes_the_service_port_serving_metrics() -> None:
     monitor = only(load_all("servicemonitor.yaml"), "ServiceMonitor")["spec"]
     service = only(load_all("kvroute.yaml"), "Service")
+    # kvroute labels series by "endpoint" (the backend): the operator's own
+    # target label of that name must not rename it.
+    assert all(e.get("honorLabels") is True for e in monitor["endpoints"])
     assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     (endpoint,) = monitor["endpoints"]
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
@@ -368,7 +371,9 @@ def _simulator(service: dict[str, Any]) -> tuple[str, int]:
 def test_consul_registers_the_simulators_compose_starts() -> None:
     services = compose()["services"]
     consul = json.loads((DEPLOY / "consul" / "llm-services.json").read_text())["services"]
-    assert "./consul:/consul/config:ro" in services["consul"]["volumes"]
+    # mounted read-only outside /consul/config (the image's entrypoint chowns that)
+    assert "./consul:/consul/kvroute:ro" in services["consul"]["volumes"]
+    assert "-config-dir=/consul/kvroute" in services["consul"]["command"]
     config = parse_config((DEPLOY / "kvroute-consul.yaml").read_text(), TOKEN)
     assert config.discovery.consul is not None
     wanted = {s.name for s in config.discovery.consul.services}
