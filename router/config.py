@@ -548,7 +548,7 @@ class TracingConfig(Frozen):
         except ValueError:
             raise PydanticCustomError("url", "has an invalid port", {}) from None
         if parts.path in ("", "/"):
-            url = url.rstrip("/") + "/v1/traces"
+            url = urlunsplit(parts._replace(path="/v1/traces"))
         return url
 
     @field_validator("headers")

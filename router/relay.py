@@ -69,9 +69,10 @@ def upstream_headers(
         if value is not None:
             headers[name] = value
     headers["x-request-id"] = request_id
-    headers["traceparent"] = trace.traceparent()
-    if trace.state is not None:
-        headers["tracestate"] = trace.state
+    if trace.propagate:
+        headers["traceparent"] = trace.traceparent()
+        if trace.state is not None:
+            headers["tracestate"] = trace.state
     # Readable answers: a compressing proxy in between should not compress
     # (and if it does anyway, the forwarder decodes).
     headers["accept-encoding"] = "identity"

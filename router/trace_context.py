@@ -53,6 +53,11 @@ class TraceContext:
     flags: int = 0
     #: The client's ``tracestate``, validated and normalised (None: none).
     state: str | None = None
+    #: Sent to the backend. False only for a trace kvroute made up while not
+    #: recording spans: an unsampled parent would switch the backend's own
+    #: tracing off (OpenTelemetry samplers follow their parent), so the id
+    #: stays in kvroute's access log and the backend starts its own trace.
+    propagate: bool = True
 
     @property
     def sampled(self) -> bool:
@@ -75,7 +80,7 @@ def new_trace(rng: random.Random | None = None) -> TraceContext:
     trace_id, span_id = ids[:32], ids[32:]
     if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:  # 2^-64: still not valid
         return new_trace(rng)
-    return TraceContext(trace_id, span_id)
+    return TraceContext(trace_id, span_id, propagate=False)
 
 
 def parse_traceparent(value: str) -> tuple[str, str, int] | None:
