@@ -27,7 +27,6 @@ from router.app import build_app
 from router.config import Config, ConfigError, parse_config
 from router.lifecycle import TracingService
 from router.state import AppState
-from router.trace_context import parse_traceparent
 from router.types import ASGIApp, Receive, Scope, Send
 from tests.helpers import router, router_config, serve_app
 
