@@ -23,6 +23,8 @@ with the same 403 as every /admin route.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from importlib import resources
 from typing import Any
@@ -63,6 +65,10 @@ def load_assets() -> dict[str, tuple[bytes, str]]:
     }
 
 
+#: This process, as the page names it (on Kubernetes the hostname is the pod's name).
+INSTANCE = f"{socket.gethostname()[:64]} (pid {os.getpid()})"
+
+
 def overview(state: AppState, kvevents: KVEventsHub) -> dict[str, Any]:
     """One snapshot of the fleet for the page: endpoints (with the index each
     model matches them by), models, the config's reload and discovery."""
@@ -86,6 +92,9 @@ def overview(state: AppState, kvevents: KVEventsHub) -> dict[str, Any]:
         endpoints.append(entry)
     return {
         "time": time.time(),
+        # Which router process answered: drains and counters are per process,
+        # and behind a Service each refresh may reach another replica.
+        "instance": INSTANCE,
         "endpoints": endpoints,
         "models": models,
         "reload": {**state.reload_status, "watch": state.config.server.watch_config},

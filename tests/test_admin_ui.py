@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -163,6 +164,8 @@ async def test_overview_is_one_snapshot_of_what_admin_knows(
     assert {m["model"] for m in data["models"]} == {"llama-3-8b", "qwen-7b"}
     assert data["reload"]["path"] is None and data["reload"]["last_error"] is None
     assert data["discovery"] == {}
+    # The router process that answered (the app runs in this test's process).
+    assert data["instance"] == f"{socket.gethostname()[:64]} (pid {os.getpid()})"
     assert TOKEN not in str(data)
 
 

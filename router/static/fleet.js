@@ -190,6 +190,7 @@
     const inFlight = eps.reduce((s, e) => s + e.in_flight, 0);
     const item = (label, value) => el("span", null, label + " ", el("b", null, value));
     $("summary").replaceChildren(
+      item("router", data.instance),
       item("endpoints up", `${up}/${eps.length}`),
       item("draining", draining),
       item("in flight", inFlight),
