@@ -2,6 +2,7 @@
 ``kvroute_overhead_seconds``, measured without I/O on an injected clock.
 
     overhead = (response start sent - request received)
+               - time receiving the body    the client's upload
                - time waiting on backends   every attempt, failed ones too: from
                                             sending the upstream request to its
                                             answer (a whole answer: its body; a
@@ -27,7 +28,8 @@ HEADER = b"x-kvroute-overhead-ms"
 
 @dataclass(slots=True)
 class Waits:
-    """Seconds of a request that are not kvroute's (backends, admission queue)."""
+    """Seconds of a request that are not kvroute's (the upload, backends,
+    the admission queue)."""
 
     total: float = 0.0
     #: When the backend wait under way began (None: none is).

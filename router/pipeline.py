@@ -113,7 +113,13 @@ class Pipeline:
     async def intake(self, scope: Scope, receive: Receive, ctx: RequestContext) -> InferenceRequest:
         op = OPERATIONS[scope["path"]]
         config = self.state.config
-        raw = await read_body(scope, receive, config.server.max_body_bytes)
+        # The upload is the client's time, not kvroute's (a slow client's body
+        # must not read as router overhead).
+        ctx.waits.begin(ctx.clock())
+        try:
+            raw = await read_body(scope, receive, config.server.max_body_bytes)
+        finally:
+            ctx.waits.end(ctx.clock())
         if len(raw) > PARSE_IN_THREAD_BYTES:
             # Parsing megabytes holds the loop for tens of milliseconds: elsewhere.
             body = await asyncio.to_thread(parse_body, raw, op, config.requests)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -193,3 +195,29 @@ async def test_time_queued_for_admission_is_not_overhead() -> None:
             count, queued = await admission_wait_sum(c)
             assert count == 1 and queued > 0  # only the second one queued
             assert 0 <= overhead_ms(r) <= total - (stall + queued) * 1000 + ROUNDING_MS
+
+
+async def test_a_slow_upload_is_the_clients_time_not_overhead() -> None:
+    pause = 0.1
+    body = orjson.dumps(chat())
+    halves = [body[: len(body) // 2], body[len(body) // 2 :]]
+
+    async def slowly() -> AsyncIterator[bytes]:
+        for part in halves:
+            await asyncio.sleep(pause)
+            yield part
+
+    async with simulator() as (sim, _):
+        config = router_config([{"id": "e", "url": sim, "kind": "vllm", "models": ["tiny"]}])
+        async with router(config) as url, httpx.AsyncClient(base_url=url, timeout=30) as c:
+            began = time.perf_counter()
+            r = await c.post(
+                "/v1/chat/completions",
+                content=slowly(),
+                headers={"content-type": "application/json"},
+            )
+            total = (time.perf_counter() - began) * 1000
+            assert r.status_code == 200
+            # The router saw the request's start, then waited for the second
+            # half at least one pause: that wait is not kvroute's.
+            assert 0 <= overhead_ms(r) <= total - pause * 1000 + ROUNDING_MS
