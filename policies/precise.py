@@ -32,11 +32,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from policies.base import EndpointView, HeldBlocks, RequestView
 from policies.blocks import leading
-from policies.prefix_index import IndexStats, PrefixIndex
+from policies.prefix_index import IndexParams, IndexStats, PrefixIndex, capacity_blocks
 from policies.prompt import block_hashes, canonical_prompt, model_seed
 
 Source = Literal["precise", "approximate", "stale"]
@@ -165,13 +165,7 @@ class InFlight:
             del self._decisions[handle]
 
 
-class PrecisePrefixParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    block_chars: int = Field(256, ge=16)
-    chars_per_token: float = Field(4.0, gt=0)
-    default_capacity_tokens: int = Field(262_144, gt=0)
-    max_index_entries: int = Field(1_000_000, ge=1)
+class PrecisePrefixParams(IndexParams):
     #: Decisions whose blocks count as held before their events come.
     max_in_flight: int = Field(1024, ge=1)
 
@@ -223,9 +217,10 @@ class PrecisePrefix:
     def picked(self, memo: Any, endpoint: EndpointView) -> None:
         hashes, tokens = memo
         p = self.params
-        capacity = endpoint.kv_capacity_tokens or p.default_capacity_tokens
         self.index.insert(
-            hashes, endpoint.id, max(1, int(capacity * p.chars_per_token / p.block_chars))
+            hashes,
+            endpoint.id,
+            capacity_blocks(endpoint, p.default_capacity_tokens, p.chars_per_token, p.block_chars),
         )
         blocks = live_blocks(endpoint)
         if blocks is not None and tokens is not None:

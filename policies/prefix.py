@@ -66,12 +66,12 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from policies.base import Decision, EndpointView, Outcome, PromptTokens, RequestView, load_of
 from policies.blocks import leading
 from policies.precise import DEFAULT_BLOCK_SIZE, InFlight, block_size, live_blocks
-from policies.prefix_index import IndexStats, PrefixIndex, capacity_blocks
+from policies.prefix_index import IndexParams, IndexStats, PrefixIndex, capacity_blocks
 from policies.prompt import block_hashes, canonical_prompt, model_seed
 from policies.ring import Capacity, RingCache
 
@@ -79,11 +79,7 @@ from policies.ring import Capacity, RingCache
 MAX_SPILL_WALK = 8
 
 
-class PrefixAffinityParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    #: Characters per indexed block (about ``block_chars / 4`` tokens).
-    block_chars: int = Field(256, ge=16)
+class PrefixAffinityParams(IndexParams):
     #: Shorter matches count as no match.
     min_match_blocks: int = Field(1, ge=1)
     #: Load guard: act when max - min load > abs AND max > rel * min.
@@ -93,14 +89,9 @@ class PrefixAffinityParams(BaseModel):
     epsilon: float = Field(0.25, gt=0)
     #: ... but an endpoint with fewer requests than this is never overloaded.
     min_overload: float = Field(4.0, ge=0)
-    #: To size each endpoint's share of the index from its KV capacity in tokens:
-    #: the starting guess, then learned from responses' usage unless turned off.
-    chars_per_token: float = Field(4.0, gt=0)
+    #: ``chars_per_token`` is the starting guess, then learned from responses'
+    #: usage unless turned off.
     learn_chars_per_token: bool = True
-    #: KV capacity assumed for an endpoint that reports none.
-    default_capacity_tokens: int = Field(262_144, gt=0)
-    #: Hard cap on index entries (block x endpoint) across the model's endpoints.
-    max_index_entries: int = Field(1_000_000, ge=1)
     #: Virtual nodes per unit of weight on the hash ring.
     vnodes: int = Field(100, ge=1)
     #: A new prefix goes to the one of this many endpoints along the ring

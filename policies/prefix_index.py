@@ -17,7 +17,26 @@ from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from policies.base import EndpointView
+
+
+class IndexParams(BaseModel):
+    """The character index's parameters, shared by the policies and scorers
+    that keep one (``prefix_affinity``, ``prefix_match``, ``precise_prefix``):
+    each field declared and validated here, once."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: Characters per indexed block (about ``block_chars / 4`` tokens).
+    block_chars: int = Field(256, ge=16)
+    #: To size each endpoint's share of the index from its KV capacity in tokens.
+    chars_per_token: float = Field(4.0, gt=0)
+    #: KV capacity assumed for an endpoint that reports none.
+    default_capacity_tokens: int = Field(262_144, gt=0)
+    #: Hard cap on index entries (block x endpoint) across the model's endpoints.
+    max_index_entries: int = Field(1_000_000, ge=1)
 
 
 def capacity_blocks(
