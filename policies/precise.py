@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any, Literal
 
 from pydantic import Field
@@ -102,6 +102,12 @@ class InFlight:
     def __contains__(self, endpoint_id: object) -> bool:
         """Whether anything is in flight to ``endpoint_id``."""
         return endpoint_id in self._held
+
+    @property
+    def endpoints(self) -> Container[str]:
+        """The endpoints with something in flight: a live view whose ``in``
+        runs in C, for a loop over every candidate."""
+        return self._held.keys()
 
     def add(self, endpoint_id: str, hashes: Sequence[int]) -> int | None:
         """Record a decision; returns its handle for ``release``."""

@@ -146,13 +146,16 @@ class PrefixAffinity:
             tokens = None
         # With every candidate's events live, the character index has no part
         # in the decision: hash only the ring key, and feed it nothing.
-        precise_only = tokens is not None and all(
-            e.blocks is not None and not e.blocks.stale for e in candidates
-        )
+        precise_only = tokens is not None and not [
+            e for e in candidates if (b := e.blocks) is None or b.stale
+        ]
         hashes, prompt_len = self.hashes(request, head_only=precise_only)
+        # Per-candidate work is what a decision over many endpoints costs:
+        # comprehensions and C-level dicts, no Python call per candidate.
         load_list = [load_of(e) for e in candidates]
-        position = {e.id: i for i, e in enumerate(candidates)}
-        loads = dict(zip(position, load_list, strict=True))
+        ids = [e.id for e in candidates]
+        position = dict(zip(ids, range(len(ids)), strict=True))
+        loads = dict(zip(ids, load_list, strict=True))
         capacity = Capacity(candidates, p.epsilon, p.min_overload, sum(load_list))
         matches: dict[str, float] = {}
         best = 0.0
@@ -189,11 +192,9 @@ class PrefixAffinity:
             key=lambda e: (-matches[e.id], loads[e.id], e.id),
         )
         order = sorted(range(len(candidates)), key=load_list.__getitem__)
-        rest = held + [
-            candidates[i]
-            for i in order
-            if candidates[i] is not chosen and candidates[i].id not in matches
-        ]
+        taken = {position[eid] for eid in matches}
+        taken.add(position[chosen.id])
+        rest = held + [candidates[i] for i in order if i not in taken]
         if not precise_only:
             self.index.insert(hashes, chosen.id, self.capacity_blocks(chosen))
         handle = None
@@ -225,31 +226,35 @@ class PrefixAffinity:
         matches: dict[str, float] = {}
         hits: dict[str, str] = {}
         approximate: list[str] = []
-        chains: dict[int, Sequence[int]] = {}
         in_flight = self.in_flight
+        pending_at = in_flight.endpoints
         num_tokens = tokens.num_tokens
-        for e in candidates:
-            blocks = e.blocks
-            if blocks is None or blocks.stale:
-                approximate.append(e.id)
-                continue
-            size = blocks.block_size or DEFAULT_BLOCK_SIZE
-            ours = chains.get(size)
-            if ours is None:
-                ours = chains[size] = tokens.block_hashes(size)
+        # Comprehensions, not a loop body per candidate: over 64 endpoints the
+        # per-candidate bytecode was the larger part of a decision.
+        live = [(e, b) for e in candidates if (b := e.blocks) is not None and not b.stale]
+        if len(live) < len(candidates):
+            approximate = [e.id for e in candidates if (b := e.blocks) is None or b.stale]
+        sizes = {b.block_size for _, b in live}
+        for raw in sizes:  # one size in a fleet, as a rule
+            size = raw or DEFAULT_BLOCK_SIZE
+            ours = tokens.block_hashes(size)
             if not ours:
                 continue
-            # Most endpoints hold not even the first block: one lookup each.
-            precise = leading(blocks, ours) if ours[0] in blocks else 0
-            pending = in_flight.match(e.id, ours) if e.id in in_flight else 0
-            n = precise if precise >= pending else pending
-            if not n:
-                continue
-            # Every full block held is all an engine can reuse: the whole prompt.
-            held = num_tokens if n == len(ours) else n * size
-            matches[e.id] = held
-            if held >= p.min_match_tokens:
-                hits[e.id] = "precise_hit" if precise >= pending else "inflight_hit"
+            group = live if len(sizes) == 1 else [(e, b) for e, b in live if b.block_size == raw]
+            first = ours[0]
+            # Most endpoints hold not even the first block: one lookup each, in C.
+            for e, b in [(e, b) for e, b in group if first in b.hashes or e.id in pending_at]:
+                held = b.hashes
+                precise = leading(held, ours) if first in held else 0
+                pending = in_flight.match(e.id, ours) if e.id in pending_at else 0
+                n = precise if precise >= pending else pending
+                if not n:
+                    continue
+                # Every full block held is all an engine can reuse: the whole prompt.
+                whole = num_tokens if n == len(ours) else n * size
+                matches[e.id] = whole
+                if whole >= p.min_match_tokens:
+                    hits[e.id] = "precise_hit" if precise >= pending else "inflight_hit"
         if approximate and hashes:
             per_char = tokens.num_tokens / prompt_len
             for eid, n in self.index.match(hashes, approximate).items():

@@ -100,7 +100,7 @@ class Capacity:
         if total_load is None:
             total_load = sum(load_of(e) for e in candidates)
         self._total = total_load + 1
-        self._weight = sum(e.weight for e in candidates)
+        self._weight = sum([e.weight for e in candidates])
         self._epsilon = epsilon
         self._floor = floor
 
