@@ -72,7 +72,13 @@ from policies.base import Decision, EndpointView, Outcome, PromptTokens, Request
 from policies.blocks import leading
 from policies.precise import DEFAULT_BLOCK_SIZE, InFlight, block_size, live_blocks
 from policies.prefix_index import IndexParams, IndexStats, PrefixIndex, capacity_blocks
-from policies.prompt import block_hashes, canonical_prompt, model_seed
+from policies.prompt import (
+    CharChains,
+    block_hashes,
+    canonical_prompt,
+    message_parts,
+    model_seed,
+)
 from policies.ring import Capacity, RingCache
 
 #: Ring steps taken looking for a cache with room before settling for the owner.
@@ -119,6 +125,7 @@ class PrefixAffinity:
         self.index = PrefixIndex(params.max_index_entries)
         self._rings = RingCache(params.vnodes)
         self._seeds: dict[str, int] = {}
+        self._chains = CharChains(params.block_chars)
         self.chars_per_token = params.chars_per_token
         self._ratio_samples = 0
         self.in_flight = InFlight(params.max_in_flight)
@@ -135,9 +142,22 @@ class PrefixAffinity:
         seed = self._seeds.get(request.model)
         if seed is None:
             seed = self._seeds[request.model] = model_seed(request.model)
-        text = canonical_prompt(request.body)
         chars = self.params.block_chars
-        return block_hashes(text[:chars] if head_only else text, chars, seed), len(text)
+        parts = message_parts(request.body)
+        if parts is None:
+            text = canonical_prompt(request.body)
+            return block_hashes(text[:chars] if head_only else text, chars, seed), len(text)
+        prompt_len = sum(map(len, parts))
+        if not head_only:
+            return self._chains.hashes(parts, seed), prompt_len
+        head: list[str] = []
+        taken = 0
+        for part in parts:
+            head.append(part)
+            taken += len(part)
+            if taken >= chars:
+                break
+        return block_hashes("".join(head)[:chars], chars, seed), prompt_len
 
     def rank(self, request: RequestView, candidates: Sequence[EndpointView]) -> Decision:
         p = self.params

@@ -13,9 +13,11 @@ for the garbage collector to walk.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from functools import reduce
+from operator import or_
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -92,6 +94,9 @@ class PrefixIndex:
         self._lru: dict[str, OrderedDict[int, None]] = {}
         self._capacity: dict[str, int] = {}
         self._slot: dict[str, int] = {}
+        #: ``1 << slot`` by endpoint, and endpoints by slot: kept, not rebuilt per match.
+        self._bit: dict[str, int] = {}
+        self._by_slot: dict[int, str] = {}
         self._free_slots: list[int] = []
         self.entries = 0
         self.evictions = 0
@@ -104,12 +109,9 @@ class PrefixIndex:
         bisection finds where each endpoint drops out in O(log n) lookups per
         endpoint instead of one lookup per block.
         """
-        slots = self._slot
-        wanted = 0
-        for e in endpoint_ids:
-            slot = slots.get(e)
-            if slot is not None:
-                wanted |= 1 << slot
+        # The candidates' bits, OR-ed in C (a loop over 64 candidates cost more
+        # than the search below).
+        wanted = reduce(or_, filter(None, map(self._bit.get, endpoint_ids)), 0)
         if not wanted or not hashes:
             return {}
         holders = self._holders
@@ -136,7 +138,7 @@ class PrefixIndex:
             m_mid = mask(mid) & m_lo
             stack.append((lo, mid, m_lo, m_mid))
             stack.append((mid, hi, m_mid, m_hi))
-        by_slot = {slot: e for e, slot in slots.items()}
+        by_slot = self._by_slot
         return {by_slot[s]: d for s, d in depth.items()}
 
     def insert(self, hashes: Sequence[int], endpoint_id: str, capacity_blocks: int) -> None:
@@ -151,19 +153,25 @@ class PrefixIndex:
         lru = self._lru.get(endpoint_id)
         if lru is None:
             lru = self._lru[endpoint_id] = OrderedDict()
-            self._slot[endpoint_id] = (
-                self._free_slots.pop() if self._free_slots else len(self._slot)
-            )
+            slot = self._free_slots.pop() if self._free_slots else len(self._slot)
+            self._slot[endpoint_id] = slot
+            self._bit[endpoint_id] = 1 << slot
+            self._by_slot[slot] = endpoint_id
         self._capacity[endpoint_id] = capacity_blocks
-        bit = 1 << self._slot[endpoint_id]
+        bit = self._bit[endpoint_id]
         holders = self._holders
-        for h in reversed(hashes[:capacity_blocks]):
-            if h in lru:
-                lru.move_to_end(h)
-                continue
-            lru[h] = None
-            holders[h] = holders.get(h, 0) | bit
-            self.entries += 1
+        chain = hashes[:capacity_blocks][::-1]
+        if all(map(lru.__contains__, chain)):
+            # A prompt seen whole before (the usual hit): refresh, in C.
+            deque(map(lru.move_to_end, chain), maxlen=0)
+        else:
+            for h in chain:
+                if h in lru:
+                    lru.move_to_end(h)
+                    continue
+                lru[h] = None
+                holders[h] = holders.get(h, 0) | bit
+                self.entries += 1
         while len(lru) > capacity_blocks:
             self._evict_one(endpoint_id, lru)
         while self.entries > self.max_entries:
@@ -194,6 +202,7 @@ class PrefixIndex:
         if lru is None:
             return
         slot = self._slot.pop(endpoint_id)
+        del self._bit[endpoint_id], self._by_slot[slot]
         for h in lru:
             self._drop(h, 1 << slot)
         self.entries -= len(lru)
