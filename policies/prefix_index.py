@@ -161,17 +161,15 @@ class PrefixIndex:
         bit = self._bit[endpoint_id]
         holders = self._holders
         chain = hashes[:capacity_blocks][::-1]
-        if all(map(lru.__contains__, chain)):
-            # A prompt seen whole before (the usual hit): refresh, in C.
-            deque(map(lru.move_to_end, chain), maxlen=0)
-        else:
-            for h in chain:
-                if h in lru:
-                    lru.move_to_end(h)
-                    continue
-                lru[h] = None
-                holders[h] = holders.get(h, 0) | bit
-                self.entries += 1
+        # Each block is added or refreshed in that order: the new ones first,
+        # then every block moved to the end in order, in C (a Python loop over
+        # a 32k-character prompt's 125 blocks was a sixth of a decision).
+        new = dict.fromkeys([h for h in chain if h not in lru])
+        for h in new:
+            holders[h] = holders.get(h, 0) | bit
+        self.entries += len(new)
+        lru.update(new)
+        deque(map(lru.move_to_end, chain), maxlen=0)
         while len(lru) > capacity_blocks:
             self._evict_one(endpoint_id, lru)
         while self.entries > self.max_entries:
