@@ -28,7 +28,7 @@ never tried) fall out after ``max_decisions`` newer ones.
 from __future__ import annotations
 
 import bisect
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Container, Sequence
 from typing import Any, Literal
 
@@ -92,7 +92,7 @@ class InFlight:
 
     def __init__(self, max_decisions: int = 4096) -> None:
         self.max_decisions = max_decisions
-        self._held: dict[str, dict[int, int]] = {}
+        self._held: dict[str, Counter[int]] = {}
         self._decisions: OrderedDict[int, tuple[str, list[int]]] = OrderedDict()
         self._next = 0
 
@@ -114,13 +114,13 @@ class InFlight:
         n = len(hashes)
         if not n:
             return None
-        sampled = [hashes[i] for i in GRID[: bisect.bisect_left(GRID, n)]]
+        sampled = list(map(hashes.__getitem__, GRID[: bisect.bisect_left(GRID, n)]))
         if sampled[-1] != hashes[-1]:
             sampled.append(hashes[-1])
-        held = self._held.setdefault(endpoint_id, {})
-        get = held.get
-        for h in sampled:
-            held[h] = get(h, 0) + 1
+        held = self._held.get(endpoint_id)
+        if held is None:
+            held = self._held[endpoint_id] = Counter()
+        held.update(sampled)  # counted in C
         handle = self._next
         self._next += 1
         self._decisions[handle] = (endpoint_id, sampled)

@@ -63,7 +63,7 @@ class RingCache:
     def ring(self, candidates: Sequence[EndpointView]) -> HashRing:
         # Keyed in the order given (no sort on the hot path); the ring itself
         # depends only on the set, so every order builds the same one.
-        members = tuple((e.id, e.weight) for e in candidates)
+        members = tuple([(e.id, e.weight) for e in candidates])
         ring = self._rings.get(members)
         if ring is None:
             ring = HashRing(sorted(members), self.vnodes)
