@@ -169,7 +169,8 @@ class PrefixIndex:
             holders[h] = holders.get(h, 0) | bit
         self.entries += len(new)
         lru.update(new)
-        deque(map(lru.move_to_end, chain), maxlen=0)
+        if len(new) < len(chain):  # all new (and distinct): already in order
+            deque(map(lru.move_to_end, chain), maxlen=0)
         while len(lru) > capacity_blocks:
             self._evict_one(endpoint_id, lru)
         while self.entries > self.max_entries:
