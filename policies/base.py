@@ -9,7 +9,7 @@ so a seeded policy is exactly reproducible.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -33,6 +33,13 @@ class HeldBlocks(Protocol):
     def stale(self) -> bool:
         """True while the publisher is silent or a gap is being repaired:
         the contents are not to be trusted, use the approximate index."""
+        ...
+
+    @property
+    def hashes(self) -> Container[int]:
+        """The held blocks' hashes, for membership tests: a container whose
+        ``in`` runs in C (a dict), asked once per candidate per decision, where
+        a Python ``__contains__`` cost 0.4 us a call."""
         ...
 
     def __contains__(self, block_hash: object) -> bool: ...

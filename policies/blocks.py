@@ -85,7 +85,9 @@ class EndpointBlocks:
     stale: bool = True
     stale_reason: str = "no events yet"
     _ours: dict[int, int] = field(default_factory=dict)
-    _held: dict[int, int] = field(default_factory=dict)
+    #: Our hash -> how many engine blocks have it (``HeldBlocks.hashes``):
+    #: read by policies, written only here.
+    hashes: dict[int, int] = field(default_factory=dict)
     #: Counters for /admin/prefix-index and metrics.
     stored_total: int = 0
     removed_total: int = 0
@@ -93,10 +95,10 @@ class EndpointBlocks:
     cleared_total: int = 0
 
     def __contains__(self, block_hash: object) -> bool:
-        return block_hash in self._held
+        return block_hash in self.hashes
 
     def __len__(self) -> int:
-        return len(self._held)
+        return len(self.hashes)
 
     def stored(
         self,
@@ -115,7 +117,7 @@ class EndpointBlocks:
             self.skipped_total += len(engine_hashes)
             return 0
         if block_size != self.block_size:
-            if self._held:
+            if self.hashes:
                 # A different block size means a different engine: start over.
                 self.cleared()
             self.block_size = block_size
@@ -137,7 +139,7 @@ class EndpointBlocks:
             if engine_hash in self._ours:
                 continue  # at-least-once delivery: a repeat changes nothing
             self._ours[engine_hash] = h
-            self._held[h] = self._held.get(h, 0) + 1
+            self.hashes[h] = self.hashes.get(h, 0) + 1
         self.stored_total += n
         self.skipped_total += len(engine_hashes) - n
         return n
@@ -149,16 +151,16 @@ class EndpointBlocks:
             h = self._ours.pop(engine_hash, None)
             if h is None:
                 continue
-            count = self._held[h] - 1
+            count = self.hashes[h] - 1
             if count:
-                self._held[h] = count
+                self.hashes[h] = count
             else:
-                del self._held[h]
+                del self.hashes[h]
             self.removed_total += 1
 
     def cleared(self) -> None:
         self._ours.clear()
-        self._held.clear()
+        self.hashes.clear()
         self.cleared_total += 1
 
     def mark_stale(self, reason: str) -> None:
@@ -175,7 +177,7 @@ class EndpointBlocks:
         Engines free a request's blocks tail first, so what an endpoint holds
         of one chain is (almost always) a prefix of it: a galloping then binary
         search costs O(log n) lookups instead of one per block."""
-        return leading(self._held, hashes)
+        return leading(self.hashes, hashes)
 
 
 class BlockIndex:

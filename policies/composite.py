@@ -26,7 +26,7 @@ from pydantic_core import PydanticCustomError
 from policies.base import Decision, EndpointView, Outcome, RequestView, load_of
 from policies.latency import LowLatency, LowLatencyParams
 from policies.precise import PrecisePrefix, PrecisePrefixParams
-from policies.prefix_index import IndexStats, PrefixIndex
+from policies.prefix_index import IndexParams, IndexStats, PrefixIndex, capacity_blocks
 from policies.prompt import block_hashes, canonical_prompt, model_seed
 from policies.ring import RingCache, bounded_capacity, ring_order
 
@@ -150,11 +150,8 @@ class WeightScore(_Stateless):
         return ([e.weight / top for e in candidates], None)
 
 
-class PrefixMatchParams(Params):
-    block_chars: int = Field(256, ge=16)
-    chars_per_token: float = Field(4.0, gt=0)
-    default_capacity_tokens: int = Field(262_144, gt=0)
-    max_index_entries: int = Field(1_000_000, ge=1)
+class PrefixMatchParams(IndexParams):
+    pass
 
 
 class PrefixMatch:
@@ -178,9 +175,10 @@ class PrefixMatch:
 
     def picked(self, memo: Any, endpoint: EndpointView) -> None:
         p = self.params
-        tokens = endpoint.kv_capacity_tokens or p.default_capacity_tokens
         self.index.insert(
-            memo, endpoint.id, max(1, int(tokens * p.chars_per_token / p.block_chars))
+            memo,
+            endpoint.id,
+            capacity_blocks(endpoint, p.default_capacity_tokens, p.chars_per_token, p.block_chars),
         )
 
     def forget(self, endpoint_id: str) -> None:

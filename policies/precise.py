@@ -28,15 +28,15 @@ never tried) fall out after ``max_decisions`` newer ones.
 from __future__ import annotations
 
 import bisect
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Container, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from policies.base import EndpointView, HeldBlocks, RequestView
 from policies.blocks import leading
-from policies.prefix_index import IndexStats, PrefixIndex
+from policies.prefix_index import IndexParams, IndexStats, PrefixIndex, capacity_blocks
 from policies.prompt import block_hashes, canonical_prompt, model_seed
 
 Source = Literal["precise", "approximate", "stale"]
@@ -92,7 +92,7 @@ class InFlight:
 
     def __init__(self, max_decisions: int = 4096) -> None:
         self.max_decisions = max_decisions
-        self._held: dict[str, dict[int, int]] = {}
+        self._held: dict[str, Counter[int]] = {}
         self._decisions: OrderedDict[int, tuple[str, list[int]]] = OrderedDict()
         self._next = 0
 
@@ -103,18 +103,24 @@ class InFlight:
         """Whether anything is in flight to ``endpoint_id``."""
         return endpoint_id in self._held
 
+    @property
+    def endpoints(self) -> Container[str]:
+        """The endpoints with something in flight: a live view whose ``in``
+        runs in C, for a loop over every candidate."""
+        return self._held.keys()
+
     def add(self, endpoint_id: str, hashes: Sequence[int]) -> int | None:
         """Record a decision; returns its handle for ``release``."""
         n = len(hashes)
         if not n:
             return None
-        sampled = [hashes[i] for i in GRID[: bisect.bisect_left(GRID, n)]]
+        sampled = list(map(hashes.__getitem__, GRID[: bisect.bisect_left(GRID, n)]))
         if sampled[-1] != hashes[-1]:
             sampled.append(hashes[-1])
-        held = self._held.setdefault(endpoint_id, {})
-        get = held.get
-        for h in sampled:
-            held[h] = get(h, 0) + 1
+        held = self._held.get(endpoint_id)
+        if held is None:
+            held = self._held[endpoint_id] = Counter()
+        held.update(sampled)  # counted in C
         handle = self._next
         self._next += 1
         self._decisions[handle] = (endpoint_id, sampled)
@@ -165,13 +171,7 @@ class InFlight:
             del self._decisions[handle]
 
 
-class PrecisePrefixParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    block_chars: int = Field(256, ge=16)
-    chars_per_token: float = Field(4.0, gt=0)
-    default_capacity_tokens: int = Field(262_144, gt=0)
-    max_index_entries: int = Field(1_000_000, ge=1)
+class PrecisePrefixParams(IndexParams):
     #: Decisions whose blocks count as held before their events come.
     max_in_flight: int = Field(1024, ge=1)
 
@@ -223,9 +223,10 @@ class PrecisePrefix:
     def picked(self, memo: Any, endpoint: EndpointView) -> None:
         hashes, tokens = memo
         p = self.params
-        capacity = endpoint.kv_capacity_tokens or p.default_capacity_tokens
         self.index.insert(
-            hashes, endpoint.id, max(1, int(capacity * p.chars_per_token / p.block_chars))
+            hashes,
+            endpoint.id,
+            capacity_blocks(endpoint, p.default_capacity_tokens, p.chars_per_token, p.block_chars),
         )
         blocks = live_blocks(endpoint)
         if blocks is not None and tokens is not None:

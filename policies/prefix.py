@@ -66,24 +66,26 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from policies.base import Decision, EndpointView, Outcome, PromptTokens, RequestView, load_of
 from policies.blocks import leading
 from policies.precise import DEFAULT_BLOCK_SIZE, InFlight, block_size, live_blocks
-from policies.prefix_index import IndexStats, PrefixIndex, capacity_blocks
-from policies.prompt import block_hashes, canonical_prompt, model_seed
+from policies.prefix_index import IndexParams, IndexStats, PrefixIndex, capacity_blocks
+from policies.prompt import (
+    CharChains,
+    block_hashes,
+    canonical_prompt,
+    message_parts,
+    model_seed,
+)
 from policies.ring import Capacity, RingCache
 
 #: Ring steps taken looking for a cache with room before settling for the owner.
 MAX_SPILL_WALK = 8
 
 
-class PrefixAffinityParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    #: Characters per indexed block (about ``block_chars / 4`` tokens).
-    block_chars: int = Field(256, ge=16)
+class PrefixAffinityParams(IndexParams):
     #: Shorter matches count as no match.
     min_match_blocks: int = Field(1, ge=1)
     #: Load guard: act when max - min load > abs AND max > rel * min.
@@ -93,14 +95,9 @@ class PrefixAffinityParams(BaseModel):
     epsilon: float = Field(0.25, gt=0)
     #: ... but an endpoint with fewer requests than this is never overloaded.
     min_overload: float = Field(4.0, ge=0)
-    #: To size each endpoint's share of the index from its KV capacity in tokens:
-    #: the starting guess, then learned from responses' usage unless turned off.
-    chars_per_token: float = Field(4.0, gt=0)
+    #: ``chars_per_token`` is the starting guess, then learned from responses'
+    #: usage unless turned off.
     learn_chars_per_token: bool = True
-    #: KV capacity assumed for an endpoint that reports none.
-    default_capacity_tokens: int = Field(262_144, gt=0)
-    #: Hard cap on index entries (block x endpoint) across the model's endpoints.
-    max_index_entries: int = Field(1_000_000, ge=1)
     #: Virtual nodes per unit of weight on the hash ring.
     vnodes: int = Field(100, ge=1)
     #: A new prefix goes to the one of this many endpoints along the ring
@@ -128,6 +125,7 @@ class PrefixAffinity:
         self.index = PrefixIndex(params.max_index_entries)
         self._rings = RingCache(params.vnodes)
         self._seeds: dict[str, int] = {}
+        self._chains = CharChains(params.block_chars)
         self.chars_per_token = params.chars_per_token
         self._ratio_samples = 0
         self.in_flight = InFlight(params.max_in_flight)
@@ -144,9 +142,22 @@ class PrefixAffinity:
         seed = self._seeds.get(request.model)
         if seed is None:
             seed = self._seeds[request.model] = model_seed(request.model)
-        text = canonical_prompt(request.body)
         chars = self.params.block_chars
-        return block_hashes(text[:chars] if head_only else text, chars, seed), len(text)
+        parts = message_parts(request.body)
+        if parts is None:
+            text = canonical_prompt(request.body)
+            return block_hashes(text[:chars] if head_only else text, chars, seed), len(text)
+        prompt_len = sum(map(len, parts))
+        if not head_only:
+            return self._chains.hashes(parts, seed), prompt_len
+        head: list[str] = []
+        taken = 0
+        for part in parts:
+            head.append(part)
+            taken += len(part)
+            if taken >= chars:
+                break
+        return block_hashes("".join(head)[:chars], chars, seed), prompt_len
 
     def rank(self, request: RequestView, candidates: Sequence[EndpointView]) -> Decision:
         p = self.params
@@ -155,13 +166,16 @@ class PrefixAffinity:
             tokens = None
         # With every candidate's events live, the character index has no part
         # in the decision: hash only the ring key, and feed it nothing.
-        precise_only = tokens is not None and all(
-            e.blocks is not None and not e.blocks.stale for e in candidates
-        )
+        precise_only = tokens is not None and not [
+            e for e in candidates if (b := e.blocks) is None or b.stale
+        ]
         hashes, prompt_len = self.hashes(request, head_only=precise_only)
+        # Per-candidate work is what a decision over many endpoints costs:
+        # comprehensions and C-level dicts, no Python call per candidate.
         load_list = [load_of(e) for e in candidates]
-        position = {e.id: i for i, e in enumerate(candidates)}
-        loads = dict(zip(position, load_list, strict=True))
+        ids = [e.id for e in candidates]
+        position = dict(zip(ids, range(len(ids)), strict=True))
+        loads = dict(zip(ids, load_list, strict=True))
         capacity = Capacity(candidates, p.epsilon, p.min_overload, sum(load_list))
         matches: dict[str, float] = {}
         best = 0.0
@@ -198,11 +212,9 @@ class PrefixAffinity:
             key=lambda e: (-matches[e.id], loads[e.id], e.id),
         )
         order = sorted(range(len(candidates)), key=load_list.__getitem__)
-        rest = held + [
-            candidates[i]
-            for i in order
-            if candidates[i] is not chosen and candidates[i].id not in matches
-        ]
+        taken = {position[eid] for eid in matches}
+        taken.add(position[chosen.id])
+        rest = held + [candidates[i] for i in order if i not in taken]
         if not precise_only:
             self.index.insert(hashes, chosen.id, self.capacity_blocks(chosen))
         handle = None
@@ -234,31 +246,35 @@ class PrefixAffinity:
         matches: dict[str, float] = {}
         hits: dict[str, str] = {}
         approximate: list[str] = []
-        chains: dict[int, Sequence[int]] = {}
         in_flight = self.in_flight
+        pending_at = in_flight.endpoints
         num_tokens = tokens.num_tokens
-        for e in candidates:
-            blocks = e.blocks
-            if blocks is None or blocks.stale:
-                approximate.append(e.id)
-                continue
-            size = blocks.block_size or DEFAULT_BLOCK_SIZE
-            ours = chains.get(size)
-            if ours is None:
-                ours = chains[size] = tokens.block_hashes(size)
+        # Comprehensions, not a loop body per candidate: over 64 endpoints the
+        # per-candidate bytecode was the larger part of a decision.
+        live = [(e, b) for e in candidates if (b := e.blocks) is not None and not b.stale]
+        if len(live) < len(candidates):
+            approximate = [e.id for e in candidates if (b := e.blocks) is None or b.stale]
+        sizes = {b.block_size for _, b in live}
+        for raw in sizes:  # one size in a fleet, as a rule
+            size = raw or DEFAULT_BLOCK_SIZE
+            ours = tokens.block_hashes(size)
             if not ours:
                 continue
-            # Most endpoints hold not even the first block: one lookup each.
-            precise = leading(blocks, ours) if ours[0] in blocks else 0
-            pending = in_flight.match(e.id, ours) if e.id in in_flight else 0
-            n = precise if precise >= pending else pending
-            if not n:
-                continue
-            # Every full block held is all an engine can reuse: the whole prompt.
-            held = num_tokens if n == len(ours) else n * size
-            matches[e.id] = held
-            if held >= p.min_match_tokens:
-                hits[e.id] = "precise_hit" if precise >= pending else "inflight_hit"
+            group = live if len(sizes) == 1 else [(e, b) for e, b in live if b.block_size == raw]
+            first = ours[0]
+            # Most endpoints hold not even the first block: one lookup each, in C.
+            for e, b in [(e, b) for e, b in group if first in b.hashes or e.id in pending_at]:
+                held = b.hashes
+                precise = leading(held, ours) if first in held else 0
+                pending = in_flight.match(e.id, ours) if e.id in pending_at else 0
+                n = precise if precise >= pending else pending
+                if not n:
+                    continue
+                # Every full block held is all an engine can reuse: the whole prompt.
+                whole = num_tokens if n == len(ours) else n * size
+                matches[e.id] = whole
+                if whole >= p.min_match_tokens:
+                    hits[e.id] = "precise_hit" if precise >= pending else "inflight_hit"
         if approximate and hashes:
             per_char = tokens.num_tokens / prompt_len
             for eid, n in self.index.match(hashes, approximate).items():

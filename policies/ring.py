@@ -63,7 +63,7 @@ class RingCache:
     def ring(self, candidates: Sequence[EndpointView]) -> HashRing:
         # Keyed in the order given (no sort on the hot path); the ring itself
         # depends only on the set, so every order builds the same one.
-        members = tuple((e.id, e.weight) for e in candidates)
+        members = tuple([(e.id, e.weight) for e in candidates])
         ring = self._rings.get(members)
         if ring is None:
             ring = HashRing(sorted(members), self.vnodes)
@@ -100,7 +100,7 @@ class Capacity:
         if total_load is None:
             total_load = sum(load_of(e) for e in candidates)
         self._total = total_load + 1
-        self._weight = sum(e.weight for e in candidates)
+        self._weight = sum([e.weight for e in candidates])
         self._epsilon = epsilon
         self._floor = floor
 

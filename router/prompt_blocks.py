@@ -32,7 +32,8 @@ MAX_CACHED_HASHES = 2_000_000
 
 @dataclass(frozen=True, slots=True)
 class _State:
-    hashes: tuple[int, ...]
+    #: Never mutated: handed out as is by ``ChainCache.hashes`` (no copy).
+    hashes: list[int]
     #: Token ids (little-endian uint32 bytes) not yet making a full block.
     tail: bytes
 
@@ -49,10 +50,10 @@ class _State:
         for start in range(0, full, step):
             h = digest(view[start : start + step], h)
             new.append(h)
-        return _State(self.hashes + tuple(new), data[full:])
+        return _State(self.hashes + new, data[full:])
 
 
-_ROOT = _State((), b"")
+_ROOT = _State([], b"")
 
 
 class ChainCache:
@@ -73,9 +74,13 @@ class ChainCache:
     def held(self) -> int:
         return self._held
 
-    def hashes(self, keys: Sequence[int], pieces: Sequence[bytes], block_size: int) -> list[int]:
+    def hashes(
+        self, keys: Sequence[int], pieces: Sequence[bytes], block_size: int
+    ) -> Sequence[int]:
         """The chained hashes of the concatenated ``pieces``' full blocks;
-        ``keys[i]`` identifies ``pieces[: i + 1]``."""
+        ``keys[i]`` identifies ``pieces[: i + 1]``. The cached list itself,
+        not a copy (a copy of a 32k-character prompt's 650 hashes was a tenth
+        of tokenizing it): not to be mutated."""
         states = self._states
         state = _ROOT
         start = len(keys)
@@ -93,7 +98,7 @@ class ChainCache:
             self._put((block_size, keys[i]), state)
         if start < len(keys):
             self.misses += 1
-        return list(state.hashes)
+        return state.hashes
 
     def _put(self, key: tuple[int, int], state: _State) -> None:
         size = len(state.hashes)
@@ -119,10 +124,10 @@ class Tokens:
         self._keys = keys
         self._pieces = pieces
         self._cache = cache
-        self._by_size: dict[int, list[int]] = {}
+        self._by_size: dict[int, Sequence[int]] = {}
         self.num_tokens = sum(len(p) for p in pieces) // 4
 
-    def block_hashes(self, block_size: int) -> list[int]:
+    def block_hashes(self, block_size: int) -> Sequence[int]:
         hashes = self._by_size.get(block_size)
         if hashes is None:
             if block_size <= 0:

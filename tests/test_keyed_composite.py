@@ -142,3 +142,26 @@ def test_composite_unknown_components_fail_with_known_names() -> None:
         "unknown scorer 'magic' (known: kv_free, low_latency, low_load, precise_prefix,"
         " prefix_match, ring_owner, weight)" in (error)
     )
+
+
+@pytest.mark.parametrize(
+    ("policy", "detail"),
+    [
+        ("{name: prefix_affinity, block_chars: 8}", "policy 'prefix_affinity': block_chars:"),
+        (
+            "{name: composite, scorers: [{name: prefix_match, block_chars: 8}]}",
+            "scorer 'prefix_match': block_chars:",
+        ),
+        (
+            "{name: composite, scorers: [{name: precise_prefix, block_chars: 8}]}",
+            "scorer 'precise_prefix': block_chars:",
+        ),
+    ],
+)
+def test_character_index_params_are_validated_alike(policy: str, detail: str) -> None:
+    """The three users of the character index share its parameters' model:
+    one declaration, one message."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"models: {{m: {{policy: {policy}}}}}", {})
+    (error,) = info.value.errors
+    assert f"bad parameters for {detail} Input should be greater than or equal to 16" in error

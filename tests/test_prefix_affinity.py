@@ -452,3 +452,104 @@ def test_bisection_match_equals_a_linear_walk(
 
 def _holds(index: PrefixIndex, h: int, endpoint: str) -> bool:
     return index.match([h], [endpoint]) == {endpoint: 1}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    conversations=st.lists(
+        st.lists(st.text(alphabet="ab é\u2603\U0001f600", max_size=40), min_size=0, max_size=5),
+        min_size=1,
+        max_size=6,
+    ),
+    block_chars=st.sampled_from([1, 3, 16]),
+    max_hashes=st.sampled_from([0, 5, 10_000]),
+)
+def test_char_chains_hash_as_block_hashes(
+    conversations: list[list[str]], block_chars: int, max_hashes: int
+) -> None:
+    """Cached by prefix of messages or not, evicted or not: block_hashes of
+    the joined parts, exactly (non-ASCII text included)."""
+    from policies.prompt import CharChains
+
+    chains = CharChains(block_chars, max_hashes)
+    seed = model_seed("m")
+    for parts in conversations:
+        for k in range(len(parts) + 1):  # each conversation's growing prefixes, twice
+            for _ in range(2):
+                assert chains.hashes(parts[:k], seed) == block_hashes(
+                    "".join(parts[:k]), block_chars, seed
+                )
+    assert chains.held <= max_hashes
+
+
+def test_char_chains_reuse_a_seen_prefix_of_messages() -> None:
+    from policies.prompt import CharChains, message_parts
+
+    chains = CharChains(16)
+    messages = [{"role": "system", "content": "x" * 100}, {"role": "user", "content": "q"}]
+    body = {"messages": messages}
+    parts = message_parts(body)
+    assert parts is not None and "".join(parts) == canonical_prompt(body)
+    chains.hashes(parts, 1)
+    assert len(chains) == 2  # the state after each message
+    other = [parts[0], "user\x1fanother question\x1e"]
+    assert chains.hashes(other, 1) == block_hashes("".join(other), 16, 1)
+    assert len(chains) == 3  # the system message's state was reused, one new state
+
+
+class _ReferenceLRU:
+    """The index's LRU rule, block by block, as the plain loop states it."""
+
+    def __init__(self) -> None:
+        from collections import OrderedDict
+
+        self.lru: dict[str, OrderedDict[int, None]] = {}
+
+    def insert(self, hashes: list[int], endpoint: str, capacity: int) -> None:
+        from collections import OrderedDict
+
+        if not hashes:
+            return
+        lru = self.lru.setdefault(endpoint, OrderedDict())
+        for h in reversed(hashes[:capacity]):
+            if h in lru:
+                lru.move_to_end(h)
+            else:
+                lru[h] = None
+        while len(lru) > capacity:
+            lru.popitem(last=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.lists(st.integers(0, 12), max_size=8),  # repeats allowed
+            st.sampled_from(["a", "b", "c"]),
+            st.integers(1, 6),
+        ),
+        max_size=30,
+    )
+)
+def test_index_insert_keeps_the_lru_order_of_the_plain_loop(
+    ops: list[tuple[list[int], str, int]],
+) -> None:
+    index, reference = PrefixIndex(1_000), _ReferenceLRU()
+    for hashes, endpoint, capacity in ops:
+        index.insert(hashes, endpoint, capacity)
+        reference.insert(hashes, endpoint, capacity)
+        stats = index.stats()
+        assert stats.endpoints == {e: len(lru) for e, lru in reference.lru.items()}
+        assert stats.entries == sum(stats.endpoints.values())
+        held = {h for lru in reference.lru.values() for h in lru}
+        assert stats.distinct_blocks == len(held)
+        for h in range(13):
+            holders = {e for e, lru in reference.lru.items() if h in lru}
+            assert set(index.match([h], ["a", "b", "c"])) == holders
+    # Same order: evicting one at a time drops the same blocks.
+    for endpoint, lru in reference.lru.items():
+        while lru:
+            oldest = next(iter(lru))
+            index._evict_one(endpoint, index._lru[endpoint])
+            del lru[oldest]
+            assert list(index._lru[endpoint]) == list(lru)
