@@ -14,13 +14,14 @@ models shares nothing.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import xxhash
+
+from policies.chain_states import ChainStates
 
 ROLE_SEP = "\x1f"
 MESSAGE_SEP = "\x1e"
@@ -138,9 +139,7 @@ class CharChains:
 
     def __init__(self, block_chars: int, max_hashes: int = MAX_CHAIN_HASHES) -> None:
         self.block_chars = block_chars
-        self.max_hashes = max_hashes
-        self._states: OrderedDict[int, _Chain] = OrderedDict()
-        self._held = 0
+        self._states: ChainStates[int, _Chain] = ChainStates(max_hashes)
 
     def __len__(self) -> int:
         return len(self._states)
@@ -148,7 +147,7 @@ class CharChains:
     @property
     def held(self) -> int:
         """Hashes held across the cached states."""
-        return self._held
+        return self._states.held
 
     def hashes(self, parts: Sequence[str], seed: int) -> list[int]:
         """``block_hashes("".join(parts), block_chars, seed)``."""
@@ -158,35 +157,15 @@ class CharChains:
         for part in parts:
             key = digest64(digest128(part.encode("utf-8", "surrogatepass")), key)
             keys.append(key)
-        states = self._states
-        start, state = len(keys), _EMPTY
-        while start:
-            found = states.get(keys[start - 1])
-            if found is not None:
-                states.move_to_end(keys[start - 1])
-                state = found
-                break
-            start -= 1
+        start, found = self._states.longest(keys)
+        state = found or _EMPTY
         for i in range(start, len(parts)):
             state = state.extend(parts[i], self.block_chars, seed)
-            self._put(keys[i], state)
+            self._states.put(keys[i], state)
         if not state.tail:
             return list(state.hashes)
         last = state.hashes[-1] if state.hashes else seed
         return [*state.hashes, *block_hashes(state.tail, self.block_chars, last)]
-
-    def _put(self, key: int, state: _Chain) -> None:
-        size = len(state.hashes)
-        if size > self.max_hashes:
-            return
-        old = self._states.pop(key, None)
-        if old is not None:
-            self._held -= len(old.hashes)
-        self._states[key] = state
-        self._held += size
-        while self._held > self.max_hashes:
-            _, dropped = self._states.popitem(last=False)
-            self._held -= len(dropped.hashes)
 
 
 _EMPTY = _Chain([], "")

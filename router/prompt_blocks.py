@@ -17,13 +17,13 @@ Hashes are ``policies.blocks.chain_hashes``'s, byte for byte (tested).
 from __future__ import annotations
 
 from array import array
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import xxhash
 
 from policies.blocks import ROOT_HASH
+from policies.chain_states import ChainStates
 
 #: Hashes kept across all cached chain states (about 8 bytes each, plus the
 #: states' token tails): bounds the cache's memory, not its entry count.
@@ -61,9 +61,7 @@ class ChainCache:
     bounded by the hashes they hold."""
 
     def __init__(self, max_hashes: int = MAX_CACHED_HASHES) -> None:
-        self.max_hashes = max_hashes
-        self._states: OrderedDict[tuple[int, int], _State] = OrderedDict()
-        self._held = 0
+        self._states: ChainStates[tuple[int, int], _State] = ChainStates(max_hashes)
         self.hits = 0
         self.misses = 0
 
@@ -72,7 +70,7 @@ class ChainCache:
 
     @property
     def held(self) -> int:
-        return self._held
+        return self._states.held
 
     def hashes(
         self, keys: Sequence[int], pieces: Sequence[bytes], block_size: int
@@ -81,37 +79,17 @@ class ChainCache:
         ``keys[i]`` identifies ``pieces[: i + 1]``. The cached list itself,
         not a copy (a copy of a 32k-character prompt's 650 hashes was a tenth
         of tokenizing it): not to be mutated."""
-        states = self._states
-        state = _ROOT
-        start = len(keys)
-        while start:
-            found = states.get((block_size, keys[start - 1]))
-            if found is not None:
-                states.move_to_end((block_size, keys[start - 1]))
-                state = found
-                break
-            start -= 1
+        sized = [(block_size, key) for key in keys]
+        start, found = self._states.longest(sized)
+        state = found or _ROOT
         if start:
             self.hits += 1
         for i in range(start, len(keys)):
             state = state.extend(pieces[i], block_size)
-            self._put((block_size, keys[i]), state)
+            self._states.put(sized[i], state)
         if start < len(keys):
             self.misses += 1
         return state.hashes
-
-    def _put(self, key: tuple[int, int], state: _State) -> None:
-        size = len(state.hashes)
-        if size > self.max_hashes:
-            return
-        old = self._states.pop(key, None)
-        if old is not None:
-            self._held -= len(old.hashes)
-        self._states[key] = state
-        self._held += size
-        while self._held > self.max_hashes:
-            _, dropped = self._states.popitem(last=False)
-            self._held -= len(dropped.hashes)
 
 
 class Tokens:
