@@ -62,6 +62,13 @@ class EngineParams:
     #: Seconds a request spends before the scheduler sees it (a real server's
     #: front end: parsing, tokenizing, handing it to the engine process).
     request_overhead: float = 0.0
+    #: Sigma of the lognormal factor (mean 1) each step's time is multiplied
+    #: by; 0 for none. Drawn from a generator seeded by ``seed``.
+    step_jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.step_jitter < 0:
+            raise ValueError(f"step_jitter must be >= 0, got {self.step_jitter}")
 
     @classmethod
     def zero_latency(cls, **kw: int | float) -> EngineParams:
@@ -146,6 +153,26 @@ def generate_text(prompt: str, n: int, seed: int) -> list[str]:
     return [rng.choice(WORDS) for _ in range(n)]
 
 
+class StepJitter:
+    """The multiplicative noise on step time: a lognormal factor with mean 1
+    (``mu = -sigma**2 / 2``), so the mean step keeps the fitted length and the
+    median is ``exp(-sigma**2 / 2)`` of it. Its own generator, seeded by the
+    engine's seed: the same seed draws the same sequence, and the draws touch
+    nothing else (output text, EOS lengths). With sigma 0 every factor is 1.0
+    and nothing is drawn."""
+
+    def __init__(self, sigma: float, seed: int) -> None:
+        self.sigma = sigma
+        self._mu = -sigma * sigma / 2
+        # A stream of its own, apart from the other users of ``seed``.
+        self._rng = random.Random(xxhash.xxh64_intdigest(b"step-jitter", seed=seed))
+
+    def factor(self) -> float:
+        if self.sigma == 0:
+            return 1.0
+        return self._rng.lognormvariate(self._mu, self.sigma)
+
+
 class Engine:
     def __init__(self, params: EngineParams) -> None:
         self.params = params
@@ -156,6 +183,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.model: SimModel | None = SimModel(params.tokenizer) if params.tokenizer else None
+        self.jitter = StepJitter(params.step_jitter, params.seed)
 
     def start(self) -> None:
         if self._task is None:
@@ -264,7 +292,7 @@ class Engine:
         seconds = (
             p.step_base + prefill_tokens * p.prefill_per_token + len(decodes) * p.decode_per_seq
         )
-        return Step(prefill, decodes, seconds)
+        return Step(prefill, decodes, seconds * self.jitter.factor())
 
     def finish_step(self, step: Step, now: float) -> None:
         self._advance(step.prefill, step.decodes, now)
