@@ -33,6 +33,17 @@ difference of the fitted coefficient it stands for.
 vLLM's own histograms (vllm:time_to_first_token_seconds,
 vllm:inter_token_latency_seconds) are read around each phase too: their means
 against the client's show how much of TTFT is the server's front end.
+
+``--jitter`` measures only the step-time jitter (results/calibration_jitter.json):
+every per-token gap of streamed answers, alone (1, 4, 16 concurrent decodes per
+server) and under the loaded phase's load through kvroute, over the median gap,
+on the real servers, then on two simulators without jitter and with the fitted
+one; vLLM's vllm:inter_token_latency_seconds buckets are kept beside. The
+fitted ``step_jitter`` is sqrt(sigma_real^2 - sigma_sim^2) of the loaded
+phase, sigma = ln(p90 / p50) / 1.2816 (a lognormal's): the simulator's own
+serving noise and the batch mix it models are already in sigma_sim. The alone
+phase is reported, not fitted: with 4-16 streams per server, chunks arrive in
+bursts (near-zero gaps), so a group's median gap says little there.
 """
 
 from __future__ import annotations

@@ -8,6 +8,24 @@ the latency model says:
     step_seconds = step_base + prefill_tokens * prefill_per_token
                               + decode_seqs * decode_per_seq
 
+times a step-time jitter when ``step_jitter`` (sigma) is above 0: a lognormal
+factor of mean 1, drawn per step from a generator seeded by ``seed`` (the same
+seed, the same sequence). A real CPU engine's step is computation on a core it
+shares, and it stretches step to step with contention; a sleep of a fixed
+length does not, which left the simulator's TTFT tail too short. Measured on
+real vLLM CPU (benchmarks/calibrate_sim.py --jitter,
+results/calibration_jitter.json): per-token gaps of streamed answers through
+kvroute under load, each over the median gap (12.3 ms), had p90/p50 2.16
+(lognormal sigma 0.60, CV 1.27, p99/p50 10.5) against 1.78 (sigma 0.45) for
+the simulator without jitter; the difference, sigma 0.40, is the
+``vllm-cpu-tiny`` profile's value (simulated with it: p90/p50 2.14). vLLM's
+own ``vllm:inter_token_latency_seconds`` histogram (buckets at 10, 25, 50 ms)
+puts its p90/p50 in that phase near 1.6: part of the client-side spread is the
+real server's front end, which the simulator folds into the step. The
+factor is independent step to step, so bursts of contention that stretch many
+steps in a row, and the real p99, are not modelled. Every other use of the
+simulator (default parameters, ``--zero-latency``) has no jitter.
+
 So TTFT grows with uncached prompt tokens and with queueing (past
 ``max_num_seqs`` or when the KV cache is full, requests wait), cached
 prefix tokens skip prefill entirely, and throughput saturates the way a real
