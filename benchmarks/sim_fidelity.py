@@ -1,6 +1,6 @@
 """Simulator fidelity: the same held-out workloads on real vLLM and on the simulator.
 
-    .venv/bin/python benchmarks/sim_fidelity.py [--quick]
+    .venv/bin/python benchmarks/sim_fidelity.py [--quick] [--without-jitter]
 
 writes benchmarks/results/sim_fidelity.json and sim_fidelity.png.
 
@@ -26,7 +26,9 @@ processes, fresh for every run. Hit rates come from the engines' counters
 (delta of vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total
 summed over both servers); TTFT is the client's, streamed, through kvroute:
 from sending the request to the first SSE event. Targets: hit rates within 0.02
-of real vLLM's, TTFT p50 and p90 within 25%.
+of real vLLM's, TTFT p50 and p90 within 25%. ``--without-jitter`` also runs
+the simulator with the profile's step jitter off, against the same real runs
+(the jitter's effect at the same moment's load).
 """
 
 from __future__ import annotations
