@@ -33,6 +33,17 @@ difference of the fitted coefficient it stands for.
 vLLM's own histograms (vllm:time_to_first_token_seconds,
 vllm:inter_token_latency_seconds) are read around each phase too: their means
 against the client's show how much of TTFT is the server's front end.
+
+``--jitter`` measures only the step-time jitter (results/calibration_jitter.json):
+every per-token gap of streamed answers, alone (1, 4, 16 concurrent decodes per
+server) and under the loaded phase's load through kvroute, over the median gap,
+on the real servers, then on two simulators without jitter and with the fitted
+one; vLLM's vllm:inter_token_latency_seconds buckets are kept beside. The
+fitted ``step_jitter`` is sqrt(sigma_real^2 - sigma_sim^2) of the loaded
+phase, sigma = ln(p90 / p50) / 1.2816 (a lognormal's): the simulator's own
+serving noise and the batch mix it models are already in sigma_sim. The alone
+phase is reported, not fitted: with 4-16 streams per server, chunks arrive in
+bursts (near-zero gaps), so a group's median gap says little there.
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
 import os
 import random
 import secrets
@@ -356,6 +368,7 @@ def simulate_args(params: EngineParams) -> list[str]:
         f"--prefill-per-token={params.prefill_per_token!r}",
         f"--decode-per-seq={params.decode_per_seq!r}",
         f"--request-overhead={params.request_overhead!r}",
+        f"--step-jitter={params.step_jitter!r}",
         f"--seed={params.seed}",
     ]
     if params.tokenizer:
@@ -416,6 +429,172 @@ async def measure_sim(model_dir: Path, latency: dict[str, float], repeats: int) 
         return await measure(urls, model_dir, repeats)
 
 
+# -- step-time jitter ------------------------------------------------------------------
+
+JITTER_CONCURRENCY = (1, 4, 16)
+#: z of the 90th percentile of a standard normal: ln(p90 / p50) / Z90 is a
+#: lognormal's sigma, robust to the odd multi-second stall a mean would not be.
+Z90 = 1.2815516
+
+
+def spread(ratios: Sequence[float]) -> dict[str, float]:
+    """Shape of gaps divided by their expected value (1 = no jitter)."""
+    ordered = sorted(ratios)
+
+    def q(p: float) -> float:
+        return ordered[min(len(ordered) - 1, round(p * (len(ordered) - 1)))]
+
+    mean = statistics.fmean(ordered)
+    logs = [math.log(r) for r in ordered if r > 0]
+    return {
+        "n": len(ordered),
+        "cv": statistics.pstdev(ordered) / mean,
+        "p10_p50": q(0.1) / q(0.5),
+        "p90_p50": q(0.9) / q(0.5),
+        "p99_p50": q(0.99) / q(0.5),
+        "sigma_p90": math.log(q(0.9) / q(0.5)) / Z90,
+        "sigma_log_sd": statistics.pstdev(logs),
+    }
+
+
+def normalised(gaps: Sequence[float]) -> list[float]:
+    median = statistics.median(gaps)
+    return [g / median for g in gaps if g > 0]
+
+
+def itl_buckets(text: str) -> dict[str, float]:
+    """vllm:inter_token_latency_seconds buckets (cumulative), summed over engines."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "vllm:inter_token_latency_seconds_bucket":
+                out[s.labels["le"]] = out.get(s.labels["le"], 0.0) + s.value
+    return out
+
+
+async def measure_jitter(urls: Sequence[str], model_dir: Path, repeats: int) -> dict[str, Any]:
+    """Per-token gaps of streamed answers, alone (N concurrent decodes per server,
+    both servers at once, straight to them) and under the loaded phase's load
+    (through kvroute); each gap divided by the median of its group (alone: the
+    same server, concurrency and repeat; loaded: the whole phase, so the
+    variation the simulator models - prefill chunks in a step - stays in)."""
+    result: dict[str, Any] = {"loadavg": [loadavg()]}
+    async with httpx.AsyncClient(timeout=120) as client:
+
+        async def buckets() -> dict[str, float]:
+            total: dict[str, float] = {}
+            for url in urls:
+                r = await client.get(url + "/metrics")
+                for k, v in itl_buckets(r.text).items():
+                    total[k] = total.get(k, 0.0) + v
+            return total
+
+        async def alone(url: str, prompts: Prompts) -> list[float]:
+            ratios: list[float] = []
+            for _ in range(repeats):
+                for n in JITTER_CONCURRENCY:
+                    bodies = [
+                        {
+                            "model": "tiny",
+                            "prompt": prompts.make(16),
+                            "max_tokens": DECODE_TOKENS,
+                            "temperature": 0,
+                            "ignore_eos": True,
+                        }
+                        for _ in range(n)
+                    ]
+                    outs = await asyncio.gather(
+                        *(stream(client, url, "/v1/completions", b) for b in bodies)
+                    )
+                    ratios += normalised([g for o in outs for g in o["gaps"]])
+            return ratios
+
+        before = await buckets()
+        runs = await asyncio.gather(
+            *(alone(u, Prompts(model_dir, seed=200 + i)) for i, u in enumerate(urls))
+        )
+        after = await buckets()
+        result["alone"] = spread([r for run in runs for r in run])
+        result["alone_itl_buckets"] = {k: after[k] - before.get(k, 0.0) for k in after}
+        result["loadavg"].append(loadavg())
+
+        gaps: list[float] = []
+        async with through_router(urls, "round_robin") as router:
+            before = await buckets()
+            for rep in range(repeats):
+                rng = random.Random(300 + rep)
+                prompts = Prompts(model_dir, seed=300 + rep)
+                bodies = [
+                    {
+                        "model": "tiny",
+                        "prompt": prompts.make(rng.randint(100, 1500)),
+                        "max_tokens": rng.randint(4, 24),
+                        "temperature": 0,
+                        "ignore_eos": True,
+                    }
+                    for _ in range(LOADED_REQUESTS)
+                ]
+                gate = asyncio.Semaphore(LOADED_CONCURRENCY)
+
+                async def one(body: dict[str, Any], gate: asyncio.Semaphore = gate) -> None:
+                    async with gate:
+                        out = await stream(client, router, "/v1/completions", body)
+                        gaps.extend(out["gaps"])
+
+                await asyncio.gather(*(one(b) for b in bodies))
+                result["loadavg"].append(loadavg())
+            after = await buckets()
+        result["loaded"] = spread(normalised(gaps))
+        result["loaded_median_gap"] = statistics.median(gaps)
+        result["loaded_itl_buckets"] = {k: after[k] - before.get(k, 0.0) for k in after}
+    return result
+
+
+def fit_jitter(real: dict[str, Any], sim: dict[str, Any]) -> float:
+    """The lognormal sigma that, added to the simulator's own spread (HTTP,
+    asyncio, the batch mix it already models), gives the real engine's spread
+    under load: sigma_real^2 - sigma_sim^2 (log-space variances add)."""
+    gap = real["loaded"]["sigma_p90"] ** 2 - sim["loaded"]["sigma_p90"] ** 2
+    return math.sqrt(max(gap, 0.0))
+
+
+async def jitter_main(model_dir: Path, repeats: int) -> int:
+    from tests.real.engines import vllm_servers
+
+    with tempfile.TemporaryDirectory() as tmp, vllm_servers(Path(tmp)) as servers:
+        real = await measure_jitter([s.url for s in servers], model_dir, repeats)
+    print("real:", json.dumps({k: real[k] for k in ("alone", "loaded")}), flush=True)
+    params = base_params(model_dir, step_jitter=0.0)
+    with sim_servers(simulate_args(params)) as urls:
+        sim = await measure_jitter(urls, model_dir, repeats)
+    print("sim, no jitter:", json.dumps({k: sim[k] for k in ("alone", "loaded")}), flush=True)
+    sigma = fit_jitter(real, sim)
+    check: dict[str, Any] = {}
+    with sim_servers(simulate_args(base_params(model_dir, step_jitter=round(sigma, 3)))) as urls:
+        check = await measure_jitter(urls, model_dir, repeats)
+    print(f"sim, jitter {sigma:.3f}:", json.dumps({k: check[k] for k in ("alone", "loaded")}))
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "loadavg_at_end": loadavg()},
+        "protocol": {
+            "alone_concurrency": JITTER_CONCURRENCY,
+            "decode_tokens": DECODE_TOKENS,
+            "loaded_requests": LOADED_REQUESTS,
+            "loaded_concurrency": LOADED_CONCURRENCY,
+            "repeats": repeats,
+            "statistic": "gap / median gap of its group; sigma = ln(p90/p50) / 1.2816",
+        },
+        "real": real,
+        "sim_no_jitter": sim,
+        "sim_with_jitter": check,
+        "step_jitter": round(sigma, 3),
+    }
+    out = ROOT / "benchmarks" / "results" / "calibration_jitter.json"
+    out.write_text(json.dumps(result, indent=1))
+    print("step_jitter:", round(sigma, 3))
+    return 0
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -424,11 +603,18 @@ async def main() -> int:
     parser.add_argument(
         "--real", type=Path, help="reuse the real measurements of an earlier calibration.json"
     )
+    parser.add_argument(
+        "--jitter",
+        action="store_true",
+        help="only measure step-time jitter (writes results/calibration_jitter.json)",
+    )
     opts = parser.parse_args()
     from tests.real.engines import vllm_servers
 
     model_dir = ensure_tiny_model()
     assert BLOCK_SIZE == 32
+    if opts.jitter:
+        return await jitter_main(model_dir, min(opts.repeats, 3))
     if opts.real:
         real_measured = json.loads(opts.real.read_text())["real"]["measured"]
     else:

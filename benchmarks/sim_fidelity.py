@@ -1,6 +1,6 @@
 """Simulator fidelity: the same held-out workloads on real vLLM and on the simulator.
 
-    .venv/bin/python benchmarks/sim_fidelity.py [--quick]
+    .venv/bin/python benchmarks/sim_fidelity.py [--quick] [--without-jitter]
 
 writes benchmarks/results/sim_fidelity.json and sim_fidelity.png.
 
@@ -26,7 +26,9 @@ processes, fresh for every run. Hit rates come from the engines' counters
 (delta of vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total
 summed over both servers); TTFT is the client's, streamed, through kvroute:
 from sending the request to the first SSE event. Targets: hit rates within 0.02
-of real vLLM's, TTFT p50 and p90 within 25%.
+of real vLLM's, TTFT p50 and p90 within 25%. ``--without-jitter`` also runs
+the simulator with the profile's step jitter off, against the same real runs
+(the jitter's effect at the same moment's load).
 """
 
 from __future__ import annotations
@@ -244,23 +246,27 @@ async def measure_real_model(
     return out
 
 
-def sim_params(model: Path) -> EngineParams:
+def sim_params(model: Path, **overrides: float) -> EngineParams:
     return EngineParams.profile(
-        PROFILE, num_blocks=NUM_BLOCKS, max_model_len=2048, tokenizer=str(model)
+        PROFILE, num_blocks=NUM_BLOCKS, max_model_len=2048, tokenizer=str(model), **overrides
     )
 
 
 async def measure_sim_model(
-    model: Path, loads: dict[str, list[list[dict[str, Any]]]], repeats: int
+    model: Path,
+    loads: dict[str, list[list[dict[str, Any]]]],
+    repeats: int,
+    params: EngineParams,
+    tag: str = "sim",
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, rounds in loads.items():
         for policy in POLICIES:
             runs = []
             for _ in range(repeats):
-                with sim_servers(simulate_args(sim_params(model))) as urls:
+                with sim_servers(simulate_args(params)) as urls:
                     runs.append(await run(urls, policy, rounds))
-                print("sim ", model.name, name, policy, summary(runs[-1]), flush=True)
+                print(tag, model.name, name, policy, summary(runs[-1]), flush=True)
             out[f"{name}/{policy}"] = pooled(runs)
     return out
 
@@ -305,10 +311,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
         (axes[2], "ttft_p90", "client TTFT p90 (ms)"),
     ):
         scale = 1 if key == "hit_rate" else 1000
-        real = [result["models"][m]["real"][k][key] * scale for m, k in cases]
-        sim = [result["models"][m]["sim"][k][key] * scale for m, k in cases]
-        ax.bar([i - 0.2 for i in x], real, 0.4, label="real vLLM")
-        ax.bar([i + 0.2 for i in x], sim, 0.4, label=f"simulator ({PROFILE})")
+        sides = [("real", "real vLLM"), ("sim", f"simulator ({PROFILE})")]
+        if all("sim_no_jitter" in v for v in result["models"].values()):
+            sides.append(("sim_no_jitter", "simulator, no step jitter"))
+        width = 0.8 / len(sides)
+        for j, (side, label) in enumerate(sides):
+            values = [result["models"][m][side][k][key] * scale for m, k in cases]
+            ax.bar([i - 0.4 + width * (j + 0.5) for i in x], values, width, label=label)
         ax.set_xticks(list(x))
         ax.set_xticklabels(labels, fontsize=7)
         ax.set_title(title)
@@ -324,6 +333,12 @@ async def main() -> int:
     parser.add_argument("--output", default="sim_fidelity")
     parser.add_argument("--repeats", type=int, default=2, help="runs per case, pooled")
     parser.add_argument("--replot", action="store_true", help="redraw the plot from the JSON")
+    parser.add_argument(
+        "--without-jitter",
+        action="store_true",
+        help="also run the simulator with step_jitter 0 (the profile before the jitter) "
+        "against the same real runs",
+    )
     opts = parser.parse_args()
     out = ROOT / "benchmarks" / "results"
     if opts.replot:
@@ -349,13 +364,20 @@ async def main() -> int:
         assert model is not None
         with tempfile.TemporaryDirectory() as tmp:
             real = await measure_real_model(model, loads, Path(tmp), opts.repeats)
-        sim = await measure_sim_model(model, loads, opts.repeats)
+        sim = await measure_sim_model(model, loads, opts.repeats, sim_params(model))
         result["models"][label] = {
             "dir": model.name,
             "real": real,
             "sim": sim,
             "comparison": {k: compare(real[k], sim[k]) for k in real},
         }
+        if opts.without_jitter:
+            flat = sim_params(model, step_jitter=0.0)
+            base = await measure_sim_model(model, loads, opts.repeats, flat, "sim, no jitter")
+            result["models"][label]["sim_no_jitter"] = base
+            result["models"][label]["comparison_no_jitter"] = {
+                k: compare(real[k], base[k]) for k in real
+            }
     cmp = [c for m in result["models"].values() for c in m["comparison"].values()]
     result["summary"] = {
         "max_abs_hit_rate_gap": max(abs(c["hit_rate_gap"]) for c in cmp),
@@ -363,6 +385,9 @@ async def main() -> int:
         "max_abs_ttft_p90_error": max(abs(c["ttft_p90_error"]) for c in cmp),
         "hit_ok": all(c["hit_ok"] for c in cmp),
         "ttft_ok": all(c["ttft_ok"] for c in cmp),
+        "cases_hit_ok": sum(c["hit_ok"] for c in cmp),
+        "cases_ttft_p50_ok": sum(abs(c["ttft_p50_error"]) <= TTFT_TARGET for c in cmp),
+        "cases_ttft_p90_ok": sum(abs(c["ttft_p90_error"]) <= TTFT_TARGET for c in cmp),
     }
     (out / f"{opts.output}.json").write_text(json.dumps(result, indent=1))
     plot(result, out / f"{opts.output}.png")

@@ -8,6 +8,24 @@ the latency model says:
     step_seconds = step_base + prefill_tokens * prefill_per_token
                               + decode_seqs * decode_per_seq
 
+times a step-time jitter when ``step_jitter`` (sigma) is above 0: a lognormal
+factor of mean 1, drawn per step from a generator seeded by ``seed`` (the same
+seed, the same sequence). A real CPU engine's step is computation on a core it
+shares, and it stretches step to step with contention; a sleep of a fixed
+length does not, which left the simulator's TTFT tail too short. Measured on
+real vLLM CPU (benchmarks/calibrate_sim.py --jitter,
+results/calibration_jitter.json): per-token gaps of streamed answers through
+kvroute under load, each over the median gap (12.3 ms), had p90/p50 2.16
+(lognormal sigma 0.60, CV 1.27, p99/p50 10.5) against 1.78 (sigma 0.45) for
+the simulator without jitter; the difference, sigma 0.40, is the
+``vllm-cpu-tiny`` profile's value (simulated with it: p90/p50 2.14). vLLM's
+own ``vllm:inter_token_latency_seconds`` histogram (buckets at 10, 25, 50 ms)
+puts its p90/p50 in that phase near 1.6: part of the client-side spread is the
+real server's front end, which the simulator folds into the step. The
+factor is independent step to step, so bursts of contention that stretch many
+steps in a row, and the real p99, are not modelled. Every other use of the
+simulator (default parameters, ``--zero-latency``) has no jitter.
+
 So TTFT grows with uncached prompt tokens and with queueing (past
 ``max_num_seqs`` or when the KV cache is full, requests wait), cached
 prefix tokens skip prefill entirely, and throughput saturates the way a real
@@ -62,6 +80,13 @@ class EngineParams:
     #: Seconds a request spends before the scheduler sees it (a real server's
     #: front end: parsing, tokenizing, handing it to the engine process).
     request_overhead: float = 0.0
+    #: Sigma of the lognormal factor (mean 1) each step's time is multiplied
+    #: by; 0 for none. Drawn from a generator seeded by ``seed``.
+    step_jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.step_jitter < 0:
+            raise ValueError(f"step_jitter must be >= 0, got {self.step_jitter}")
 
     @classmethod
     def zero_latency(cls, **kw: int | float) -> EngineParams:
@@ -146,6 +171,26 @@ def generate_text(prompt: str, n: int, seed: int) -> list[str]:
     return [rng.choice(WORDS) for _ in range(n)]
 
 
+class StepJitter:
+    """The multiplicative noise on step time: a lognormal factor with mean 1
+    (``mu = -sigma**2 / 2``), so the mean step keeps the fitted length and the
+    median is ``exp(-sigma**2 / 2)`` of it. Its own generator, seeded by the
+    engine's seed: the same seed draws the same sequence, and the draws touch
+    nothing else (output text, EOS lengths). With sigma 0 every factor is 1.0
+    and nothing is drawn."""
+
+    def __init__(self, sigma: float, seed: int) -> None:
+        self.sigma = sigma
+        self._mu = -sigma * sigma / 2
+        # A stream of its own, apart from the other users of ``seed``.
+        self._rng = random.Random(xxhash.xxh64_intdigest(b"step-jitter", seed=seed))
+
+    def factor(self) -> float:
+        if self.sigma == 0:
+            return 1.0
+        return self._rng.lognormvariate(self._mu, self.sigma)
+
+
 class Engine:
     def __init__(self, params: EngineParams) -> None:
         self.params = params
@@ -156,6 +201,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.model: SimModel | None = SimModel(params.tokenizer) if params.tokenizer else None
+        self.jitter = StepJitter(params.step_jitter, params.seed)
 
     def start(self) -> None:
         if self._task is None:
@@ -264,7 +310,7 @@ class Engine:
         seconds = (
             p.step_base + prefill_tokens * p.prefill_per_token + len(decodes) * p.decode_per_seq
         )
-        return Step(prefill, decodes, seconds)
+        return Step(prefill, decodes, seconds * self.jitter.factor())
 
     def finish_step(self, step: Step, now: float) -> None:
         self._advance(step.prefill, step.decodes, now)

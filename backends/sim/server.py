@@ -105,6 +105,13 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds before the scheduler sees a request (a real server's front end)",
     )
     g.add_argument(
+        "--step-jitter",
+        type=float,
+        default=d.step_jitter,
+        help="sigma of a lognormal factor (mean 1, seeded by --seed) on every step's time; "
+        "0 for none",
+    )
+    g.add_argument(
         "--kv-events-config",
         help='publish KV-cache events as vLLM does, e.g. \'{"enable_kv_cache_events": true, '
         '"publisher": "zmq", "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}\' '
@@ -146,6 +153,7 @@ def params_from_args(args: argparse.Namespace) -> EngineParams:
         seed=args.seed,
         tokenizer=args.tokenizer,
         request_overhead=0.0 if args.zero_latency else args.request_overhead,
+        step_jitter=0.0 if args.zero_latency else args.step_jitter,
     )
 
 
@@ -163,6 +171,7 @@ def profile_params_from_args(args: argparse.Namespace, profile: str) -> EnginePa
         "prefill_per_token",
         "decode_per_seq",
         "request_overhead",
+        "step_jitter",
         "seed",
     )
     overrides: dict[str, object] = {
@@ -175,6 +184,7 @@ def profile_params_from_args(args: argparse.Namespace, profile: str) -> EnginePa
     if args.zero_latency:
         overrides.update(step_base=0.0, prefill_per_token=0.0, decode_per_seq=0.0)
         overrides["request_overhead"] = 0.0
+        overrides["step_jitter"] = 0.0
     return EngineParams.profile(profile, **overrides)
 
 
