@@ -101,6 +101,18 @@ def test_serve_refuses_an_invalid_config(tmp_path: Path) -> None:
     assert b"models.m.policy: unknown policy 'nope'" in run.stderr
 
 
+def test_simulate_refuses_a_negative_latency_with_a_usage_error() -> None:
+    from router.cli import main
+
+    for flag in ("--step-jitter", "--step-base", "--request-overhead"):
+        try:
+            main(["simulate", "--port", "0", "--model", "m", flag, "-1"])
+        except SystemExit as exc:
+            assert exc.code == 2, flag  # argparse's usage error, not a traceback
+        else:
+            raise AssertionError(f"{flag} -1 was accepted")
+
+
 def test_serve_and_simulate_commands(tmp_path: Path) -> None:
     sim_port, port = free_port(), free_port()
     sim = subprocess.Popen(

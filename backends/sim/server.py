@@ -27,6 +27,17 @@ SIMULATORS: dict[str, type[Simulator]] = {
 KINDS = tuple(SIMULATORS)
 
 
+def seconds(text: str) -> float:
+    """A latency flag's value: a finite number, not negative."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def build_simulator(
     kind: str, models: Sequence[str], params: EngineParams, faults: Faults | None = None
 ) -> Simulator:
@@ -67,16 +78,16 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
         help="token budget of one step (decode + chunked prefill)",
     )
     g.add_argument("--max-model-len", type=int, default=d.max_model_len)
-    g.add_argument("--step-base", type=float, default=d.step_base, help="seconds per step")
+    g.add_argument("--step-base", type=seconds, default=d.step_base, help="seconds per step")
     g.add_argument(
         "--prefill-per-token",
-        type=float,
+        type=seconds,
         default=d.prefill_per_token,
         help="seconds per uncached prompt token",
     )
     g.add_argument(
         "--decode-per-seq",
-        type=float,
+        type=seconds,
         default=d.decode_per_seq,
         help="seconds per decoding sequence in a step",
     )
@@ -100,13 +111,13 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--request-overhead",
-        type=float,
+        type=seconds,
         default=d.request_overhead,
         help="seconds before the scheduler sees a request (a real server's front end)",
     )
     g.add_argument(
         "--step-jitter",
-        type=float,
+        type=seconds,
         default=d.step_jitter,
         help="sigma of a lognormal factor (mean 1, seeded by --seed) on every step's time; "
         "0 for none",
