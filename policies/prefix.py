@@ -31,6 +31,18 @@ The index records the chosen endpoint at decision time (so a burst of
 requests for one new prefix follows the first), and the endpoint that
 actually served the request when failover moved it.
 
+Router replicas sharing nothing (benchmarks/README.md, "Converging router
+replicas without events"). Each router estimates its share of the fleet's
+traffic (``share``: its requests in flight at the last scrape over the
+scraped running + waiting). A router that sees 1/N of the traffic sizes
+each endpoint's share of its index by 1/N too, so its LRU forgets a prefix
+about when the engine's cache does, not N times later. And while the share
+says other routers place prefixes too (``shared_below``), a new prefix goes
+to the first endpoint along the ring within the bounded load, not to the
+ring choice this router's private counts favour: every router then re-places
+an evicted prefix on the same replica instead of making one copy each.
+Routers on KV events keep their choices (the engines' events already agree).
+
 Precise matches (``policies/precise.py``). When the request's tokens are
 known (``RequestView.tokens``: the model has a tokenizer) an endpoint whose
 KV events are live is matched in tokens against what its engine reports
