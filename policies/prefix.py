@@ -31,6 +31,18 @@ The index records the chosen endpoint at decision time (so a burst of
 requests for one new prefix follows the first), and the endpoint that
 actually served the request when failover moved it.
 
+Router replicas sharing nothing (benchmarks/README.md, "Converging router
+replicas without events"). Each router estimates its share of the fleet's
+traffic (``share``: its requests in flight at the last scrape over the
+scraped running + waiting). A router that sees 1/N of the traffic sizes
+each endpoint's share of its index by 1/N too, so its LRU forgets a prefix
+about when the engine's cache does, not N times later. And while the share
+says other routers place prefixes too (``shared_below``), a new prefix goes
+to the first endpoint along the ring within the bounded load, not to the
+ring choice this router's private counts favour: every router then re-places
+an evicted prefix on the same replica instead of making one copy each.
+Routers on KV events keep their choices (the engines' events already agree).
+
 Precise matches (``policies/precise.py``). When the request's tokens are
 known (``RequestView.tokens``: the model has a tokenizer) an endpoint whose
 KV events are live is matched in tokens against what its engine reports
@@ -114,6 +126,19 @@ class PrefixAffinityParams(IndexParams):
     #: Decisions on event-publishing endpoints remembered until they finish
     #: (the oldest unfinished are dropped past this).
     max_in_flight: int = Field(4096, ge=1)
+    #: Size each endpoint's share of the index by this router's estimated
+    #: share of the fleet's traffic (its in-flight requests at the last scrape
+    #: against the scraped running + waiting): a router seeing 1/N of the
+    #: traffic fills an endpoint's LRU N times slower than its cache churns,
+    #: and went on believing in evicted prefixes (benchmarks/README.md,
+    #: "Converging router replicas without events").
+    share_index: bool = True
+    #: Below this estimated traffic share other routers place prefixes too: a
+    #: new prefix then goes to the first endpoint along the ring within the
+    #: bounded load, as ``ring_choices: 1``, passing over neither by this
+    #: router's private awaiting counts nor by its index occupancy, so every
+    #: router re-places an evicted prefix on the same replica. 0: never.
+    shared_below: float = Field(0.75, ge=0, le=1)
 
 
 class PrefixAffinity:
@@ -129,12 +154,34 @@ class PrefixAffinity:
         self.chars_per_token = params.chars_per_token
         self._ratio_samples = 0
         self.in_flight = InFlight(params.max_in_flight)
+        #: This router's estimated share of the fleet's traffic (1: alone;
+        #: stays 1 with no scraped load to compare with).
+        self.share = 1.0
+        self._share_samples = 0
 
     def capacity_blocks(self, endpoint: EndpointView) -> int:
         p = self.params
-        return capacity_blocks(
+        full = capacity_blocks(
             endpoint, p.default_capacity_tokens, self.chars_per_token, p.block_chars
         )
+        return max(1, int(full * self.share)) if p.share_index else full
+
+    def _learn_share(self, candidates: Sequence[EndpointView]) -> None:
+        """Our requests in flight at the last scrape over the scraped total: a
+        running mean at first, then an exponential one."""
+        seen = [
+            (e.in_flight_at_scrape, (e.running or 0.0) + (e.waiting or 0.0))
+            for e in candidates
+            if e.in_flight_at_scrape is not None
+            and (e.running is not None or e.waiting is not None)
+        ]
+        ours = sum([o for o, _ in seen])
+        total = sum([t for _, t in seen])
+        if total <= 0 or ours <= 0:
+            return
+        sample = min(1.0, ours / total)
+        self._share_samples += 1
+        self.share += (sample - self.share) * max(0.02, 1.0 / self._share_samples)
 
     def hashes(self, request: RequestView, head_only: bool = False) -> tuple[list[int], int]:
         """The prompt's character blocks' hashes (only the first with
@@ -170,6 +217,7 @@ class PrefixAffinity:
             e for e in candidates if (b := e.blocks) is None or b.stale
         ]
         hashes, prompt_len = self.hashes(request, head_only=precise_only)
+        self._learn_share(candidates)
         # Per-candidate work is what a decision over many endpoints costs:
         # comprehensions and C-level dicts, no Python call per candidate.
         load_list = [load_of(e) for e in candidates]
@@ -204,7 +252,9 @@ class PrefixAffinity:
                 reason = hits[chosen.id]
             else:
                 key = hashes[0] if hashes else self._seeds[request.model]
-                chosen, reason = self._place_new(key, candidates, loads, capacity)
+                chosen, reason = self._place_new(
+                    key, candidates, loads, capacity, shared=not precise_only
+                )
         # Failover order: holders of the prefix by match length, then the rest by
         # load (a C-level sort key: this runs for every request).
         held = sorted(
@@ -289,14 +339,22 @@ class PrefixAffinity:
         candidates: Sequence[EndpointView],
         loads: dict[str, float],
         capacity: Capacity,
+        shared: bool = True,
     ) -> tuple[EndpointView, str]:
         """A prefix with no history: of the first ``ring_choices`` endpoints
         along the ring from its key that are not overloaded, the one with the
         fewest requests awaiting a first byte (per unit of weight), the
         earlier on a tie. Endpoints whose share of the
         index is full are passed over while one further on has room. Only the
-        first few ring steps are walked, not the whole ring."""
+        first few ring steps are walked, not the whole ring. With ``shared``
+        and other routers placing too (``shared_below``): the first endpoint
+        within the bounded load, as every router would choose."""
         choices = self.params.ring_choices
+        # Routers on KV events (precise_only) keep their choices: measured,
+        # the shared rule cost them hit rate across routers.
+        shared = shared and self.share < self.params.shared_below
+        if shared:
+            choices = 1
         walk = max(MAX_SPILL_WALK, choices)
         by_id = {e.id: e for e in candidates}
         owner: EndpointView | None = None
@@ -310,7 +368,9 @@ class PrefixAffinity:
             choice = (e.awaiting_first / e.weight, n, e)
             if len(fitting) < choices:
                 fitting.append(choice)
-            if self.index.occupancy(endpoint_id) < self.capacity_blocks(e):
+            if shared:
+                break
+            if not shared and self.index.occupancy(endpoint_id) < self.capacity_blocks(e):
                 roomy.append(choice)
                 if len(roomy) == choices:
                     break

@@ -553,3 +553,62 @@ def test_index_insert_keeps_the_lru_order_of_the_plain_loop(
             index._evict_one(endpoint, index._lru[endpoint])
             del lru[oldest]
             assert list(index._lru[endpoint]) == list(lru)
+
+
+def scraped_fleet(n: int, ours: int, total: int, awaiting: dict[str, int]) -> list[EndpointView]:
+    """Every endpoint scraped with ``total`` requests, ``ours`` of them this router's."""
+    return [
+        EndpointView(
+            id=f"e{i}",
+            url=f"http://e{i}",
+            kind="vllm",
+            in_flight=ours + awaiting.get(f"e{i}", 0),
+            awaiting_first=awaiting.get(f"e{i}", 0),
+            running=float(total),
+            waiting=0.0,
+            in_flight_at_scrape=ours,
+        )
+        for i in range(n)
+    ]
+
+
+def test_routers_sharing_the_traffic_converge_on_one_replica_per_new_prefix() -> None:
+    a, b = policy(), policy()
+    rng = random.Random(7)
+    # Different private histories: a has routed other prefixes, b has not.
+    for i in range(30):
+        a.rank(chat(f"other {i}: " + SYSTEM, "hi"), scraped_fleet(8, 1, 2, {}))
+    b.rank(chat("warm-up: " + SYSTEM, "hi"), scraped_fleet(8, 1, 2, {}))
+    assert a.share == pytest.approx(0.5) and b.share == pytest.approx(0.5)
+    agreed = 0
+    for i in range(40):
+        req = chat(f"tenant {i}: " + SYSTEM, "hi")
+        owner, *_ = ring_walk(a, req, fleet(8))
+        # Each router counts only its own requests awaiting a first byte: the
+        # counts differ, so ranking ring choices by them would split the tenant.
+        da = a.rank(req, scraped_fleet(8, 1, 2, {f"e{j}": rng.randint(0, 1) for j in range(8)}))
+        db = b.rank(req, scraped_fleet(8, 1, 2, {f"e{j}": rng.randint(0, 1) for j in range(8)}))
+        assert da.ranked[0].id == db.ranked[0].id == owner
+        assert da.reason == db.reason == "ring_owner"
+        agreed += 1
+    assert agreed == 40
+    # One router alone (it holds everything the scrape saw) keeps its choices.
+    solo = policy()
+    req = chat("solo: " + SYSTEM, "hi")
+    owner, *_ = ring_walk(solo, req, fleet(8))
+    d = solo.rank(req, scraped_fleet(8, 1, 1, {owner: 1}))
+    assert solo.share == 1.0
+    assert d.ranked[0].id != owner and d.reason == "ring_less_loaded"
+
+
+def test_index_share_follows_the_routers_traffic_share() -> None:
+    alone, half = policy(), policy()
+    for p, ours in ((alone, 4), (half, 2)):
+        for i in range(10):
+            p.rank(chat(f"t {i}: " + SYSTEM, "hi"), scraped_fleet(4, ours, 4, {}))
+    e = fleet(1)[0]
+    assert half.capacity_blocks(e) == alone.capacity_blocks(e) // 2
+    fixed = policy(share_index=False)
+    fixed.rank(chat(SYSTEM, "hi"), scraped_fleet(4, 1, 4, {}))
+    assert fixed.share == pytest.approx(0.25)
+    assert fixed.capacity_blocks(e) == alone.capacity_blocks(e)
