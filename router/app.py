@@ -109,6 +109,9 @@ class RequestMiddleware:
                 message["headers"] = headers
             await send(message)
 
+        gauge = self.state.metrics.requests_in_flight
+        if inference:
+            gauge.inc()
         try:
             await self.app(scope, receive, send_with_id)
         except RouterError as err:
@@ -128,6 +131,8 @@ class RequestMiddleware:
                 for message in error_messages(internal):
                     await send_with_id(message)
         finally:
+            if inference:
+                gauge.dec()
             self._record(scope, ctx)
 
     def _record(self, scope: Scope, ctx: RequestContext) -> None:

@@ -209,6 +209,12 @@ class Metrics:
             "When the running config was last loaded successfully.",
         )
         self.last_reload.set_to_current_time()
+        self.requests_in_flight = self._gauge(
+            "kvroute_requests_in_flight",
+            "Inference requests this router process is handling (received, not yet "
+            "answered: reading, queued for admission, forwarded, streaming, answered from "
+            "cache); per pod, what the HorizontalPodAutoscaler scales on.",
+        )
         self.tasks = self._gauge(
             "kvroute_event_loop_tasks",
             "asyncio tasks alive in the router's event loop (at scrape time): one per "
