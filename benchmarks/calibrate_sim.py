@@ -232,6 +232,39 @@ async def measure(urls: Sequence[str], model_dir: Path, repeats: int) -> dict[st
     return result
 
 
+def loaded_bodies(model_dir: Path, seed: int) -> list[dict[str, Any]]:
+    """The loaded phase's requests: unique prompts of 100-1500 tokens (no
+    prefix sharing, so no cache effects), 4-24 output tokens."""
+    rng = random.Random(seed)
+    prompts = Prompts(model_dir, seed=seed)
+    return [
+        {
+            "model": "tiny",
+            "prompt": prompts.make(rng.randint(100, 1500)),
+            "max_tokens": rng.randint(4, 24),
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        for _ in range(LOADED_REQUESTS)
+    ]
+
+
+async def closed_loop(
+    client: httpx.AsyncClient, router: str, bodies: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``bodies`` streamed through the router, ``LOADED_CONCURRENCY`` at a
+    time; what ``stream`` measured of each, in the order they finished."""
+    gate = asyncio.Semaphore(LOADED_CONCURRENCY)
+    outs: list[dict[str, Any]] = []
+
+    async def one(body: dict[str, Any]) -> None:
+        async with gate:
+            outs.append(await stream(client, router, "/v1/completions", body))
+
+    await asyncio.gather(*(one(b) for b in bodies))
+    return outs
+
+
 async def loaded_phase(urls: Sequence[str], model_dir: Path, repeats: int) -> dict[str, Any]:
     """Closed-loop load through kvroute (round_robin, concurrency 4 over the
     servers): unique prompts of 100-1500 tokens (no prefix sharing, so no cache
@@ -243,25 +276,8 @@ async def loaded_phase(urls: Sequence[str], model_dir: Path, repeats: int) -> di
         httpx.AsyncClient(timeout=120) as client,
     ):
         for rep in range(repeats):
-            rng = random.Random(100 + rep)
-            prompts = Prompts(model_dir, seed=100 + rep)
-            bodies = [
-                {
-                    "model": "tiny",
-                    "prompt": prompts.make(rng.randint(100, 1500)),
-                    "max_tokens": rng.randint(4, 24),
-                    "temperature": 0,
-                    "ignore_eos": True,
-                }
-                for _ in range(LOADED_REQUESTS)
-            ]
-            gate = asyncio.Semaphore(LOADED_CONCURRENCY)
-
-            async def one(body: dict[str, Any], gate: asyncio.Semaphore = gate) -> None:
-                async with gate:
-                    ttfts.append((await stream(client, router, "/v1/completions", body))["ttft"])
-
-            await asyncio.gather(*(one(b) for b in bodies))
+            for out in await closed_loop(client, router, loaded_bodies(model_dir, 100 + rep)):
+                ttfts.append(out["ttft"])
             loads.append(loadavg())
     return {"ttfts": ttfts, "loadavg": loads, **quantiles(ttfts)}
 
@@ -522,26 +538,8 @@ async def measure_jitter(urls: Sequence[str], model_dir: Path, repeats: int) -> 
         async with through_router(urls, "round_robin") as router:
             before = await buckets()
             for rep in range(repeats):
-                rng = random.Random(300 + rep)
-                prompts = Prompts(model_dir, seed=300 + rep)
-                bodies = [
-                    {
-                        "model": "tiny",
-                        "prompt": prompts.make(rng.randint(100, 1500)),
-                        "max_tokens": rng.randint(4, 24),
-                        "temperature": 0,
-                        "ignore_eos": True,
-                    }
-                    for _ in range(LOADED_REQUESTS)
-                ]
-                gate = asyncio.Semaphore(LOADED_CONCURRENCY)
-
-                async def one(body: dict[str, Any], gate: asyncio.Semaphore = gate) -> None:
-                    async with gate:
-                        out = await stream(client, router, "/v1/completions", body)
-                        gaps.extend(out["gaps"])
-
-                await asyncio.gather(*(one(b) for b in bodies))
+                for out in await closed_loop(client, router, loaded_bodies(model_dir, 300 + rep)):
+                    gaps.extend(out["gaps"])
                 result["loadavg"].append(loadavg())
             after = await buckets()
         result["loaded"] = spread(normalised(gaps))
