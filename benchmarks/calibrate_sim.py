@@ -169,25 +169,28 @@ async def prefill_phase(
     return points
 
 
+async def decode_burst(
+    client: httpx.AsyncClient, url: str, prompts: Prompts, n: int
+) -> list[dict[str, Any]]:
+    """``n`` short prompts decoding ``DECODE_TOKENS`` tokens at once on one server."""
+    body = {"model": "tiny", "max_tokens": DECODE_TOKENS, "temperature": 0, "ignore_eos": True}
+    return list(
+        await asyncio.gather(
+            *(
+                stream(client, url, "/v1/completions", {**body, "prompt": prompts.make(16)})
+                for _ in range(n)
+            )
+        )
+    )
+
+
 async def decode_phase(
     client: httpx.AsyncClient, url: str, prompts: Prompts, repeats: int
 ) -> list[dict[str, Any]]:
     points = []
     for rep in range(repeats):
         for n in CONCURRENCY:
-            bodies = [
-                {
-                    "model": "tiny",
-                    "prompt": prompts.make(16),
-                    "max_tokens": DECODE_TOKENS,
-                    "temperature": 0,
-                    "ignore_eos": True,
-                }
-                for _ in range(n)
-            ]
-            outs = await asyncio.gather(
-                *(stream(client, url, "/v1/completions", b) for b in bodies)
-            )
+            outs = await decode_burst(client, url, prompts, n)
             per_request = [statistics.median(o["gaps"]) for o in outs if o["gaps"]]
             points.append({"rep": rep, "seqs": n, "itl": statistics.median(per_request)})
     return points
@@ -509,19 +512,7 @@ async def measure_jitter(urls: Sequence[str], model_dir: Path, repeats: int) -> 
             ratios: list[float] = []
             for _ in range(repeats):
                 for n in JITTER_CONCURRENCY:
-                    bodies = [
-                        {
-                            "model": "tiny",
-                            "prompt": prompts.make(16),
-                            "max_tokens": DECODE_TOKENS,
-                            "temperature": 0,
-                            "ignore_eos": True,
-                        }
-                        for _ in range(n)
-                    ]
-                    outs = await asyncio.gather(
-                        *(stream(client, url, "/v1/completions", b) for b in bodies)
-                    )
+                    outs = await decode_burst(client, url, prompts, n)
                     ratios += normalised([g for o in outs for g in o["gaps"]])
             return ratios
 
