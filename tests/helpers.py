@@ -101,16 +101,20 @@ async def sim_stats(url: str) -> dict[str, Any]:
 
 
 KVROUTE = Path(sys.executable).with_name("kvroute")
+#: kvroute's command line from this checkout's sources.
+CHECKOUT_CLI = (sys.executable, "-c", "import sys; from router.cli import main; sys.exit(main())")
 
 
 @contextlib.asynccontextmanager
 async def sim_process(*args: str, model: str = "tiny") -> AsyncIterator[tuple[str, Any]]:
-    """``kvroute simulate`` as a separate process (so it can be killed for real)."""
+    """``kvroute simulate`` as a separate process (so it can be killed for real),
+    running this checkout's code (the installed console script may be another's)."""
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
     proc = subprocess.Popen(
-        [str(KVROUTE), "simulate", "--port", str(port), "--model", model, *args],
+        [*CHECKOUT_CLI, "simulate", "--port", str(port), "--model", model, *args],
+        cwd=FIXTURES.parent.parent,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

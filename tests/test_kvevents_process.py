@@ -8,8 +8,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,8 @@ from backends.templates import render
 from policies.blocks import EndpointBlocks, chain_hashes
 from router.config import KVEventsConfig
 from router.kvevents.subscriber import Subscriber
-from tests.helpers import FIXTURES, eventually, free_socket, router, router_config
+from tests import helpers
+from tests.helpers import FIXTURES, eventually, router, router_config
 from tests.kvevents_helpers import free_tcp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,57 +30,26 @@ BLOCK = 16
 
 
 @contextlib.asynccontextmanager
-async def sim_process(pub: str, replay: str) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
+async def sim_process(pub: str, replay: str) -> AsyncIterator[tuple[str, Any]]:
+    """A simulator process publishing its KV events on ``pub`` / ``replay``."""
     events = {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
         "endpoint": pub.replace("127.0.0.1", "*"),
         "replay_endpoint": replay.replace("127.0.0.1", "*"),
     }
-    # This checkout's code (the installed console script may be another's).
-    cmd = [sys.executable, "-c", "import sys; from router.cli import main; sys.exit(main())"]
-    proc = subprocess.Popen(
-        [
-            *cmd,
-            "simulate",
-            "--port",
-            str(port),
-            "--model",
-            "tiny",
-            "--zero-latency",
-            "--block-size",
-            str(BLOCK),
-            "--num-blocks",
-            "41",
-            "--tokenizer",
-            str(TINY / "tokenizer.json"),
-            "--kv-events-config",
-            json.dumps(events),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient() as client:
-
-            async def up() -> bool:
-                assert proc.poll() is None, "simulator exited"
-                try:
-                    return (await client.get(url + "/health")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await eventually(up)
+    async with helpers.sim_process(
+        "--zero-latency",
+        "--block-size",
+        str(BLOCK),
+        "--num-blocks",
+        "41",
+        "--tokenizer",
+        str(TINY / "tokenizer.json"),
+        "--kv-events-config",
+        json.dumps(events),
+    ) as (url, proc):
         yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=20)
 
 
 def ids_of(messages: list[dict[str, str]]) -> list[int]:
