@@ -34,12 +34,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from backends.base import Operation, Sampling  # noqa: E402
 from backends.sim.engine import Engine, EngineParams, Sequence_  # noqa: E402
 from backends.sim.kvcache import block_hashes as kv_block_hashes  # noqa: E402
 from backends.sim.tokenizer import render_chatml, token_ids, tokenize  # noqa: E402
 from policies import EndpointView, RequestView, build_policy  # noqa: E402
 from policies.base import Decision, Outcome, load_of  # noqa: E402
 from policies.ring import bounded_capacity  # noqa: E402
+from router.config import EndpointConfig  # noqa: E402
+from router.registry import EndpointRegistry  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 POLICIES = (
@@ -421,19 +424,62 @@ def simulate(
     )
 
 
+@dataclass(frozen=True)
+class AdapterRequest:
+    """What an adapter may ask of a request (``backends.base.OpenAIRequest``)."""
+
+    body: dict[str, Any]
+    op: Operation = Operation.CHAT
+    raw: bytes = b""
+    stream: bool = False
+    sampling: Sampling = dataclasses.field(default_factory=Sampling)
+    router_usage: bool = False
+
+
+def latency_fleet(endpoints: int, rng: random.Random) -> EndpointRegistry:
+    """``endpoints`` vLLM endpoints of model "m" in a registry, as the router
+    keeps them, with 0 to 8 requests in flight each."""
+    registry = EndpointRegistry(
+        EndpointConfig.model_validate(
+            {
+                "id": f"e{i}",
+                "url": f"http://10.0.{i // 256}.{i % 256}:8000",
+                "kind": "vllm",
+                "models": ["m"],
+                "kv_capacity_tokens": 500_000,
+            }
+        )
+        for i in range(endpoints)
+    )
+    for state in registry.all():
+        state.in_flight = rng.randint(0, 8)
+    return registry
+
+
+def candidate_views(registry: EndpointRegistry, body: dict[str, Any]) -> list[EndpointView]:
+    """The router's step before ranking (``router/failover.py``): the
+    endpoints of the model that admit requests now, and their views."""
+    return [c.view() for c in registry.candidates("m", AdapterRequest(body))]
+
+
+def attempt(registry: EndpointRegistry, decision: Decision) -> None:
+    """The chosen endpoint's in-flight count goes up and down, as a
+    forwarded request's does: its kept view is rebuilt at the next decision."""
+    state = registry.get(decision.ranked[0].id)
+    assert state is not None
+    state.begin(registry.clock()).end()
+
+
 def decision_latency(
     endpoints: int = 64, prompt_chars: int = 32_000, n: int = 2000, **params: Any
 ) -> dict[str, float]:
     """prefix_affinity's decision time on a warm index: 200 tenants' prompts
-    seen again (prefix hits), and prompts never seen (new prefixes)."""
+    seen again (prefix hits), and prompts never seen (new prefixes). A
+    decision is what the router does before forwarding: the candidates from
+    the registry, their views, and the policy's ranking."""
     rng = random.Random(3)
     policy = build_policy("prefix_affinity", params, random.Random(0))
-    views = [
-        EndpointView(
-            id=f"e{i}", url="", kind="vllm", in_flight=rng.randint(0, 8), kv_capacity_tokens=500_000
-        )
-        for i in range(endpoints)
-    ]
+    registry = latency_fleet(endpoints, rng)
     tenants = [words(rng, prompt_chars // 4)[: prompt_chars - 100] for _ in range(200)]
 
     def timed(system: Callable[[int], str], count: int) -> list[float]:
@@ -448,8 +494,9 @@ def decision_latency(
             }
             req = RequestView(model="m", endpoint="chat", body=body)
             t0 = time.perf_counter()
-            policy.rank(req, views)
+            decision = policy.rank(req, candidate_views(registry, body))
             samples.append(time.perf_counter() - t0)
+            attempt(registry, decision)
         return sorted(samples)
 
     timed(lambda k: tenants[k % 200], 500)  # every tenant seen at least twice: a warm index
@@ -476,11 +523,12 @@ def precise_decision_latency(
     """prefix_affinity on precise matches, the router's tokenizer in the loop:
     every endpoint publishes KV events (an EndpointBlocks fed by hand with
     the blocks of the tenants it served), each request is tokenized (chat
-    template + tokenizer + block hashes: ``router/prompts.py``) and ranked.
-    Hits: 200 tenants' system prompts seen before, a new question each time
-    (the new piece is a miss, the system prompt a cache hit). New prefixes:
-    a system prompt never seen, tokenized whole (in a thread on the router's
-    request path: ``thread_s``; ``loop_us`` is what stays on the loop)."""
+    template + tokenizer + block hashes: ``router/prompts.py``) and ranked
+    over the registry's candidates and views. Hits: 200 tenants' system
+    prompts seen before, a new question each time (the new piece is a miss,
+    the system prompt a cache hit). New prefixes: a system prompt never seen,
+    tokenized whole (in a thread on the router's request path: ``thread_s``;
+    ``loop_us`` is what stays on the loop)."""
     from policies.blocks import EndpointBlocks
     from router.prompts import load_prompt_tokenizer
 
@@ -488,17 +536,11 @@ def precise_decision_latency(
     prompts = load_prompt_tokenizer(tokenizer)
     policy = build_policy("prefix_affinity", params, random.Random(0))
     held = [EndpointBlocks(f"e{i}", 1_000_000) for i in range(endpoints)]
-    views = [
-        EndpointView(
-            id=f"e{i}",
-            url="",
-            kind="vllm",
-            in_flight=rng.randint(0, 8),
-            kv_capacity_tokens=500_000,
-            blocks=held[i],
-        )
-        for i in range(endpoints)
-    ]
+    registry = latency_fleet(endpoints, rng)
+    for i, blocks in enumerate(held):
+        state = registry.get(f"e{i}")
+        assert state is not None
+        state.blocks = blocks
     tenants = [words(rng, prompt_chars // 4)[: prompt_chars - 100] for _ in range(200)]
 
     def body(system: str, k: int) -> dict[str, Any]:
@@ -533,8 +575,10 @@ def precise_decision_latency(
             tokens = prompts.finish(plan, encoded)
             tokens.block_hashes(16)
             t3 = time.perf_counter()
+            views = candidate_views(registry, req)
             decision = policy.rank(RequestView("m", "chat", req, tokens=tokens), views)
             t4 = time.perf_counter()
+            attempt(registry, decision)
             policy.observe(decision, decision.ranked[0].id, Outcome(True))
             out["total"].append(t4 - t0)
             out["tokenize"].append(t3 - t0)
@@ -555,7 +599,7 @@ def precise_decision_latency(
             RequestView(
                 "m", "chat", body(tenants[k], k), tokens=prompts.tokens("chat", body(tenants[k], k))
             ),
-            views,
+            candidate_views(registry, body(tenants[k], k)),
         ).reason
         for k in range(200)
     )

@@ -104,8 +104,15 @@ class EndpointView:
     labels: Mapping[str, str] = field(default_factory=dict)
     #: The endpoint's KV blocks from its KV events; None when it publishes none.
     blocks: HeldBlocks | None = None
-    #: What this router measured of the endpoint's latency; None: nothing yet.
+    #: What this router measured of the endpoint's latency, read when asked
+    #: (the router's views carry one always; None: a view made without it).
     latency: LatencyView | None = None
+    #: ``load_of(self)``, computed once: every policy reads it of every
+    #: candidate, and the router keeps a view across decisions.
+    load: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "load", load_of(self))
 
 
 @dataclass(frozen=True, slots=True)

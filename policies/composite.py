@@ -23,7 +23,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from policies.base import Decision, EndpointView, Outcome, RequestView, load_of
+from policies.base import Decision, EndpointView, Outcome, RequestView
 from policies.latency import LowLatency, LowLatencyParams
 from policies.precise import PrecisePrefix, PrecisePrefixParams
 from policies.prefix_index import IndexParams, IndexStats, PrefixIndex, capacity_blocks
@@ -52,7 +52,7 @@ class NotOverloaded:
 
     def keep(self, candidates: Sequence[EndpointView]) -> list[EndpointView]:
         cap = bounded_capacity(candidates, self.epsilon)
-        return [e for e in candidates if load_of(e) + 1 <= cap[e.id]]
+        return [e for e in candidates if e.load + 1 <= cap[e.id]]
 
 
 class LabelParams(Params):
@@ -122,7 +122,7 @@ class LowLoad(_Stateless):
     def score(
         self, request: RequestView, candidates: Sequence[EndpointView]
     ) -> tuple[list[float], Any]:
-        loads = [load_of(e) / e.weight for e in candidates]
+        loads = [e.load / e.weight for e in candidates]
         top = max(loads)
         return ([1.0 - x / top if top else 1.0 for x in loads], None)
 

@@ -10,7 +10,7 @@ from typing import Literal
 import xxhash
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from policies.base import Decision, EndpointView, RequestView, StatelessPolicy, load_of
+from policies.base import Decision, EndpointView, RequestView, StatelessPolicy
 from policies.prompt import canonical_prompt
 from policies.ring import RingCache, bounded_capacity, ring_order
 
@@ -63,7 +63,7 @@ class ConsistentHash(StatelessPolicy):
     def rank(self, request: RequestView, candidates: Sequence[EndpointView]) -> Decision:
         key = request_key(request, self.params)
         if key is None:
-            ranked = sorted(candidates, key=lambda e: load_of(e) / e.weight)
+            ranked = sorted(candidates, key=lambda e: e.load / e.weight)
             return Decision(tuple(ranked), "no_key")
         ring = self._rings.ring(candidates)
         order, owner = ring_order(
@@ -96,17 +96,17 @@ class SessionAffinity(StatelessPolicy):
     def rank(self, request: RequestView, candidates: Sequence[EndpointView]) -> Decision:
         key = request_key(request, self.params)
         if key is None:
-            ranked = sorted(candidates, key=lambda e: load_of(e) / e.weight)
+            ranked = sorted(candidates, key=lambda e: e.load / e.weight)
             return Decision(tuple(ranked), "no_key")
         sticky = self._sessions.get(key)
         by_id = {e.id: e for e in candidates}
         if sticky is not None and sticky in by_id:
             endpoint = by_id[sticky]
             cap = bounded_capacity(candidates, self.params.epsilon)
-            if self.params.on_overload == "stay" or load_of(endpoint) + 1 <= cap[sticky]:
+            if self.params.on_overload == "stay" or endpoint.load + 1 <= cap[sticky]:
                 self._sessions.move_to_end(key)
                 rest = sorted(
-                    (e for e in candidates if e.id != sticky), key=lambda e: load_of(e) / e.weight
+                    (e for e in candidates if e.id != sticky), key=lambda e: e.load / e.weight
                 )
                 return Decision((endpoint, *rest), "sticky")
         ring = self._rings.ring(candidates)

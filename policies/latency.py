@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from policies.base import Decision, EndpointView, RequestView, StatelessPolicy, load_of
+from policies.base import Decision, EndpointView, RequestView, StatelessPolicy
 from policies.prefix_index import IndexStats
 
 Quantity = Literal["ttft", "duration"]
@@ -109,7 +109,7 @@ class LeastLatency(StatelessPolicy):
         keys = {}
         for e, estimate in zip(shuffled, estimates, strict=True):
             probe = e.in_flight == 0 and samples(e, q) < p.probe_below
-            keys[e.id] = (not probe, estimate * (1.0 + load_of(e) / (p.slots * e.weight)))
+            keys[e.id] = (not probe, estimate * (1.0 + e.load / (p.slots * e.weight)))
         shuffled.sort(key=lambda e: keys[e.id])
         first = shuffled[0]
         return Decision(tuple(shuffled), "latency" if keys[first.id][0] else "probe")

@@ -80,7 +80,7 @@ from collections.abc import Sequence
 
 from pydantic import Field
 
-from policies.base import Decision, EndpointView, Outcome, PromptTokens, RequestView, load_of
+from policies.base import Decision, EndpointView, Outcome, PromptTokens, RequestView
 from policies.blocks import leading
 from policies.precise import DEFAULT_BLOCK_SIZE, InFlight, block_size, live_blocks
 from policies.prefix_index import IndexParams, IndexStats, PrefixIndex, capacity_blocks
@@ -220,7 +220,7 @@ class PrefixAffinity:
         self._learn_share(candidates)
         # Per-candidate work is what a decision over many endpoints costs:
         # comprehensions and C-level dicts, no Python call per candidate.
-        load_list = [load_of(e) for e in candidates]
+        load_list = [e.load for e in candidates]
         ids = [e.id for e in candidates]
         position = dict(zip(ids, range(len(ids)), strict=True))
         loads = dict(zip(ids, load_list, strict=True))

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 
 import xxhash
 
-from policies.base import EndpointView, load_of
+from policies.base import EndpointView
 
 
 class HashRing:
@@ -80,7 +80,7 @@ def bounded_capacity(
 ) -> dict[str, float]:
     """Each endpoint's load ceiling once one more request is placed (never
     below ``floor``: a few requests in flight overload nobody)."""
-    total = sum(load_of(e) for e in candidates) + 1
+    total = sum(e.load for e in candidates) + 1
     weight = sum(e.weight for e in candidates)
     return {
         e.id: max(floor, math.ceil((1 + epsilon) * total * e.weight / weight)) for e in candidates
@@ -98,7 +98,7 @@ class Capacity:
         total_load: float | None = None,
     ):
         if total_load is None:
-            total_load = sum(load_of(e) for e in candidates)
+            total_load = sum(e.load for e in candidates)
         self._total = total_load + 1
         self._weight = sum([e.weight for e in candidates])
         self._epsilon = epsilon
@@ -124,6 +124,6 @@ def ring_order(
         return order, True
     cap = bounded_capacity(candidates, epsilon, floor)
     for i, e in enumerate(order):
-        if load_of(e) + 1 <= cap[e.id]:
+        if e.load + 1 <= cap[e.id]:
             return [e, *order[:i], *order[i + 1 :]], i == 0
     return order, True

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from policies.base import Decision, EndpointView, RequestView, StatelessPolicy, load_of
+from policies.base import Decision, EndpointView, RequestView, StatelessPolicy
 
 
 class RoundRobin(StatelessPolicy):
@@ -63,7 +63,7 @@ class LeastLoad(StatelessPolicy):
     def rank(self, request: RequestView, candidates: Sequence[EndpointView]) -> Decision:
         shuffled = list(candidates)
         self._rng.shuffle(shuffled)
-        shuffled.sort(key=lambda e: (load_of(e) / e.weight, e.kv_usage or 0.0))
+        shuffled.sort(key=lambda e: (e.load / e.weight, e.kv_usage or 0.0))
         return Decision(tuple(shuffled), "least_load")
 
 
@@ -79,9 +79,9 @@ class PowerOfTwo(StatelessPolicy):
         if len(candidates) == 1:
             return Decision(tuple(candidates), "power_of_two")
         a, b = self._rng.sample(range(len(candidates)), 2)
-        first, second = sorted((a, b), key=lambda i: load_of(candidates[i]) / candidates[i].weight)
+        first, second = sorted((a, b), key=lambda i: candidates[i].load / candidates[i].weight)
         rest = sorted(
             (e for i, e in enumerate(candidates) if i not in (a, b)),
-            key=lambda e: load_of(e) / e.weight,
+            key=lambda e: e.load / e.weight,
         )
         return Decision((candidates[first], candidates[second], *rest), "power_of_two")

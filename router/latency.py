@@ -43,6 +43,7 @@ Time comes from the caller, so tests drive it exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -194,22 +195,70 @@ class LatencyEstimate:
             if seconds > line.predict(n):
                 line.add(n, seconds, now, self.half_life, self.clip)
 
+    def estimate(self, quantity: Quantity) -> float | None:
+        """The current estimate of ``quantity`` (None: no data); a duration
+        is of ``REFERENCE_TOKENS`` output tokens."""
+        if quantity == "ttft":
+            return self._ttft.mean if self._ttft.weight else None
+        if quantity == "tpot":
+            return self._tpot.mean if self._tpot.weight else None
+        if not self._duration.w:
+            return None
+        return self._duration.predict(REFERENCE_TOKENS)
+
+    def samples(self, quantity: Quantity, now: float) -> float:
+        """The decayed weight of the samples behind ``quantity``'s estimate."""
+        if quantity == "ttft":
+            return self._ttft.samples(now, self.half_life)
+        if quantity == "tpot":
+            return self._tpot.samples(now, self.half_life)
+        return self._duration.samples(now, self.half_life)
+
     def view(self, now: float) -> LatencySnapshot | None:
         """The estimates now (None: never measured)."""
-        hl = self.half_life
         if not (self._ttft.weight or self._tpot.weight or self._duration.w):
             return None
-        fixed = per_token = duration = None
+        fixed = per_token = None
         if self._duration.w:
             fixed, per_token = self._duration.fit()
-            duration = fixed + per_token * REFERENCE_TOKENS
         return LatencySnapshot(
-            ttft=self._ttft.mean if self._ttft.weight else None,
-            tpot=self._tpot.mean if self._tpot.weight else None,
-            duration=duration,
-            ttft_samples=self._ttft.samples(now, hl),
-            tpot_samples=self._tpot.samples(now, hl),
-            duration_samples=self._duration.samples(now, hl),
+            ttft=self.estimate("ttft"),
+            tpot=self.estimate("tpot"),
+            duration=self.estimate("duration"),
+            ttft_samples=self.samples("ttft", now),
+            tpot_samples=self.samples("tpot", now),
+            duration_samples=self.samples("duration", now),
             duration_fixed=fixed,
             duration_per_token=per_token,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class LiveLatency:
+    """An endpoint's estimates read when asked (a ``policies.base.LatencyView``).
+
+    What an ``EndpointView`` carries instead of a ``LatencySnapshot``: the
+    registry keeps each endpoint's view between decisions (rebuilding 64
+    views with their snapshots cost 570 us a request), and only the latency
+    policies read estimates, which are then computed for the endpoints they
+    look at. A decision runs without awaiting, so what it reads cannot
+    change under it; decayed weights are taken at the clock's current time.
+    """
+
+    estimate: LatencyEstimate
+    clock: Callable[[], float]
+
+    @property
+    def ttft(self) -> float | None:
+        return self.estimate.estimate("ttft")
+
+    @property
+    def tpot(self) -> float | None:
+        return self.estimate.estimate("tpot")
+
+    @property
+    def duration(self) -> float | None:
+        return self.estimate.estimate("duration")
+
+    def samples(self, quantity: Quantity) -> float:
+        return self.estimate.samples(quantity, self.clock())

@@ -1,7 +1,10 @@
 """Endpoints and their live state, and the routes from model names to policies.
 
 Policies never see these mutable objects: ``EndpointState.view()`` freezes
-what a policy may know at decision time.
+what a policy may know at decision time. The view is kept between decisions
+and dropped when a field it copies is assigned (``VIEWED``): building 64
+views for every request cost more than the decision itself
+(benchmarks/README.md, "Decision latency, third pass").
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from policies.base import EndpointView, Policy
 from policies.blocks import BlockIndex, EndpointBlocks
 from policies.prefix_index import IndexStats
 from policies.registry import build_policy
-from router.circuit import Circuit
+from router.circuit import Circuit, CircuitState
 from router.config import CircuitConfig, Config, EndpointConfig, LatencyConfig, PolicySpec
 from router.errors import EndpointMisconfigured, UpstreamError, UpstreamHTTPError
-from router.latency import LatencyEstimate
+from router.latency import LatencyEstimate, LiveLatency
 from router.retry import retry_after_seconds
 from router.sources import STATIC, Source
 
@@ -62,8 +65,15 @@ class EndpointState:
     #: Its KV-cache blocks, from its KV events (``kv_events`` configured), else None.
     blocks: EndpointBlocks | None = None
     _labels: dict[str, str] = field(default_factory=dict)
-    #: The registry's clock (for the latency snapshot in ``view``).
+    #: The registry's clock (for the latency estimates' decay in ``view``).
     clock: Callable[[], float] = time.monotonic
+    #: ``view()``'s result until a field it copies changes.
+    _view: EndpointView | None = field(default=None, repr=False)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name in VIEWED:
+            object.__setattr__(self, "_view", None)
 
     @classmethod
     def from_config(
@@ -96,11 +106,12 @@ class EndpointState:
 
     def admits(self, now: float) -> bool:
         """Healthy, not draining, circuit not open, not cooling down after a 429."""
+        circuit = self.circuit
         return (
             self.healthy
             and not self.draining
             and now >= self.cooldown_until
-            and self.circuit.admits(now)
+            and (circuit.state is CircuitState.CLOSED or circuit.admits(now))
         )
 
     # -- one attempt's bookkeeping: begin, then one verdict, then end -------------
@@ -151,6 +162,14 @@ class EndpointState:
         return self.config.url
 
     def view(self) -> EndpointView:
+        """What a policy may know of this endpoint now (the same object until
+        one of the ``VIEWED`` fields is assigned)."""
+        view = self._view
+        if view is None:
+            view = self._view = self._build_view()
+        return view
+
+    def _build_view(self) -> EndpointView:
         return EndpointView(
             id=self.config.id,
             url=self.config.url,
@@ -165,8 +184,28 @@ class EndpointState:
             kv_capacity_tokens=self.kv_capacity_tokens,
             labels=self._labels,
             blocks=self.blocks,
-            latency=self.latency.view(self.clock()),
+            latency=LiveLatency(self.latency, self.clock),
         )
+
+
+#: The fields ``EndpointState.view`` copies (or reads through): assigning one
+#: drops the kept view. Counters are assigned (``+= 1``), never mutated in place.
+VIEWED = frozenset(
+    {
+        "config",
+        "in_flight",
+        "awaiting_first",
+        "running",
+        "waiting",
+        "in_flight_at_scrape",
+        "kv_usage",
+        "kv_capacity_tokens",
+        "_labels",
+        "blocks",
+        "latency",
+        "clock",
+    }
+)
 
 
 @dataclass(slots=True, eq=False)

@@ -150,7 +150,11 @@ def test_attempts_feed_their_endpoint_and_a_config_change_keeps_what_was_learned
     )
     registry = EndpointRegistry(config.endpoints, clock=lambda: now[0])
     endpoint = registry.get("a")
-    assert endpoint is not None and endpoint.view().latency is None
+    assert endpoint is not None
+    fresh = endpoint.view().latency
+    assert fresh is not None  # read live: nothing measured yet reads as no estimate
+    assert (fresh.ttft, fresh.tpot, fresh.duration) == (None, None, None)
+    assert fresh.samples("ttft") == fresh.samples("duration") == 0.0
     stream = endpoint.begin(0.0, stream=True)
     stream.first_byte(0.2)
     stream.answered(1.2, 101)  # 100 tokens after the first, in 1 s

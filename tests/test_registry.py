@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from router.config import parse_config
-from router.registry import EndpointRegistry, RouteTable
+from router.registry import VIEWED, EndpointRegistry, RouteTable
 
 CONFIG = """
 seed: 1
@@ -52,6 +52,36 @@ def test_views_are_frozen_snapshots() -> None:
     view = b.view()
     b.in_flight = 4
     assert (view.in_flight, view.weight, dict(view.labels)) == (3, 2.0, {"zone": "z1"})
+
+
+def test_a_kept_view_follows_every_change_it_copies() -> None:
+    """The view is kept between decisions, and rebuilt after any change a
+    policy could see: an attempt's counts, a scrape, new blocks."""
+    from policies.blocks import EndpointBlocks
+
+    registry, _ = build()
+    b = registry.get("b")
+    assert b is not None
+    first = b.view()
+    assert b.view() is first  # nothing changed: not rebuilt
+    b.healthy = False  # not a view field (candidates() filters on it)
+    assert b.view() is first
+    attempt = b.begin(0.0, stream=True)
+    assert (b.view().in_flight, b.view().awaiting_first) == (1, 1)
+    attempt.first_byte(0.5)
+    assert (b.view().in_flight, b.view().awaiting_first) == (1, 0)
+    assert b.view().latency is not None and b.view().latency.ttft == 0.5
+    attempt.end()
+    assert b.view().in_flight == 0
+    b.running, b.waiting, b.in_flight_at_scrape = 5.0, 2.0, 0
+    b.kv_usage, b.kv_capacity_tokens = 0.5, 1000
+    seen = b.view()
+    assert (seen.running, seen.waiting, seen.in_flight_at_scrape) == (5.0, 2.0, 0)
+    assert (seen.kv_usage, seen.kv_capacity_tokens) == (0.5, 1000)
+    blocks = EndpointBlocks("b", 100)
+    b.blocks = blocks
+    assert b.view().blocks is blocks
+    assert {"in_flight", "running", "blocks", "latency"} <= VIEWED
 
 
 def test_upsert_keeps_live_state_and_remove_unindexes() -> None:
