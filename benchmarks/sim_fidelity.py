@@ -29,12 +29,23 @@ from sending the request to the first SSE event. Targets: hit rates within 0.02
 of real vLLM's, TTFT p50 and p90 within 25%. ``--without-jitter`` also runs
 the simulator with the profile's step jitter off, against the same real runs
 (the jitter's effect at the same moment's load).
+
+``--contention-probe``: the profile's load factor (``calibrate_sim.py``'s last
+step: a real CPU engine's steps stretch when the machine is busy, the
+simulator's sleeps do not) was fitted at the load of the calibration run, and
+this machine's load from other work varies several-fold from hour to hour.
+With the probe, each model's real servers first run the calibration's loaded
+phase (unique prompts, round robin: not the held-out workloads), the
+simulator runs it at the profile's latencies x1 and x2, and the held-out
+simulated runs use the factor that matches the real TTFT p50 then
+(interpolated, as the calibration does). The factor is recorded.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -51,7 +62,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from backends.sim.engine import EngineParams  # noqa: E402
-from benchmarks.calibrate_sim import sim_servers, simulate_args  # noqa: E402
+from benchmarks.calibrate_sim import (  # noqa: E402
+    PARAMS,
+    loaded_phase,
+    sim_servers,
+    simulate_args,
+)
 from benchmarks.measure import loadavg, measure, through_router  # noqa: E402
 from benchmarks.real_vllm import reset_prefix_caches  # noqa: E402
 from tests.real.engines import (  # noqa: E402
@@ -65,6 +81,8 @@ POLICIES = ("round_robin", "prefix_affinity")
 CONCURRENCY = 4
 HIT_TARGET = 0.02
 TTFT_TARGET = 0.25
+#: Runs of the calibration's loaded phase (40 requests each) in a contention probe.
+PROBE_REPEATS = 2
 VOCAB = [
     *["order", "shipment", "warehouse", "invoice", "customer", "ledger", "audit", "policy"],
     *["contract", "renewal", "discount", "region", "quota", "forecast", "pipeline", "metric"],
@@ -226,8 +244,14 @@ async def reset_caches(urls: list[str]) -> None:
 
 
 async def measure_real_model(
-    model: Path, loads: dict[str, list[list[dict[str, Any]]]], workdir: Path, repeats: int
+    model: Path,
+    loads: dict[str, list[list[dict[str, Any]]]],
+    workdir: Path,
+    repeats: int,
+    probe: bool = False,
 ) -> dict[str, Any]:
+    """The held-out cases on two real servers; with ``probe``, the calibration's
+    loaded phase on them first (``out["probe"]``: its TTFT p50 and p90)."""
     from tests.real.engines import vllm_servers
 
     # /reset_prefix_cache is a dev-mode route; engines.py passes the environment on.
@@ -235,6 +259,10 @@ async def measure_real_model(
     out: dict[str, Any] = {}
     with vllm_servers(workdir, model=model) as servers:
         urls = [s.url for s in servers]
+        if probe:
+            measured = await loaded_phase(urls, model, PROBE_REPEATS)
+            out["probe"] = {k: measured[k] for k in ("p50", "p90", "loadavg")}
+            print("real probe", model.name, out["probe"], flush=True)
         for name, rounds in loads.items():
             for policy in POLICIES:
                 runs = []
@@ -246,10 +274,31 @@ async def measure_real_model(
     return out
 
 
-def sim_params(model: Path, **overrides: float) -> EngineParams:
-    return EngineParams.profile(
+def sim_params(model: Path, factor: float = 1.0, **overrides: float) -> EngineParams:
+    """The profile for ``model``, its latency parameters times ``factor``."""
+    base = EngineParams.profile(
         PROFILE, num_blocks=NUM_BLOCKS, max_model_len=2048, tokenizer=str(model), **overrides
     )
+    return dataclasses.replace(base, **{k: getattr(base, k) * factor for k in PARAMS})
+
+
+async def contention_factor(model: Path, real_probe: dict[str, Any]) -> dict[str, Any]:
+    """The factor on the profile's latencies at which the simulator's loaded
+    phase matches the real one's TTFT p50 (x1 and x2 measured, interpolated,
+    bounded to 0.5-4, then measured at the factor as a check)."""
+
+    async def at(factor: float) -> dict[str, Any]:
+        with sim_servers(simulate_args(sim_params(model, factor))) as urls:
+            measured = await loaded_phase(urls, model, PROBE_REPEATS)
+        print(f"sim probe x{factor:.2f}", {k: measured[k] for k in ("p50", "p90")}, flush=True)
+        return {"factor": factor, **{k: measured[k] for k in ("p50", "p90", "loadavg")}}
+
+    points = [await at(1.0), await at(2.0)]
+    slope = points[1]["p50"] - points[0]["p50"]
+    factor = 1.0 + (real_probe["p50"] - points[0]["p50"]) / slope if slope > 0 else 1.0
+    factor = min(max(factor, 0.5), 4.0)
+    points.append(await at(factor))
+    return {"factor": factor, "real": real_probe, "sim": points}
 
 
 async def measure_sim_model(
@@ -339,6 +388,12 @@ async def main() -> int:
         help="also run the simulator with step_jitter 0 (the profile before the jitter) "
         "against the same real runs",
     )
+    parser.add_argument(
+        "--contention-probe",
+        action="store_true",
+        help="refit the profile's load factor on the calibration's loaded phase, "
+        "on the same real servers just before the held-out runs",
+    )
     opts = parser.parse_args()
     out = ROOT / "benchmarks" / "results"
     if opts.replot:
@@ -363,16 +418,23 @@ async def main() -> int:
     for label, model in models.items():
         assert model is not None
         with tempfile.TemporaryDirectory() as tmp:
-            real = await measure_real_model(model, loads, Path(tmp), opts.repeats)
-        sim = await measure_sim_model(model, loads, opts.repeats, sim_params(model))
+            real = await measure_real_model(
+                model, loads, Path(tmp), opts.repeats, opts.contention_probe
+            )
+        probe = real.pop("probe", None)
+        contention = await contention_factor(model, probe) if probe is not None else None
+        factor = contention["factor"] if contention is not None else 1.0
+        sim = await measure_sim_model(model, loads, opts.repeats, sim_params(model, factor))
         result["models"][label] = {
             "dir": model.name,
             "real": real,
             "sim": sim,
             "comparison": {k: compare(real[k], sim[k]) for k in real},
         }
+        if contention is not None:
+            result["models"][label]["contention"] = contention
         if opts.without_jitter:
-            flat = sim_params(model, step_jitter=0.0)
+            flat = sim_params(model, factor, step_jitter=0.0)
             base = await measure_sim_model(model, loads, opts.repeats, flat, "sim, no jitter")
             result["models"][label]["sim_no_jitter"] = base
             result["models"][label]["comparison_no_jitter"] = {
