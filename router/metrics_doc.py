@@ -28,7 +28,9 @@ This file is generated from the code by
 `{COMMAND}`;
 a test fails when it is out of date, so do not edit it by hand. Counters are
 listed with their `_total` suffix; a histogram's series are `<name>_bucket`, `<name>_sum` and
-`<name>_count`. Labels hold configured names (models, endpoints, tenants,
+`<name>_count`. Each counter and histogram child also has a `<name>_created` series
+(prometheus-client's: when that label set was first used, in Unix seconds), not
+listed. Labels hold configured names (models, endpoints, tenants,
 discovery sources) or fixed sets of values, never what a client or a backend
 wrote. How kvroute's own overhead is measured: README, "Observability".
 
