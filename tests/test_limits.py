@@ -86,7 +86,8 @@ async def kvroute_serve(raw: dict[str, Any], port: int, tmp: Path) -> AsyncItera
                 except httpx.TransportError:
                     return False
 
-            await eventually(up)
+            # A new process imports kvroute first: on a loaded machine, seconds.
+            await eventually(up, within=60.0)
         yield
     finally:
         proc.terminate()
