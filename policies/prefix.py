@@ -42,6 +42,12 @@ to the first endpoint along the ring within the bounded load, not to the
 ring choice this router's private counts favour: every router then re-places
 an evicted prefix on the same replica instead of making one copy each.
 Routers on KV events keep their choices (the engines' events already agree).
+While shared, an endpoint past its bounded load sheds the prefixes whose
+hash falls in a share of the hash space that grows with its excess load
+(``SheddingCapacity``), not every prefix sent at that moment: routers count
+the load a little differently but shed the same prefixes first, so a spill
+no longer splits a tenant between two replicas. The load guard stands aside
+then (its imbalance, partly the others' lagging scrape, was spurious).
 
 Precise matches (``policies/precise.py``). When the request's tokens are
 known (``RequestView.tokens``: the model has a tokenizer) an endpoint whose
