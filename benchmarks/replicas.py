@@ -115,6 +115,12 @@ VARIANTS = {
     "approximate_ring1": Arm(
         "approximate_ring1", {"policy": {"name": "prefix_affinity", "ring_choices": 1}}
     ),
+    # The rules before the third pass (every router spills at its own moments,
+    # the load guard judges lagging scrapes): the "before" of the same run.
+    "approximate_no_shedding": Arm(
+        "approximate_no_shedding",
+        {"policy": {"name": "prefix_affinity", "shared_shedding": False}},
+    ),
 }
 
 
@@ -512,6 +518,7 @@ def virtual(
     owners: dict[Sequence_, tuple[int, int, Decision | None, int]] = {}
     reasons: list[dict[str, int]] = [{} for _ in range(max(1, router_count))]
     cached: list[tuple[int, int, int]] = []
+    ttfts: list[float] = []
     #: Per decision reason: (requests, cold ones: less than half the prompt cached).
     by_reason: dict[str, list[int]] = {}
     served: dict[int, set[int]] = {}
@@ -594,6 +601,8 @@ def virtual(
             awaiting[r][e] -= 1
             in_flight[r][e] -= 1
             cached.append((tenant, seq.num_prompt, seq.hit_tokens))
+            if seq.first_token_at is not None:
+                ttfts.append(seq.first_token_at - seq.arrival)
             tally = by_reason.setdefault(decision.reason if decision else "oracle", [0, 0])
             tally[0] += 1
             tally[1] += seq.hit_tokens < seq.num_prompt / 2
@@ -617,8 +626,18 @@ def virtual(
         "reasons": reasons if arm.model is not None else [],
         "replicas_per_tenant": sum(len(v) for v in served.values()) / max(1, len(served)),
         "cold_by_reason": {k: {"requests": v[0], "cold": v[1]} for k, v in by_reason.items()},
+        "ttft_p50": quantile(ttfts, 0.5),
+        "ttft_p90": quantile(ttfts, 0.9),
         "virtual_seconds": round(t, 2),
     }
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of ``values``, in seconds; 0 when empty."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, float]:

@@ -42,6 +42,12 @@ to the first endpoint along the ring within the bounded load, not to the
 ring choice this router's private counts favour: every router then re-places
 an evicted prefix on the same replica instead of making one copy each.
 Routers on KV events keep their choices (the engines' events already agree).
+While shared, an endpoint past its bounded load sheds the prefixes whose
+hash falls in a share of the hash space that grows with its excess load
+(``SheddingCapacity``), not every prefix sent at that moment: routers count
+the load a little differently but shed the same prefixes first, so a spill
+no longer splits a tenant between two replicas. The load guard stands aside
+then (its imbalance, partly the others' lagging scrape, was spurious).
 
 Precise matches (``policies/precise.py``). When the request's tokens are
 known (``RequestView.tokens``: the model has a tokenizer) an endpoint whose
@@ -91,7 +97,7 @@ from policies.prompt import (
     message_parts,
     model_seed,
 )
-from policies.ring import Capacity, RingCache
+from policies.ring import Capacity, RingCache, SheddingCapacity
 
 #: Ring steps taken looking for a cache with room before settling for the owner.
 MAX_SPILL_WALK = 8
@@ -139,6 +145,14 @@ class PrefixAffinityParams(IndexParams):
     #: router's private awaiting counts nor by its index occupancy, so every
     #: router re-places an evicted prefix on the same replica. 0: never.
     shared_below: float = Field(0.75, ge=0, le=1)
+    #: While other routers place prefixes too (``shared_below``): an endpoint
+    #: past its bounded load sheds a share of prefixes chosen by their hash
+    #: (the same ones in every router) instead of every prefix this router
+    #: sends at that moment, and the load guard stands aside (the routers'
+    #: loads, partly a lagging scrape, made it fire where one router never
+    #: did). Off: every router spilled a tenant at its own moments, and its
+    #: prompt went to two replicas at once (benchmarks/README.md, "Third pass").
+    shared_shedding: bool = True
 
 
 class PrefixAffinity:
@@ -218,17 +232,31 @@ class PrefixAffinity:
         ]
         hashes, prompt_len = self.hashes(request, head_only=precise_only)
         self._learn_share(candidates)
+        key = hashes[0] if hashes else self._seeds[request.model]
+        # Routers on KV events (precise_only) keep their choices: measured,
+        # the shared rule cost them hit rate across routers.
+        shared = not precise_only and self.share < p.shared_below
+        shedding = shared and p.shared_shedding
         # Per-candidate work is what a decision over many endpoints costs:
         # comprehensions and C-level dicts, no Python call per candidate.
         load_list = [e.load for e in candidates]
         ids = [e.id for e in candidates]
         position = dict(zip(ids, range(len(ids)), strict=True))
         loads = dict(zip(ids, load_list, strict=True))
-        capacity = Capacity(candidates, p.epsilon, p.min_overload, sum(load_list))
+        total = sum(load_list)
+        capacity = (
+            SheddingCapacity(candidates, p.epsilon, p.min_overload, total, key)
+            if shedding
+            else Capacity(candidates, p.epsilon, p.min_overload, total)
+        )
         matches: dict[str, float] = {}
         best = 0.0
         low, high = min(load_list), max(load_list)
-        if high - low > p.balance_abs_threshold and high > p.balance_rel_threshold * low:
+        if (
+            not shedding
+            and high - low > p.balance_abs_threshold
+            and high > p.balance_rel_threshold * low
+        ):
             chosen = min(candidates, key=lambda e: (loads[e.id], e.id))
             reason = "load_guard"
         else:
@@ -251,10 +279,7 @@ class PrefixAffinity:
                 )
                 reason = hits[chosen.id]
             else:
-                key = hashes[0] if hashes else self._seeds[request.model]
-                chosen, reason = self._place_new(
-                    key, candidates, loads, capacity, shared=not precise_only
-                )
+                chosen, reason = self._place_new(key, candidates, loads, capacity, shared)
         # Failover order: holders of the prefix by match length, then the rest by
         # load (a C-level sort key: this runs for every request).
         held = sorted(
@@ -339,7 +364,7 @@ class PrefixAffinity:
         candidates: Sequence[EndpointView],
         loads: dict[str, float],
         capacity: Capacity,
-        shared: bool = True,
+        shared: bool,
     ) -> tuple[EndpointView, str]:
         """A prefix with no history: of the first ``ring_choices`` endpoints
         along the ring from its key that are not overloaded, the one with the
@@ -350,9 +375,6 @@ class PrefixAffinity:
         and other routers placing too (``shared_below``): the first endpoint
         within the bounded load, as every router would choose."""
         choices = self.params.ring_choices
-        # Routers on KV events (precise_only) keep their choices: measured,
-        # the shared rule cost them hit rate across routers.
-        shared = shared and self.share < self.params.shared_below
         if shared:
             choices = 1
         walk = max(MAX_SPILL_WALK, choices)

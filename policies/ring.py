@@ -105,8 +105,48 @@ class Capacity:
         self._floor = floor
 
     def fits(self, e: EndpointView, load: float) -> bool:
+        return load + 1 <= self.cap(e)
+
+    def cap(self, e: EndpointView) -> float:
         cap = math.ceil((1 + self._epsilon) * self._total * e.weight / self._weight)
-        return load + 1 <= max(self._floor, cap)
+        return max(self._floor, cap)
+
+
+class SheddingCapacity(Capacity):
+    """The bounded-load rule for one key, shedding a share of keys by hash.
+
+    Past its bound, an endpoint with load ``L`` and bound ``C`` passes on the
+    keys whose hash (keyed by the endpoint) falls in the lowest ``1 - C / (L +
+    1)`` of the hash space, and keeps the others. Routers that share nothing
+    judge ``L`` each by its own counts, so they disagree a little on how many
+    keys to shed; they never disagree on which keys go first: the keys one
+    router sheds include those of every router that sheds fewer. The plain
+    rule made each router spill every key at its own moments, so one tenant's
+    prompt went to two replicas at once (benchmarks/README.md, "Third pass").
+    """
+
+    def __init__(
+        self,
+        candidates: Sequence[EndpointView],
+        epsilon: float,
+        floor: float,
+        total_load: float,
+        key: int,
+    ):
+        super().__init__(candidates, epsilon, floor, total_load)
+        self._key = key
+
+    def fits(self, e: EndpointView, load: float) -> bool:
+        cap = self.cap(e)
+        if load + 1 <= cap:
+            return True
+        shed = 1.0 - cap / (load + 1)
+        return key_point(self._key, e.id) >= shed
+
+
+def key_point(key: int, endpoint_id: str) -> float:
+    """Where ``key`` falls in [0, 1) for ``endpoint_id``: the same in every router."""
+    return xxhash.xxh3_64_intdigest(f"{key}#{endpoint_id}".encode()) / 2.0**64
 
 
 def ring_order(

@@ -14,7 +14,7 @@ from policies.base import Decision, Outcome
 from policies.prefix import PrefixAffinity
 from policies.prefix_index import PrefixIndex
 from policies.prompt import block_hashes, canonical_prompt, model_seed
-from policies.ring import HashRing, bounded_capacity, ring_order
+from policies.ring import Capacity, HashRing, SheddingCapacity, bounded_capacity, ring_order
 
 SYSTEM = "You are a support agent for ACME. " * 40  # ~1.3k characters
 
@@ -612,3 +612,97 @@ def test_index_share_follows_the_routers_traffic_share() -> None:
     fixed.rank(chat(SYSTEM, "hi"), scraped_fleet(4, 1, 4, {}))
     assert fixed.share == pytest.approx(0.25)
     assert fixed.capacity_blocks(e) == alone.capacity_blocks(e)
+
+
+def half_share_fleet(n: int, in_flight: dict[str, int]) -> list[EndpointView]:
+    """Every endpoint scraped with 2 requests, 1 of them this router's (its
+    share: a half); ``in_flight``: this router's requests now (default 1)."""
+    return [
+        EndpointView(
+            id=f"e{i}",
+            url=f"http://e{i}",
+            kind="vllm",
+            in_flight=in_flight.get(f"e{i}", 1),
+            running=2.0,
+            waiting=0.0,
+            in_flight_at_scrape=1,
+        )
+        for i in range(n)
+    ]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 30), st.integers(0, 30))
+def test_shedding_sheds_the_same_keys_first_whatever_the_load(low: int, extra: int) -> None:
+    cands = fleet(4)
+    e = cands[0]
+    keys = range(400)
+    lighter = SheddingCapacity(cands, 0.25, 4.0, 20.0, 0)
+    kept_at = {load: {k for k in keys if _fits(cands, k, load)} for load in (low, low + extra)}
+    # Every key kept at the higher load is kept at the lower one.
+    assert kept_at[low + extra] <= kept_at[low]
+    cap = lighter.cap(e)
+    for load, kept in kept_at.items():
+        if load + 1 <= cap:
+            assert len(kept) == len(keys)
+        else:
+            # About the share the bound leaves, not all or nothing.
+            share = cap / (load + 1)
+            assert abs(len(kept) / len(keys) - share) < 0.1
+            # The plain rule keeps none.
+            assert not Capacity(cands, 0.25, 4.0, 20.0).fits(e, load)
+
+
+def _fits(cands: list[EndpointView], key: int, load: int) -> bool:
+    return SheddingCapacity(cands, 0.25, 4.0, 20.0, key).fits(cands[0], load)
+
+
+def test_routers_sharing_the_traffic_spill_the_same_tenants_first() -> None:
+    """Two routers count a tenant's ring owner past its bound, by different
+    amounts: each sends some tenants on and keeps the rest, and the tenants
+    the less loaded view sends on are among those the other sends on."""
+    tenants = [chat(f"tenant {i}: " + SYSTEM, "hi") for i in range(60)]
+    runs: dict[tuple[bool, int], set[int]] = {}
+    for shedding in (True, False):
+        for busy in (6, 9):
+            p = policy(shared_shedding=shedding)
+            for i in range(5):
+                p.rank(chat(f"warm-up {i}: " + SYSTEM, "hi"), half_share_fleet(8, {}))
+            assert p.share == pytest.approx(0.5)
+            spilled = set()
+            for t, req in enumerate(tenants):
+                owner, second, *_ = ring_walk(p, req, fleet(8))
+                d = p.rank(req, half_share_fleet(8, {owner: busy}))
+                if d.ranked[0].id == owner:
+                    assert d.reason == "ring_owner"
+                else:
+                    assert (d.ranked[0].id, d.reason) == (second, "ring_spill")
+                    spilled.add(t)
+            runs[shedding, busy] = spilled
+    assert runs[True, 6] <= runs[True, 9]
+    assert 10 <= len(runs[True, 6]) < len(runs[True, 9]) <= 50
+    # Without shedding both routers spill every tenant while they count the
+    # owner past its bound.
+    assert runs[False, 6] == runs[False, 9] == set(range(60))
+
+
+def test_load_guard_stands_aside_while_routers_shed() -> None:
+    req = chat(SYSTEM, "q")
+    for shedding, expected in ((True, "ring_owner"), (False, "load_guard")):
+        p = policy(shared_shedding=shedding)
+        for i in range(5):
+            p.rank(chat(f"warm-up {i}: " + SYSTEM, "hi"), half_share_fleet(8, {}))
+        owner, *_ = ring_walk(p, req, fleet(8))
+        other = next(e.id for e in fleet(8) if e.id != owner)
+        # Loads 1 + 1 and 12 + 1 (a scrape's worth of others' requests each):
+        # imbalanced enough for the guard, the owner still within its bound.
+        d = p.rank(req, half_share_fleet(8, {other: 12}))
+        assert d.reason == expected
+        if shedding:
+            assert d.ranked[0].id == owner
+    # One router alone keeps the guard whatever the setting.
+    solo = policy()
+    solo.rank(req, fleet(2))
+    d = solo.rank(chat(SYSTEM, "q2"), fleet(2, loads={"e0": 12, "e1": 1}))
+    d2 = solo.rank(chat(SYSTEM, "q3"), fleet(2, loads={"e0": 1, "e1": 12}))
+    assert {d.reason, d2.reason} == {"load_guard"} and solo.share == 1.0
