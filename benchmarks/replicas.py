@@ -105,6 +105,8 @@ class Arm:
     endpoint_extra: tuple[dict[str, Any], ...] = ()
     #: Needs the backends' KV events (the real fleet is then started with them on).
     needs_kv_events: bool = False
+    #: A precise arm's policy parameters (its model config is made when the fleet is up).
+    precise_params: tuple[tuple[str, Any], ...] = ()
 
 
 ROUND_ROBIN = Arm("round_robin", {"policy": "round_robin"})
@@ -121,17 +123,26 @@ VARIANTS = {
         "approximate_no_shedding",
         {"policy": {"name": "prefix_affinity", "shared_shedding": False}},
     ),
+    # The bounded-load floor before it was raised to 8 ("The bounded-load floor").
+    "approximate_floor4": Arm(
+        "approximate_floor4", {"policy": {"name": "prefix_affinity", "min_overload": 4}}
+    ),
+    "precise_floor4": Arm(
+        "precise_floor4", None, needs_kv_events=True, precise_params=(("min_overload", 4),)
+    ),
 }
 
 
 def precise_arm(
-    kv_events: Sequence[dict[str, str] | None], tokenizer: Path, policy: Any = "prefix_affinity"
+    kv_events: Sequence[dict[str, str] | None], tokenizer: Path, planned: Arm | None = None
 ) -> Arm:
     """The precise index's arm: the same policy fed by each endpoint's KV events
     (``endpoints[i].kv_events``) and the model's tokenizer (``models.tiny.tokenizer``,
-    the one the backends tokenize with)."""
+    the one the backends tokenize with); ``planned``'s name and policy parameters."""
+    params = dict(planned.precise_params) if planned is not None else {}
+    policy: Any = {"name": "prefix_affinity", **params} if params else "prefix_affinity"
     return Arm(
-        "precise",
+        planned.name if planned is not None else "precise",
         {"policy": policy, "tokenizer": str(tokenizer)},
         tuple({"kv_events": e} if e else {} for e in kv_events),
         needs_kv_events=True,
@@ -369,7 +380,7 @@ async def run_fleets(
                     async with fresh(planned.needs_kv_events) as backends:
                         arm = planned
                         if planned.needs_kv_events:
-                            arm = precise_arm([b.kv_events for b in backends], tokenizer())
+                            arm = precise_arm([b.kv_events for b in backends], tokenizer(), planned)
                         r = await measure_routers(
                             [b.url for b in backends],
                             arm,
@@ -495,7 +506,7 @@ def virtual(
     held: list[EndpointBlocks] | None = None
     prompts: PromptTokenizer | None = None
     if arm.needs_kv_events:
-        arm = precise_arm([], SIM_MODEL)
+        arm = precise_arm([], SIM_MODEL, arm)
         prompts = load_prompt_tokenizer(str(SIM_MODEL))
         held = [EndpointBlocks(str(e), 1_000_000) for e in range(n)]
         for engine, blocks in zip(engines, held, strict=True):

@@ -111,8 +111,12 @@ class PrefixAffinityParams(IndexParams):
     balance_rel_threshold: float = Field(1.5, ge=1)
     #: Bounded load: an endpoint past (1 + epsilon) x its fair share is overloaded.
     epsilon: float = Field(0.25, gt=0)
-    #: ... but an endpoint with fewer requests than this is never overloaded.
-    min_overload: float = Field(4.0, ge=0)
+    #: ... but an endpoint with fewer requests than this is never overloaded:
+    #: an engine batches many more, and a spill re-prefills the whole prompt
+    #: elsewhere. 8, not 4: in virtual time 4 spilled half the placements of
+    #: a workload that fits and cost 5-10 points of hit rate with no TTFT
+    #: gained (benchmarks/README.md, "The bounded-load floor").
+    min_overload: float = Field(8.0, ge=0)
     #: ``chars_per_token`` is the starting guess, then learned from responses'
     #: usage unless turned off.
     learn_chars_per_token: bool = True
@@ -153,6 +157,11 @@ class PrefixAffinityParams(IndexParams):
     #: did). Off: every router spilled a tenant at its own moments, and its
     #: prompt went to two replicas at once (benchmarks/README.md, "Third pass").
     shared_shedding: bool = True
+    #: ``min_overload`` while other routers place prefixes too: each router's
+    #: view of an endpoint's load lags (the others' part is scraped), and at 8
+    #: the requests of several routers piled up: TTFT p90 up to 2x at 8 and 16
+    #: replicas in virtual time ("The bounded-load floor").
+    shared_min_overload: float = Field(4.0, ge=0)
 
 
 class PrefixAffinity:
@@ -244,10 +253,11 @@ class PrefixAffinity:
         position = dict(zip(ids, range(len(ids)), strict=True))
         loads = dict(zip(ids, load_list, strict=True))
         total = sum(load_list)
+        floor = p.shared_min_overload if shared else p.min_overload
         capacity = (
-            SheddingCapacity(candidates, p.epsilon, p.min_overload, total, key)
+            SheddingCapacity(candidates, p.epsilon, floor, total, key)
             if shedding
-            else Capacity(candidates, p.epsilon, p.min_overload, total)
+            else Capacity(candidates, p.epsilon, floor, total)
         )
         matches: dict[str, float] = {}
         best = 0.0

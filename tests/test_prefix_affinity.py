@@ -303,7 +303,7 @@ def test_load_guard_wins_over_affinity() -> None:
     d = p.rank(chat(SYSTEM, "q3"), fleet(2, loads={home: 3, other: 2}))
     assert (d.reason, d.ranked[0].id) == ("prefix_hit", other)
     # Without the guard, affinity holds up to the bounded-load cap.
-    fresh = policy(balance_abs_threshold=100)
+    fresh = policy(balance_abs_threshold=100, min_overload=4)
     assert fresh.rank(chat(SYSTEM, "q"), cands).ranked[0].id == home
     d = fresh.rank(chat(SYSTEM, "q4"), fleet(2, loads={home: 3, other: 0}))
     assert (d.reason, d.ranked[0].id) == ("prefix_hit", home)
@@ -313,13 +313,25 @@ def test_load_guard_wins_over_affinity() -> None:
 
 
 def test_overloaded_holder_is_skipped() -> None:
-    p = policy(balance_abs_threshold=1000)
+    p = policy(balance_abs_threshold=1000, min_overload=4)
     cands = fleet(4)
     home = p.rank(chat(SYSTEM, "q"), cands).ranked[0].id
     d = p.rank(chat(SYSTEM, "q2"), fleet(4, loads={home: 6}))
     assert d.ranked[0].id != home
     assert d.reason in ("ring_owner", "ring_spill")
     assert d.ranked[1].id == home  # the best match is still first in failover order
+
+
+def test_below_the_floor_the_holder_keeps_its_prefix() -> None:
+    """Under ``min_overload`` (8 by default) requests, the endpoint holding a
+    prompt is not overloaded however idle the others are: a spill would
+    prefill the whole prompt again elsewhere."""
+    p = policy(balance_abs_threshold=1000)
+    home = p.rank(chat(SYSTEM, "q"), fleet(4)).ranked[0].id
+    d = p.rank(chat(SYSTEM, "q2"), fleet(4, loads={home: 6}))
+    assert (d.reason, d.ranked[0].id) == ("prefix_hit", home)
+    d = p.rank(chat(SYSTEM, "q3"), fleet(4, loads={home: 8}))  # 9 > cap ceil(2.8125) and floor
+    assert d.ranked[0].id != home
 
 
 def test_shared_system_prompt_does_not_pin_one_replica() -> None:
@@ -665,7 +677,7 @@ def test_routers_sharing_the_traffic_spill_the_same_tenants_first() -> None:
     runs: dict[tuple[bool, int], set[int]] = {}
     for shedding in (True, False):
         for busy in (6, 9):
-            p = policy(shared_shedding=shedding)
+            p = policy(shared_shedding=shedding, min_overload=4)
             for i in range(5):
                 p.rank(chat(f"warm-up {i}: " + SYSTEM, "hi"), half_share_fleet(8, {}))
             assert p.share == pytest.approx(0.5)
@@ -706,3 +718,19 @@ def test_load_guard_stands_aside_while_routers_shed() -> None:
     d = solo.rank(chat(SYSTEM, "q2"), fleet(2, loads={"e0": 12, "e1": 1}))
     d2 = solo.rank(chat(SYSTEM, "q3"), fleet(2, loads={"e0": 1, "e1": 12}))
     assert {d.reason, d2.reason} == {"load_guard"} and solo.share == 1.0
+
+
+def test_routers_sharing_the_traffic_keep_the_lower_floor() -> None:
+    """One router never counts an endpoint under ``min_overload`` (8) requests
+    as overloaded; while routers share the traffic the floor is
+    ``shared_min_overload`` (4): each one's view of the others' load lags."""
+    req = chat(SYSTEM, "q")
+    shared = policy(shared_shedding=False)
+    for i in range(5):
+        shared.rank(chat(f"warm-up {i}: " + SYSTEM, "hi"), half_share_fleet(8, {}))
+    owner, second, *_ = ring_walk(shared, req, fleet(8))
+    d = shared.rank(req, half_share_fleet(8, {owner: 6}))  # 6 + 1 scraped: 7 >= 4
+    assert (d.ranked[0].id, d.reason) == (second, "ring_spill")
+    solo = policy()
+    d = solo.rank(req, fleet(8, loads={owner: 7}))  # 7 + 1 <= 8
+    assert (d.ranked[0].id, d.reason) == (owner, "ring_owner")

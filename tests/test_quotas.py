@@ -54,9 +54,20 @@ async def redis() -> AsyncIterator[RedisServer]:
 
 
 async def tenant_usage(url: str, name: str = "acme") -> dict[str, Any]:
-    async with httpx.AsyncClient() as client:
-        data = (await client.get(url + "/admin/tenants")).json()
-    return next(t for t in data["tenants"] if t["name"] == name)["usage"]  # type: ignore[no-any-return]
+    """The tenant's usage from /admin/tenants; asked again while it is null
+    (the store did not answer within its timeout: seen on a loaded machine)."""
+    usage: dict[str, Any] | None = None
+
+    async def answered() -> bool:
+        nonlocal usage
+        async with httpx.AsyncClient() as client:
+            data = (await client.get(url + "/admin/tenants")).json()
+        usage = next(t for t in data["tenants"] if t["name"] == name)["usage"]
+        return usage is not None
+
+    await eventually(answered)
+    assert usage is not None
+    return usage
 
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
