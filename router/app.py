@@ -82,15 +82,14 @@ class RequestMiddleware:
         if not request_id:
             request_id = os.urandom(16).hex()
         clock = self.clock
-        # Every request has a trace: the client's (valid), or a new one.
+        # Every request has a trace: the client's (valid), the server span's, or
+        # (None here) a new one made when first needed (RequestContext.trace_id).
         trace = trace_context.parse(trace_headers) if trace_headers else None
         tracing = self.state.tracing
         span = None
         if tracing is not None and scope["method"] == "POST" and scope["path"] in OPERATIONS:
             span = tracing.server_span(trace, OPERATIONS[scope["path"]], scope["path"], request_id)
             trace = span.trace
-        elif trace is None:
-            trace = trace_context.new_trace()
         ctx = RequestContext(request_id, clock(), trace, span, clock=clock)
         scope["kvroute.ctx"] = ctx
         rid_header = (REQUEST_ID, request_id.encode("latin-1"))
@@ -109,9 +108,9 @@ class RequestMiddleware:
                 message["headers"] = headers
             await send(message)
 
-        gauge = self.state.metrics.requests_in_flight
+        metrics = self.state.metrics
         if inference:
-            gauge.inc()
+            metrics.in_flight += 1
         try:
             await self.app(scope, receive, send_with_id)
         except RouterError as err:
@@ -132,7 +131,7 @@ class RequestMiddleware:
                     await send_with_id(message)
         finally:
             if inference:
-                gauge.dec()
+                metrics.in_flight -= 1
             self._record(scope, ctx)
 
     def _record(self, scope: Scope, ctx: RequestContext) -> None:
@@ -170,7 +169,7 @@ class RequestMiddleware:
                 "path": scope["path"][:MAX_LOGGED_PATH],
                 "status": ctx.status,
                 "duration_ms": round(duration * 1000, 3),
-                "trace_id": ctx.trace.trace_id,
+                "trace_id": ctx.trace_id(),
             }
             if tenant is not None:
                 line["tenant"] = tenant.name

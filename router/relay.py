@@ -54,11 +54,12 @@ def upstream_headers(
     client: Mapping[str, str],
     base: Mapping[str, str],
     request_id: str,
-    trace: TraceContext,
+    trace: TraceContext | None,
     allowed: tuple[str, ...] = (),
 ) -> dict[str, str]:
     """The endpoint's own headers, the client headers the config names in
-    ``forward_headers`` (``allowed``), the request id and the trace context.
+    ``forward_headers`` (``allowed``), the request id and the trace context (None:
+    the client sent none and tracing is off, so there is none to send).
 
     Everything else a client sends stays here (its credentials, hop-by-hop and
     Connection-named headers, x-forwarded-*, expect, cookies...). The trace
@@ -69,7 +70,7 @@ def upstream_headers(
         if value is not None:
             headers[name] = value
     headers["x-request-id"] = request_id
-    if trace.propagate:
+    if trace is not None and trace.propagate:
         headers["traceparent"] = trace.traceparent()
         if trace.state is not None:
             headers["tracestate"] = trace.state

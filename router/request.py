@@ -23,7 +23,7 @@ from backends.base import Operation, Sampling
 from router.config import RequestLimits
 from router.errors import BodyTooLarge, InvalidRequest, MalformedJSON
 from router.overhead import Waits
-from router.trace_context import TraceContext
+from router.trace_context import TraceContext, new_trace
 from router.types import Receive, Scope
 
 if TYPE_CHECKING:
@@ -46,9 +46,12 @@ class RequestContext:
 
     request_id: str
     start: float
-    #: The request's trace (the client's, validated, or a new one): the access
-    #: log's ``trace_id``, and the ``traceparent`` the backend gets.
-    trace: TraceContext
+    #: The request's trace (the client's, validated, or the server span's): the
+    #: access log's ``trace_id``, and the ``traceparent`` the backend gets. None
+    #: until first asked for when the client sent none and tracing is off: such a
+    #: trace is never sent upstream, only logged, and making one costs about as
+    #: much as the rest of the overhead bookkeeping (see ``trace_id``).
+    trace: TraceContext | None
     #: The request's server span, when tracing is on.
     span: ServerSpan | None = None
     status: int = 0
@@ -82,6 +85,13 @@ class RequestContext:
     clock: Callable[[], float] = time.perf_counter
     waits: Waits = field(default_factory=Waits)
     overhead: float | None = None
+
+    def trace_id(self) -> str:
+        """The request's trace id; a new trace is made up the first time one is
+        asked for and there is none (every request has a trace, made when needed)."""
+        if self.trace is None:
+            self.trace = new_trace()
+        return self.trace.trace_id
 
 
 @dataclass(frozen=True, slots=True)
