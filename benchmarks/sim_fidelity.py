@@ -34,8 +34,9 @@ the simulator with the profile's step jitter off, against the same real runs
 step: a real CPU engine's steps stretch when the machine is busy, the
 simulator's sleeps do not) was fitted at the load of the calibration run, and
 this machine's load from other work varies several-fold from hour to hour.
-With the probe, each model's real servers first run the calibration's loaded
-phase (unique prompts, round robin: not the held-out workloads), the
+With the probe, each model's real servers run the calibration's loaded
+phase before and after the held-out cases (unique prompts, round robin: not
+the held-out workloads; the mean of the two is the target), the
 simulator runs it at the profile's latencies x1 and x2, and the held-out
 simulated runs use the factor that matches the real TTFT p50 then
 (interpolated, as the calibration does). The factor is recorded.
@@ -251,7 +252,8 @@ async def measure_real_model(
     probe: bool = False,
 ) -> dict[str, Any]:
     """The held-out cases on two real servers; with ``probe``, the calibration's
-    loaded phase on them first (``out["probe"]``: its TTFT p50 and p90)."""
+    loaded phase on them before and after (``out["probe"]``: the mean of their
+    TTFT p50s and p90s, and each)."""
     from tests.real.engines import vllm_servers
 
     # /reset_prefix_cache is a dev-mode route; engines.py passes the environment on.
@@ -259,10 +261,14 @@ async def measure_real_model(
     out: dict[str, Any] = {}
     with vllm_servers(workdir, model=model) as servers:
         urls = [s.url for s in servers]
-        if probe:
+
+        async def probed(when: str) -> dict[str, Any]:
             measured = await loaded_phase(urls, model, PROBE_REPEATS)
-            out["probe"] = {k: measured[k] for k in ("p50", "p90", "loadavg")}
-            print("real probe", model.name, out["probe"], flush=True)
+            taken = {k: measured[k] for k in ("p50", "p90", "loadavg")}
+            print("real probe", when, model.name, taken, flush=True)
+            return taken
+
+        before = await probed("before") if probe else None
         for name, rounds in loads.items():
             for policy in POLICIES:
                 runs = []
@@ -271,6 +277,16 @@ async def measure_real_model(
                     runs.append(await run(urls, policy, rounds))
                     print("real", model.name, name, policy, summary(runs[-1]), flush=True)
                 out[f"{name}/{policy}"] = pooled(runs)
+        if before is not None:
+            # Before and after the held-out runs: the machine's load drifts
+            # over their few minutes; the factor is fitted to the mean.
+            after = await probed("after")
+            out["probe"] = {
+                "p50": (before["p50"] + after["p50"]) / 2,
+                "p90": (before["p90"] + after["p90"]) / 2,
+                "before": before,
+                "after": after,
+            }
     return out
 
 
