@@ -1,5 +1,12 @@
 from __future__ import annotations
 
+import dataclasses
+from typing import Literal
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policies.base import EndpointView
 from router.config import parse_config
 from router.registry import VIEWED, EndpointRegistry, RouteTable
 
@@ -127,3 +134,69 @@ def test_an_attempt_holds_in_flight_and_awaiting_first_until_released_once() -> 
     second.end()  # ended before its first byte (a failure, a cancel)
     second.end()
     assert (endpoint.in_flight, endpoint.awaiting_first) == (0, 0)
+
+
+def _seen(view: EndpointView) -> tuple[object, ...]:
+    """What a policy reads of a view, latency by its values."""
+    lat = view.latency
+    latency = (
+        None
+        if lat is None
+        else (lat.ttft, lat.tpot, lat.duration, *(lat.samples(q) for q in QUANTITIES))
+    )
+    fields = [f.name for f in dataclasses.fields(EndpointView) if f.name != "latency"]
+    return (*(getattr(view, name) for name in fields), latency)
+
+
+QUANTITIES: tuple[Literal["ttft", "tpot", "duration"], ...] = ("ttft", "tpot", "duration")
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("begin"), st.booleans()),
+        st.tuples(st.just("first_byte"), st.floats(0.0, 5.0)),
+        st.tuples(st.just("answered"), st.integers(0, 300)),
+        st.tuples(st.just("end"), st.none()),
+        st.tuples(st.just("scrape"), st.floats(0.0, 50.0)),
+        st.tuples(st.just("stale_scrape"), st.none()),
+        st.tuples(st.just("blocks"), st.booleans()),
+        st.tuples(st.just("tick"), st.floats(0.0, 60.0)),
+        st.tuples(st.just("health"), st.booleans()),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(OPS)
+def test_a_kept_view_is_what_a_fresh_one_would_be(ops: list[tuple[str, object]]) -> None:
+    """After any sequence of attempts, scrapes, block changes and time passing,
+    the kept view reads exactly as one built afresh (no field it copies is
+    missing from ``VIEWED``)."""
+    from policies.blocks import EndpointBlocks
+
+    now = [0.0]
+    registry = EndpointRegistry(parse_config(CONFIG, {}).endpoints, clock=lambda: now[0])
+    state = registry.get("b")
+    assert state is not None
+    attempts = []
+    for op, arg in ops:
+        if op == "begin":
+            attempts.append(state.begin(now[0], stream=bool(arg)))
+        elif op == "first_byte" and attempts:
+            attempts[-1].first_byte(now[0] + float(arg))  # type: ignore[arg-type]
+        elif op == "answered" and attempts:
+            attempts[-1].answered(now[0] + 1.0, int(arg))  # type: ignore[call-overload]
+        elif op == "end" and attempts:
+            attempts.pop(0).end()
+        elif op == "scrape":
+            state.running, state.waiting = float(arg), 1.0  # type: ignore[arg-type]
+            state.kv_usage, state.in_flight_at_scrape = 0.5, state.in_flight
+        elif op == "stale_scrape":
+            state.running = state.waiting = state.kv_usage = None
+            state.in_flight_at_scrape = None
+        elif op == "blocks":
+            state.blocks = EndpointBlocks("b", 100) if arg else None
+        elif op == "tick":
+            now[0] += float(arg)  # type: ignore[arg-type]
+        elif op == "health":
+            state.healthy = bool(arg)
+        assert _seen(state.view()) == _seen(state._build_view())
