@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from router.config import ConfigError, parse_config
-from router.latency import CLIP, REFERENCE_TOKENS, LatencyEstimate, LatencySnapshot
+from router.latency import CLIP, REFERENCE_TOKENS, LatencyEstimate, LatencySnapshot, LiveLatency
 from router.registry import EndpointRegistry
 from router.state import AppState
 from tests.helpers import router_config
@@ -220,3 +220,21 @@ def test_latency_rules_come_from_config_and_a_reload_keeps_the_estimates() -> No
     assert view(kept.latency, 0.0).ttft == pytest.approx(0.3)
     with pytest.raises(ConfigError, match="clip"):
         router_config(endpoints, latency={"clip": 0.5})
+
+
+def test_the_live_reader_reads_as_the_snapshot() -> None:
+    """What policies read (LiveLatency, in a view) equals what the admin API
+    and metrics show (LatencyEstimate.view) at the same moment."""
+    now = [0.0]
+    est = LatencyEstimate()
+    live = LiveLatency(est, lambda: now[0])
+    for i in range(6):
+        est.first_byte(0.1 * (i + 1), float(i))
+        est.stream_end(1.0 + i, 50 + 10 * i, float(i))
+        est.answer(2.0 + i, 100 * (i + 1), float(i))
+    for t in (6.0, 40.0, 400.0):
+        now[0] = t
+        snap = view(est, t)
+        assert (live.ttft, live.tpot, live.duration) == (snap.ttft, snap.tpot, snap.duration)
+        for q in ("ttft", "tpot", "duration"):
+            assert live.samples(q) == snap.samples(q)
