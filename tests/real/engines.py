@@ -9,6 +9,7 @@ it never skips.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -305,7 +306,11 @@ def _start_vllm(
     if kv_events is not None:
         cmd += ["--kv-events-config", kv_events]
     with log.open("ab") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        # A session of its own: its helpers (the engine core, multiprocessing's
+        # resource tracker) are then in its process group, reaped by stop_vllm.
+        process = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     return VLLMServer(f"http://127.0.0.1:{port}", process, log)
 
 
@@ -351,6 +356,8 @@ def wait_ready(server: VLLMServer, deadline: float) -> None:
 
 
 def stop_vllm(server: VLLMServer, sig: int = signal.SIGTERM) -> None:
+    """Stop the server, then whatever of its process group is left: a server
+    killed outright (a test's SIGKILL) left its resource tracker running."""
     if server.process.poll() is None:
         server.process.send_signal(sig)
     try:
@@ -358,3 +365,5 @@ def stop_vllm(server: VLLMServer, sig: int = signal.SIGTERM) -> None:
     except subprocess.TimeoutExpired:
         server.process.kill()
         server.process.wait()
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # nothing left
+        os.killpg(server.process.pid, signal.SIGKILL)
