@@ -50,6 +50,7 @@ import xxhash
 from tokenizers import Tokenizer
 
 from backends.hf_model import ModelFilesError, read_model_files
+from backends.templates import MAX_SECONDS as RENDER_SECONDS
 from backends.templates import PRESETS, ChatTemplateError, check_template, render
 from backends.tokens import TokenizerError, load_tokenizer
 from router.prompt_blocks import ChainCache, Tokens
@@ -124,12 +125,14 @@ class PromptTokenizer:
         *,
         max_cached_tokens: int = MAX_CACHED_TOKENS,
         thread_chars: int = THREAD_CHARS,
+        render_seconds: float = RENDER_SECONDS,
     ) -> None:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.special_tokens = dict(special_tokens or {})
         self.max_cached_tokens = max_cached_tokens
         self.thread_chars = thread_chars
+        self.render_seconds = render_seconds
         self.chains = ChainCache()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cached_bytes = 0
@@ -219,6 +222,7 @@ class PromptTokenizer:
                 tools=tools if isinstance(tools, list) else None,
                 add_generation_prompt=bool(body.get("add_generation_prompt", True)),
                 special_tokens=self.special_tokens or None,
+                max_seconds=self.render_seconds,
             )
         except ChatTemplateError:
             return None

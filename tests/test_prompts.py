@@ -26,7 +26,11 @@ def tiny() -> PromptTokenizer:
 
 
 def fresh(**kwargs: Any) -> PromptTokenizer:
-    """A tokenizer with empty caches (``load_prompt_tokenizer`` shares one per file)."""
+    """A tokenizer with empty caches (``load_prompt_tokenizer`` shares one per file).
+    Its render deadline is generous: a garbage collection or a preemption in a
+    loaded test process once pushed a tiny render past the default 0.1 s, and
+    the prompt fell back to characters (the deadline has tests of its own)."""
+    kwargs.setdefault("render_seconds", 10.0)
     loaded = load_prompt_tokenizer(str(TINY))
     return PromptTokenizer(loaded.tokenizer, loaded.chat_template, loaded.special_tokens, **kwargs)
 
