@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import re
 from array import array
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -54,6 +53,7 @@ from backends.templates import MAX_SECONDS as RENDER_SECONDS
 from backends.templates import PRESETS, ChatTemplateError, check_template, render
 from backends.tokens import TokenizerError, load_tokenizer
 from router.prompt_blocks import ChainCache, Tokens
+from router.prompt_split import AddedTokenSplitter
 
 #: Token ids kept in the piece cache (4 bytes each).
 MAX_CACHED_TOKENS = 4_000_000
@@ -144,8 +144,7 @@ class PromptTokenizer:
             t.lstrip or t.rstrip or t.single_word or (t.normalized and tokenizer.normalizer)
             for t in added.values()
         )
-        names = sorted(self._added, key=len, reverse=True)
-        self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+        self._split = AddedTokenSplitter(self._added) if self._added else None
         self.separable = plain and self._probe()
         self._prefix, self._suffix = self._specials()
 
