@@ -153,6 +153,9 @@ class Target:
 
 class Adapter(Protocol):
     kind: str
+    #: ``unsupported`` never refuses a request (an OpenAI server): the
+    #: registry then need not ask it for every request.
+    serves_every_request: bool
     #: Path of the Prometheus metrics (relative to the endpoint's URL), or None.
     metrics_path: str | None
 

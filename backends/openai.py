@@ -22,6 +22,7 @@ MAX_PENDING = 1 << 20
 
 class OpenAIAdapter:
     kind = "openai"
+    serves_every_request = True
     metrics_path: str | None = None
 
     def health_paths(self, served: Sequence[str]) -> list[str]:

@@ -98,6 +98,7 @@ def parse_tgi_load(metrics_text: str) -> Load:
 
 class TGIAdapter:
     kind = "tgi"
+    serves_every_request = False
     metrics_path: str | None = "/metrics"
 
     def __init__(self, options: TGIOptions) -> None:

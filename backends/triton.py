@@ -120,6 +120,7 @@ def parse_triton_load(metrics_text: str) -> Load:
 
 class TritonAdapter:
     kind = "triton"
+    serves_every_request = False
     #: Triton serves metrics on a port of its own: set the endpoint's metrics_url.
     metrics_path: str | None = None
 

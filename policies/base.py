@@ -9,9 +9,9 @@ so a seeded policy is exactly reproducible.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Container, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, overload
 
 from pydantic import BaseModel, ConfigDict
 
@@ -138,9 +138,61 @@ class Outcome:
     cached_tokens: int | None = None
 
 
+class Ranking(Sequence[EndpointView]):
+    """Endpoints in order: the first known, the rest (the failover order)
+    computed when first asked for. A request's first attempt succeeds as a
+    rule, and ordering 64 candidates for the others cost a tenth of a
+    decision (benchmarks/README.md, "Decision latency, fourth pass").
+    ``rest`` must read only what cannot change (frozen views, the decision's
+    own values)."""
+
+    __slots__ = ("_all", "_first", "_rest")
+
+    def __init__(self, first: EndpointView, rest: Callable[[], Sequence[EndpointView]]) -> None:
+        self._first = first
+        self._rest: Callable[[], Sequence[EndpointView]] | None = rest
+        self._all: tuple[EndpointView, ...] | None = None
+
+    def _ordered(self) -> tuple[EndpointView, ...]:
+        ordered = self._all
+        if ordered is None:
+            assert self._rest is not None
+            ordered = self._all = (self._first, *self._rest())
+            self._rest = None
+        return ordered
+
+    def __iter__(self) -> Iterator[EndpointView]:
+        yield self._first
+        yield from self._ordered()[1:]
+
+    def __len__(self) -> int:
+        return len(self._ordered())
+
+    @overload
+    def __getitem__(self, index: int) -> EndpointView: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[EndpointView, ...]: ...
+    def __getitem__(self, index: int | slice) -> EndpointView | tuple[EndpointView, ...]:
+        if index == 0:
+            return self._first
+        return self._ordered()[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Ranking):
+            other = other._ordered()
+        return isinstance(other, tuple) and self._ordered() == other
+
+    def __hash__(self) -> int:
+        return hash(self._ordered())
+
+    def __repr__(self) -> str:
+        return f"Ranking({self._ordered()!r})"
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
-    ranked: tuple[EndpointView, ...]
+    #: The first is the primary; the rest are the failover order.
+    ranked: Sequence[EndpointView]
     reason: str
     #: Characters of the prompt prefix the chosen endpoint is believed to hold,
     #: and of the whole prompt (0 when the policy does not look at prompts).

@@ -86,7 +86,7 @@ from collections.abc import Sequence
 
 from pydantic import Field
 
-from policies.base import Decision, EndpointView, Outcome, PromptTokens, RequestView
+from policies.base import Decision, EndpointView, Outcome, PromptTokens, Ranking, RequestView
 from policies.blocks import leading
 from policies.precise import DEFAULT_BLOCK_SIZE, InFlight, block_size, live_blocks
 from policies.prefix_index import IndexParams, IndexStats, PrefixIndex, capacity_blocks
@@ -290,16 +290,18 @@ class PrefixAffinity:
                 reason = hits[chosen.id]
             else:
                 chosen, reason = self._place_new(key, candidates, loads, capacity, shared)
-        # Failover order: holders of the prefix by match length, then the rest by
-        # load (a C-level sort key: this runs for every request).
-        held = sorted(
-            (candidates[position[eid]] for eid in matches if eid != chosen.id),
-            key=lambda e: (-matches[e.id], loads[e.id], e.id),
-        )
-        order = sorted(range(len(candidates)), key=load_list.__getitem__)
-        taken = {position[eid] for eid in matches}
-        taken.add(position[chosen.id])
-        rest = held + [candidates[i] for i in order if i not in taken]
+
+        def failover() -> list[EndpointView]:
+            """Holders of the prefix by match length, then the rest by load."""
+            held = sorted(
+                (candidates[position[eid]] for eid in matches if eid != chosen.id),
+                key=lambda e: (-matches[e.id], loads[e.id], e.id),
+            )
+            order = sorted(range(len(candidates)), key=load_list.__getitem__)
+            taken = {position[eid] for eid in matches}
+            taken.add(position[chosen.id])
+            return held + [candidates[i] for i in order if i not in taken]
+
         if not precise_only:
             self.index.insert(hashes, chosen.id, self.capacity_blocks(chosen))
         handle = None
@@ -311,7 +313,7 @@ class PrefixAffinity:
             if blocks is not None:
                 handle = self.in_flight.add(chosen.id, tokens.block_hashes(block_size(blocks)))
         return Decision(
-            (chosen, *rest),
+            Ranking(chosen, failover),
             reason,
             match_len=match_len,
             prompt_len=prompt_len,

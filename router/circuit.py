@@ -11,7 +11,8 @@ Time comes from the caller, so tests drive it exactly.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from router.config import CircuitConfig
 
@@ -30,6 +31,8 @@ class Circuit:
     opened_at: float = 0.0
     backoff: float = 0.0
     trial_in_flight: bool = False
+    #: Told of every change of ``state`` (the registry's cached candidates).
+    on_change: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def admits(self, now: float) -> bool:
         """May a request be sent now? (A half-open circuit admits one trial.)"""
@@ -41,7 +44,7 @@ class Circuit:
 
     def begin(self, now: float) -> None:
         if self.state is CircuitState.OPEN and now >= self.opened_at + self.backoff:
-            self.state = CircuitState.HALF_OPEN
+            self._enter(CircuitState.HALF_OPEN)
         if self.state is CircuitState.HALF_OPEN:
             self.trial_in_flight = True
 
@@ -51,7 +54,7 @@ class Circuit:
         self.trial_in_flight = False
 
     def success(self) -> None:
-        self.state = CircuitState.CLOSED
+        self._enter(CircuitState.CLOSED)
         self.failures = 0
         self.backoff = 0.0
         self.trial_in_flight = False
@@ -65,6 +68,12 @@ class Circuit:
             self._open(now, self.config.base_backoff)
 
     def _open(self, now: float, backoff: float) -> None:
-        self.state = CircuitState.OPEN
+        self._enter(CircuitState.OPEN)
         self.opened_at = now
         self.backoff = backoff
+
+    def _enter(self, state: CircuitState) -> None:
+        if state is not self.state:
+            self.state = state
+            if self.on_change is not None:
+                self.on_change()

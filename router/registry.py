@@ -69,8 +69,14 @@ class EndpointState:
     clock: Callable[[], float] = time.monotonic
     #: ``view()``'s result until a field it copies changes.
     _view: EndpointView | None = field(default=None, repr=False)
+    #: Told when a field that decides admission is assigned (the registry's).
+    _admission: Admission | None = field(default=None, repr=False)
 
     def __setattr__(self, name: str, value: object) -> None:
+        if name in ADMISSION:
+            admission = self.__dict__.get("_admission")
+            if admission is not None and self.__dict__.get(name) != value:
+                admission.changed()
         object.__setattr__(self, name, value)
         if name in VIEWED:
             object.__setattr__(self, "_view", None)
@@ -208,6 +214,33 @@ VIEWED = frozenset(
 )
 
 
+#: The fields ``admits`` reads: assigning one tells the registry, whose cached
+#: candidates may then be wrong (the circuit's own changes tell it too).
+ADMISSION = frozenset({"healthy", "draining", "cooldown_until", "circuit"})
+
+
+class Admission:
+    """Counts the changes to which endpoints admit requests (``admits``)."""
+
+    __slots__ = ("version",)
+
+    def __init__(self) -> None:
+        self.version = 0
+
+    def changed(self) -> None:
+        self.version += 1
+
+
+@dataclass(frozen=True, slots=True)
+class _Admitted:
+    """A model's endpoints that admit requests, as of ``Admission.version``."""
+
+    version: int
+    states: tuple[EndpointState, ...]
+    #: No adapter among them refuses a request: no per-request check.
+    serves_every_request: bool
+
+
 @dataclass(slots=True, eq=False)
 class Attempt:
     """One attempt's hold on its endpoint's counts, released exactly once each;
@@ -291,6 +324,11 @@ class EndpointRegistry:
         self._circuit = circuit or CircuitConfig()
         self._latency = latency or LatencyConfig()
         self.clock = clock
+        self._admission = Admission()
+        #: Per model, the endpoints admitting requests while nothing changes
+        #: that (``_admit``): filtering 64 endpoints per request cost a sixth
+        #: of a decision (benchmarks/README.md, "Decision latency, fourth pass").
+        self._admitted: dict[str, _Admitted] = {}
         for cfg in endpoints:
             self.upsert(cfg)
 
@@ -306,14 +344,18 @@ class EndpointRegistry:
             for name in LIVE_STATE:
                 setattr(state, name, getattr(old, name))
             self.remove(cfg.id)
+        state._admission = self._admission
+        state.circuit.on_change = self._admission.changed
         self._by_id[cfg.id] = state
         for model in state.served:
             self._by_model.setdefault(model, []).append(state)
+        self._admission.changed()
         return state
 
     def remove(self, endpoint_id: str) -> EndpointState | None:
         state = self._by_id.pop(endpoint_id, None)
         if state is not None:
+            self._admission.changed()
             for model in state.served:
                 members = self._by_model[model]
                 members.remove(state)
@@ -351,12 +393,37 @@ class EndpointRegistry:
 
     def candidates(self, model: str, request: OpenAIRequest | None = None) -> list[EndpointState]:
         """The endpoints of ``model`` that take requests now (and can serve ``request``)."""
+        admitted = self._admitted.get(model)
+        if admitted is None or admitted.version != self._admission.version:
+            admitted = self._admit(model)
+        if request is None or admitted.serves_every_request:
+            return list(admitted.states)
+        return [s for s in admitted.states if s.adapter.unsupported(request) is None]
+
+    def _admit(self, model: str) -> _Admitted:
+        """The endpoints of ``model`` admitting requests now; kept for the next
+        requests while only an assignment can change that: every admitted
+        endpoint's circuit is closed (it admits until it opens, which tells
+        ``Admission``) and every other is unhealthy or draining (until
+        assigned otherwise). A cooldown or an open circuit ends with time:
+        then nothing is kept and each request filters again."""
         now = self.clock()
-        return [
-            s
-            for s in self._by_model.get(model, ())
-            if s.admits(now) and (request is None or s.adapter.unsupported(request) is None)
-        ]
+        members = self._by_model.get(model, ())
+        states = tuple(s for s in members if s.admits(now))
+        admitted = _Admitted(
+            self._admission.version,
+            states,
+            all(s.adapter.serves_every_request for s in states),
+        )
+        taken = set(map(id, states))
+        steady = all(s.circuit.state is CircuitState.CLOSED for s in states) and all(
+            not s.healthy or s.draining for s in members if id(s) not in taken
+        )
+        if steady:
+            self._admitted[model] = admitted
+        else:
+            self._admitted.pop(model, None)
+        return admitted
 
     def unsupported(self, model: str, request: OpenAIRequest) -> str | None:
         """Why no endpoint of ``model``, healthy or not, can serve ``request``

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections import Counter
+from collections.abc import Sequence
 
 import pytest
 
@@ -42,7 +43,7 @@ def ep(
     )
 
 
-def ids(ranked: tuple[EndpointView, ...]) -> list[str]:
+def ids(ranked: Sequence[EndpointView]) -> list[str]:
     return [e.id for e in ranked]
 
 

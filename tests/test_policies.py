@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import pytest
 
@@ -22,7 +23,7 @@ def views(*loads: int, waiting: tuple[float | None, ...] = ()) -> list[EndpointV
     ]
 
 
-def ids(decision_ranked: tuple[EndpointView, ...]) -> list[str]:
+def ids(decision_ranked: Sequence[EndpointView]) -> list[str]:
     return [e.id for e in decision_ranked]
 
 
@@ -138,3 +139,33 @@ def test_load_counts_own_requests_now_and_others_from_the_last_scrape() -> None:
     # no scrape yet, or one without a record of our own share
     assert load_of(view(3, None, None)) == 3.0
     assert load_of(view(3, 10.0, None)) == 10.0
+
+
+def test_a_ranking_orders_the_rest_only_when_asked() -> None:
+    from policies.base import Ranking
+
+    a, b, c = views(0, 1, 2)
+    calls = []
+
+    def rest() -> list[EndpointView]:
+        calls.append(1)
+        return [c, b]
+
+    ranking = Ranking(a, rest)
+    assert ranking[0] is a and next(iter(ranking)) is a
+    assert calls == []  # the first attempt needs no failover order
+    assert list(ranking) == [a, c, b] and ranking[1:] == (c, b) and len(ranking) == 3
+    assert ranking == (a, c, b) and ranking[-1] is b
+    assert calls == [1]  # computed once
+
+
+def test_prefix_affinity_failover_order_is_holders_then_load() -> None:
+    policy = build_policy("prefix_affinity", {"min_overload": 100}, random.Random(0))
+    cands = views(3, 0, 2, 1)
+    body = {"model": "m", "messages": [{"role": "user", "content": "x" * 2000}]}
+    req = RequestView("m", "chat", body)
+    home = policy.rank(req, cands).ranked[0].id
+    decision = policy.rank(req, cands)
+    assert decision.ranked[0].id == home and decision.reason == "prefix_hit"
+    rest = [e for e in cands if e.id != home]
+    assert ids(decision.ranked[1:]) == [e.id for e in sorted(rest, key=lambda e: e.in_flight)]

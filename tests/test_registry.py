@@ -200,3 +200,53 @@ def test_a_kept_view_is_what_a_fresh_one_would_be(ops: list[tuple[str, object]])
         elif op == "health":
             state.healthy = bool(arg)
         assert _seen(state.view()) == _seen(state._build_view())
+
+
+ADMISSION_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            ["health", "drain", "fail_5xx", "fail_429", "retry_after", "succeed", "begin", "tick"]
+        ),
+        st.sampled_from(["a", "b"]),
+        st.floats(0.0, 40.0),
+    ),
+    max_size=50,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ADMISSION_OPS)
+def test_cached_candidates_are_those_admitting_now(ops: list[tuple[str, str, float]]) -> None:
+    """After any sequence of health changes, drains, failures that open
+    circuits or cool endpoints down, successes, trials and time passing, the
+    registry's (kept) candidates are exactly the endpoints that admit now."""
+    from router.config import CircuitConfig
+    from router.errors import UpstreamConnectError, UpstreamHTTPError
+
+    now = [0.0]
+    registry = EndpointRegistry(
+        parse_config(CONFIG, {}).endpoints,
+        circuit=CircuitConfig(failures=2, base_backoff=5.0, max_backoff=20.0),
+        clock=lambda: now[0],
+    )
+    for op, endpoint_id, x in ops:
+        state = registry.get(endpoint_id)
+        assert state is not None
+        if op == "health":
+            state.healthy = x > 20
+        elif op == "drain":
+            state.draining = x > 20
+        elif op == "fail_5xx":
+            state.failed(UpstreamConnectError("down"), now[0])
+        elif op == "fail_429":
+            state.failed(UpstreamHTTPError(429, "slow down"), now[0])
+        elif op == "retry_after":
+            state.failed(UpstreamHTTPError(503, "busy", retry_after=str(int(x))), now[0])
+        elif op == "succeed":
+            state.succeeded()
+        elif op == "begin":
+            state.begin(now[0]).end()
+        elif op == "tick":
+            now[0] += x
+        expected = [s for s in registry.serving("chat") if s.admits(now[0])]
+        assert registry.candidates("chat") == expected
