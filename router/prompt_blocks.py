@@ -28,6 +28,11 @@ from policies.chain_states import ChainStates
 #: Hashes kept across all cached chain states (about 8 bytes each, plus the
 #: states' token tails): bounds the cache's memory, not its entry count.
 MAX_CACHED_HASHES = 2_000_000
+#: A state is kept only this many tokens or more after the state it grew
+#: from: what follows a known prefix by less (a new question, a template's
+#: closing tags) costs a few xxhash calls to hash again, and keeping a state
+#: at each of its pieces cost more than that, for prefixes that never recur.
+MIN_STORE_TOKENS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +65,11 @@ class ChainCache:
     """Chain states by (block size, prefix key), least recently used out first,
     bounded by the hashes they hold."""
 
-    def __init__(self, max_hashes: int = MAX_CACHED_HASHES) -> None:
+    def __init__(
+        self, max_hashes: int = MAX_CACHED_HASHES, min_store_tokens: int = MIN_STORE_TOKENS
+    ) -> None:
         self._states: ChainStates[tuple[int, int], _State] = ChainStates(max_hashes)
+        self.min_store_tokens = min_store_tokens
         self.hits = 0
         self.misses = 0
 
@@ -84,11 +92,24 @@ class ChainCache:
         state = found or _ROOT
         if start:
             self.hits += 1
+        if start == len(keys):
+            return state.hashes
+        self.misses += 1
+        # Pieces are hashed together up to where a state is worth keeping
+        # (``min_store_tokens`` after the last), then the state is kept there.
+        pending: list[bytes] = []
+        size = 0
+        least = self.min_store_tokens * 4
         for i in range(start, len(keys)):
-            state = state.extend(pieces[i], block_size)
-            self._states.put(sized[i], state)
-        if start < len(keys):
-            self.misses += 1
+            pending.append(pieces[i])
+            size += len(pieces[i])
+            if size >= least:
+                state = state.extend(b"".join(pending), block_size)
+                self._states.put(sized[i], state)
+                pending.clear()
+                size = 0
+        if pending:
+            state = state.extend(b"".join(pending), block_size)
         return state.hashes
 
 

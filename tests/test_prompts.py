@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -246,12 +247,35 @@ def test_the_piece_cache_is_bounded() -> None:
 
 
 def test_the_chain_cache_is_bounded_by_hashes() -> None:
-    cache = ChainCache(max_hashes=10)
+    cache = ChainCache(max_hashes=10, min_store_tokens=1)
     data = [bytes(4 * 8 * i) for i in range(1, 6)]
     for i in range(5):
         cache.hashes([i], [data[i]], 2)
         assert cache.held <= 10
     assert len(cache) >= 1
+
+
+def _ids(values: range) -> bytes:
+    return array("I", values).tobytes()
+
+
+def test_chain_states_are_kept_only_past_min_store_tokens() -> None:
+    """A short tail after a known prefix is hashed again each time, not kept;
+    a long piece is kept where it ends; the hashes are the chain's either way."""
+    cache = ChainCache(min_store_tokens=64)
+    system, question = _ids(range(1000, 1000 + 640)), _ids(range(7, 7 + 20))
+    first = cache.hashes([1, 2], [system, question], 16)
+    assert first == chain_hashes(list(range(1000, 1640)) + list(range(7, 27)), 16)
+    assert len(cache) == 1  # after the system prompt, not after the question
+    other = _ids(range(50, 50 + 20))
+    hits = cache.hits
+    again = cache.hashes([1, 3], [system, other], 16)
+    assert cache.hits == hits + 1 and len(cache) == 1
+    assert again == chain_hashes(list(range(1000, 1640)) + list(range(50, 70)), 16)
+    # Short pieces that add up to min_store_tokens are kept where they do.
+    shorts = [_ids(range(i * 16, i * 16 + 16)) for i in range(5)]
+    cache.hashes([9, 10, 11, 12, 13], shorts, 16)
+    assert len(cache) == 2
 
 
 def test_long_misses_are_encoded_in_a_thread_with_the_same_result() -> None:
