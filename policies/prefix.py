@@ -96,6 +96,7 @@ from policies.prompt import (
     canonical_prompt,
     message_parts,
     model_seed,
+    prompt_head,
 )
 from policies.ring import Capacity, RingCache, SheddingCapacity
 
@@ -213,21 +214,15 @@ class PrefixAffinity:
         if seed is None:
             seed = self._seeds[request.model] = model_seed(request.model)
         chars = self.params.block_chars
+        if head_only:
+            cut = prompt_head(request.body, chars)
+            if cut is not None:
+                return block_hashes(cut[0], chars, seed), cut[1]
         parts = message_parts(request.body)
         if parts is None:
             text = canonical_prompt(request.body)
             return block_hashes(text[:chars] if head_only else text, chars, seed), len(text)
-        prompt_len = sum(map(len, parts))
-        if not head_only:
-            return self._chains.hashes(parts, seed), prompt_len
-        head: list[str] = []
-        taken = 0
-        for part in parts:
-            head.append(part)
-            taken += len(part)
-            if taken >= chars:
-                break
-        return block_hashes("".join(head)[:chars], chars, seed), prompt_len
+        return self._chains.hashes(parts, seed), sum(map(len, parts))
 
     def rank(self, request: RequestView, candidates: Sequence[EndpointView]) -> Decision:
         p = self.params

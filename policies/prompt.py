@@ -56,6 +56,27 @@ def message_parts(body: Mapping[str, Any]) -> list[str] | None:
     return None
 
 
+def prompt_head(body: Mapping[str, Any], chars: int) -> tuple[str, int] | None:
+    """A chat request's canonical prompt cut to its first ``chars`` characters,
+    and the whole prompt's length (None: not a chat): ``message_parts`` joined
+    and cut, without copying a long system prompt's text to read its head."""
+    messages = body.get("messages")
+    if not isinstance(messages, Sequence) or isinstance(messages, str):
+        return None
+    head: list[str] = []
+    taken = total = 0
+    for m in messages:
+        if not isinstance(m, Mapping):
+            continue
+        role, content = str(m.get("role", "")), _content(m.get("content"))
+        total += len(role) + len(content) + 2
+        if taken < chars:
+            part = f"{role}{ROLE_SEP}{content[: chars - taken]}{MESSAGE_SEP}"
+            head.append(part)
+            taken += len(part)
+    return "".join(head)[:chars], total
+
+
 def canonical_prompt(body: Mapping[str, Any]) -> str:
     """The request's prompt as one string; "" when it has none we understand."""
     parts = message_parts(body)

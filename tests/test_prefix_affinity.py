@@ -734,3 +734,44 @@ def test_routers_sharing_the_traffic_keep_the_lower_floor() -> None:
     solo = policy()
     d = solo.rank(req, fleet(8, loads={owner: 7}))  # 7 + 1 <= 8
     assert (d.ranked[0].id, d.reason) == (owner, "ring_owner")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    messages=st.lists(
+        st.one_of(
+            st.fixed_dictionaries(
+                {
+                    "role": st.sampled_from(["system", "user", 3, None]),
+                    "content": st.one_of(
+                        st.none(),
+                        st.text(alphabet="ab é\u2603", max_size=60),
+                        st.lists(
+                            st.one_of(
+                                st.fixed_dictionaries(
+                                    {"type": st.just("text"), "text": st.text(max_size=9)}
+                                ),
+                                st.fixed_dictionaries(
+                                    {"type": st.just("image_url"), "image_url": st.text(max_size=5)}
+                                ),
+                            ),
+                            max_size=3,
+                        ),
+                    ),
+                }
+            ),
+            st.integers(),
+        ),
+        max_size=6,
+    ),
+    chars=st.integers(1, 120),
+)
+def test_the_prompt_head_is_the_canonical_prompt_cut(messages: list[object], chars: int) -> None:
+    from policies.prompt import message_parts, prompt_head
+
+    body = {"messages": messages}
+    parts = message_parts(body)
+    assert parts is not None
+    whole = "".join(parts)
+    assert prompt_head(body, chars) == (whole[:chars], len(whole))
+    assert prompt_head({"prompt": "x"}, chars) is None
