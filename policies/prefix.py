@@ -86,7 +86,15 @@ from collections.abc import Sequence
 
 from pydantic import Field
 
-from policies.base import Decision, EndpointView, Outcome, PromptTokens, Ranking, RequestView
+from policies.base import (
+    Decision,
+    EndpointView,
+    HeldBlocks,
+    Outcome,
+    PromptTokens,
+    Ranking,
+    RequestView,
+)
 from policies.blocks import leading
 from policies.precise import DEFAULT_BLOCK_SIZE, InFlight, block_size, live_blocks
 from policies.prefix_index import IndexParams, IndexStats, PrefixIndex, capacity_blocks
@@ -229,11 +237,13 @@ class PrefixAffinity:
         tokens = request.tokens
         if tokens is not None and not tokens.num_tokens:
             tokens = None
-        # With every candidate's events live, the character index has no part
+        # The candidates whose events are live (when the prompt's tokens are
+        # known). With every candidate's live, the character index has no part
         # in the decision: hash only the ring key, and feed it nothing.
-        precise_only = tokens is not None and not [
-            e for e in candidates if (b := e.blocks) is None or b.stale
-        ]
+        live: list[tuple[EndpointView, HeldBlocks]] = []
+        if tokens is not None:
+            live = [(e, b) for e in candidates if (b := e.blocks) is not None and not b.stale]
+        precise_only = tokens is not None and len(live) == len(candidates)
         hashes, prompt_len = self.hashes(request, head_only=precise_only)
         self._learn_share(candidates)
         key = hashes[0] if hashes else self._seeds[request.model]
@@ -269,7 +279,7 @@ class PrefixAffinity:
                 matches = self.index.match(hashes, loads) if hashes else {}  # type: ignore[assignment]
                 hits = {e: "prefix_hit" for e, n in matches.items() if n >= p.min_match_blocks}
             else:
-                matches, hits = self._matches(hashes, prompt_len, tokens, candidates)
+                matches, hits = self._matches(hashes, prompt_len, tokens, candidates, live)
             # Only the endpoints that hold the prompt's head are worth a look.
             eligible = [
                 candidates[position[eid]]
@@ -321,9 +331,11 @@ class PrefixAffinity:
         prompt_len: int,
         tokens: PromptTokens,
         candidates: Sequence[EndpointView],
+        live: list[tuple[EndpointView, HeldBlocks]],
     ) -> tuple[dict[str, float], dict[str, str]]:
         """Each endpoint's match in tokens (those with any), and the reason of
-        those whose match is long enough to count, by source."""
+        those whose match is long enough to count, by source (``live``: the
+        candidates whose events are live, and their blocks)."""
         p = self.params
         matches: dict[str, float] = {}
         hits: dict[str, str] = {}
@@ -333,16 +345,20 @@ class PrefixAffinity:
         num_tokens = tokens.num_tokens
         # Comprehensions, not a loop body per candidate: over 64 endpoints the
         # per-candidate bytecode was the larger part of a decision.
-        live = [(e, b) for e in candidates if (b := e.blocks) is not None and not b.stale]
         if len(live) < len(candidates):
             approximate = [e.id for e in candidates if (b := e.blocks) is None or b.stale]
-        sizes = {b.block_size for _, b in live}
-        for raw in sizes:  # one size in a fleet, as a rule
-            size = raw or DEFAULT_BLOCK_SIZE
+        # An endpoint that stored nothing yet has no block size: the default's
+        # (one group, not two, while some endpoints of a fleet are idle).
+        sizes = {b.block_size or DEFAULT_BLOCK_SIZE for _, b in live}
+        for size in sizes:  # one size in a fleet, as a rule
             ours = tokens.block_hashes(size)
             if not ours:
                 continue
-            group = live if len(sizes) == 1 else [(e, b) for e, b in live if b.block_size == raw]
+            group = (
+                live
+                if len(sizes) == 1
+                else [(e, b) for e, b in live if (b.block_size or DEFAULT_BLOCK_SIZE) == size]
+            )
             first = ours[0]
             # Most endpoints hold not even the first block: one lookup each, in C.
             for e, b in [(e, b) for e, b in group if first in b.hashes or e.id in pending_at]:
