@@ -198,7 +198,7 @@ class PrefixAffinity:
         that finish between the engine writing its gauges and this router
         reading its own count make the engine's total look larger), so a
         router alone saw samples under 1 on real vLLM and none above (a
-        sample is capped at 1). Their mean put one router's share at 0.82-0.97
+        sample is capped at 1). Their mean put one router's share at 0.79-0.97
         and shrank its index (which then forgot prefixes its engines held) or
         turned the shared rules on; most samples are exactly 1, their median
         is 1 (benchmarks/README.md, "Approximate on real vLLM")."""
