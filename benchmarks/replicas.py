@@ -130,7 +130,23 @@ VARIANTS = {
     "precise_floor4": Arm(
         "precise_floor4", None, needs_kv_events=True, precise_params=(("min_overload", 4),)
     ),
+    # Approximate, its router also subscribed to the backends' KV events but
+    # given no tokenizer: the policy never reads them (no request tokens), the
+    # trace does, to tell what the engines really held at each decision.
+    "approximate_observed": Arm(
+        "approximate_observed", {"policy": "prefix_affinity"}, needs_kv_events=True
+    ),
+    # As approximate_observed, told it is the only router: the index is not
+    # scaled by the estimated traffic share, and the shared rules never apply
+    # (what one router gets when the estimate is not biased low).
+    "approximate_alone": Arm(
+        "approximate_alone",
+        {"policy": {"name": "prefix_affinity", "share_index": False, "shared_below": 0}},
+        needs_kv_events=True,
+    ),
 }
+#: Arms whose KV events only the trace reads (the policy routes on characters).
+OBSERVED = {"approximate_observed", "approximate_alone"}
 
 
 def precise_arm(
@@ -139,6 +155,14 @@ def precise_arm(
     """The precise index's arm: the same policy fed by each endpoint's KV events
     (``endpoints[i].kv_events``) and the model's tokenizer (``models.tiny.tokenizer``,
     the one the backends tokenize with); ``planned``'s name and policy parameters."""
+    if planned is not None and planned.name in OBSERVED:
+        assert planned.model is not None
+        return Arm(
+            planned.name,
+            planned.model,
+            tuple({"kv_events": e} if e else {} for e in kv_events),
+            needs_kv_events=True,
+        )
     params = dict(planned.precise_params) if planned is not None else {}
     policy: Any = {"name": "prefix_affinity", **params} if params else "prefix_affinity"
     return Arm(
@@ -214,6 +238,163 @@ def beliefs(
     }
 
 
+QUESTION = re.compile(r"^Question (\d+):")
+TENANT = re.compile(r"^You are the assistant of tenant (\d+)\.")
+
+
+class Tracer:
+    """Every decision of the routers' ``prefix_affinity`` policies, one record
+    per request: the rule that chose (``Decision.reason``), what the policy's
+    character index believed each endpoint held before the decision, the loads
+    and capacities it judged by, and (endpoints publishing KV events) what each
+    engine really held, in leading token blocks of the prompt. The client adds
+    what the engine served from cache; ``explain`` sorts the misses by cause."""
+
+    def __init__(self, tokenizer: Path | None) -> None:
+        from router.prompts import load_prompt_tokenizer
+
+        self.records: dict[int, dict[str, Any]] = {}
+        self._prompts = load_prompt_tokenizer(str(tokenizer)) if tokenizer else None
+        self._t0 = time.monotonic()
+
+    def wrap(self, policy: Any, router: int) -> None:
+        if not hasattr(policy, "index") or not hasattr(policy, "hashes"):
+            return
+        rank, observe = policy.rank, policy.observe
+
+        def traced_rank(request: RequestView, candidates: Sequence[Any]) -> Any:
+            msgs = request.body.get("messages") or []
+            q = QUESTION.match(str(msgs[-1].get("content", ""))) if msgs else None
+            tenant = TENANT.match(str(msgs[0].get("content", ""))) if msgs else None
+            hashes, prompt_len = policy.hashes(request)
+            ids = [e.id for e in candidates]
+            believed = policy.index.match(hashes, ids)
+            truth: dict[str, int] | None = None
+            token_blocks = None
+            if self._prompts is not None and any(e.blocks is not None for e in candidates):
+                from policies.blocks import leading
+
+                tokens = self._prompts.tokens("chat", request.body)
+                # None: the template's render ran out of time (a loaded machine).
+                truth = {} if tokens is not None else None
+                for e in candidates if tokens is not None else ():
+                    b = e.blocks
+                    if b is None:
+                        continue
+                    ours = tokens.block_hashes(b.block_size)
+                    token_blocks = len(ours)
+                    truth[e.id] = leading(b.hashes, ours)
+            decision = rank(request, candidates)
+            if q is not None:
+                self.records[int(q.group(1))] = {
+                    "t": round(time.monotonic() - self._t0, 3),
+                    "router": router,
+                    "tenant": int(tenant.group(1)) if tenant else None,
+                    "reason": decision.reason,
+                    "chosen": decision.ranked[0].id,
+                    "char_blocks": len(hashes),
+                    "prompt_chars": prompt_len,
+                    "believed": believed,
+                    "truth": truth,
+                    "token_blocks": token_blocks,
+                    "load": {e.id: e.load for e in candidates},
+                    "in_flight": {e.id: e.in_flight for e in candidates},
+                    "scraped": {
+                        e.id: (e.running, e.waiting, e.in_flight_at_scrape) for e in candidates
+                    },
+                    "kv_capacity_tokens": {e.id: e.kv_capacity_tokens for e in candidates},
+                    "index_capacity": {e.id: policy.capacity_blocks(e) for e in candidates},
+                    "occupancy": {e.id: policy.index.occupancy(e.id) for e in candidates},
+                    "share": round(policy.share, 4),
+                    "chars_per_token": round(policy.chars_per_token, 4),
+                }
+                decision_ids[id(decision)] = int(q.group(1))
+            return decision
+
+        decision_ids: dict[int, int] = {}
+
+        def traced_observe(decision: Any, endpoint_id: str, outcome: Any) -> None:
+            i = decision_ids.pop(id(decision), None)
+            if i is not None and i in self.records:
+                self.records[i]["served"] = endpoint_id
+                self.records[i]["ok"] = outcome.ok
+            observe(decision, endpoint_id, outcome)
+
+        policy.rank, policy.observe = traced_rank, traced_observe
+
+    def served(self, i: int, prompt_tokens: int, cached: int) -> None:
+        if i in self.records:
+            self.records[i]["prompt_tokens"] = prompt_tokens
+            self.records[i]["cached_tokens"] = cached
+
+
+def believes(record: dict[str, Any], endpoint: str) -> bool:
+    """The index matched at least half the prompt's character blocks there."""
+    return bool(record["believed"].get(endpoint, 0) >= record["char_blocks"] / 2)
+
+
+def write_trace(path: Path, records: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records))
+
+
+def explain(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The traced requests' misses (less than half the prompt served from
+    cache), by cause, and how the index's beliefs compared with what the
+    engines held (where known), over all decisions."""
+    causes: dict[str, int] = {}
+    by_reason: dict[str, list[int]] = {}
+    seen: set[int] = set()
+    belief = {"both": 0, "index_only": 0, "engine_only": 0, "neither": 0}
+    for r in sorted(records, key=lambda r: r["t"]):
+        if "cached_tokens" not in r:
+            continue
+        cold = r["cached_tokens"] < r["prompt_tokens"] / 2
+        tally = by_reason.setdefault(r["reason"], [0, 0])
+        tally[0] += 1
+        tally[1] += cold
+        truth = r.get("truth")
+        half = (r.get("token_blocks") or 0) / 2
+        if truth is not None:
+            for e in r["load"]:
+                believed = believes(r, e)
+                held = truth.get(e, 0) >= half
+                key = (
+                    ("both" if held else "index_only")
+                    if believed
+                    else ("engine_only" if held else "neither")
+                )
+                belief[key] += 1
+        first = r["tenant"] not in seen
+        seen.add(r["tenant"])
+        if not cold:
+            continue
+        if first:
+            cause = "first request of its tenant"
+        elif truth is None:
+            cause = f"cold, {r['reason']}"
+        else:
+            holders = [e for e, n in truth.items() if n >= half]
+            believed_chosen = believes(r, r["chosen"])
+            believed_holders = [e for e in holders if believes(r, e)]
+            if not holders:
+                cause = "held nowhere (evicted, or its first prefill still running)"
+                if believed_chosen:
+                    cause += "; index believed the chosen"
+            elif believed_chosen:
+                cause = "held elsewhere; index believed the chosen (stale belief)"
+            elif believed_holders:
+                cause = f"held elsewhere and believed there; not chosen ({r['reason']})"
+            else:
+                cause = f"held elsewhere, index forgot it ({r['reason']})"
+        causes[cause] = causes.get(cause, 0) + 1
+    return {
+        "cold_by_cause": dict(sorted(causes.items(), key=lambda kv: -kv[1])),
+        "requests_and_cold_by_reason": by_reason,
+        "belief_vs_engine": belief if any(belief.values()) else None,
+    }
+
+
 async def events_live(apps: Sequence[RequestMiddleware], within: float = 60.0) -> bool:
     """Wait until every router's view of every endpoint's KV events is live
     (subscribed and replayed), so a run does not start on the approximate
@@ -234,10 +415,12 @@ async def measure_routers(
     items: Sequence[tuple[int, dict[str, Any]]],
     router_count: int,
     concurrency: int,
+    trace: Path | None = None,
 ) -> dict[str, Any]:
     """Send ``items`` (tenant, body) through ``router_count`` kvroute instances,
     request i to instance i mod N (the oracle: to replica tenant mod n, directly);
-    hit rate from the backends' counters."""
+    hit rate from the backends' counters. ``trace``: record every decision
+    (``Tracer``) to that file, and add their misses by cause to the row."""
     urls = list(urls)
     load_before = loadavg()
     live: bool | None = None
@@ -250,6 +433,12 @@ async def measure_routers(
             instances = await stack.enter_async_context(routers(urls, arm, router_count))
             router_urls = [u for u, _ in instances]
             targets = [router_urls[i % len(router_urls)] for i in range(len(items))]
+        tracer = None
+        if trace is not None and instances:
+            tracer = Tracer(SIM_MODEL if arm.needs_kv_events else None)
+            for k, (_, app) in enumerate(instances):
+                for route in app.state.routes.routes():
+                    tracer.wrap(route.policy, k)
         if arm.needs_kv_events:
             live = await events_live([a for _, a in instances])
         gate = asyncio.Semaphore(concurrency)
@@ -263,6 +452,8 @@ async def measure_routers(
                 usage = r.json()["usage"]
                 cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
                 per_request[i] = (tenant, usage["prompt_tokens"], cached)
+                if tracer is not None:
+                    tracer.served(i, usage["prompt_tokens"], cached)
 
         async def send() -> None:
             await asyncio.gather(*(one(i) for i in range(len(items))))
@@ -299,6 +490,10 @@ async def measure_routers(
     }
     if live is not None:
         row["events_live_at_start"] = live
+    if tracer is not None and trace is not None:
+        records = list(tracer.records.values())
+        row["explain"] = explain(records)
+        write_trace(trace, records)
     return row
 
 
@@ -364,6 +559,7 @@ async def run_fleets(
     open_fleet: Callable[[int], AbstractAsyncContextManager[Fresh]],
     tokenizer: Callable[[], Path],
     per_replica_concurrency: int = 2,
+    trace: Path | None = None,
 ) -> dict[str, Any]:
     """Every planned run on every fleet size and workload: ``open_fleet(n)``
     brings up a fleet of ``n`` and gives ``fresh``, which hands over its
@@ -387,6 +583,9 @@ async def run_fleets(
                             items,
                             count,
                             per_replica_concurrency * n,
+                            trace / f"{label}-{n}-{wname}-{arm.name}-{count}.json"
+                            if trace is not None
+                            else None,
                         )
                     report(f"{label} {n:2d} replicas {wname}", r)
                     rows.append(r)
@@ -574,7 +773,11 @@ def virtual(
                 )
                 for e in range(n)
             ]
-            tokens = prompts.tokens("chat", body) if prompts is not None else None
+            tokens = (
+                prompts.tokens("chat", body)
+                if prompts is not None and arm.name not in OBSERVED
+                else None
+            )
             request = RequestView(model="tiny", endpoint="chat", body=body, tokens=tokens)
             decision = policies[r].rank(request, views)
             i = int(decision.ranked[0].id)
@@ -718,10 +921,16 @@ def main() -> int:
         "--single", nargs="*", default=["oracle"], help="arms run with one router only"
     )
     parser.add_argument("--output", default="replicas")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="record every decision (results/<output>_trace/) and explain the misses",
+    )
     args = parser.parse_args()
     arms = {a.name: a for a in (ROUND_ROBIN, APPROXIMATE, ORACLE, PRECISE, *VARIANTS.values())}
     plan = Plan([arms[a] for a in args.arms], tuple(args.routers), set(args.single))
     path = RESULTS / f"{args.output}.json"
+    trace_dir = RESULTS / f"{args.output}_trace" if args.trace else None
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     results["setup"] = {
         "system_words": SYSTEM_WORDS,
@@ -740,6 +949,7 @@ def main() -> int:
                 plan,
                 simulated_fleet,
                 SIM_MODEL.resolve,
+                trace=trace_dir,
             )
         )
         for key, rows in sim.items():
@@ -758,7 +968,13 @@ def main() -> int:
             opener = real_fleet(any(a.needs_kv_events for a in plan.arms), Path(tmp))
             real = asyncio.run(
                 run_fleets(
-                    "real", args.fleets or (2, 4), args.workloads, plan, opener, ensure_tiny_model
+                    "real",
+                    args.fleets or (2, 4),
+                    args.workloads,
+                    plan,
+                    opener,
+                    ensure_tiny_model,
+                    trace=trace_dir,
                 )
             )
         for key, rows in real.items():

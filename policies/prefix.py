@@ -199,8 +199,18 @@ class PrefixAffinity:
         return max(1, int(full * self.share)) if p.share_index else full
 
     def _learn_share(self, candidates: Sequence[EndpointView]) -> None:
-        """Our requests in flight at the last scrape over the scraped total: a
-        running mean at first, then an exponential one."""
+        """Our requests in flight at the last scrape over the scraped total,
+        their median tracked (each sample moves the estimate a step towards
+        it, never past it; steps of 1/n at first, then 0.02).
+
+        The median, not a mean: a scrape races the requests it counts (those
+        that finish between the engine writing its gauges and this router
+        reading its own count make the engine's total look larger), so a
+        router alone saw samples under 1 on real vLLM and none above (a
+        sample is capped at 1). Their mean put one router's share at 0.79-0.97
+        and shrank its index (which then forgot prefixes its engines held) or
+        turned the shared rules on; most samples are exactly 1, their median
+        is 1 (benchmarks/README.md, "Approximate on real vLLM")."""
         seen = [
             (e.in_flight_at_scrape, (e.running or 0.0) + (e.waiting or 0.0))
             for e in candidates
@@ -213,7 +223,11 @@ class PrefixAffinity:
             return
         sample = min(1.0, ours / total)
         self._share_samples += 1
-        self.share += (sample - self.share) * max(0.02, 1.0 / self._share_samples)
+        step = max(0.02, 1.0 / self._share_samples)
+        if sample < self.share:
+            self.share = max(sample, self.share - step)
+        elif sample > self.share:
+            self.share = min(sample, self.share + step)
 
     def hashes(self, request: RequestView, head_only: bool = False) -> tuple[list[int], int]:
         """The prompt's character blocks' hashes (only the first with
