@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from operator import attrgetter
 
 from pydantic import Field
 
@@ -110,6 +111,9 @@ from policies.ring import Capacity, RingCache, SheddingCapacity
 
 #: Ring steps taken looking for a cache with room before settling for the owner.
 MAX_SPILL_WALK = 8
+
+_ID = attrgetter("id")
+_LOAD = attrgetter("load")
 
 
 class PrefixAffinityParams(IndexParams):
@@ -266,11 +270,9 @@ class PrefixAffinity:
         shared = not precise_only and self.share < p.shared_below
         shedding = shared and p.shared_shedding
         # Per-candidate work is what a decision over many endpoints costs:
-        # comprehensions and C-level dicts, no Python call per candidate.
-        load_list = [e.load for e in candidates]
-        ids = [e.id for e in candidates]
-        position = dict(zip(ids, range(len(ids)), strict=True))
-        loads = dict(zip(ids, load_list, strict=True))
+        # C-level maps and dicts, no Python call per candidate.
+        load_list = list(map(_LOAD, candidates))
+        by_id = dict(zip(map(_ID, candidates), candidates, strict=True))
         total = sum(load_list)
         floor = p.shared_min_overload if shared else p.min_overload
         capacity = (
@@ -286,40 +288,34 @@ class PrefixAffinity:
             and high - low > p.balance_abs_threshold
             and high > p.balance_rel_threshold * low
         ):
-            chosen = min(candidates, key=lambda e: (loads[e.id], e.id))
+            chosen = min(candidates, key=lambda e: (e.load, e.id))
             reason = "load_guard"
         else:
             if tokens is None:
-                matches = self.index.match(hashes, loads) if hashes else {}  # type: ignore[assignment]
+                matches = self.index.match(hashes, by_id) if hashes else {}  # type: ignore[assignment]
                 hits = {e: "prefix_hit" for e, n in matches.items() if n >= p.min_match_blocks}
             else:
                 matches, hits = self._matches(hashes, prompt_len, tokens, candidates, live)
             # Only the endpoints that hold the prompt's head are worth a look.
-            eligible = [
-                candidates[position[eid]]
-                for eid in hits
-                if capacity.fits(candidates[position[eid]], loads[eid])
-            ]
+            eligible = [e for eid in hits if capacity.fits(e := by_id[eid], e.load)]
             if eligible:
                 best = max(matches[e.id] for e in eligible)
                 chosen = min(
                     (e for e in eligible if matches[e.id] == best),
-                    key=lambda e: (loads[e.id], hits[e.id] == "prefix_hit", e.id),
+                    key=lambda e: (e.load, hits[e.id] == "prefix_hit", e.id),
                 )
                 reason = hits[chosen.id]
             else:
-                chosen, reason = self._place_new(key, candidates, loads, capacity, shared)
+                chosen, reason = self._place_new(key, candidates, by_id, capacity, shared)
 
         def failover() -> list[EndpointView]:
             """Holders of the prefix by match length, then the rest by load."""
             held = sorted(
-                (candidates[position[eid]] for eid in matches if eid != chosen.id),
-                key=lambda e: (-matches[e.id], loads[e.id], e.id),
+                (by_id[eid] for eid in matches if eid != chosen.id),
+                key=lambda e: (-matches[e.id], e.load, e.id),
             )
-            order = sorted(range(len(candidates)), key=load_list.__getitem__)
-            taken = {position[eid] for eid in matches}
-            taken.add(position[chosen.id])
-            return held + [candidates[i] for i in order if i not in taken]
+            rest = [e for e in sorted(candidates, key=_LOAD) if e.id not in matches]
+            return held + [e for e in rest if e is not chosen]
 
         if not precise_only:
             self.index.insert(hashes, chosen.id, self.capacity_blocks(chosen))
@@ -399,7 +395,7 @@ class PrefixAffinity:
         self,
         key: int,
         candidates: Sequence[EndpointView],
-        loads: dict[str, float],
+        by_id: dict[str, EndpointView],
         capacity: Capacity,
         shared: bool,
     ) -> tuple[EndpointView, str]:
@@ -415,14 +411,13 @@ class PrefixAffinity:
         if shared:
             choices = 1
         walk = max(MAX_SPILL_WALK, choices)
-        by_id = {e.id: e for e in candidates}
         owner: EndpointView | None = None
         fitting: list[tuple[float, int, EndpointView]] = []
         roomy: list[tuple[float, int, EndpointView]] = []
         for n, endpoint_id in enumerate(self._rings.ring(candidates).walk(key)):
             e = by_id[endpoint_id]
             owner = owner or e
-            if not capacity.fits(e, loads[endpoint_id]):
+            if not capacity.fits(e, e.load):
                 continue
             choice = (e.awaiting_first / e.weight, n, e)
             if len(fitting) < choices:

@@ -17,10 +17,13 @@ import bisect
 import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from operator import attrgetter
 
 import xxhash
 
 from policies.base import EndpointView
+
+_WEIGHT = attrgetter("weight")
 
 
 class HashRing:
@@ -100,7 +103,7 @@ class Capacity:
         if total_load is None:
             total_load = sum(e.load for e in candidates)
         self._total = total_load + 1
-        self._weight = sum([e.weight for e in candidates])
+        self._weight: float = sum(map(_WEIGHT, candidates))
         self._epsilon = epsilon
         self._floor = floor
 
