@@ -37,8 +37,10 @@ MIN_STORE_TOKENS = 64
 
 @dataclass(frozen=True, slots=True)
 class _State:
-    #: Never mutated: handed out as is by ``ChainCache.hashes`` (no copy).
-    hashes: list[int]
+    #: Handed out as is by ``ChainCache.hashes`` (no copy). A tuple: of ints
+    #: only, the garbage collector stops tracking it after one look, where a
+    #: list of 2 M cached hashes was walked by every full collection.
+    hashes: tuple[int, ...]
     #: Token ids (little-endian uint32 bytes) not yet making a full block.
     tail: bytes
 
@@ -55,10 +57,10 @@ class _State:
         for start in range(0, full, step):
             h = digest(view[start : start + step], h)
             new.append(h)
-        return _State(self.hashes + new, data[full:])
+        return _State(self.hashes + tuple(new), data[full:])
 
 
-_ROOT = _State([], b"")
+_ROOT = _State((), b"")
 
 
 class ChainCache:
@@ -124,7 +126,7 @@ class Tokens:
         self._pieces = pieces
         self._cache = cache
         self._by_size: dict[int, Sequence[int]] = {}
-        self.num_tokens = sum(len(p) for p in pieces) // 4
+        self.num_tokens = sum(map(len, pieces)) // 4
 
     def block_hashes(self, block_size: int) -> Sequence[int]:
         hashes = self._by_size.get(block_size)

@@ -64,7 +64,7 @@ def test_chat_is_the_rendered_template_encoded_without_specials(tiny: PromptToke
     assert tokens.token_ids() == expected
     assert tokens.num_tokens == len(expected)
     for size in (1, 2, 3, 16):
-        assert tokens.block_hashes(size) == chain_hashes(expected, size)
+        assert list(tokens.block_hashes(size)) == chain_hashes(expected, size)
 
 
 def test_add_generation_prompt_false_is_honoured(tiny: PromptTokenizer) -> None:
@@ -116,7 +116,7 @@ def test_completion_token_ids_are_taken_as_sent(tiny: PromptTokenizer) -> None:
     tokens = tiny.tokens("completion", {"prompt": [5, 6, 7, 8]})
     assert tokens is not None
     assert tokens.token_ids() == [5, 6, 7, 8]
-    assert tokens.block_hashes(2) == chain_hashes([5, 6, 7, 8], 2)
+    assert list(tokens.block_hashes(2)) == chain_hashes([5, 6, 7, 8], 2)
 
 
 def with_bos_eos() -> Tokenizer:
@@ -165,11 +165,11 @@ def test_pieces_encode_as_the_whole_text(fragments: list[str]) -> None:
         plan = pt.plan(text, special)
         tokens = pt.finish(plan, pt.encode_missing(plan))
         assert tokens.token_ids() == whole
-        assert tokens.block_hashes(3) == chain_hashes(whole, 3)
+        assert list(tokens.block_hashes(3)) == chain_hashes(whole, 3)
         # Again, from the caches.
         again = pt.plan(text, special)
         assert not again.missing
-        assert pt.finish(again, []).block_hashes(3) == chain_hashes(whole, 3)
+        assert list(pt.finish(again, []).block_hashes(3)) == chain_hashes(whole, 3)
 
 
 @given(st.lists(st.text(max_size=40), min_size=1, max_size=6), st.integers(1, 8))
@@ -183,7 +183,7 @@ def test_shared_prefixes_hash_as_from_scratch(contents: list[str], block_size: i
         text = render(pt.chat_template or "", body["messages"])
         expected = pt.tokenizer.encode(text, add_special_tokens=False).ids
         assert tokens.token_ids() == expected
-        assert tokens.block_hashes(block_size) == chain_hashes(expected, block_size)
+        assert list(tokens.block_hashes(block_size)) == chain_hashes(expected, block_size)
 
 
 def test_a_shared_system_prompt_is_tokenized_once() -> None:
@@ -265,13 +265,13 @@ def test_chain_states_are_kept_only_past_min_store_tokens() -> None:
     cache = ChainCache(min_store_tokens=64)
     system, question = _ids(range(1000, 1000 + 640)), _ids(range(7, 7 + 20))
     first = cache.hashes([1, 2], [system, question], 16)
-    assert first == chain_hashes(list(range(1000, 1640)) + list(range(7, 27)), 16)
+    assert list(first) == chain_hashes(list(range(1000, 1640)) + list(range(7, 27)), 16)
     assert len(cache) == 1  # after the system prompt, not after the question
     other = _ids(range(50, 50 + 20))
     hits = cache.hits
     again = cache.hashes([1, 3], [system, other], 16)
     assert cache.hits == hits + 1 and len(cache) == 1
-    assert again == chain_hashes(list(range(1000, 1640)) + list(range(50, 70)), 16)
+    assert list(again) == chain_hashes(list(range(1000, 1640)) + list(range(50, 70)), 16)
     # Short pieces that add up to min_store_tokens are kept where they do.
     shorts = [_ids(range(i * 16, i * 16 + 16)) for i in range(5)]
     cache.hashes([9, 10, 11, 12, 13], shorts, 16)
@@ -317,3 +317,12 @@ def test_config_errors_name_the_model(yaml: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(yaml, {})
     assert any(message in e for e in info.value.errors), info.value.errors
+
+
+def test_cached_chains_are_not_walked_by_the_garbage_collector() -> None:
+    import gc
+
+    cache = ChainCache()
+    hashes = cache.hashes([1], [_ids(range(64 * 16))], 16)
+    gc.collect()
+    assert len(hashes) == 64 and not gc.is_tracked(hashes)
