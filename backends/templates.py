@@ -13,7 +13,11 @@ that does not escape HTML and takes ``indent``, ``separators``, ``sort_keys``.
 Rendering runs on the event loop, so it is bounded from inside the sandbox
 (a thread could not be stopped): every loop iteration and every call checks a
 deadline, and ``*``, ``**``, ``+`` refuse results longer than the output bound,
-which the rendered text must also fit.
+which the rendered text must also fit. The deadline is the render's own CPU
+time: a wall clock past it (a cheap check) is confirmed by the thread's CPU
+clock (a system call), so a render preempted on a loaded machine is not cut
+short and the request does not lose its tokens (it did, on a machine running
+other work: benchmarks/README.md, "Decision latency, fourth pass").
 
 Exceptions::
 
@@ -32,7 +36,7 @@ import json
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from datetime import datetime
 from functools import lru_cache
-from time import perf_counter
+from time import perf_counter, thread_time
 from typing import Annotated, Any
 
 from jinja2 import Template, nodes, pass_context
@@ -108,12 +112,18 @@ class ChatTemplateFailed(ChatTemplateError):
 
 
 class _Budget:
-    __slots__ = ("deadline", "max_chars", "max_seconds")
+    __slots__ = ("cpu_deadline", "deadline", "max_chars", "max_seconds")
 
     def __init__(self, max_seconds: float, max_chars: int) -> None:
         self.max_seconds = max_seconds
         self.max_chars = max_chars
         self.deadline = perf_counter() + max_seconds
+        self.cpu_deadline = thread_time() + max_seconds
+
+    def spent(self) -> bool:
+        """Past the deadline in CPU time (the wall clock is checked first, and
+        while it is not past, the CPU time cannot be)."""
+        return perf_counter() > self.deadline and thread_time() > self.cpu_deadline
 
     def out_of_time(self) -> ChatTemplateFailed:
         return ChatTemplateFailed(f"chat template ran longer than {self.max_seconds:g} s")
@@ -139,7 +149,7 @@ class _GuardedLoop:
     def __iter__(self) -> Iterator[Any]:
         budget = self._budget
         for item in self._items:
-            if perf_counter() > budget.deadline:
+            if budget.spent():
                 raise budget.out_of_time()
             yield item
 
@@ -175,7 +185,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
         budget: _Budget = context.parent[_BUDGET]
-        if perf_counter() > budget.deadline:
+        if budget.spent():
             raise budget.out_of_time()
         value = super().call(context, obj, *args, **kwargs)
         if isinstance(value, (str, list)) and len(value) > budget.max_chars:

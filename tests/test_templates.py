@@ -157,6 +157,22 @@ def test_long_renders_are_stopped(source: str) -> None:
         render(source, USER_FIRST, max_seconds=0.01)
 
 
+def test_the_deadline_counts_the_renders_cpu_time_not_waiting() -> None:
+    """A render preempted past its wall deadline (a loaded machine) is not
+    cut short; CPU time spent past it is."""
+    import time
+
+    from backends.templates import _Budget
+
+    budget = _Budget(0.05, 100)
+    time.sleep(0.08)  # waiting: the wall clock passes the deadline, the CPU clock does not
+    assert not budget.spent()
+    end = time.thread_time() + 0.06
+    while time.thread_time() < end:
+        pass
+    assert budget.spent()
+
+
 @pytest.mark.parametrize(
     ("source", "error"),
     [
