@@ -459,7 +459,7 @@ def latency_fleet(endpoints: int, rng: random.Random) -> EndpointRegistry:
 def candidate_views(registry: EndpointRegistry, body: dict[str, Any]) -> list[EndpointView]:
     """The router's step before ranking (``router/failover.py``): the
     endpoints of the model that admit requests now, and their views."""
-    return [c.view() for c in registry.candidates("m", AdapterRequest(body))]
+    return registry.views("m", AdapterRequest(body))
 
 
 def attempt(registry: EndpointRegistry, decision: Decision) -> None:

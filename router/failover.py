@@ -65,15 +65,14 @@ class Failover:
         attempts = 0
         last: RouterError | None = None
         for current in self._route_chain(route, ctx.tenant):
-            candidates = state.registry.candidates(current.model, request)
-            if not candidates:
+            views = state.registry.views(current.model, request)
+            if not views:
                 if current is route and attempts == 0:
                     self._check_supported(request, route)
                 last = last or NoHealthyEndpoint(
                     f"no healthy endpoint serves model '{current.model}'"
                 )
                 continue
-            views = [c.view() for c in candidates]
             tokens = await self._tokens(current, request, views)
             view = RequestView(
                 current.model, OP_NAMES[request.op], request.body, request.headers, tokens

@@ -80,6 +80,9 @@ class EndpointState:
         object.__setattr__(self, name, value)
         if name in VIEWED:
             object.__setattr__(self, "_view", None)
+            admission = self.__dict__.get("_admission")
+            if admission is not None:
+                admission.redraw(self)
 
     @classmethod
     def from_config(
@@ -220,25 +223,39 @@ ADMISSION = frozenset({"healthy", "draining", "cooldown_until", "circuit"})
 
 
 class Admission:
-    """Counts the changes to which endpoints admit requests (``admits``)."""
+    """Counts the changes to which endpoints admit requests (``admits``), and
+    collects, per model, the endpoints whose view was dropped since the
+    model's kept views were last drawn."""
 
-    __slots__ = ("version",)
+    __slots__ = ("stale", "version")
 
     def __init__(self) -> None:
         self.version = 0
+        self.stale: dict[str, set[EndpointState]] = {}
 
     def changed(self) -> None:
         self.version += 1
 
+    def redraw(self, state: EndpointState) -> None:
+        for model in state.served:
+            stale = self.stale.get(model)
+            if stale is None:
+                self.stale[model] = {state}
+            else:
+                stale.add(state)
+
 
 @dataclass(frozen=True, slots=True)
 class _Admitted:
-    """A model's endpoints that admit requests, as of ``Admission.version``."""
+    """A model's endpoints that admit requests, as of ``Admission.version``,
+    and their views (redrawn in place where one was dropped)."""
 
     version: int
     states: tuple[EndpointState, ...]
     #: No adapter among them refuses a request: no per-request check.
     serves_every_request: bool
+    views: list[EndpointView]
+    position: dict[EndpointState, int]
 
 
 @dataclass(slots=True, eq=False)
@@ -400,6 +417,30 @@ class EndpointRegistry:
             return list(admitted.states)
         return [s for s in admitted.states if s.adapter.unsupported(request) is None]
 
+    def views(self, model: str, request: OpenAIRequest | None = None) -> list[EndpointView]:
+        """The views of ``candidates(model, request)``, in the same order. Kept
+        per model with the admitted endpoints: only the endpoints whose view
+        was dropped since are redrawn (one or two between two requests of a
+        busy router), not 64 method calls per request."""
+        admitted = self._admitted.get(model)
+        if admitted is None or admitted.version != self._admission.version:
+            admitted = self._admit(model)
+        else:
+            stale = self._admission.stale.pop(model, None)
+            if stale:
+                views, position = admitted.views, admitted.position
+                for state in stale:
+                    i = position.get(state)
+                    if i is not None:
+                        views[i] = state.view()
+        if request is None or admitted.serves_every_request:
+            return list(admitted.views)
+        return [
+            view
+            for state, view in zip(admitted.states, admitted.views, strict=True)
+            if state.adapter.unsupported(request) is None
+        ]
+
     def _admit(self, model: str) -> _Admitted:
         """The endpoints of ``model`` admitting requests now; kept for the next
         requests while only an assignment can change that: every admitted
@@ -410,10 +451,13 @@ class EndpointRegistry:
         now = self.clock()
         members = self._by_model.get(model, ())
         states = tuple(s for s in members if s.admits(now))
+        self._admission.stale.pop(model, None)
         admitted = _Admitted(
             self._admission.version,
             states,
             all(s.adapter.serves_every_request for s in states),
+            [s.view() for s in states],
+            {s: i for i, s in enumerate(states)},
         )
         taken = set(map(id, states))
         steady = all(s.circuit.state is CircuitState.CLOSED for s in states) and all(

@@ -205,7 +205,19 @@ def test_a_kept_view_is_what_a_fresh_one_would_be(ops: list[tuple[str, object]])
 ADMISSION_OPS = st.lists(
     st.tuples(
         st.sampled_from(
-            ["health", "drain", "fail_5xx", "fail_429", "retry_after", "succeed", "begin", "tick"]
+            [
+                "health",
+                "drain",
+                "fail_5xx",
+                "fail_429",
+                "retry_after",
+                "succeed",
+                "begin",
+                "end",
+                "scrape",
+                "tick",
+                "views",
+            ]
         ),
         st.sampled_from(["a", "b"]),
         st.floats(0.0, 40.0),
@@ -218,8 +230,9 @@ ADMISSION_OPS = st.lists(
 @given(ADMISSION_OPS)
 def test_cached_candidates_are_those_admitting_now(ops: list[tuple[str, str, float]]) -> None:
     """After any sequence of health changes, drains, failures that open
-    circuits or cool endpoints down, successes, trials and time passing, the
-    registry's (kept) candidates are exactly the endpoints that admit now."""
+    circuits or cool endpoints down, successes, attempts, scrapes and time
+    passing, the registry's (kept) candidates are exactly the endpoints that
+    admit now, and its (kept) views read as fresh views of them."""
     from router.config import CircuitConfig
     from router.errors import UpstreamConnectError, UpstreamHTTPError
 
@@ -229,6 +242,7 @@ def test_cached_candidates_are_those_admitting_now(ops: list[tuple[str, str, flo
         circuit=CircuitConfig(failures=2, base_backoff=5.0, max_backoff=20.0),
         clock=lambda: now[0],
     )
+    attempts = []
     for op, endpoint_id, x in ops:
         state = registry.get(endpoint_id)
         assert state is not None
@@ -245,8 +259,16 @@ def test_cached_candidates_are_those_admitting_now(ops: list[tuple[str, str, flo
         elif op == "succeed":
             state.succeeded()
         elif op == "begin":
-            state.begin(now[0]).end()
+            attempts.append(state.begin(now[0]))
+        elif op == "end" and attempts:
+            attempts.pop(0).end()
+        elif op == "scrape":
+            state.running, state.in_flight_at_scrape = x, state.in_flight
         elif op == "tick":
             now[0] += x
+        elif op == "views":
+            registry.views("chat")  # kept views drawn, then changed by the next ops
         expected = [s for s in registry.serving("chat") if s.admits(now[0])]
         assert registry.candidates("chat") == expected
+        views = registry.views("chat")
+        assert [_seen(v) for v in views] == [_seen(s._build_view()) for s in expected]
