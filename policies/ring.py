@@ -24,6 +24,7 @@ import xxhash
 from policies.base import EndpointView
 
 _WEIGHT = attrgetter("weight")
+_ID = attrgetter("id")
 
 
 class HashRing:
@@ -62,11 +63,24 @@ class RingCache:
         self.vnodes = vnodes
         self._keep = keep
         self._rings: OrderedDict[tuple[tuple[str, float], ...], HashRing] = OrderedDict()
+        #: The last candidates' ids and weights, and their ring: the same
+        #: fleet asks again and again, and comparing two tuples of interned
+        #: ids costs less than hashing the 64 pairs that key the cache.
+        self._last: tuple[tuple[str, ...], tuple[float, ...], HashRing] | None = None
 
     def ring(self, candidates: Sequence[EndpointView]) -> HashRing:
+        ids = tuple(map(_ID, candidates))
+        weights = tuple(map(_WEIGHT, candidates))
+        last = self._last
+        if last is not None and last[0] == ids and last[1] == weights:
+            return last[2]
+        ring = self._ring(tuple(zip(ids, weights, strict=True)))
+        self._last = (ids, weights, ring)
+        return ring
+
+    def _ring(self, members: tuple[tuple[str, float], ...]) -> HashRing:
         # Keyed in the order given (no sort on the hot path); the ring itself
         # depends only on the set, so every order builds the same one.
-        members = tuple([(e.id, e.weight) for e in candidates])
         ring = self._rings.get(members)
         if ring is None:
             ring = HashRing(sorted(members), self.vnodes)

@@ -169,3 +169,24 @@ def test_prefix_affinity_failover_order_is_holders_then_load() -> None:
     assert decision.ranked[0].id == home and decision.reason == "prefix_hit"
     rest = [e for e in cands if e.id != home]
     assert ids(decision.ranked[1:]) == [e.id for e in sorted(rest, key=lambda e: e.in_flight)]
+
+
+def test_the_ring_cache_follows_the_candidates_set_and_weights() -> None:
+    from policies.ring import HashRing, RingCache
+
+    cache = RingCache(vnodes=20)
+    a, b, c = views(0, 0, 0)
+    heavy = EndpointView(id="e2", url="http://e2", kind="vllm", weight=3.0)
+
+    def owners(ring: HashRing) -> list[str]:
+        return [next(ring.walk(k)) for k in range(0, 1 << 64, 1 << 58)]
+
+    abc = cache.ring([a, b, c])
+    assert cache.ring([a, b, c]) is abc  # the same fleet: the same ring
+    assert owners(cache.ring([c, b, a])) == owners(abc)  # in another order, the same ring
+    ab = cache.ring([a, b])
+    assert set(owners(ab)) == {"e0", "e1"}
+    assert owners(cache.ring([a, b, c])) == owners(abc)
+    weighted = cache.ring([a, b, heavy])  # same ids, another weight: another ring
+    assert weighted is not abc
+    assert owners(weighted).count("e2") > owners(abc).count("e2")
