@@ -42,10 +42,9 @@ STAGES = {
 def workload(n: int) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     sys.path.insert(0, str(ROOT))
-    from routing import attempt, candidate_views, latency_fleet, words
+    from routing import attempt, candidate_views, hold_tenants, latency_fleet, tenant_chat, words
 
     from policies.base import Outcome, RequestView
-    from policies.blocks import EndpointBlocks
     from policies.registry import build_policy
     from router.prompts import load_prompt_tokenizer
 
@@ -54,31 +53,9 @@ def workload(n: int) -> None:
     prompts.render_seconds = 60.0  # valgrind runs 50x slower
     policy = build_policy("prefix_affinity", {}, random.Random(0))
     registry = latency_fleet(64, rng)
-    held = []
-    for i in range(64):
-        state = registry.get(f"e{i}")
-        assert state is not None
-        state.blocks = EndpointBlocks(f"e{i}", 1_000_000)
-        held.append(state.blocks)
     tenants = [words(rng, 8000)[:31_900] for _ in range(20)]
-
-    def body(system: str, k: int) -> dict[str, Any]:
-        return {
-            "model": "m",
-            "messages": [
-                {"role": "system", "content": system},
-                {"role": "user", "content": f"q{k}"},
-            ],
-        }
-
-    for t, system in enumerate(tenants):
-        tokens = prompts.tokens("chat", body(system, -1))
-        assert tokens is not None
-        ids = tokens.token_ids()
-        full = len(ids) // 16 * 16
-        held[(t * 7) % 64].stored(list(range(t << 20, (t << 20) + full)), None, ids[:full], 16)
-    for blocks in held:
-        blocks.mark_live()
+    hold_tenants(registry, prompts, tenants, lambda t: (t * 7) % 64)
+    body = tenant_chat
 
     def one(k: int, measured: bool) -> None:
         req = body(tenants[k % len(tenants)], k)

@@ -42,6 +42,7 @@ from policies import EndpointView, RequestView, build_policy  # noqa: E402
 from policies.base import Decision, Outcome, load_of  # noqa: E402
 from policies.ring import bounded_capacity  # noqa: E402
 from router.config import EndpointConfig  # noqa: E402
+from router.prompts import PromptTokenizer  # noqa: E402
 from router.registry import EndpointRegistry  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -456,6 +457,42 @@ def latency_fleet(endpoints: int, rng: random.Random) -> EndpointRegistry:
     return registry
 
 
+def tenant_chat(system: str, k: int) -> dict[str, Any]:
+    """A tenant's chat: its system prompt and a new question."""
+    return {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": f"q{k}"},
+        ],
+    }
+
+
+def hold_tenants(
+    registry: EndpointRegistry,
+    prompts: PromptTokenizer,
+    tenants: list[str],
+    place: Callable[[int], int],
+) -> None:
+    """Every endpoint of ``registry`` publishes live KV events, and endpoint
+    ``e<place(t)>`` holds tenant ``t``'s system prompt (its full blocks of 16
+    tokens), as its engine would report after serving it."""
+    from policies.blocks import EndpointBlocks
+
+    held = []
+    for state in registry.all():
+        state.blocks = EndpointBlocks(state.id, 1_000_000)
+        held.append(state.blocks)
+    for t, system in enumerate(tenants):
+        tokens = prompts.tokens("chat", tenant_chat(system, -1))
+        assert tokens is not None
+        ids = tokens.token_ids()
+        full = len(ids) // 16 * 16
+        held[place(t)].stored(list(range(t << 20, (t << 20) + full)), None, ids[:full], 16)
+    for blocks in held:
+        blocks.mark_live()
+
+
 def candidate_views(registry: EndpointRegistry, body: dict[str, Any]) -> list[EndpointView]:
     """The router's step before ranking (``router/failover.py``): the
     endpoints of the model that admit requests now, and their views."""
@@ -529,37 +566,15 @@ def precise_decision_latency(
     the system prompt a cache hit). New prefixes: a system prompt never seen,
     tokenized whole (in a thread on the router's request path: ``thread_s``;
     ``loop_us`` is what stays on the loop)."""
-    from policies.blocks import EndpointBlocks
     from router.prompts import load_prompt_tokenizer
 
     rng = random.Random(3)
     prompts = load_prompt_tokenizer(tokenizer)
     policy = build_policy("prefix_affinity", params, random.Random(0))
-    held = [EndpointBlocks(f"e{i}", 1_000_000) for i in range(endpoints)]
     registry = latency_fleet(endpoints, rng)
-    for i, blocks in enumerate(held):
-        state = registry.get(f"e{i}")
-        assert state is not None
-        state.blocks = blocks
     tenants = [words(rng, prompt_chars // 4)[: prompt_chars - 100] for _ in range(200)]
-
-    def body(system: str, k: int) -> dict[str, Any]:
-        return {
-            "model": "m",
-            "messages": [
-                {"role": "system", "content": system},
-                {"role": "user", "content": f"q{k}"},
-            ],
-        }
-
-    for t, system in enumerate(tenants):  # each tenant's blocks on one endpoint
-        tokens = prompts.tokens("chat", body(system, -1))
-        assert tokens is not None
-        ids = tokens.token_ids()
-        full = len(ids) // 16 * 16
-        held[t % endpoints].stored(list(range(t << 20, (t << 20) + full)), None, ids[:full], 16)
-    for blocks in held:
-        blocks.mark_live()
+    hold_tenants(registry, prompts, tenants, lambda t: t % endpoints)
+    body = tenant_chat
 
     def timed(system: Callable[[int], str], count: int) -> dict[str, list[float]]:
         out: dict[str, list[float]] = {"total": [], "tokenize": [], "rank": [], "loop": []}
