@@ -722,6 +722,13 @@ def virtual(
     awaiting = [[0] * n for _ in range(max(1, router_count))]
     scraped: list[tuple[float, float]] = [(0.0, 0.0)] * n
     at_scrape = [[0] * n for _ in range(max(1, router_count))]
+    # Finished-requests counters: each engine's, and each router's answered
+    # requests per engine; as of the last scrape (``EndpointView.finished``,
+    # ``completed_at_scrape``).
+    finished = [0] * n
+    completed = [[0] * n for _ in range(max(1, router_count))]
+    finished_at_scrape: list[float] = [0.0] * n
+    completed_at_scrape = [[0] * n for _ in range(max(1, router_count))]
     busy = [False] * n
     events: list[tuple[float, int, str, Any]] = []
     counter = 0
@@ -768,6 +775,8 @@ def virtual(
                     running=scraped[e][0],
                     waiting=scraped[e][1],
                     in_flight_at_scrape=at_scrape[r][e],
+                    finished=finished_at_scrape[e],
+                    completed_at_scrape=completed_at_scrape[r][e],
                     kv_capacity_tokens=capacity,
                     blocks=held[e] if held is not None else None,
                 )
@@ -800,6 +809,8 @@ def virtual(
         if kind == "scrape":
             scraped = [(float(len(e.running)), float(len(e.waiting))) for e in engines]
             at_scrape = [list(row) for row in in_flight]
+            finished_at_scrape = [float(f) for f in finished]
+            completed_at_scrape = [list(row) for row in completed]
             if owners or nxt < len(items):
                 push(t + scrape_interval, "scrape", None)
             continue
@@ -814,6 +825,8 @@ def virtual(
             # Not streamed: the router's first byte back is the whole answer.
             awaiting[r][e] -= 1
             in_flight[r][e] -= 1
+            finished[e] += 1
+            completed[r][e] += 1
             cached.append((tenant, seq.num_prompt, seq.hit_tokens))
             if seq.first_token_at is not None:
                 ttfts.append(seq.first_token_at - seq.arrival)
