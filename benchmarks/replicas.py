@@ -144,9 +144,16 @@ VARIANTS = {
         {"policy": {"name": "prefix_affinity", "share_index": False, "shared_below": 0}},
         needs_kv_events=True,
     ),
+    # As approximate_observed, the traffic share from the in-flight gauges
+    # only (the estimator before the finished-requests counters).
+    "approximate_gauged": Arm(
+        "approximate_gauged",
+        {"policy": {"name": "prefix_affinity", "share_counters": False}},
+        needs_kv_events=True,
+    ),
 }
 #: Arms whose KV events only the trace reads (the policy routes on characters).
-OBSERVED = {"approximate_observed", "approximate_alone"}
+OBSERVED = {"approximate_observed", "approximate_alone", "approximate_gauged"}
 
 
 def precise_arm(
@@ -443,11 +450,21 @@ async def measure_routers(
             live = await events_live([a for _, a in instances])
         gate = asyncio.Semaphore(concurrency)
         per_request: list[tuple[int, int, int]] = [(0, 0, 0)] * len(items)
+        retries = [0]
 
         async def one(i: int) -> None:
             tenant, body = items[i]
             async with gate:
-                r = await c.post(targets[i] + "/v1/chat/completions", json=body)
+                for attempt in range(3):
+                    try:
+                        r = await c.post(targets[i] + "/v1/chat/completions", json=body)
+                        break
+                    except (httpx.ReadError, httpx.RemoteProtocolError):
+                        # A pooled connection the server closed as it was
+                        # reused (a run was lost to one): send it again.
+                        if attempt == 2:
+                            raise
+                        retries[0] += 1
                 r.raise_for_status()
                 usage = r.json()["usage"]
                 cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
@@ -482,6 +499,7 @@ async def measure_routers(
         # Cold requests beyond each tenant's unavoidable first one.
         "cold_requests": cold,
         "excess_cold": cold - tenants,
+        "client_retries": retries[0],
         "reasons": reasons,
         "beliefs": belief,
         "seconds": counted.seconds,

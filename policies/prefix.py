@@ -177,6 +177,10 @@ class PrefixAffinityParams(IndexParams):
     #: (summed over the endpoints): long enough that one scrape's edge
     #: moves it little, short enough to follow routers joining or leaving.
     share_window: float = Field(256.0, ge=1)
+    #: Count the share from the backends' finished-requests counters where
+    #: they publish them; off: from the in-flight gauges only (which race:
+    #: benchmarks/README.md, "Two routers on real vLLM").
+    share_counters: bool = True
 
 
 class PrefixAffinity:
@@ -210,8 +214,10 @@ class PrefixAffinity:
         from the finished-requests counters where the backends publish them
         (they do not race), else from the in-flight gauges' tracked median."""
         counted = self._counted
-        counted.learn(candidates)
-        share = counted.share
+        share = None
+        if self.params.share_counters:
+            counted.learn(candidates)
+            share = counted.share
         if share is None:
             self._gauged.learn(candidates)
             share = self._gauged.share
