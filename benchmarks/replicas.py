@@ -151,9 +151,21 @@ VARIANTS = {
         {"policy": {"name": "prefix_affinity", "share_counters": False}},
         needs_kv_events=True,
     ),
+    # As approximate_observed, assuming it is alone until its share is
+    # measured (the default before ``unmeasured_share``).
+    "approximate_assume_alone": Arm(
+        "approximate_assume_alone",
+        {"policy": {"name": "prefix_affinity", "unmeasured_share": 1.0}},
+        needs_kv_events=True,
+    ),
 }
 #: Arms whose KV events only the trace reads (the policy routes on characters).
-OBSERVED = {"approximate_observed", "approximate_alone", "approximate_gauged"}
+OBSERVED = {
+    "approximate_observed",
+    "approximate_alone",
+    "approximate_gauged",
+    "approximate_assume_alone",
+}
 
 
 def precise_arm(

@@ -181,6 +181,12 @@ class PrefixAffinityParams(IndexParams):
     #: they publish them; off: from the in-flight gauges only (which race:
     #: benchmarks/README.md, "Two routers on real vLLM").
     share_counters: bool = True
+    #: The share assumed before it is measured, while the backends' load is
+    #: scraped (they may serve other routers): below ``shared_below``, every
+    #: router starts out placing new prefixes as the others do. 1: assume
+    #: alone (each router then placed the first tenants by its own counts,
+    #: and they stayed split between two replicas all run).
+    unmeasured_share: float = Field(0.5, ge=0, le=1)
 
 
 class PrefixAffinity:
@@ -199,6 +205,8 @@ class PrefixAffinity:
         #: This router's estimated share of the fleet's traffic (1: alone;
         #: stays 1 with no scraped load to compare with).
         self.share = 1.0
+        #: ``share`` was measured (not assumed): the index is sized by it.
+        self.measured = False
         self._counted = CountedShare(params.share_window)
         self._gauged = GaugedShare()
 
@@ -207,7 +215,9 @@ class PrefixAffinity:
         full = capacity_blocks(
             endpoint, p.default_capacity_tokens, self.chars_per_token, p.block_chars
         )
-        return max(1, int(full * self.share)) if p.share_index else full
+        if not p.share_index or not self.measured:
+            return full
+        return max(1, int(full * self.share))
 
     def _learn_share(self, candidates: Sequence[EndpointView]) -> None:
         """This router's share of the fleet's traffic (policies/share.py):
@@ -221,6 +231,12 @@ class PrefixAffinity:
         if share is None:
             self._gauged.learn(candidates)
             share = self._gauged.share
+        self.measured = share is not None
+        if share is None:
+            # Not measured yet. Scraped backends may serve other routers too:
+            # place as every router would until this one knows it is alone.
+            scraped = any(e.in_flight_at_scrape is not None for e in candidates)
+            share = self.params.unmeasured_share if scraped else 1.0
         self.share = share
 
     def hashes(self, request: RequestView, head_only: bool = False) -> tuple[list[int], int]:

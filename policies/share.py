@@ -38,7 +38,8 @@ class GaugedShare:
     never past it (steps of 1/n at first, then 0.02): a tracked median."""
 
     def __init__(self) -> None:
-        self.share = 1.0
+        #: None until a scrape has shown some of this router's requests.
+        self.share: float | None = None
         self._samples = 0
 
     def learn(self, candidates: Sequence[EndpointView]) -> None:
@@ -52,11 +53,13 @@ class GaugedShare:
             return
         sample = min(1.0, ours / total)
         self._samples += 1
-        step = max(0.02, 1.0 / self._samples)
-        if sample < self.share:
-            self.share = max(sample, self.share - step)
-        elif sample > self.share:
-            self.share = min(sample, self.share + step)
+        share = self.share
+        if share is None:
+            self.share = sample
+        elif sample < share:
+            self.share = max(sample, share - max(0.02, 1.0 / self._samples))
+        elif sample > share:
+            self.share = min(sample, share + max(0.02, 1.0 / self._samples))
 
 
 class CountedShare:

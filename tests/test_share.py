@@ -14,6 +14,7 @@ import pytest
 
 from policies import EndpointView, RequestView, build_policy
 from policies.prefix import PrefixAffinity
+from policies.ring import HashRing
 from policies.share import MIN_FINISHED, CountedShare
 from router.app import build_app
 from tests.helpers import eventually, router_config, serve_app, simulator
@@ -213,3 +214,51 @@ async def test_two_routers_over_http_each_count_half_of_a_simulators_requests() 
         await send(alone[0], sent + 1)
         # Its first reading (the pair's requests) is only a baseline.
         assert alone[1].state.routes.routes()[0].policy.share == 1.0
+
+
+def test_a_router_places_as_the_others_do_until_it_has_measured_its_share() -> None:
+    """Before a scrape has shown any of its requests, a router cannot tell it
+    is alone: it places a new prefix at the ring's first endpoint within the
+    bound (as every router does), not by its own awaiting counts, and keeps
+    its index at full size. Once a scrape shows it holds everything the
+    engines hold, it ranks the ring choices by its counts again. With no
+    scraped load at all (nothing to measure by) it counts as alone."""
+    p = policy()
+    req = chat("new tenant: " + SYSTEM)
+    ring = HashRing(sorted((f"e{i}", 1.0) for i in range(4)), p.params.vnodes)
+    owner, *_ = ring.walk(p.hashes(req)[0][0])
+    e = EndpointView(id="x", url="http://x", kind="vllm")
+    full = p.capacity_blocks(e)
+
+    def views(ours: int, total: float, busy_owner: int) -> list[EndpointView]:
+        return [
+            EndpointView(
+                id=f"e{i}",
+                url=f"http://e{i}",
+                kind="vllm",
+                in_flight=ours + (busy_owner if f"e{i}" == owner else 0),
+                awaiting_first=busy_owner if f"e{i}" == owner else 0,
+                running=total,
+                waiting=0.0,
+                in_flight_at_scrape=ours,
+            )
+            for i in range(4)
+        ]
+
+    d = p.rank(req, views(0, 0.0, busy_owner=1))
+    assert (d.ranked[0].id, d.reason) == (owner, "ring_owner")
+    assert not p.measured and p.capacity_blocks(e) == full
+    alone = policy()
+    alone.rank(chat("t: " + SYSTEM), views(1, 1.0, busy_owner=0))  # it holds all there is
+    assert alone.measured and alone.share == 1.0
+    d = alone.rank(req, views(1, 1.0, busy_owner=1))
+    assert d.ranked[0].id != owner and d.reason == "ring_less_loaded"
+    unscraped = policy()
+    d = unscraped.rank(
+        req,
+        [
+            replace(v, running=None, waiting=None, in_flight_at_scrape=None)
+            for v in views(0, 0.0, busy_owner=1)
+        ],
+    )
+    assert unscraped.share == 1.0 and d.reason == "ring_less_loaded"
