@@ -152,10 +152,17 @@ VARIANTS = {
         needs_kv_events=True,
     ),
     # As approximate_observed, assuming it is alone until its share is
-    # measured (the default before ``unmeasured_share``).
+    # measured (the default).
     "approximate_assume_alone": Arm(
         "approximate_assume_alone",
         {"policy": {"name": "prefix_affinity", "unmeasured_share": 1.0}},
+        needs_kv_events=True,
+    ),
+    # As approximate_observed, placing as other routers do until its share
+    # is measured (``unmeasured_share`` below ``shared_below``).
+    "approximate_unmeasured_shared": Arm(
+        "approximate_unmeasured_shared",
+        {"policy": {"name": "prefix_affinity", "unmeasured_share": 0.5}},
         needs_kv_events=True,
     ),
 }
@@ -165,6 +172,7 @@ OBSERVED = {
     "approximate_alone",
     "approximate_gauged",
     "approximate_assume_alone",
+    "approximate_unmeasured_shared",
 }
 
 

@@ -181,12 +181,14 @@ class PrefixAffinityParams(IndexParams):
     #: they publish them; off: from the in-flight gauges only (which race:
     #: benchmarks/README.md, "Two routers on real vLLM").
     share_counters: bool = True
-    #: The share assumed before it is measured, while the backends' load is
-    #: scraped (they may serve other routers): below ``shared_below``, every
-    #: router starts out placing new prefixes as the others do. 1: assume
-    #: alone (each router then placed the first tenants by its own counts,
-    #: and they stayed split between two replicas all run).
-    unmeasured_share: float = Field(0.5, ge=0, le=1)
+    #: The share assumed before it is measured while the backends' load is
+    #: scraped. 1 (alone): each of several routers places its first tenants
+    #: by its own counts, and some stay split between two replicas all run.
+    #: Below ``shared_below`` (a fleet that always runs several routers):
+    #: every router starts out placing as the others do; in virtual time 2
+    #: and 4 routers gained 1-5 points of hit rate, one router lost up to 1
+    #: (benchmarks/README.md, "Two routers on real vLLM"), hence not the default.
+    unmeasured_share: float = Field(1.0, ge=0, le=1)
 
 
 class PrefixAffinity:

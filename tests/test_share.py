@@ -27,8 +27,8 @@ def chat(system: str) -> RequestView:
     return RequestView(model="m", endpoint="chat", body={"model": "m", "messages": messages})
 
 
-def policy() -> PrefixAffinity:
-    p = build_policy("prefix_affinity", {}, random.Random(0))
+def policy(**params: Any) -> PrefixAffinity:
+    p = build_policy("prefix_affinity", params, random.Random(0))
     assert isinstance(p, PrefixAffinity)
     return p
 
@@ -217,13 +217,14 @@ async def test_two_routers_over_http_each_count_half_of_a_simulators_requests() 
 
 
 def test_a_router_places_as_the_others_do_until_it_has_measured_its_share() -> None:
-    """Before a scrape has shown any of its requests, a router cannot tell it
-    is alone: it places a new prefix at the ring's first endpoint within the
-    bound (as every router does), not by its own awaiting counts, and keeps
-    its index at full size. Once a scrape shows it holds everything the
-    engines hold, it ranks the ring choices by its counts again. With no
-    scraped load at all (nothing to measure by) it counts as alone."""
-    p = policy()
+    """With ``unmeasured_share`` below ``shared_below``: before a scrape has
+    shown any of its requests, a router cannot tell it is alone, so it places
+    a new prefix at the ring's first endpoint within the bound (as every
+    router does), not by its own awaiting counts, and keeps its index at
+    full size. Once a scrape shows it holds everything the engines hold, it
+    ranks the ring choices by its counts again. With no scraped load at all
+    (nothing to measure by) it counts as alone; so does the default."""
+    p = policy(unmeasured_share=0.5)
     req = chat("new tenant: " + SYSTEM)
     ring = HashRing(sorted((f"e{i}", 1.0) for i in range(4)), p.params.vnodes)
     owner, *_ = ring.walk(p.hashes(req)[0][0])
@@ -248,12 +249,12 @@ def test_a_router_places_as_the_others_do_until_it_has_measured_its_share() -> N
     d = p.rank(req, views(0, 0.0, busy_owner=1))
     assert (d.ranked[0].id, d.reason) == (owner, "ring_owner")
     assert not p.measured and p.capacity_blocks(e) == full
-    alone = policy()
+    alone = policy(unmeasured_share=0.5)
     alone.rank(chat("t: " + SYSTEM), views(1, 1.0, busy_owner=0))  # it holds all there is
     assert alone.measured and alone.share == 1.0
     d = alone.rank(req, views(1, 1.0, busy_owner=1))
     assert d.ranked[0].id != owner and d.reason == "ring_less_loaded"
-    unscraped = policy()
+    unscraped = policy(unmeasured_share=0.5)
     d = unscraped.rank(
         req,
         [
@@ -262,3 +263,6 @@ def test_a_router_places_as_the_others_do_until_it_has_measured_its_share() -> N
         ],
     )
     assert unscraped.share == 1.0 and d.reason == "ring_less_loaded"
+    # The default assumes a router alone until it measures otherwise.
+    d = policy().rank(req, views(0, 0.0, busy_owner=1))
+    assert d.reason == "ring_less_loaded"
