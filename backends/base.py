@@ -134,6 +134,8 @@ class Load:
     waiting: float | None = None
     kv_usage: float | None = None
     kv_capacity_tokens: int | None = None
+    #: Requests finished since the backend started (a counter).
+    finished: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -185,8 +185,9 @@ class VLLMAdapter(OpenAIAdapter):
     def parse_load(self, metrics_text: str) -> Load:
         """vLLM's gauges, summed over its ``engine`` label (data-parallel engines);
         KV usage is the mean over engines, capacity the sum of usable blocks (one
-        block per engine is vLLM's reserved null block)."""
-        running = waiting = 0.0
+        block per engine is vLLM's reserved null block); finished requests
+        summed over every finish reason."""
+        running = waiting = finished = 0.0
         usage: list[float] = []
         capacity = 0
         seen = set()
@@ -197,6 +198,8 @@ class VLLMAdapter(OpenAIAdapter):
                     running += sample.value
                 elif name == "vllm:num_requests_waiting":
                     waiting += sample.value
+                elif name == "vllm:request_success_total":
+                    finished += sample.value
                 elif name == "vllm:kv_cache_usage_perc":
                     usage.append(sample.value)
                 elif name == "vllm:cache_config_info":
@@ -212,4 +215,5 @@ class VLLMAdapter(OpenAIAdapter):
             waiting=waiting if "vllm:num_requests_waiting" in seen else None,
             kv_usage=sum(usage) / len(usage) if usage else None,
             kv_capacity_tokens=capacity or None,
+            finished=finished if "vllm:request_success_total" in seen else None,
         )

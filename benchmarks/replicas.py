@@ -144,9 +144,36 @@ VARIANTS = {
         {"policy": {"name": "prefix_affinity", "share_index": False, "shared_below": 0}},
         needs_kv_events=True,
     ),
+    # As approximate_observed, the traffic share from the in-flight gauges
+    # only (the estimator before the finished-requests counters).
+    "approximate_gauged": Arm(
+        "approximate_gauged",
+        {"policy": {"name": "prefix_affinity", "share_counters": False}},
+        needs_kv_events=True,
+    ),
+    # As approximate_observed, assuming it is alone until its share is
+    # measured (the default).
+    "approximate_assume_alone": Arm(
+        "approximate_assume_alone",
+        {"policy": {"name": "prefix_affinity", "unmeasured_share": 1.0}},
+        needs_kv_events=True,
+    ),
+    # As approximate_observed, placing as other routers do until its share
+    # is measured (``unmeasured_share`` below ``shared_below``).
+    "approximate_unmeasured_shared": Arm(
+        "approximate_unmeasured_shared",
+        {"policy": {"name": "prefix_affinity", "unmeasured_share": 0.5}},
+        needs_kv_events=True,
+    ),
 }
 #: Arms whose KV events only the trace reads (the policy routes on characters).
-OBSERVED = {"approximate_observed", "approximate_alone"}
+OBSERVED = {
+    "approximate_observed",
+    "approximate_alone",
+    "approximate_gauged",
+    "approximate_assume_alone",
+    "approximate_unmeasured_shared",
+}
 
 
 def precise_arm(
@@ -443,11 +470,21 @@ async def measure_routers(
             live = await events_live([a for _, a in instances])
         gate = asyncio.Semaphore(concurrency)
         per_request: list[tuple[int, int, int]] = [(0, 0, 0)] * len(items)
+        retries = [0]
 
         async def one(i: int) -> None:
             tenant, body = items[i]
             async with gate:
-                r = await c.post(targets[i] + "/v1/chat/completions", json=body)
+                for attempt in range(3):
+                    try:
+                        r = await c.post(targets[i] + "/v1/chat/completions", json=body)
+                        break
+                    except (httpx.ReadError, httpx.RemoteProtocolError):
+                        # A pooled connection the server closed as it was
+                        # reused (a run was lost to one): send it again.
+                        if attempt == 2:
+                            raise
+                        retries[0] += 1
                 r.raise_for_status()
                 usage = r.json()["usage"]
                 cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
@@ -482,6 +519,7 @@ async def measure_routers(
         # Cold requests beyond each tenant's unavoidable first one.
         "cold_requests": cold,
         "excess_cold": cold - tenants,
+        "client_retries": retries[0],
         "reasons": reasons,
         "beliefs": belief,
         "seconds": counted.seconds,
@@ -722,6 +760,13 @@ def virtual(
     awaiting = [[0] * n for _ in range(max(1, router_count))]
     scraped: list[tuple[float, float]] = [(0.0, 0.0)] * n
     at_scrape = [[0] * n for _ in range(max(1, router_count))]
+    # Finished-requests counters: each engine's, and each router's answered
+    # requests per engine; as of the last scrape (``EndpointView.finished``,
+    # ``completed_at_scrape``).
+    finished = [0] * n
+    completed = [[0] * n for _ in range(max(1, router_count))]
+    finished_at_scrape: list[float] = [0.0] * n
+    completed_at_scrape = [[0] * n for _ in range(max(1, router_count))]
     busy = [False] * n
     events: list[tuple[float, int, str, Any]] = []
     counter = 0
@@ -768,6 +813,8 @@ def virtual(
                     running=scraped[e][0],
                     waiting=scraped[e][1],
                     in_flight_at_scrape=at_scrape[r][e],
+                    finished=finished_at_scrape[e],
+                    completed_at_scrape=completed_at_scrape[r][e],
                     kv_capacity_tokens=capacity,
                     blocks=held[e] if held is not None else None,
                 )
@@ -800,6 +847,8 @@ def virtual(
         if kind == "scrape":
             scraped = [(float(len(e.running)), float(len(e.waiting))) for e in engines]
             at_scrape = [list(row) for row in in_flight]
+            finished_at_scrape = [float(f) for f in finished]
+            completed_at_scrape = [list(row) for row in completed]
             if owners or nxt < len(items):
                 push(t + scrape_interval, "scrape", None)
             continue
@@ -814,6 +863,8 @@ def virtual(
             # Not streamed: the router's first byte back is the whole answer.
             awaiting[r][e] -= 1
             in_flight[r][e] -= 1
+            finished[e] += 1
+            completed[r][e] += 1
             cached.append((tenant, seq.num_prompt, seq.hit_tokens))
             if seq.first_token_at is not None:
                 ttfts.append(seq.first_token_at - seq.arrival)

@@ -98,6 +98,12 @@ class EndpointView:
     waiting: float | None = None
     #: This router's ``in_flight`` when the scrape came back (None: unknown).
     in_flight_at_scrape: int | None = None
+    #: Requests the backend has finished (a counter, from the last scrape;
+    #: None: it publishes none), and how many of this router's it had
+    #: answered when that scrape came back: this router's share of the
+    #: traffic, without the race of two gauges (policies/share.py).
+    finished: float | None = None
+    completed_at_scrape: int | None = None
     kv_usage: float | None = None
     #: Tokens the endpoint's KV cache holds (scraped or configured), if known.
     kv_capacity_tokens: int | None = None

@@ -33,8 +33,10 @@ actually served the request when failover moved it.
 
 Router replicas sharing nothing (benchmarks/README.md, "Converging router
 replicas without events"). Each router estimates its share of the fleet's
-traffic (``share``: its requests in flight at the last scrape over the
-scraped running + waiting). A router that sees 1/N of the traffic sizes
+traffic (``share``, policies/share.py: the requests it saw answered over
+those the engines finished, from their counters; where a backend publishes
+no such counter, its requests in flight at the last scrape over the scraped
+running + waiting). A router that sees 1/N of the traffic sizes
 each endpoint's share of its index by 1/N too, so its LRU forgets a prefix
 about when the engine's cache does, not N times later. And while the share
 says other routers place prefixes too (``shared_below``), a new prefix goes
@@ -108,6 +110,7 @@ from policies.prompt import (
     prompt_head,
 )
 from policies.ring import Capacity, RingCache, SheddingCapacity
+from policies.share import CountedShare, GaugedShare
 
 #: Ring steps taken looking for a cache with room before settling for the owner.
 MAX_SPILL_WALK = 8
@@ -150,8 +153,7 @@ class PrefixAffinityParams(IndexParams):
     #: (the oldest unfinished are dropped past this).
     max_in_flight: int = Field(4096, ge=1)
     #: Size each endpoint's share of the index by this router's estimated
-    #: share of the fleet's traffic (its in-flight requests at the last scrape
-    #: against the scraped running + waiting): a router seeing 1/N of the
+    #: share of the fleet's traffic (policies/share.py): a router seeing 1/N of the
     #: traffic fills an endpoint's LRU N times slower than its cache churns,
     #: and went on believing in evicted prefixes (benchmarks/README.md,
     #: "Converging router replicas without events").
@@ -175,6 +177,22 @@ class PrefixAffinityParams(IndexParams):
     #: the requests of several routers piled up: TTFT p90 up to 2x at 8 and 16
     #: replicas in virtual time ("The bounded-load floor").
     shared_min_overload: float = Field(4.0, ge=0)
+    #: The traffic share is counted over about this many finished requests
+    #: (summed over the endpoints): long enough that one scrape's edge
+    #: moves it little, short enough to follow routers joining or leaving.
+    share_window: float = Field(256.0, ge=1)
+    #: Count the share from the backends' finished-requests counters where
+    #: they publish them; off: from the in-flight gauges only (which race:
+    #: benchmarks/README.md, "Two routers on real vLLM").
+    share_counters: bool = True
+    #: The share assumed before it is measured while the backends' load is
+    #: scraped. 1 (alone): each of several routers places its first tenants
+    #: by its own counts, and some stay split between two replicas all run.
+    #: Below ``shared_below`` (a fleet that always runs several routers):
+    #: every router starts out placing as the others do; in virtual time 2
+    #: and 4 routers gained 1-5 points of hit rate, one router lost up to 1
+    #: (benchmarks/README.md, "Two routers on real vLLM"), hence not the default.
+    unmeasured_share: float = Field(1.0, ge=0, le=1)
 
 
 class PrefixAffinity:
@@ -193,45 +211,39 @@ class PrefixAffinity:
         #: This router's estimated share of the fleet's traffic (1: alone;
         #: stays 1 with no scraped load to compare with).
         self.share = 1.0
-        self._share_samples = 0
+        #: ``share`` was measured (not assumed): the index is sized by it.
+        self.measured = False
+        self._counted = CountedShare(params.share_window)
+        self._gauged = GaugedShare()
 
     def capacity_blocks(self, endpoint: EndpointView) -> int:
         p = self.params
         full = capacity_blocks(
             endpoint, p.default_capacity_tokens, self.chars_per_token, p.block_chars
         )
-        return max(1, int(full * self.share)) if p.share_index else full
+        if not p.share_index or not self.measured:
+            return full
+        return max(1, int(full * self.share))
 
     def _learn_share(self, candidates: Sequence[EndpointView]) -> None:
-        """Our requests in flight at the last scrape over the scraped total,
-        their median tracked (each sample moves the estimate a step towards
-        it, never past it; steps of 1/n at first, then 0.02).
-
-        The median, not a mean: a scrape races the requests it counts (those
-        that finish between the engine writing its gauges and this router
-        reading its own count make the engine's total look larger), so a
-        router alone saw samples under 1 on real vLLM and none above (a
-        sample is capped at 1). Their mean put one router's share at 0.79-0.97
-        and shrank its index (which then forgot prefixes its engines held) or
-        turned the shared rules on; most samples are exactly 1, their median
-        is 1 (benchmarks/README.md, "Approximate on real vLLM")."""
-        seen = [
-            (e.in_flight_at_scrape, (e.running or 0.0) + (e.waiting or 0.0))
-            for e in candidates
-            if e.in_flight_at_scrape is not None
-            and (e.running is not None or e.waiting is not None)
-        ]
-        ours = sum([o for o, _ in seen])
-        total = sum([t for _, t in seen])
-        if total <= 0 or ours <= 0:
-            return
-        sample = min(1.0, ours / total)
-        self._share_samples += 1
-        step = max(0.02, 1.0 / self._share_samples)
-        if sample < self.share:
-            self.share = max(sample, self.share - step)
-        elif sample > self.share:
-            self.share = min(sample, self.share + step)
+        """This router's share of the fleet's traffic (policies/share.py):
+        from the finished-requests counters where the backends publish them
+        (they do not race), else from the in-flight gauges' tracked median."""
+        counted = self._counted
+        share = None
+        if self.params.share_counters:
+            counted.learn(candidates)
+            share = counted.share
+        if share is None:
+            self._gauged.learn(candidates)
+            share = self._gauged.share
+        self.measured = share is not None
+        if share is None:
+            # Not measured yet. Scraped backends may serve other routers too:
+            # place as every router would until this one knows it is alone.
+            scraped = any(e.in_flight_at_scrape is not None for e in candidates)
+            share = self.params.unmeasured_share if scraped else 1.0
+        self.share = share
 
     def hashes(self, request: RequestView, head_only: bool = False) -> tuple[list[int], int]:
         """The prompt's character blocks' hashes (only the first with
@@ -468,6 +480,7 @@ class PrefixAffinity:
     def forget(self, endpoint_id: str) -> None:
         self.index.forget(endpoint_id)
         self.in_flight.forget(endpoint_id)
+        self._counted.forget(endpoint_id)
 
     def index_stats(self) -> IndexStats:
         return self.index.stats()

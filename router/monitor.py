@@ -183,6 +183,7 @@ class Monitor:
             endpoint.kv_capacity_tokens = load.kv_capacity_tokens
         endpoint.scraped_at = self.state.registry.clock()
         endpoint.in_flight_at_scrape = endpoint.in_flight
+        endpoint.finished, endpoint.completed_at_scrape = load.finished, endpoint.completed
 
     def expire_stale(self) -> None:
         now = self.state.registry.clock()

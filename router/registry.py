@@ -54,6 +54,12 @@ class EndpointState:
     #: ``in_flight`` when the scrape came back: the part of the scraped load
     #: that was this router's own (policies/base.py ``load_of``).
     in_flight_at_scrape: int | None = None
+    #: This router's attempts answered here (a counter); and, as of the last
+    #: scrape, the backend's finished requests (its counter) and ``completed``
+    #: when that scrape came back: policies/share.py compares their deltas.
+    completed: int = 0
+    finished: float | None = None
+    completed_at_scrape: int | None = None
     #: Health-probe streaks for hysteresis.
     probe_failures: int = 0
     probe_successes: int = 0
@@ -189,6 +195,8 @@ class EndpointState:
             running=self.running,
             waiting=self.waiting,
             in_flight_at_scrape=self.in_flight_at_scrape,
+            finished=self.finished,
+            completed_at_scrape=self.completed_at_scrape,
             kv_usage=self.kv_usage,
             kv_capacity_tokens=self.kv_capacity_tokens,
             labels=self._labels,
@@ -207,6 +215,8 @@ VIEWED = frozenset(
         "running",
         "waiting",
         "in_flight_at_scrape",
+        "finished",
+        "completed_at_scrape",
         "kv_usage",
         "kv_capacity_tokens",
         "_labels",
@@ -286,6 +296,7 @@ class Attempt:
     def answered(self, now: float, tokens: int | None) -> None:
         """The answer is complete, of ``tokens`` output tokens (None: unknown):
         a stream's time per token after the first, or a whole answer's duration."""
+        self.endpoint.completed += 1
         if self.first_at is None:
             self.endpoint.latency.answer(now - self.started, tokens, now)
             return
@@ -320,6 +331,9 @@ LIVE_STATE = (
     "kv_usage",
     "scraped_at",
     "in_flight_at_scrape",
+    "completed",
+    "finished",
+    "completed_at_scrape",
 )
 
 

@@ -109,8 +109,11 @@ async def test_probe_and_scrape_over_http() -> None:
     assert ep is not None
     await monitor.probe_all()
     assert not ep.healthy and ep.last_error == "health probe /health answered HTTP 503"
+    ep.completed = 4  # this router's answered requests when the scrape comes back
     await monitor.scrape_all()
     assert (ep.running, ep.waiting, ep.kv_usage) == (3.0, 0.0, 0.0)
+    # The engine's finished requests (every finish reason) beside our own count.
+    assert (ep.view().finished, ep.view().completed_at_scrape) == (6.0, 4)
     assert ep.kv_capacity_tokens == 80 * 32  # 81 blocks of 32, one reserved
     assert ep.view().running == 3.0
     clock[0] += 6
@@ -123,7 +126,12 @@ def test_vllm_load_parsing_sums_engines() -> None:
     two_engines = VLLM_METRICS + (
         'vllm:num_requests_waiting{engine="1",model_name="tiny"} 4.0\n'
         'vllm:kv_cache_usage_perc{engine="1",model_name="tiny"} 0.5\n'
+        'vllm:request_success_total{engine="1",finished_reason="stop",model_name="tiny"} 2.0\n'
     )
     load = build_adapter("vllm", {}).parse_load(two_engines)
-    assert (load.waiting, load.kv_usage) == (4.0, 0.25)
+    assert (load.waiting, load.kv_usage, load.finished) == (4.0, 0.25, 8.0)
     assert build_adapter("openai", {}).parse_load(VLLM_METRICS).running is None
+    no_counter = "\n".join(
+        line for line in VLLM_METRICS.splitlines() if "request_success_total" not in line
+    )
+    assert build_adapter("vllm", {}).parse_load(no_counter).finished is None
