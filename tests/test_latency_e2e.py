@@ -14,7 +14,9 @@ from backends.sim.engine import EngineParams
 from tests.helpers import router, router_config, sim_stats, simulator
 
 FAST = EngineParams(step_base=0.002, prefill_per_token=0.0, decode_per_seq=0.0)
-SLOW = EngineParams(step_base=0.03, prefill_per_token=0.0, decode_per_seq=0.0)
+# 30x slower: at 15x, a machine at load average 20 once delayed the fast
+# simulator's steps enough that the estimates crossed and the test failed.
+SLOW = EngineParams(step_base=0.06, prefill_per_token=0.0, decode_per_seq=0.0)
 
 
 def chat(i: int, stream: bool) -> dict[str, Any]:
