@@ -392,6 +392,12 @@ class EndpointRegistry:
                 members.remove(state)
                 if not members:
                     del self._by_model[model]
+                # Nothing kept may hold the state once it is gone (a model
+                # never asked for would keep it until asked).
+                self._admitted.pop(model, None)
+                stale = self._admission.stale.get(model)
+                if stale is not None:
+                    stale.discard(state)
         return state
 
     def set_circuit_config(self, circuit: CircuitConfig) -> None:

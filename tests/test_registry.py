@@ -272,3 +272,43 @@ def test_cached_candidates_are_those_admitting_now(ops: list[tuple[str, str, flo
         assert registry.candidates("chat") == expected
         views = registry.views("chat")
         assert [_seen(v) for v in views] == [_seen(s._build_view()) for s in expected]
+
+
+def test_a_half_open_circuit_is_never_kept_among_the_candidates() -> None:
+    """A half-open circuit admits one trial; the trial's start changes that
+    without a change of state: the model must not be kept then."""
+    from router.config import CircuitConfig
+    from router.errors import UpstreamConnectError, UpstreamHTTPError
+
+    now = [0.0]
+    registry = EndpointRegistry(
+        parse_config(CONFIG, {}).endpoints,
+        circuit=CircuitConfig(failures=2, base_backoff=5.0, max_backoff=20.0),
+        clock=lambda: now[0],
+    )
+    a, b = registry.get("a"), registry.get("b")
+    assert a is not None and b is not None
+    a.failed(UpstreamConnectError("down"), now[0])
+    a.failed(UpstreamConnectError("down"), now[0])
+    now[0] += 6  # past the backoff: a half-open trial is admitted
+    a.begin(now[0])
+    a.failed(UpstreamHTTPError(429, "slow down"), now[0])  # the trial abandoned
+    now[0] += 2  # past the cooldown
+    assert registry.candidates("chat") == [a, b]
+    a.begin(now[0])  # the trial in flight: no other request may go
+    assert registry.candidates("chat") == [b]
+    assert [v.id for v in registry.views("chat")] == ["b"]
+
+
+def test_removed_endpoints_are_not_kept_by_models_never_asked_for() -> None:
+    registry, _ = build()
+    a = registry.get("a")
+    assert a is not None
+    config = a.config
+    for i in range(5):
+        registry.upsert(config.model_copy(update={"weight": 1.0 + i}))
+        state = registry.get("a")
+        assert state is not None
+        state.running = float(i)  # a scrape: the view dropped, marked for redrawing
+    stale = registry._admission.stale
+    assert len(stale.get("code", set())) <= 1 and len(stale.get("chat", set())) <= 1
