@@ -172,10 +172,19 @@ def test_pieces_encode_as_the_whole_text(fragments: list[str]) -> None:
         assert list(pt.finish(again, []).block_hashes(3)) == chain_hashes(whole, 3)
 
 
-@given(st.lists(st.text(max_size=40), min_size=1, max_size=6), st.integers(1, 8))
+@given(
+    st.lists(st.text(max_size=40), min_size=1, max_size=6),
+    st.integers(1, 8),
+    st.sampled_from([1, 3, 8, 64]),
+)
 @settings(max_examples=150, deadline=None)
-def test_shared_prefixes_hash_as_from_scratch(contents: list[str], block_size: int) -> None:
+def test_shared_prefixes_hash_as_from_scratch(
+    contents: list[str], block_size: int, min_store_tokens: int
+) -> None:
+    """Growing conversations, their chains resumed from whatever states were
+    kept (every piece with a bound of 1 token, few with 64): the same hashes."""
     pt = fresh()
+    pt.chains = ChainCache(min_store_tokens=min_store_tokens)
     for n in range(1, len(contents) + 1):
         body = chat(*contents[:n])
         tokens = pt.tokens("chat", body)
