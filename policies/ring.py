@@ -96,12 +96,10 @@ def bounded_capacity(
     candidates: Sequence[EndpointView], epsilon: float, floor: float = 0.0
 ) -> dict[str, float]:
     """Each endpoint's load ceiling once one more request is placed (never
-    below ``floor``: a few requests in flight overload nobody)."""
-    total = sum(e.load for e in candidates) + 1
-    weight = sum(e.weight for e in candidates)
-    return {
-        e.id: max(floor, math.ceil((1 + epsilon) * total * e.weight / weight)) for e in candidates
-    }
+    below ``floor``: a few requests in flight overload nobody): ``Capacity.cap``
+    of every candidate."""
+    capacity = Capacity(candidates, epsilon, floor)
+    return {e.id: capacity.cap(e) for e in candidates}
 
 
 class Capacity:
