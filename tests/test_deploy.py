@@ -12,7 +12,9 @@ from __future__ import annotations
 import copy
 import fnmatch
 import json
+import os
 import re
+import shutil
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
@@ -219,8 +221,70 @@ def test_the_pods_get_their_secrets_from_required_secret_keys() -> None:
     redis = only(load_all("redis.yaml"), "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
     redis_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in redis["env"]}
     assert redis_env["REDIS_PASSWORD"] == env["REDIS_PASSWORD"]
-    args = redis["args"]
-    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    # The password reaches Redis through a file, never its command line.
+    # (test_the_redis_pod_keeps_its_password_off_every_command_line runs it).
+    assert redis["command"] == ["/bin/sh", "-c"] and len(redis["args"]) == 1
+    assert "--requirepass" not in redis["args"][0] and "$(REDIS_PASSWORD)" not in redis["args"][0]
+
+
+def test_the_redis_pod_keeps_its_password_off_every_command_line(tmp_path: Path) -> None:
+    """Run the container's own command (its paths moved under tmp_path, a free
+    port added) against Debian's redis-server: Redis asks for the password,
+    takes it, and no process in the pod shows it in its arguments; the file
+    holding it is readable by its owner only."""
+    import secrets
+    import socket
+    import stat
+    import subprocess
+    import time
+
+    assert shutil.which("redis-server"), "redis-server is not on PATH: ./dev test installs it"
+    spec = only(load_all("redis.yaml"), "StatefulSet")["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["auth"]["emptyDir"]["medium"] == "Memory"  # never written to a disk
+    auth_dir, data_dir = tmp_path / "auth", tmp_path / "data"
+    auth_dir.mkdir()
+    data_dir.mkdir()
+    script = container["args"][0].replace(mounts["auth"], str(auth_dir))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # set-proc-title no: Redis would overwrite its arguments with a title,
+    # hiding from this check a password passed on its command line.
+    script += f" --port {port} --bind 127.0.0.1 --dir {data_dir} --save '' --set-proc-title no"
+    password = secrets.token_hex(16)
+    env = {"PATH": os.environ["PATH"], "REDIS_PASSWORD": password}
+    proc = subprocess.Popen(
+        [*container["command"], script], env=env, cwd=data_dir, stdout=subprocess.DEVNULL
+    )
+    try:
+
+        def ask(*words: str) -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                conn.sendall(b"".join(f"{w}\r\n".encode() for w in words))
+                time.sleep(0.05)
+                return conn.recv(4096)
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                answer = ask("PING")
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+        assert answer.startswith(b"-NOAUTH")
+        assert ask(f"AUTH {password}", "PING") == b"+OK\r\n+PONG\r\n"
+        # exec: the shell became redis-server, whose arguments hold no secret
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        assert b"redis-server" in cmdline and password.encode() not in cmdline
+        mode = (auth_dir / "auth.conf").stat().st_mode
+        assert stat.S_IMODE(mode) == 0o600
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_prestop_and_termination_grace_agree_with_the_shutdown_config() -> None:
