@@ -44,31 +44,36 @@ def _content(content: Any) -> str:
     return str(content)
 
 
-def message_parts(body: Mapping[str, Any]) -> list[str] | None:
-    """A chat request's canonical prompt, one string per message (None: not a chat)."""
+def _roles_and_contents(body: Mapping[str, Any]) -> list[tuple[str, str]] | None:
+    """A chat request's messages as (role, content text) (None: not a chat)."""
     messages = body.get("messages")
     if isinstance(messages, Sequence) and not isinstance(messages, str):
         return [
-            f"{m.get('role', '')}{ROLE_SEP}{_content(m.get('content'))}{MESSAGE_SEP}"
+            (str(m.get("role", "")), _content(m.get("content")))
             for m in messages
             if isinstance(m, Mapping)
         ]
     return None
 
 
+def message_parts(body: Mapping[str, Any]) -> list[str] | None:
+    """A chat request's canonical prompt, one string per message (None: not a chat)."""
+    messages = _roles_and_contents(body)
+    if messages is None:
+        return None
+    return [f"{role}{ROLE_SEP}{content}{MESSAGE_SEP}" for role, content in messages]
+
+
 def prompt_head(body: Mapping[str, Any], chars: int) -> tuple[str, int] | None:
     """A chat request's canonical prompt cut to its first ``chars`` characters,
     and the whole prompt's length (None: not a chat): ``message_parts`` joined
     and cut, without copying a long system prompt's text to read its head."""
-    messages = body.get("messages")
-    if not isinstance(messages, Sequence) or isinstance(messages, str):
+    messages = _roles_and_contents(body)
+    if messages is None:
         return None
     head: list[str] = []
     taken = total = 0
-    for m in messages:
-        if not isinstance(m, Mapping):
-            continue
-        role, content = str(m.get("role", "")), _content(m.get("content"))
+    for role, content in messages:
         total += len(role) + len(content) + 2
         if taken < chars:
             part = f"{role}{ROLE_SEP}{content[: chars - taken]}{MESSAGE_SEP}"

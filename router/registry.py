@@ -430,9 +430,7 @@ class EndpointRegistry:
 
     def candidates(self, model: str, request: OpenAIRequest | None = None) -> list[EndpointState]:
         """The endpoints of ``model`` that take requests now (and can serve ``request``)."""
-        admitted = self._admitted.get(model)
-        if admitted is None or admitted.version != self._admission.version:
-            admitted = self._admit(model)
+        admitted, _ = self._current(model)
         if request is None or admitted.serves_every_request:
             return list(admitted.states)
         return [s for s in admitted.states if s.adapter.unsupported(request) is None]
@@ -442,10 +440,8 @@ class EndpointRegistry:
         per model with the admitted endpoints: only the endpoints whose view
         was dropped since are redrawn (one or two between two requests of a
         busy router), not 64 method calls per request."""
-        admitted = self._admitted.get(model)
-        if admitted is None or admitted.version != self._admission.version:
-            admitted = self._admit(model)
-        else:
+        admitted, kept = self._current(model)
+        if kept:
             stale = self._admission.stale.pop(model, None)
             if stale:
                 views, position = admitted.views, admitted.position
@@ -460,6 +456,14 @@ class EndpointRegistry:
             for state, view in zip(admitted.states, admitted.views, strict=True)
             if state.adapter.unsupported(request) is None
         ]
+
+    def _current(self, model: str) -> tuple[_Admitted, bool]:
+        """The model's admitted endpoints now, and whether they were kept from
+        an earlier request (else admitted afresh, their views just drawn)."""
+        admitted = self._admitted.get(model)
+        if admitted is not None and admitted.version == self._admission.version:
+            return admitted, True
+        return self._admit(model), False
 
     def _admit(self, model: str) -> _Admitted:
         """The endpoints of ``model`` admitting requests now; kept for the next
@@ -479,9 +483,9 @@ class EndpointRegistry:
             [s.view() for s in states],
             {s: i for i, s in enumerate(states)},
         )
-        taken = set(map(id, states))
+        taken = set(states)
         steady = all(s.circuit.state is CircuitState.CLOSED for s in states) and all(
-            not s.healthy or s.draining for s in members if id(s) not in taken
+            not s.healthy or s.draining for s in members if s not in taken
         )
         if steady:
             self._admitted[model] = admitted
