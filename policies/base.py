@@ -104,6 +104,10 @@ class EndpointView:
     #: traffic, without the race of two gauges (policies/share.py).
     finished: float | None = None
     completed_at_scrape: int | None = None
+    #: Changes whenever one of the scraped fields above is assigned: while it
+    #: is unchanged they are too, and what a policy learned from them stands.
+    #: -1: not tracked (a view made by hand), to be read every time.
+    scrape_version: int = -1
     kv_usage: float | None = None
     #: Tokens the endpoint's KV cache holds (scraped or configured), if known.
     kv_capacity_tokens: int | None = None

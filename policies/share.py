@@ -43,6 +43,11 @@ class GaugedShare:
         self._samples = 0
 
     def learn(self, candidates: Sequence[EndpointView]) -> None:
+        self.step(self.sample(candidates))
+
+    @staticmethod
+    def sample(candidates: Sequence[EndpointView]) -> float | None:
+        """The candidates' sample (None: no scrape shows this router's requests)."""
         ours = total = 0.0
         for e in candidates:
             if e.in_flight_at_scrape is None or (e.running is None and e.waiting is None):
@@ -50,8 +55,13 @@ class GaugedShare:
             ours += e.in_flight_at_scrape
             total += (e.running or 0.0) + (e.waiting or 0.0)
         if total <= 0 or ours <= 0:
+            return None
+        return min(1.0, ours / total)
+
+    def step(self, sample: float | None) -> None:
+        """Move the estimate a step towards ``sample``."""
+        if sample is None:
             return
-        sample = min(1.0, ours / total)
         self._samples += 1
         share = self.share
         if share is None:

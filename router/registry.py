@@ -60,6 +60,8 @@ class EndpointState:
     completed: int = 0
     finished: float | None = None
     completed_at_scrape: int | None = None
+    #: Assignments to the scraped fields (``SCRAPED``): ``EndpointView.scrape_version``.
+    scrape_version: int = 0
     #: Health-probe streaks for hysteresis.
     probe_failures: int = 0
     probe_successes: int = 0
@@ -84,6 +86,8 @@ class EndpointState:
             if admission is not None and self.__dict__.get(name) != value:
                 admission.changed()
         object.__setattr__(self, name, value)
+        if name in SCRAPED:
+            object.__setattr__(self, "scrape_version", self.__dict__.get("scrape_version", 0) + 1)
         if name in VIEWED:
             object.__setattr__(self, "_view", None)
             admission = self.__dict__.get("_admission")
@@ -197,6 +201,7 @@ class EndpointState:
             in_flight_at_scrape=self.in_flight_at_scrape,
             finished=self.finished,
             completed_at_scrape=self.completed_at_scrape,
+            scrape_version=self.scrape_version,
             kv_usage=self.kv_usage,
             kv_capacity_tokens=self.kv_capacity_tokens,
             labels=self._labels,
@@ -217,12 +222,27 @@ VIEWED = frozenset(
         "in_flight_at_scrape",
         "finished",
         "completed_at_scrape",
+        "scrape_version",
         "kv_usage",
         "kv_capacity_tokens",
         "_labels",
         "blocks",
         "latency",
         "clock",
+    }
+)
+
+
+#: The fields a scrape sets: assigning one moves ``scrape_version`` (a policy
+#: learns from them only when it moved: policies/prefix.py ``_learn_share``).
+SCRAPED = frozenset(
+    {
+        "running",
+        "waiting",
+        "kv_usage",
+        "in_flight_at_scrape",
+        "finished",
+        "completed_at_scrape",
     }
 )
 
@@ -334,6 +354,7 @@ LIVE_STATE = (
     "completed",
     "finished",
     "completed_at_scrape",
+    "scrape_version",
 )
 
 

@@ -11,12 +11,16 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from policies import EndpointView, RequestView, build_policy
 from policies.prefix import PrefixAffinity
 from policies.ring import HashRing
-from policies.share import MIN_FINISHED, CountedShare
+from policies.share import MIN_FINISHED, CountedShare, GaugedShare
 from router.app import build_app
+from router.config import parse_config
+from router.registry import EndpointRegistry
 from tests.helpers import eventually, router_config, serve_app, simulator
 
 SYSTEM = "You are a support agent for ACME. " * 40
@@ -266,3 +270,102 @@ def test_a_router_places_as_the_others_do_until_it_has_measured_its_share() -> N
     # The default assumes a router alone until it measures otherwise.
     d = policy().rank(req, views(0, 0.0, busy_owner=1))
     assert d.reason == "ring_less_loaded"
+
+
+SHARE_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            ["decide", "decide", "decide", "scrape", "gauge_scrape", "quiet", "expire", "drop"]
+        ),
+        st.integers(0, 3),
+        st.integers(0, 6),
+    ),
+    min_size=8,
+    max_size=60,
+)
+#: Scrapes between decisions, with and without the counter: a policy that
+#: missed one of them would hold another share (checked to fail so).
+SCRAPES_BETWEEN_DECISIONS = [
+    ("decide", 0, 1),
+    ("quiet", 3, 2),
+    ("decide", 1, 2),
+    ("decide", 2, 3),
+    ("gauge_scrape", 0, 3),
+    ("gauge_scrape", 1, 3),
+    ("decide", 0, 1),
+    ("decide", 0, 1),
+    ("scrape", 2, 3),
+    ("decide", 0, 2),
+    ("expire", 0, 0),
+    ("decide", 0, 2),
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=SHARE_OPS, counters=st.booleans())
+@example(ops=SCRAPES_BETWEEN_DECISIONS, counters=False)
+@example(ops=SCRAPES_BETWEEN_DECISIONS, counters=True)
+def test_the_share_is_learned_again_only_when_a_scrape_lands(
+    ops: list[tuple[str, int, int]], counters: bool
+) -> None:
+    """Router-built views carry ``scrape_version``, and a policy reads the
+    scraped fields again only when it moved; hand-made views (version -1) are
+    read at every decision. Over any sequence of scrapes (with and without
+    the finished counter), expiries, endpoints leaving and decisions, both
+    policies hold the same share and decide the same: nothing the skipped
+    reads would have learned is lost."""
+    config = "endpoints:\n" + "".join(
+        f"  - {{id: e{i}, url: 'http://e{i}:8000', kind: vllm, models: [m]}}\n" for i in range(4)
+    )
+    registry = EndpointRegistry(parse_config(config, {}).endpoints)
+    params = {"share_counters": counters, "unmeasured_share": 0.5}
+    kept, read = policy(**params), policy(**params)
+    # The estimators fed at every decision, as before the version was kept.
+    oracle_counted, oracle_gauged = CountedShare(256), GaugedShare()
+    finished = [0.0] * 4
+    for k, (op, i, n) in enumerate(ops):
+        state = registry.get(f"e{i}")
+        if state is None:
+            continue
+        if op == "decide":
+            views = registry.views("m")
+            request = chat(f"tenant {n}: " + SYSTEM)
+            a = kept.rank(request, views)
+            b = read.rank(request, [replace(v, scrape_version=-1) for v in views])
+            assert (a.ranked[0].id, a.reason) == (b.ranked[0].id, b.reason)
+            assert (kept.share, kept.measured) == (read.share, read.measured)
+            share = None
+            if counters:
+                oracle_counted.learn(views)
+                share = oracle_counted.share
+            if share is None:
+                oracle_gauged.learn(views)
+                share = oracle_gauged.share
+            if share is None:
+                scraped = any(v.in_flight_at_scrape is not None for v in views)
+                share = 0.5 if scraped else 1.0
+            assert kept.share == share
+            state = registry.get(a.ranked[0].id)
+            assert state is not None
+            state.in_flight += 1
+            if n % 2:
+                state.in_flight -= 1
+                state.completed += 1
+        elif op in ("scrape", "gauge_scrape"):
+            finished[i] += n
+            # This router's requests at the scrape (one more than now: some
+            # just ended), and other routers' too: the engine runs more.
+            state.in_flight_at_scrape = state.in_flight + 1
+            state.running, state.waiting = float(state.in_flight + 1 + n), 1.0
+            if op == "scrape":
+                state.finished, state.completed_at_scrape = finished[i], state.completed
+            else:
+                state.finished = state.completed_at_scrape = None
+        elif op == "quiet":  # none of this router's requests at the scrape
+            state.in_flight_at_scrape = 0
+            state.running, state.waiting = float(n), 0.0
+        elif op == "expire":
+            state.running = state.waiting = state.kv_usage = None
+            state.in_flight_at_scrape = None
+        elif op == "drop" and k % 5 == 0:
+            registry.remove(f"e{i}")
