@@ -76,6 +76,8 @@ def _grid(limit: int = 1 << 24) -> list[int]:
     return out
 
 
+_NONE: dict[str, int] = {}
+
 #: Positions of a chain's blocks that ``InFlight`` records: every one of the
 #: first 16, then ever sparser (each 1/8 past the one before).
 GRID = _grid()
@@ -93,6 +95,9 @@ class InFlight:
     def __init__(self, max_decisions: int = 4096) -> None:
         self.max_decisions = max_decisions
         self._held: dict[str, Counter[int]] = {}
+        #: A prompt's first block -> the endpoints it is in flight to, and how
+        #: many times: the candidates worth matching, without asking each one.
+        self._first: dict[int, dict[str, int]] = {}
         self._decisions: OrderedDict[int, tuple[str, list[int]]] = OrderedDict()
         self._next = 0
 
@@ -103,11 +108,11 @@ class InFlight:
         """Whether anything is in flight to ``endpoint_id``."""
         return endpoint_id in self._held
 
-    @property
-    def endpoints(self) -> Container[str]:
-        """The endpoints with something in flight: a live view whose ``in``
-        runs in C, for a loop over every candidate."""
-        return self._held.keys()
+    def holding(self, first: int) -> Container[str]:
+        """The endpoints a prompt whose first block is ``first`` is in flight
+        to (only they can match in flight): in a busy fleet every endpoint
+        has something in flight, and asking each cost a call per candidate."""
+        return self._first.get(first, _NONE)
 
     def add(self, endpoint_id: str, hashes: Sequence[int]) -> int | None:
         """Record a decision; returns its handle for ``release``."""
@@ -121,6 +126,10 @@ class InFlight:
         if held is None:
             held = self._held[endpoint_id] = Counter()
         held.update(sampled)  # counted in C
+        first = self._first.get(sampled[0])
+        if first is None:
+            first = self._first[sampled[0]] = {}
+        first[endpoint_id] = first.get(endpoint_id, 0) + 1
         handle = self._next
         self._next += 1
         self._decisions[handle] = (endpoint_id, sampled)
@@ -133,6 +142,14 @@ class InFlight:
         if entry is None:
             return
         endpoint_id, sampled = entry
+        first = self._first.get(sampled[0])
+        if first is not None and endpoint_id in first:
+            if first[endpoint_id] > 1:
+                first[endpoint_id] -= 1
+            else:
+                del first[endpoint_id]
+                if not first:
+                    del self._first[sampled[0]]
         held = self._held.get(endpoint_id)
         if held is None:
             return
@@ -167,6 +184,10 @@ class InFlight:
 
     def forget(self, endpoint_id: str) -> None:
         self._held.pop(endpoint_id, None)
+        for first in [f for f, held in self._first.items() if endpoint_id in held]:
+            del self._first[first][endpoint_id]
+            if not self._first[first]:
+                del self._first[first]
         for handle in [h for h, (e, _) in self._decisions.items() if e == endpoint_id]:
             del self._decisions[handle]
 

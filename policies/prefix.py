@@ -390,7 +390,6 @@ class PrefixAffinity:
         hits: dict[str, str] = {}
         approximate: list[str] = []
         in_flight = self.in_flight
-        pending_at = in_flight.endpoints
         num_tokens = tokens.num_tokens
         # Comprehensions, not a loop body per candidate: over 64 endpoints the
         # per-candidate bytecode was the larger part of a decision.
@@ -409,6 +408,7 @@ class PrefixAffinity:
                 else [(e, b) for e, b in live if (b.block_size or DEFAULT_BLOCK_SIZE) == size]
             )
             first = ours[0]
+            pending_at = in_flight.holding(first)
             # Most endpoints hold not even the first block: one lookup each, in C.
             for e, b in [(e, b) for e, b in group if first in b.hashes or e.id in pending_at]:
                 held = b.hashes

@@ -119,6 +119,40 @@ def test_in_flight_matches_are_exact_or_at_most_an_eighth_short(
     assert inflight.match("a", chains[-1]) == len(chains[-1])
 
 
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["add", "add", "release", "forget"]),
+            st.sampled_from("abc"),
+            st.integers(0, 2),
+            st.integers(1, 40),
+        ),
+        max_size=40,
+    ),
+    st.integers(1, 3),
+)
+@settings(max_examples=200, deadline=None)
+def test_in_flight_holders_of_a_first_block_are_exactly_those_that_match(
+    ops: list[tuple[str, str, int, int]], bound: int
+) -> None:
+    """``holding(first)`` is what prefix_affinity asks instead of every
+    candidate: after any adds (prompts of three first blocks), releases,
+    forgets and drops past the bound, it holds exactly the endpoints where
+    a prompt starting with that block matches in flight."""
+    inflight = InFlight(max_decisions=bound * 3)
+    handles: list[int | None] = []
+    for op, endpoint, first, n in ops:
+        if op == "add":
+            handles.append(inflight.add(endpoint, [first, *range(100, 100 + n)]))
+        elif op == "release" and handles:
+            inflight.release(handles.pop(n % len(handles)))
+        elif op == "forget":
+            inflight.forget(endpoint)
+        for f in range(3):
+            matching = {e for e in "abc" if inflight.match(e, [f, 100]) > 0}
+            assert {e for e in "abc" if e in inflight.holding(f)} == matching
+
+
 def test_a_precise_hit_wins_over_the_approximate_belief() -> None:
     body, tokens = prompt(1)
     policy = affinity()
