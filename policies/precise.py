@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter, OrderedDict
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
+from operator import itemgetter
 from typing import Any, Literal
 
 from pydantic import Field
@@ -83,6 +84,16 @@ _NONE: dict[str, int] = {}
 GRID = _grid()
 
 
+def _pick(positions: list[int]) -> Callable[[Sequence[int]], tuple[int, ...]]:
+    if len(positions) == 1:
+        return lambda hashes: (hashes[positions[0]],)
+    return itemgetter(*positions)  # type: ignore[return-value]
+
+
+#: ``SAMPLERS[k]`` picks the first ``k`` ``GRID`` positions of a sequence, in C.
+SAMPLERS = [_pick(GRID[:k]) for k in range(1, len(GRID) + 1)]
+
+
 class InFlight:
     """Token blocks of the requests routed to each endpoint and not finished.
 
@@ -98,15 +109,11 @@ class InFlight:
         #: A prompt's first block -> the endpoints it is in flight to, and how
         #: many times: the candidates worth matching, without asking each one.
         self._first: dict[int, dict[str, int]] = {}
-        self._decisions: OrderedDict[int, tuple[str, list[int]]] = OrderedDict()
+        self._decisions: OrderedDict[int, tuple[str, tuple[int, ...]]] = OrderedDict()
         self._next = 0
 
     def __len__(self) -> int:
         return len(self._decisions)
-
-    def __contains__(self, endpoint_id: object) -> bool:
-        """Whether anything is in flight to ``endpoint_id``."""
-        return endpoint_id in self._held
 
     def holding(self, first: int) -> Container[str]:
         """The endpoints a prompt whose first block is ``first`` is in flight
@@ -119,9 +126,9 @@ class InFlight:
         n = len(hashes)
         if not n:
             return None
-        sampled = list(map(hashes.__getitem__, GRID[: bisect.bisect_left(GRID, n)]))
+        sampled = SAMPLERS[bisect.bisect_left(GRID, n) - 1](hashes)
         if sampled[-1] != hashes[-1]:
-            sampled.append(hashes[-1])
+            sampled += (hashes[-1],)
         held = self._held.get(endpoint_id)
         if held is None:
             held = self._held[endpoint_id] = Counter()
@@ -159,8 +166,8 @@ class InFlight:
                 held[h] = count
             else:
                 held.pop(h, None)
-        if not held:
-            del self._held[endpoint_id]
+        # An empty Counter is kept for the endpoint's next request (making
+        # one cost a tenth of recording a decision); ``forget`` drops it.
 
     def match(self, endpoint_id: str, hashes: Sequence[int]) -> int:
         """Leading ``hashes`` in flight to the endpoint (see the class)."""

@@ -85,7 +85,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 
 from pydantic import Field
 
@@ -118,6 +118,8 @@ MAX_SPILL_WALK = 8
 _ID = attrgetter("id")
 _LOAD = attrgetter("load")
 _SCRAPE_VERSION = attrgetter("scrape_version")
+_BLOCK_SIZE = attrgetter("block_size")
+_SECOND = itemgetter(1)
 #: The gauges' sample not read since the last scrape.
 _UNREAD = object()
 
@@ -397,7 +399,10 @@ class PrefixAffinity:
             approximate = [e.id for e in candidates if (b := e.blocks) is None or b.stale]
         # An endpoint that stored nothing yet has no block size: the default's
         # (one group, not two, while some endpoints of a fleet are idle).
-        sizes = {b.block_size or DEFAULT_BLOCK_SIZE for _, b in live}
+        sizes = set(map(_BLOCK_SIZE, map(_SECOND, live)))
+        if 0 in sizes:
+            sizes.discard(0)
+            sizes.add(DEFAULT_BLOCK_SIZE)
         for size in sizes:  # one size in a fleet, as a rule
             ours = tokens.block_hashes(size)
             if not ours:
