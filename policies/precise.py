@@ -87,7 +87,7 @@ GRID = _grid()
 def _pick(positions: list[int]) -> Callable[[Sequence[int]], tuple[int, ...]]:
     if len(positions) == 1:
         return lambda hashes: (hashes[positions[0]],)
-    return itemgetter(*positions)  # type: ignore[return-value]
+    return itemgetter(*positions)
 
 
 #: ``SAMPLERS[k]`` picks the first ``k`` ``GRID`` positions of a sequence, in C.
