@@ -107,6 +107,7 @@ from policies.prompt import (
     canonical_prompt,
     message_parts,
     model_seed,
+    prompt_chars,
     prompt_head,
 )
 from policies.ring import Capacity, RingCache, SheddingCapacity
@@ -290,6 +291,13 @@ class PrefixAffinity:
             return block_hashes(text[:chars] if head_only else text, chars, seed), len(text)
         return self._chains.hashes(parts, seed), sum(map(len, parts))
 
+    def _key(self, request: RequestView, hashes: list[int] | None) -> int:
+        """Where the prompt sits on the ring: its first character block's hash
+        (the model's seed for an empty prompt)."""
+        if hashes is None:
+            hashes = self.hashes(request, head_only=True)[0]
+        return hashes[0] if hashes else self._seeds[request.model]
+
     def rank(self, request: RequestView, candidates: Sequence[EndpointView]) -> Decision:
         p = self.params
         tokens = request.tokens
@@ -302,10 +310,15 @@ class PrefixAffinity:
         if tokens is not None:
             live = [(e, b) for e in candidates if (b := e.blocks) is not None and not b.stale]
         precise_only = tokens is not None and len(live) == len(candidates)
-        hashes, prompt_len = self.hashes(request, head_only=precise_only)
+        # With every candidate's events live, the character blocks play no
+        # part, and the ring key (the first block) only in placing a new prefix.
+        hashes: list[int] | None = None
+        if precise_only:
+            prompt_len = prompt_chars(request.body)
+        else:
+            hashes, prompt_len = self.hashes(request)
         ids = list(map(_ID, candidates))
         self._learn_share(candidates, ids)
-        key = hashes[0] if hashes else self._seeds[request.model]
         # Routers on KV events (precise_only) keep their choices: measured,
         # the shared rule cost them hit rate across routers.
         shared = not precise_only and self.share < p.shared_below
@@ -313,11 +326,10 @@ class PrefixAffinity:
         # Per-candidate work is what a decision over many endpoints costs:
         # C-level maps and dicts, no Python call per candidate.
         load_list = list(map(_LOAD, candidates))
-        by_id = dict(zip(ids, candidates, strict=True))
         total = sum(load_list)
         floor = p.shared_min_overload if shared else p.min_overload
         capacity = (
-            SheddingCapacity(candidates, p.epsilon, floor, total, key)
+            SheddingCapacity(candidates, p.epsilon, floor, total, self._key(request, hashes))
             if shedding
             else Capacity(candidates, p.epsilon, floor, total)
         )
@@ -333,12 +345,13 @@ class PrefixAffinity:
             reason = "load_guard"
         else:
             if tokens is None:
-                matches = self.index.match(hashes, by_id) if hashes else {}  # type: ignore[assignment]
+                views = dict(zip(ids, candidates, strict=True))
+                matches = self.index.match(hashes, views) if hashes else {}  # type: ignore[assignment]
                 hits = {e: "prefix_hit" for e, n in matches.items() if n >= p.min_match_blocks}
             else:
-                matches, hits = self._matches(hashes, prompt_len, tokens, candidates, live)
+                matches, hits, views = self._matches(hashes, prompt_len, tokens, candidates, live)
             # Only the endpoints that hold the prompt's head are worth a look.
-            eligible = [e for eid in hits if capacity.fits(e := by_id[eid], e.load)]
+            eligible = [e for eid in hits if capacity.fits(e := views[eid], e.load)]
             if eligible:
                 best = max(matches[e.id] for e in eligible)
                 chosen = min(
@@ -347,10 +360,13 @@ class PrefixAffinity:
                 )
                 reason = hits[chosen.id]
             else:
-                chosen, reason = self._place_new(key, candidates, by_id, capacity, shared)
+                chosen, reason = self._place_new(
+                    self._key(request, hashes), candidates, ids, capacity, shared
+                )
 
         def failover() -> list[EndpointView]:
             """Holders of the prefix by match length, then the rest by load."""
+            by_id = dict(zip(ids, candidates, strict=True))
             held = sorted(
                 (by_id[eid] for eid in matches if eid != chosen.id),
                 key=lambda e: (-matches[e.id], e.load, e.id),
@@ -358,7 +374,7 @@ class PrefixAffinity:
             rest = [e for e in sorted(candidates, key=_LOAD) if e.id not in matches]
             return held + [e for e in rest if e is not chosen]
 
-        if not precise_only:
+        if hashes is not None:
             self.index.insert(hashes, chosen.id, self.capacity_blocks(chosen))
         handle = None
         if tokens is None:
@@ -373,30 +389,32 @@ class PrefixAffinity:
             reason,
             match_len=match_len,
             prompt_len=prompt_len,
-            memo=([] if precise_only else hashes, chosen.id, candidates, handle),
+            memo=(hashes or [], chosen.id, candidates, handle),
         )
 
     def _matches(
         self,
-        hashes: list[int],
+        hashes: list[int] | None,
         prompt_len: int,
         tokens: PromptTokens,
         candidates: Sequence[EndpointView],
         live: list[tuple[EndpointView, HeldBlocks]],
-    ) -> tuple[dict[str, float], dict[str, str]]:
-        """Each endpoint's match in tokens (those with any), and the reason of
+    ) -> tuple[dict[str, float], dict[str, str], dict[str, EndpointView]]:
+        """Each endpoint's match in tokens (those with any), the reason of
         those whose match is long enough to count, by source (``live``: the
-        candidates whose events are live, and their blocks)."""
+        candidates whose events are live, and their blocks), and the views
+        of the endpoints that match (by id)."""
         p = self.params
         matches: dict[str, float] = {}
         hits: dict[str, str] = {}
-        approximate: list[str] = []
+        views: dict[str, EndpointView] = {}
+        approximate: dict[str, EndpointView] = {}
         in_flight = self.in_flight
         num_tokens = tokens.num_tokens
         # Comprehensions, not a loop body per candidate: over 64 endpoints the
         # per-candidate bytecode was the larger part of a decision.
         if len(live) < len(candidates):
-            approximate = [e.id for e in candidates if (b := e.blocks) is None or b.stale]
+            approximate = {e.id: e for e in candidates if (b := e.blocks) is None or b.stale}
         # An endpoint that stored nothing yet has no block size: the default's
         # (one group, not two, while some endpoints of a fleet are idle).
         sizes = set(map(_BLOCK_SIZE, map(_SECOND, live)))
@@ -425,21 +443,23 @@ class PrefixAffinity:
                 # Every full block held is all an engine can reuse: the whole prompt.
                 whole = num_tokens if n == len(ours) else n * size
                 matches[e.id] = whole
+                views[e.id] = e
                 if whole >= p.min_match_tokens:
                     hits[e.id] = "precise_hit" if precise >= pending else "inflight_hit"
         if approximate and hashes:
             per_char = tokens.num_tokens / prompt_len
             for eid, n in self.index.match(hashes, approximate).items():
                 matches[eid] = min(prompt_len, n * p.block_chars) * per_char
+                views[eid] = approximate[eid]
                 if n >= p.min_match_blocks:
                     hits[eid] = "prefix_hit"
-        return matches, hits
+        return matches, hits, views
 
     def _place_new(
         self,
         key: int,
         candidates: Sequence[EndpointView],
-        by_id: dict[str, EndpointView],
+        ids: list[str],
         capacity: Capacity,
         shared: bool,
     ) -> tuple[EndpointView, str]:
@@ -455,6 +475,7 @@ class PrefixAffinity:
         if shared:
             choices = 1
         walk = max(MAX_SPILL_WALK, choices)
+        by_id = dict(zip(ids, candidates, strict=True))
         owner: EndpointView | None = None
         fitting: list[tuple[float, int, EndpointView]] = []
         roomy: list[tuple[float, int, EndpointView]] = []

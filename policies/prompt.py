@@ -82,6 +82,14 @@ def prompt_head(body: Mapping[str, Any], chars: int) -> tuple[str, int] | None:
     return "".join(head)[:chars], total
 
 
+def prompt_chars(body: Mapping[str, Any]) -> int:
+    """The length of ``canonical_prompt(body)``, without joining a chat's messages."""
+    messages = _roles_and_contents(body)
+    if messages is None:
+        return len(canonical_prompt(body))
+    return sum(len(role) + len(content) + 2 for role, content in messages)
+
+
 def canonical_prompt(body: Mapping[str, Any]) -> str:
     """The request's prompt as one string; "" when it has none we understand."""
     parts = message_parts(body)

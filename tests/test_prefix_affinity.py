@@ -794,7 +794,7 @@ def test_routers_sharing_the_traffic_keep_the_lower_floor() -> None:
     chars=st.integers(1, 120),
 )
 def test_the_prompt_head_is_the_canonical_prompt_cut(messages: list[object], chars: int) -> None:
-    from policies.prompt import message_parts, prompt_head
+    from policies.prompt import canonical_prompt, message_parts, prompt_chars, prompt_head
 
     body = {"messages": messages}
     parts = message_parts(body)
@@ -802,3 +802,7 @@ def test_the_prompt_head_is_the_canonical_prompt_cut(messages: list[object], cha
     whole = "".join(parts)
     assert prompt_head(body, chars) == (whole[:chars], len(whole))
     assert prompt_head({"prompt": "x"}, chars) is None
+    # The length alone, as precise decisions read it (no block to hash).
+    assert prompt_chars(body) == len(canonical_prompt(body)) == len(whole)
+    for other in ({"prompt": "abc"}, {"prompt": ["a", "bc"]}, {"input": "xy"}, {}):
+        assert prompt_chars(other) == len(canonical_prompt(other))
