@@ -4,8 +4,9 @@ Most chat templates (ChatML, Llama 3, Mistral's, the presets) write every
 message as a fixed text before its content, the content (perhaps trimmed),
 and a fixed text after it, chosen by the role alone; then, for
 ``add_generation_prompt``, a fixed text. Rendering such a template with
-Jinja's sandbox costs 15-25 us a request on the router's path (a context,
-the guarded loop, the budget's clock); joining the same strings costs 1-2 us
+Jinja's sandbox costs 19-21 us a request on the router's path (a context,
+the guarded loop, the budget's clock: a 32k-character system prompt and a
+question); joining the same strings costs 5 us, most of it the copy
 (benchmarks/README.md, "Decision latency, fifth pass").
 
 ``LoopFormat.find`` asks the template itself what those texts are: it
