@@ -159,7 +159,7 @@ class Failover:
         usage: Usage | None = None
         ok = False
         started = clock()
-        attempt = endpoint.begin(started, request.stream)
+        attempt = endpoint.begin(started, request.stream, route.model)
         span = None if ctx.span is None else ctx.span.attempt(endpoint, route.model, ctx.attempts)
         try:
             translator = await self.relay(

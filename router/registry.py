@@ -67,16 +67,23 @@ class EndpointState:
     probe_successes: int = 0
     #: A 429 or 503 with Retry-After keeps the endpoint out of rotation until then.
     cooldown_until: float = 0.0
-    #: What this router measured of the endpoint's latency (router/latency.py).
+    #: What this router measured of the endpoint's latency (router/latency.py):
+    #: every model's requests (the admin page's and the metrics' figure).
     latency: LatencyEstimate = field(default_factory=LatencyEstimate)
+    #: Of an endpoint serving several models, each model's own: a policy
+    #: choosing for one model compares that model's latencies (a big model's
+    #: seconds beside a small one's would misrank the endpoint for both).
+    model_latency: dict[str, LatencyEstimate] = field(default_factory=dict)
     last_error: str | None = None
     #: Its KV-cache blocks, from its KV events (``kv_events`` configured), else None.
     blocks: EndpointBlocks | None = None
     _labels: dict[str, str] = field(default_factory=dict)
     #: The registry's clock (for the latency estimates' decay in ``view``).
     clock: Callable[[], float] = time.monotonic
-    #: ``view()``'s result until a field it copies changes.
+    #: ``view()``'s result until a field it copies changes (and of an endpoint
+    #: serving several models, ``view(model)``'s per model).
     _view: EndpointView | None = field(default=None, repr=False)
+    _model_views: dict[str, EndpointView] = field(default_factory=dict, repr=False)
     #: Told when a field that decides admission is assigned (the registry's).
     _admission: Admission | None = field(default=None, repr=False)
 
@@ -90,6 +97,9 @@ class EndpointState:
             object.__setattr__(self, "scrape_version", self.__dict__.get("scrape_version", 0) + 1)
         if name in VIEWED:
             object.__setattr__(self, "_view", None)
+            views = self.__dict__.get("_model_views")
+            if views:
+                views.clear()
             admission = self.__dict__.get("_admission")
             if admission is not None:
                 admission.redraw(self)
@@ -99,13 +109,14 @@ class EndpointState:
         cls, cfg: EndpointConfig, circuit: CircuitConfig, latency: LatencyConfig | None = None
     ) -> EndpointState:
         latency = latency or LatencyConfig()
+        served = {m.name: m.served_name for m in cfg.models}
         headers = {"content-type": "application/json"}
         if cfg.api_key is not None:
             headers["authorization"] = f"Bearer {cfg.api_key.get_secret_value()}"
         return cls(
             config=cfg,
             adapter=ADAPTERS[cfg.kind].build(cfg.adapter_options),
-            served={m.name: m.served_name for m in cfg.models},
+            served=served,
             targets={
                 m.name: Target(
                     m.name,
@@ -119,6 +130,10 @@ class EndpointState:
             headers=headers,
             circuit=Circuit(circuit),
             latency=LatencyEstimate(half_life=latency.half_life, clip=latency.clip),
+            model_latency={
+                name: LatencyEstimate(half_life=latency.half_life, clip=latency.clip)
+                for name in (served if len(served) > 1 else ())
+            },
             kv_capacity_tokens=cfg.kv_capacity_tokens,
             _labels=dict(cfg.labels),
         )
@@ -135,12 +150,18 @@ class EndpointState:
 
     # -- one attempt's bookkeeping: begin, then one verdict, then end -------------
 
-    def begin(self, now: float, stream: bool = False) -> Attempt:
-        """An attempt starts (a half-open circuit's trial, if it is one)."""
+    def begin(self, now: float, stream: bool = False, model: str | None = None) -> Attempt:
+        """An attempt starts (a half-open circuit's trial, if it is one), for
+        ``model`` (whose own latency it also measures, when the endpoint
+        serves several)."""
         self.circuit.begin(now)
         self.in_flight += 1
         self.awaiting_first += 1
-        return Attempt(self, now, stream)
+        estimates: tuple[LatencyEstimate, ...] = (self.latency,)
+        own = self.model_latency.get(model) if model is not None else None
+        if own is not None:
+            estimates = (self.latency, own)
+        return Attempt(self, now, stream, estimates)
 
     def succeeded(self) -> None:
         self.circuit.success()
@@ -180,15 +201,21 @@ class EndpointState:
     def url(self) -> str:
         return self.config.url
 
-    def view(self) -> EndpointView:
-        """What a policy may know of this endpoint now (the same object until
-        one of the ``VIEWED`` fields is assigned)."""
+    def view(self, model: str | None = None) -> EndpointView:
+        """What a policy may know of this endpoint now, choosing for ``model``
+        (the same object until one of the ``VIEWED`` fields is assigned)."""
+        if model is not None and model in self.model_latency:
+            view = self._model_views.get(model)
+            if view is None:
+                view = self._model_views[model] = self._build_view(model)
+            return view
         view = self._view
         if view is None:
             view = self._view = self._build_view()
         return view
 
-    def _build_view(self) -> EndpointView:
+    def _build_view(self, model: str | None = None) -> EndpointView:
+        estimate = self.model_latency.get(model, self.latency) if model else self.latency
         return EndpointView(
             id=self.config.id,
             url=self.config.url,
@@ -206,7 +233,7 @@ class EndpointState:
             kv_capacity_tokens=self.kv_capacity_tokens,
             labels=self._labels,
             blocks=self.blocks,
-            latency=LiveLatency(self.latency, self.clock),
+            latency=LiveLatency(estimate, self.clock),
         )
 
 
@@ -228,6 +255,7 @@ VIEWED = frozenset(
         "_labels",
         "blocks",
         "latency",
+        "model_latency",
         "clock",
     }
 )
@@ -296,6 +324,9 @@ class Attempt:
     endpoint: EndpointState
     started: float = 0.0
     stream: bool = False
+    #: Where its timings go: the endpoint's estimate, and its model's own
+    #: when the endpoint serves several.
+    estimates: tuple[LatencyEstimate, ...] = ()
     first_seen: bool = False
     ended: bool = False
     #: When a stream's first chunk came back (None: not yet, or not a stream).
@@ -311,23 +342,27 @@ class Attempt:
             self.endpoint.awaiting_first -= 1
             if now is not None:
                 self.first_at = now
-                self.endpoint.latency.first_byte(now - self.started, now)
+                for estimate in self.estimates:
+                    estimate.first_byte(now - self.started, now)
 
     def answered(self, now: float, tokens: int | None) -> None:
         """The answer is complete, of ``tokens`` output tokens (None: unknown):
         a stream's time per token after the first, or a whole answer's duration."""
         self.endpoint.completed += 1
         if self.first_at is None:
-            self.endpoint.latency.answer(now - self.started, tokens, now)
+            for estimate in self.estimates:
+                estimate.answer(now - self.started, tokens, now)
             return
         # Without usage, count the events after the first, less the [DONE].
         after_first = tokens - 1 if tokens is not None else self.events - 1
-        self.endpoint.latency.stream_end(now - self.first_at, after_first, now)
+        for estimate in self.estimates:
+            estimate.stream_end(now - self.first_at, after_first, now)
 
     def failed(self, now: float) -> None:
         """The attempt failed in a way that counts against the endpoint."""
         if self.first_at is None:
-            self.endpoint.latency.failed(now - self.started, self.stream, now)
+            for estimate in self.estimates:
+                estimate.failed(now - self.started, self.stream, now)
 
     def end(self) -> None:
         if not self.ended:
@@ -395,6 +430,10 @@ class EndpointRegistry:
             # Live state survives a change of the endpoint's config.
             for name in LIVE_STATE:
                 setattr(state, name, getattr(old, name))
+            # Each model's estimate, for the models it still serves.
+            for model, estimate in old.model_latency.items():
+                if model in state.model_latency:
+                    state.model_latency[model] = estimate
             self.remove(cfg.id)
         state._admission = self._admission
         state.circuit.on_change = self._admission.changed
@@ -431,8 +470,9 @@ class EndpointRegistry:
         """New estimation rules for every endpoint; the estimates are kept."""
         self._latency = latency
         for endpoint in self._by_id.values():
-            endpoint.latency.half_life = latency.half_life
-            endpoint.latency.clip = latency.clip
+            for estimate in (endpoint.latency, *endpoint.model_latency.values()):
+                estimate.half_life = latency.half_life
+                estimate.clip = latency.clip
 
     def ids(self, source: Source) -> set[str]:
         return {e.id for e in self._by_id.values() if e.source == source}
@@ -469,7 +509,7 @@ class EndpointRegistry:
                 for state in stale:
                     i = position.get(state)
                     if i is not None:
-                        views[i] = state.view()
+                        views[i] = state.view(model)
         if request is None or admitted.serves_every_request:
             return list(admitted.views)
         return [
@@ -501,7 +541,7 @@ class EndpointRegistry:
             self._admission.version,
             states,
             all(s.adapter.serves_every_request for s in states),
-            [s.view() for s in states],
+            [s.view(model) for s in states],
             {s: i for i, s in enumerate(states)},
         )
         taken = set(states)

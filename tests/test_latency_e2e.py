@@ -72,3 +72,29 @@ async def test_least_latency_prefers_the_fast_endpoint_and_still_measures_the_sl
     # The same estimate as the admin API shows (which rounds to microseconds).
     assert gauge["fast", "ttft"] == pytest.approx(latency["fast"]["ttft_s"], abs=1e-6)
     assert gauge["fast", "duration"] < gauge["slow", "duration"]
+
+
+async def test_a_request_is_timed_for_its_own_model_on_an_endpoint_serving_two() -> None:
+    """Requests for one model of an endpoint serving two feed that model's
+    estimate (what choosing for it reads) and the endpoint's; the other
+    model's stays empty."""
+    from router.app import build_app
+    from tests.helpers import serve_app
+
+    async with AsyncExitStack() as stack:
+        url, _ = await stack.enter_async_context(simulator(models=["tiny", "big"], params=FAST))
+        endpoints = [{"id": "both", "url": url, "kind": "vllm", "models": ["tiny", "big"]}]
+        app = build_app(router_config(endpoints, models={"big": {"policy": "least_latency"}}))
+        base = await stack.enter_async_context(serve_app(app))
+        async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+            for i in range(3):
+                body = {**chat(i, stream=True), "model": "big"}
+                r = await c.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200 and b"[DONE]" in r.content
+        state = app.state.registry.get("both")
+        assert state is not None
+        now = state.clock()
+        big, endpoint = state.model_latency["big"].view(now), state.latency.view(now)
+        assert big is not None and big.ttft_samples > 0
+        assert state.model_latency["tiny"].view(now) is None  # nothing measured
+        assert endpoint is not None and endpoint.ttft_samples == big.ttft_samples

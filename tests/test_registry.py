@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -312,3 +313,46 @@ def test_removed_endpoints_are_not_kept_by_models_never_asked_for() -> None:
         state.running = float(i)  # a scrape: the view dropped, marked for redrawing
     stale = registry._admission.stale
     assert len(stale.get("code", set())) <= 1 and len(stale.get("chat", set())) <= 1
+
+
+TWO_MODELS = """
+endpoints:
+  - {id: both, url: "http://both:1", kind: openai, models: [small, big]}
+  - {id: small-only, url: "http://small:1", kind: openai, models: [small]}
+"""
+
+
+def test_an_endpoint_serving_two_models_is_timed_per_model() -> None:
+    """A big model's seconds on an endpoint that also serves a small one:
+    choosing for the small model, least_latency compares the small model's
+    own times (0.1 s here against the other endpoint's 0.3 s), not the
+    endpoint's mix of both. The endpoint's own estimate (admin, metrics)
+    still counts every request."""
+    import random
+
+    from policies import RequestView, build_policy
+
+    now = [0.0]
+    registry = EndpointRegistry(parse_config(TWO_MODELS, {}).endpoints, clock=lambda: now[0])
+    both, small = registry.get("both"), registry.get("small-only")
+    assert both is not None and small is not None
+    assert set(both.model_latency) == {"small", "big"} and not small.model_latency
+    for _ in range(20):
+        for state, model, ttft in ((both, "small", 0.1), (both, "big", 2.0), (small, "small", 0.3)):
+            attempt = state.begin(now[0], stream=True, model=model)
+            attempt.first_byte(now[0] + ttft)
+            attempt.end()
+        now[0] += 1.0
+    views = {v.id: v for v in registry.views("small")}
+    assert views["both"].latency is not None and views["small-only"].latency is not None
+    assert views["both"].latency.ttft == pytest.approx(0.1)
+    assert views["small-only"].latency.ttft == pytest.approx(0.3)
+    assert registry.views("big")[0].latency.ttft == pytest.approx(2.0)  # type: ignore[union-attr]
+    assert both.latency.view(now[0]).ttft > 0.3  # every request of the endpoint
+    policy = build_policy("least_latency", {}, random.Random(0))
+    stream = RequestView(model="small", endpoint="chat", body={"model": "small", "stream": True})
+    assert policy.rank(stream, registry.views("small")).ranked[0].id == "both"
+    # A reload that keeps the models keeps each model's estimate.
+    registry.upsert(parse_config(TWO_MODELS, {}).endpoints[0])
+    moved = registry.get("both")
+    assert moved is not None and moved.model_latency["big"].view(now[0]).ttft == pytest.approx(2.0)
