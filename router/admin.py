@@ -76,6 +76,12 @@ def describe(endpoint: EndpointState, now: float) -> dict[str, Any]:
             "age_s": None if endpoint.scraped_at is None else round(now - endpoint.scraped_at, 3),
         },
         "latency": describe_latency(endpoint.latency.view(now)),
+        # Of an endpoint serving several models, each model's own (what a
+        # choice for that model reads); {} for an endpoint serving one.
+        "latency_by_model": {
+            model: describe_latency(estimate.view(now))
+            for model, estimate in endpoint.model_latency.items()
+        },
         "last_error": endpoint.last_error,
     }
 

@@ -91,6 +91,13 @@ async def test_a_request_is_timed_for_its_own_model_on_an_endpoint_serving_two()
                 body = {**chat(i, stream=True), "model": "big"}
                 r = await c.post("/v1/chat/completions", json=body)
                 assert r.status_code == 200 and b"[DONE]" in r.content
+            (shown,) = (await c.get("/admin/endpoints")).json()["endpoints"]
+        assert shown["latency_by_model"]["tiny"] is None
+        assert shown["latency_by_model"]["big"]["samples"]["ttft"] > 0
+        assert (
+            shown["latency"]["samples"]["ttft"]
+            == shown["latency_by_model"]["big"]["samples"]["ttft"]
+        )
         state = app.state.registry.get("both")
         assert state is not None
         now = state.clock()
