@@ -346,7 +346,7 @@ class PrefixAffinity:
         else:
             if tokens is None:
                 views = dict(zip(ids, candidates, strict=True))
-                matches = self.index.match(hashes, views) if hashes else {}  # type: ignore[assignment]
+                matches = self.index.match(hashes, ids) if hashes else {}  # type: ignore[assignment]
                 hits = {e: "prefix_hit" for e, n in matches.items() if n >= p.min_match_blocks}
             else:
                 matches, hits, views = self._matches(hashes, prompt_len, tokens, candidates, live)

@@ -17,6 +17,7 @@ from collections import OrderedDict, deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from functools import reduce
+from itertools import filterfalse
 from operator import or_
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -98,6 +99,11 @@ class PrefixIndex:
         self._bit: dict[str, int] = {}
         self._by_slot: dict[int, str] = {}
         self._free_slots: list[int] = []
+        #: Counts slot assignments and releases (``match`` keeps its candidates' bits).
+        self._slots_changed = 0
+        self._wanted_for: list[str] | None = None
+        self._wanted_at = -1
+        self._wanted = 0
         self.entries = 0
         self.evictions = 0
 
@@ -110,8 +116,15 @@ class PrefixIndex:
         endpoint instead of one lookup per block.
         """
         # The candidates' bits, OR-ed in C (a loop over 64 candidates cost more
-        # than the search below).
-        wanted = reduce(or_, filter(None, map(self._bit.get, endpoint_ids)), 0)
+        # than the search below); kept for the same candidates (a list of ids,
+        # compared in C) while no endpoint took or gave up a slot.
+        if endpoint_ids == self._wanted_for and self._slots_changed == self._wanted_at:
+            wanted = self._wanted
+        else:
+            wanted = reduce(or_, filter(None, map(self._bit.get, endpoint_ids)), 0)
+            if isinstance(endpoint_ids, list):
+                self._wanted_for, self._wanted_at = endpoint_ids, self._slots_changed
+                self._wanted = wanted
         if not wanted or not hashes:
             return {}
         holders = self._holders
@@ -157,6 +170,7 @@ class PrefixIndex:
             self._slot[endpoint_id] = slot
             self._bit[endpoint_id] = 1 << slot
             self._by_slot[slot] = endpoint_id
+            self._slots_changed += 1
         self._capacity[endpoint_id] = capacity_blocks
         bit = self._bit[endpoint_id]
         holders = self._holders
@@ -164,7 +178,7 @@ class PrefixIndex:
         # Each block is added or refreshed in that order: the new ones first,
         # then every block moved to the end in order, in C (a Python loop over
         # a 32k-character prompt's 125 blocks was a sixth of a decision).
-        new = dict.fromkeys([h for h in chain if h not in lru])
+        new = dict.fromkeys(filterfalse(lru.__contains__, chain))
         for h in new:
             holders[h] = holders.get(h, 0) | bit
         self.entries += len(new)
@@ -202,6 +216,7 @@ class PrefixIndex:
             return
         slot = self._slot.pop(endpoint_id)
         del self._bit[endpoint_id], self._by_slot[slot]
+        self._slots_changed += 1
         for h in lru:
             self._drop(h, 1 << slot)
         self.entries -= len(lru)

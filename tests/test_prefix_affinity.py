@@ -806,3 +806,22 @@ def test_the_prompt_head_is_the_canonical_prompt_cut(messages: list[object], cha
     assert prompt_chars(body) == len(canonical_prompt(body)) == len(whole)
     for other in ({"prompt": "abc"}, {"prompt": ["a", "bc"]}, {"input": "xy"}, {}):
         assert prompt_chars(other) == len(canonical_prompt(other))
+
+
+def test_the_candidates_bits_kept_between_matches_follow_slots_changing_hands() -> None:
+    """``match`` keeps the OR of the same candidates' bits between calls; an
+    endpoint forgotten and another taking its slot (or a first insert for a
+    candidate) must show up in the next match of the same candidate list."""
+    from policies.prefix_index import PrefixIndex
+
+    index = PrefixIndex(1000)
+    ids = ["a", "b", "c"]
+    index.insert([1, 2, 3], "a", 10)
+    index.insert([1, 2], "b", 10)
+    assert index.match([1, 2, 3], ids) == {"a": 3, "b": 2}
+    index.forget("b")
+    assert index.match([1, 2, 3], ids) == {"a": 3}
+    index.insert([1, 2, 3, 4], "c", 10)  # takes b's slot
+    assert index.match([1, 2, 3, 4], ids) == {"a": 3, "c": 4}
+    index.insert([1], "d", 10)  # a new slot: not a candidate
+    assert index.match([1, 2, 3, 4], ids) == {"a": 3, "c": 4}
