@@ -51,8 +51,8 @@ async def test_requests_go_where_the_events_say_the_prefix_is(
         blocks.mark_live()
     original = EndpointState.view
 
-    def with_blocks(self: EndpointState) -> EndpointView:
-        return dataclasses.replace(original(self), blocks=held.get(self.id))
+    def with_blocks(self: EndpointState, model: str | None = None) -> EndpointView:
+        return dataclasses.replace(original(self, model), blocks=held.get(self.id))
 
     monkeypatch.setattr(EndpointState, "view", with_blocks)
     async with AsyncExitStack() as stack:
@@ -87,8 +87,9 @@ async def prompts_tokenized(policy: str, publishes_events: bool, mp: pytest.Monk
     held.mark_live()
     original = EndpointState.view
 
-    def with_blocks(self: EndpointState) -> EndpointView:
-        return dataclasses.replace(original(self), blocks=held if publishes_events else None)
+    def with_blocks(self: EndpointState, model: str | None = None) -> EndpointView:
+        blocks = held if publishes_events else None
+        return dataclasses.replace(original(self, model), blocks=blocks)
 
     mp.setattr(EndpointState, "view", with_blocks)
     async with AsyncExitStack() as stack:
