@@ -40,6 +40,25 @@ the held-out workloads; the mean of the two is the target), the
 simulator runs it at the profile's latencies x1 and x2, and the held-out
 simulated runs use the factor that matches the real TTFT p50 then
 (interpolated, as the calibration does). The factor is recorded.
+
+``--interleaved`` (writes ``--output``, e.g. sim_fidelity_interleaved): real
+and simulated runs alternate case by case, so both sides of a comparison see
+the same minutes of the machine's load. Per model, the real servers stay up
+for the session; the simulator's probe p50 is measured once at the profile's
+latencies x1 and x2 (the line through them maps a probe p50 to a factor).
+Then every pair, in ``schedule`` order (each repeat runs every case once, its
+order rotated by one per repeat): the real servers run a probe (2 x 40 unique
+completions through round robin, not a held-out workload; 40 alone moved the
+p50 by +-15 % between probes of one simulator), the factor is refitted to
+that probe's TTFT p50, the real case runs (caches reset), and
+right after it the same case on two fresh simulators with the profile times
+that factor. The statistic, fixed before any interleaved result was seen
+(``case_result``): per case, hit rates pooled over the repeats (hit and query
+tokens summed) and TTFT p50 / p90 of all the repeats' requests pooled, on
+each side; the target is judged on those. Reported beside, not judged: the
+real side's own spread over its repeats (``spread``) and the per-pair errors.
+``--models chatml`` / ``llama3`` runs one model (each fits one locked run of
+the real engines); ``--merge`` adds it to an existing ``--output`` JSON.
 """
 
 from __future__ import annotations
@@ -54,6 +73,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +253,7 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "ttft_p90": percentile(ttfts, 0.9),
         "ttft_mean": statistics.fmean(ttfts),
         "ttft_p50_by_repeat": [r["ttft_p50"] for r in runs],
+        "ttft_p90_by_repeat": [r["ttft_p90"] for r in runs],
         "seconds": sum(r["seconds"] for r in runs),
         "loadavg": [la for r in runs for la in r["loadavg"]],
         "ttfts": ttfts,
@@ -298,6 +319,22 @@ def sim_params(model: Path, factor: float = 1.0, **overrides: float) -> EnginePa
     return dataclasses.replace(base, **{k: getattr(base, k) * factor for k in PARAMS})
 
 
+#: Bounds on a fitted load factor (the profile's latencies x this).
+FACTOR_BOUNDS = (0.5, 4.0)
+
+
+def fit_factor(target_p50: float, points: Sequence[tuple[float, float]]) -> float:
+    """The factor at which the simulator's probe would give ``target_p50``: the
+    line through the first two (factor, simulated p50) points, extrapolated
+    if need be, bounded to FACTOR_BOUNDS; 1 if the line does not rise (a
+    simulator whose p50 does not grow with its latencies says nothing)."""
+    (f0, p0), (f1, p1) = points[0], points[1]
+    if f1 == f0 or (p1 - p0) / (f1 - f0) <= 0:
+        return 1.0
+    factor = f0 + (target_p50 - p0) * (f1 - f0) / (p1 - p0)
+    return min(max(factor, FACTOR_BOUNDS[0]), FACTOR_BOUNDS[1])
+
+
 async def contention_factor(model: Path, real_probe: dict[str, Any]) -> dict[str, Any]:
     """The factor on the profile's latencies at which the simulator's loaded
     phase matches the real one's TTFT p50 (x1 and x2 measured, interpolated,
@@ -310,9 +347,7 @@ async def contention_factor(model: Path, real_probe: dict[str, Any]) -> dict[str
         return {"factor": factor, **{k: measured[k] for k in ("p50", "p90", "loadavg")}}
 
     points = [await at(1.0), await at(2.0)]
-    slope = points[1]["p50"] - points[0]["p50"]
-    factor = 1.0 + (real_probe["p50"] - points[0]["p50"]) / slope if slope > 0 else 1.0
-    factor = min(max(factor, 0.5), 4.0)
+    factor = fit_factor(real_probe["p50"], [(p["factor"], p["p50"]) for p in points])
     points.append(await at(factor))
     return {"factor": factor, "real": real_probe, "sim": points}
 
@@ -334,6 +369,118 @@ async def measure_sim_model(
                 print(tag, model.name, name, policy, summary(runs[-1]), flush=True)
             out[f"{name}/{policy}"] = pooled(runs)
     return out
+
+
+# -- interleaved: real and simulated runs alternate case by case -----------------------
+
+
+def schedule(cases: Sequence[str], repeats: int) -> list[tuple[int, str]]:
+    """(repeat, case) pairs in run order: every repeat runs every case once, its
+    order rotated by one per repeat, so that a drift of the machine's load over
+    the session does not always fall on the same case, nor any case always
+    come first after the servers start."""
+    n = len(cases)
+    return [(r, cases[(r + i) % n]) for r in range(repeats) for i in range(n)]
+
+
+def spread(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """How far one side's repeats of a case are apart: the range of the hit
+    rate (absolute), and of TTFT p50 and p90 relative to the pooled figure
+    ((max - min) / pooled)."""
+    together = pooled(list(runs))
+    out: dict[str, float] = {
+        "hit_rate_range": max(r["hit_rate"] for r in runs) - min(r["hit_rate"] for r in runs)
+    }
+    for key in ("ttft_p50", "ttft_p90"):
+        values = [r[key] for r in runs]
+        out[f"{key}_range"] = (max(values) - min(values)) / together[key]
+    return out
+
+
+def case_result(
+    real_runs: Sequence[dict[str, Any]], sim_runs: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """The fixed statistic for one case: each side pooled over its repeats
+    (``pooled``), compared (``compare``, the targets); beside it each side's
+    own spread, and every pair's errors (the real run and the simulated run
+    right after it), reported, not judged."""
+    if len(real_runs) != len(sim_runs) or not real_runs:
+        raise ValueError("a case needs as many simulated runs as real ones, at least one")
+    real, sim = pooled(list(real_runs)), pooled(list(sim_runs))
+    return {
+        "real": real,
+        "sim": sim,
+        "comparison": compare(real, sim),
+        "real_spread": spread(real_runs),
+        "sim_spread": spread(sim_runs),
+        "paired": [compare(r, s) for r, s in zip(real_runs, sim_runs, strict=True)],
+    }
+
+
+def brief(r: dict[str, Any]) -> dict[str, Any]:
+    """A run without its per-request TTFTs (they are kept pooled per case)."""
+    return {k: v for k, v in r.items() if k != "ttfts"}
+
+
+async def interleaved_model(
+    model: Path,
+    loads: dict[str, list[list[dict[str, Any]]]],
+    workdir: Path,
+    repeats: int,
+) -> dict[str, Any]:
+    """One model's session (module docstring, ``--interleaved``)."""
+    from tests.real.engines import vllm_servers
+
+    curve = []
+    for factor in (1.0, 2.0):
+        with sim_servers(simulate_args(sim_params(model, factor))) as urls:
+            measured = await loaded_phase(urls, model, PROBE_REPEATS)
+        curve.append({"factor": factor, **{k: measured[k] for k in ("p50", "p90", "loadavg")}})
+        print(f"sim probe x{factor:.2f}", curve[-1], flush=True)
+    points = [(c["factor"], c["p50"]) for c in curve]
+    cases = [f"{name}/{policy}" for name in loads for policy in POLICIES]
+    real_runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
+    sim_runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
+    pairs = []
+    os.environ["VLLM_SERVER_DEV_MODE"] = "1"
+    with vllm_servers(workdir, model=model) as servers:
+        urls = [s.url for s in servers]
+        for repeat, case in schedule(cases, repeats):
+            name, policy = case.split("/")
+            probe = await loaded_phase(urls, model, PROBE_REPEATS)
+            factor = fit_factor(probe["p50"], points)
+            await reset_caches(urls)
+            real = await run(urls, policy, loads[name])
+            with sim_servers(simulate_args(sim_params(model, factor))) as sim_urls:
+                sim = await run(sim_urls, policy, loads[name])
+            real_runs[case].append(real)
+            sim_runs[case].append(sim)
+            pairs.append(
+                {
+                    "repeat": repeat,
+                    "case": case,
+                    "probe": {k: probe[k] for k in ("p50", "p90", "loadavg")},
+                    "factor": factor,
+                    "real": brief(real),
+                    "sim": brief(sim),
+                }
+            )
+            print(
+                f"pair {repeat} {model.name} {case} x{factor:.2f} "
+                f"(probe p50 {probe['p50'] * 1000:.0f} ms)\n  real {summary(real)}\n"
+                f"  sim  {summary(sim)}",
+                flush=True,
+            )
+    results = {c: case_result(real_runs[c], sim_runs[c]) for c in cases}
+    return {
+        "dir": model.name,
+        "sim_probe_curve": curve,
+        "pairs": pairs,
+        **{
+            key: {c: results[c][key] for c in cases}
+            for key in ("real", "sim", "comparison", "real_spread", "sim_spread", "paired")
+        },
+    }
 
 
 def summary(r: dict[str, Any]) -> str:
@@ -382,12 +529,25 @@ def plot(result: dict[str, Any], path: Path) -> None:
         width = 0.8 / len(sides)
         for j, (side, label) in enumerate(sides):
             values = [result["models"][m][side][k][key] * scale for m, k in cases]
-            ax.bar([i - 0.4 + width * (j + 0.5) for i in x], values, width, label=label)
+            where = [i - 0.4 + width * (j + 0.5) for i in x]
+            ax.bar(where, values, width, label=label)
+            # The repeats' own range (min to max), where they were kept.
+            by_repeat = [result["models"][m][side][k].get(f"{key}_by_repeat") for m, k in cases]
+            if all(by_repeat):
+                low = [max(0.0, v - min(r) * scale) for v, r in zip(values, by_repeat, strict=True)]
+                high = [
+                    max(0.0, max(r) * scale - v) for v, r in zip(values, by_repeat, strict=True)
+                ]
+                ax.errorbar(where, values, yerr=[low, high], fmt="none", ecolor="k", lw=0.8)
         ax.set_xticks(list(x))
         ax.set_xticklabels(labels, fontsize=7)
         ax.set_title(title)
         ax.legend(fontsize=8)
-    fig.suptitle("Simulator fidelity on held-out workloads (2 servers, 81 blocks of 32 tokens)")
+    title = "Simulator fidelity on held-out workloads (2 servers, 81 blocks of 32 tokens)"
+    if result["setup"].get("design") == "interleaved":
+        title += f"; real and simulated interleaved, {result['setup']['repeats']} repeats"
+        title += " (bars: pooled; whiskers: range of the repeats)"
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -410,14 +570,34 @@ async def main() -> int:
         help="refit the profile's load factor on the calibration's loaded phase, "
         "on the same real servers just before the held-out runs",
     )
+    parser.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="real and simulated runs alternate case by case, the factor refitted "
+        "to a real probe before each pair",
+    )
+    parser.add_argument(
+        "--models",
+        default="chatml,llama3",
+        help="which models: chatml (the calibration's), llama3 (held out), or both",
+    )
+    parser.add_argument(
+        "--merge", action="store_true", help="add these models to an existing --output JSON"
+    )
     opts = parser.parse_args()
     out = ROOT / "benchmarks" / "results"
     if opts.replot:
         plot(json.loads((out / f"{opts.output}.json").read_text()), out / f"{opts.output}.png")
         return 0
     loads = workloads(opts.quick)
-    models = {"tiny-llama (chatml)": ensure_tiny_model(), "tiny-llama3 (held out)": None}
-    models["tiny-llama3 (held out)"] = ensure_held_out_model()
+    known = {
+        "chatml": ("tiny-llama (chatml)", ensure_tiny_model),
+        "llama3": ("tiny-llama3 (held out)", ensure_held_out_model),
+    }
+    chosen = [m.strip() for m in opts.models.split(",") if m.strip()]
+    if not chosen or any(m not in known for m in chosen):
+        parser.error(f"--models: a comma-separated subset of {', '.join(known)}")
+    models = {known[m][0]: known[m][1]() for m in chosen}
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "profile": {"name": PROFILE, **sim_params(ensure_tiny_model()).__dict__},
@@ -428,11 +608,23 @@ async def main() -> int:
             "requests": {k: sum(len(r) for r in v) for k, v in loads.items()},
             "repeats": opts.repeats,
             "targets": {"hit_rate_gap": HIT_TARGET, "ttft_relative_error": TTFT_TARGET},
+            "design": "interleaved" if opts.interleaved else "real, then simulated",
         },
         "models": {},
     }
+    path = out / f"{opts.output}.json"
+    if opts.merge and path.exists():
+        earlier = json.loads(path.read_text())
+        result["models"] = {k: v for k, v in earlier["models"].items() if k not in models}
+        result["dates"] = [*earlier.get("dates", [earlier["date"]]), result["date"]]
     for label, model in models.items():
-        assert model is not None
+        if opts.interleaved:
+            with tempfile.TemporaryDirectory() as tmp:
+                result["models"][label] = await interleaved_model(
+                    model, loads, Path(tmp), opts.repeats
+                )
+            result["models"][label]["loadavg_at_end"] = loadavg()
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             real = await measure_real_model(
                 model, loads, Path(tmp), opts.repeats, opts.contention_probe
@@ -456,8 +648,18 @@ async def main() -> int:
             result["models"][label]["comparison_no_jitter"] = {
                 k: compare(real[k], base[k]) for k in real
             }
+    result["summary"] = overall(result)
+    path.write_text(json.dumps(result, indent=1))
+    plot(result, out / f"{opts.output}.png")
+    print(json.dumps(result["summary"], indent=1))
+    return 0
+
+
+def overall(result: dict[str, Any]) -> dict[str, Any]:
+    """Every model's cases against the targets, and (interleaved) the largest
+    spread of the real engines' own repeats."""
     cmp = [c for m in result["models"].values() for c in m["comparison"].values()]
-    result["summary"] = {
+    summary: dict[str, Any] = {
         "max_abs_hit_rate_gap": max(abs(c["hit_rate_gap"]) for c in cmp),
         "max_abs_ttft_p50_error": max(abs(c["ttft_p50_error"]) for c in cmp),
         "max_abs_ttft_p90_error": max(abs(c["ttft_p90_error"]) for c in cmp),
@@ -466,11 +668,12 @@ async def main() -> int:
         "cases_hit_ok": sum(c["hit_ok"] for c in cmp),
         "cases_ttft_p50_ok": sum(abs(c["ttft_p50_error"]) <= TTFT_TARGET for c in cmp),
         "cases_ttft_p90_ok": sum(abs(c["ttft_p90_error"]) <= TTFT_TARGET for c in cmp),
+        "cases": len(cmp),
     }
-    (out / f"{opts.output}.json").write_text(json.dumps(result, indent=1))
-    plot(result, out / f"{opts.output}.png")
-    print(json.dumps(result["summary"], indent=1))
-    return 0
+    spreads = [s for m in result["models"].values() for s in m.get("real_spread", {}).values()]
+    if spreads:
+        summary["real_max_spread"] = {k: max(s[k] for s in spreads) for k in spreads[0]}
+    return summary
 
 
 if __name__ == "__main__":
