@@ -46,8 +46,9 @@ and simulated runs alternate case by case, so both sides of a comparison see
 the same minutes of the machine's load. Per model, the real servers stay up
 for the session; the simulator's probe p50 is measured once at the profile's
 latencies x1 and x2 (the line through them maps a probe p50 to a factor).
-Then every pair, in ``schedule`` order (each repeat runs every case once, its
-order rotated by one per repeat): the real servers run a probe (2 x 40 unique
+The real servers' first probe only warms them up. Then every pair, in
+``schedule`` order (each repeat runs every case once, its order rotated by
+one per repeat): the real servers run a probe (2 x 40 unique
 completions through round robin, not a held-out workload; 40 alone moved the
 p50 by +-15 % between probes of one simulator), the factor is refitted to
 that probe's TTFT p50, the real case runs (caches reset), and
@@ -69,6 +70,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -445,6 +447,11 @@ async def interleaved_model(
     os.environ["VLLM_SERVER_DEV_MODE"] = "1"
     with vllm_servers(workdir, model=model) as servers:
         urls = [s.url for s in servers]
+        # Fresh servers answer their first requests several times slower (a
+        # first probe gave a p50 of 361 ms, 4x the next ones): warm them up
+        # with one probe that no pair uses.
+        warmup = await loaded_phase(urls, model, PROBE_REPEATS)
+        print("warm-up probe", {k: warmup[k] for k in ("p50", "p90")}, flush=True)
         for repeat, case in schedule(cases, repeats):
             name, policy = case.split("/")
             probe = await loaded_phase(urls, model, PROBE_REPEATS)
@@ -475,6 +482,7 @@ async def interleaved_model(
     return {
         "dir": model.name,
         "sim_probe_curve": curve,
+        "warmup_probe": {k: warmup[k] for k in ("p50", "p90", "loadavg")},
         "pairs": pairs,
         **{
             key: {c: results[c][key] for c in cases}
@@ -553,6 +561,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 async def main() -> int:
+    # A terminated run unwinds its context managers (servers stopped).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller workloads")
     parser.add_argument("--output", default="sim_fidelity")
