@@ -58,6 +58,15 @@ that factor. The statistic, fixed before any interleaved result was seen
 tokens summed) and TTFT p50 / p90 of all the repeats' requests pooled, on
 each side; the target is judged on those. Reported beside, not judged: the
 real side's own spread over its repeats (``spread``) and the per-pair errors.
+``--fit-jitter`` (with ``--interleaved``): the probe also sets the
+simulator's step jitter. The first interleaved run (load average 4-10) had
+real probes with a TTFT p90/p50 of 2.2 to 7.2 where the simulator's probe,
+at the profile's jitter, gives 2.1-2.3: the machine's contention then had a
+longer tail than at calibration (load 4.5-6.5), on the probe itself, not
+only on the held-out workloads. So the simulator's probe is measured on a
+grid of jitters (JITTER_GRID) x factors 1 and 2, and for each pair the
+jitter whose probe p90/p50 matches the real probe's (``fit_jitter``), then
+the factor matching its p50 at that jitter (``curve_at``, ``fit_factor``).
 ``--models chatml`` / ``llama3`` runs one model (each fits one locked run of
 the real engines); ``--merge`` adds it to an existing ``--output`` JSON.
 """
@@ -67,6 +76,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import json
 import os
 import random
@@ -424,22 +434,69 @@ def brief(r: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in r.items() if k != "ttfts"}
 
 
+#: The simulator's step jitters (sigma) probed with ``--fit-jitter``.
+JITTER_GRID = (0.0, 0.4, 0.8, 1.2)
+
+
+def fit_jitter(ratio: float, points: Sequence[tuple[float, float]]) -> float:
+    """The step jitter at which the simulator's probe would give a TTFT
+    p90/p50 of ``ratio``: piecewise linear through (sigma, ratio) points,
+    their running maximum taken so the curve does not fall (a probe's noise),
+    clamped to the points' ends (no extrapolation beyond what was measured)."""
+    ordered = sorted(points)
+    sigmas = [p[0] for p in ordered]
+    ratios: list[float] = []
+    for _, r in ordered:
+        ratios.append(max(r, ratios[-1]) if ratios else r)
+    if ratio <= ratios[0]:
+        return sigmas[0]
+    for (s0, r0), (s1, r1) in itertools.pairwise(zip(sigmas, ratios, strict=True)):
+        if r0 < ratio <= r1:
+            return s0 + (ratio - r0) * (s1 - s0) / (r1 - r0)
+    return sigmas[ratios.index(ratios[-1])]
+
+
+def curve_at(sigma: float, grid: Sequence[dict[str, float]]) -> list[tuple[float, float]]:
+    """(factor, p50) of the simulator's probe at step jitter ``sigma``, for
+    each factor of ``grid`` (points with keys sigma, factor, p50): p50
+    interpolated linearly between the two grid sigmas around ``sigma``."""
+    out = []
+    for factor in sorted({g["factor"] for g in grid}):
+        row = sorted((g["sigma"], g["p50"]) for g in grid if g["factor"] == factor)
+        lo = max((r for r in row if r[0] <= sigma), default=row[0])
+        hi = min((r for r in row if r[0] >= sigma), default=row[-1])
+        p50 = (
+            lo[1] if hi[0] == lo[0] else lo[1] + (sigma - lo[0]) * (hi[1] - lo[1]) / (hi[0] - lo[0])
+        )
+        out.append((factor, p50))
+    return out
+
+
 async def interleaved_model(
     model: Path,
     loads: dict[str, list[list[dict[str, Any]]]],
     workdir: Path,
     repeats: int,
+    tail: bool = False,
 ) -> dict[str, Any]:
-    """One model's session (module docstring, ``--interleaved``)."""
+    """One model's session (module docstring, ``--interleaved``; ``tail``:
+    ``--fit-jitter``)."""
     from tests.real.engines import vllm_servers
 
+    profile_jitter = sim_params(model).step_jitter
     curve = []
-    for factor in (1.0, 2.0):
-        with sim_servers(simulate_args(sim_params(model, factor))) as urls:
-            measured = await loaded_phase(urls, model, PROBE_REPEATS)
-        curve.append({"factor": factor, **{k: measured[k] for k in ("p50", "p90", "loadavg")}})
-        print(f"sim probe x{factor:.2f}", curve[-1], flush=True)
-    points = [(c["factor"], c["p50"]) for c in curve]
+    for sigma in JITTER_GRID if tail else (profile_jitter,):
+        for factor in (1.0, 2.0):
+            params = sim_params(model, factor, step_jitter=sigma)
+            with sim_servers(simulate_args(params)) as urls:
+                measured = await loaded_phase(urls, model, PROBE_REPEATS)
+            taken = {k: measured[k] for k in ("p50", "p90", "loadavg")}
+            curve.append({"sigma": sigma, "factor": factor, **taken})
+            print(f"sim probe x{factor:.2f} jitter {sigma}", curve[-1], flush=True)
+    ratios = [
+        (sigma, statistics.fmean(c["p90"] / c["p50"] for c in curve if c["sigma"] == sigma))
+        for sigma in sorted({c["sigma"] for c in curve})
+    ]
     cases = [f"{name}/{policy}" for name in loads for policy in POLICIES]
     real_runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
     sim_runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
@@ -455,10 +512,12 @@ async def interleaved_model(
         for repeat, case in schedule(cases, repeats):
             name, policy = case.split("/")
             probe = await loaded_phase(urls, model, PROBE_REPEATS)
-            factor = fit_factor(probe["p50"], points)
+            sigma = fit_jitter(probe["p90"] / probe["p50"], ratios) if tail else profile_jitter
+            factor = fit_factor(probe["p50"], curve_at(sigma, curve))
             await reset_caches(urls)
             real = await run(urls, policy, loads[name])
-            with sim_servers(simulate_args(sim_params(model, factor))) as sim_urls:
+            params = sim_params(model, factor, step_jitter=sigma)
+            with sim_servers(simulate_args(params)) as sim_urls:
                 sim = await run(sim_urls, policy, loads[name])
             real_runs[case].append(real)
             sim_runs[case].append(sim)
@@ -468,13 +527,15 @@ async def interleaved_model(
                     "case": case,
                     "probe": {k: probe[k] for k in ("p50", "p90", "loadavg")},
                     "factor": factor,
+                    "step_jitter": sigma,
                     "real": brief(real),
                     "sim": brief(sim),
                 }
             )
             print(
-                f"pair {repeat} {model.name} {case} x{factor:.2f} "
-                f"(probe p50 {probe['p50'] * 1000:.0f} ms)\n  real {summary(real)}\n"
+                f"pair {repeat} {model.name} {case} x{factor:.2f} jitter {sigma:.2f} "
+                f"(probe p50 {probe['p50'] * 1000:.0f} ms p90 {probe['p90'] * 1000:.0f} ms)"
+                f"\n  real {summary(real)}\n"
                 f"  sim  {summary(sim)}",
                 flush=True,
             )
@@ -482,6 +543,7 @@ async def interleaved_model(
     return {
         "dir": model.name,
         "sim_probe_curve": curve,
+        "fit_jitter": tail,
         "warmup_probe": {k: warmup[k] for k in ("p50", "p90", "loadavg")},
         "pairs": pairs,
         **{
@@ -587,6 +649,12 @@ async def main() -> int:
         "to a real probe before each pair",
     )
     parser.add_argument(
+        "--fit-jitter",
+        action="store_true",
+        help="with --interleaved: also refit the step jitter to each real probe's "
+        "TTFT p90/p50 (the contention's tail at that moment), not only the factor",
+    )
+    parser.add_argument(
         "--models",
         default="chatml,llama3",
         help="which models: chatml (the calibration's), llama3 (held out), or both",
@@ -619,6 +687,7 @@ async def main() -> int:
             "repeats": opts.repeats,
             "targets": {"hit_rate_gap": HIT_TARGET, "ttft_relative_error": TTFT_TARGET},
             "design": "interleaved" if opts.interleaved else "real, then simulated",
+            "fit_jitter": opts.fit_jitter,
         },
         "models": {},
     }
@@ -631,7 +700,7 @@ async def main() -> int:
         if opts.interleaved:
             with tempfile.TemporaryDirectory() as tmp:
                 result["models"][label] = await interleaved_model(
-                    model, loads, Path(tmp), opts.repeats
+                    model, loads, Path(tmp), opts.repeats, opts.fit_jitter
                 )
             result["models"][label]["loadavg_at_end"] = loadavg()
             continue

@@ -13,7 +13,9 @@ import pytest
 from benchmarks.sim_fidelity import (
     FACTOR_BOUNDS,
     case_result,
+    curve_at,
     fit_factor,
+    fit_jitter,
     overall,
     schedule,
     spread,
@@ -124,3 +126,40 @@ def test_overall_counts_cases_against_the_targets_and_the_real_spread() -> None:
     assert not got["hit_ok"]
     assert got["cases_ttft_p50_ok"] == 1
     assert got["real_max_spread"]["hit_rate_range"] == pytest.approx(0.1)
+
+
+def test_fit_jitter_interpolates_the_probe_tail_within_the_grid() -> None:
+    points = [(0.0, 1.8), (0.4, 2.2), (0.8, 3.0), (1.2, 4.0)]
+    assert fit_jitter(2.6, points) == pytest.approx(0.6)
+    assert fit_jitter(3.5, list(reversed(points))) == pytest.approx(1.0)
+    # Outside what was measured: the ends, never beyond.
+    assert fit_jitter(1.5, points) == 0.0
+    assert fit_jitter(7.0, points) == 1.2
+
+
+def test_fit_jitter_does_not_fall_back_on_a_noisy_dip() -> None:
+    # 0.8 measured a lower ratio than 0.4 (noise): treated as 2.4 (the running
+    # maximum), so a ratio of 2.3 maps inside 0.0-0.4, not to 0.8.
+    points = [(0.0, 1.8), (0.4, 2.4), (0.8, 2.3), (1.2, 3.4)]
+    assert fit_jitter(2.3, points) == pytest.approx(0.4 * 0.5 / 0.6)
+    assert fit_jitter(2.9, points) == pytest.approx(0.8 + 0.4 * 0.5 / 1.0)
+    # A grid whose tail never rises past its second point: its first maximum.
+    assert fit_jitter(5.0, [(0.0, 1.8), (0.4, 2.4), (0.8, 2.0)]) == 0.4
+
+
+def test_curve_at_interpolates_each_factor_between_grid_sigmas() -> None:
+    grid = [
+        {"sigma": 0.0, "factor": 1.0, "p50": 0.060},
+        {"sigma": 0.8, "factor": 1.0, "p50": 0.050},
+        {"sigma": 0.0, "factor": 2.0, "p50": 0.120},
+        {"sigma": 0.8, "factor": 2.0, "p50": 0.100},
+    ]
+    assert curve_at(0.4, grid) == [
+        (1.0, pytest.approx(0.055)),
+        (2.0, pytest.approx(0.110)),
+    ]
+    assert curve_at(0.8, grid) == [(1.0, pytest.approx(0.05)), (2.0, pytest.approx(0.1))]
+    # Beyond the grid: its last sigma's values.
+    assert curve_at(2.0, grid) == [(1.0, pytest.approx(0.05)), (2.0, pytest.approx(0.1))]
+    # Then the factor as without a jitter fit: p50 0.0825 at sigma 0.4 -> x1.5.
+    assert fit_factor(0.0825, curve_at(0.4, grid)) == pytest.approx(1.5)
