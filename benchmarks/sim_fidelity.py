@@ -331,8 +331,10 @@ def sim_params(model: Path, factor: float = 1.0, **overrides: float) -> EnginePa
     return dataclasses.replace(base, **{k: getattr(base, k) * factor for k in PARAMS})
 
 
-#: Bounds on a fitted load factor (the profile's latencies x this).
-FACTOR_BOUNDS = (0.5, 4.0)
+#: Bounds on a fitted load factor (the profile's latencies x this). The upper
+#: one was 4 until the first interleaved run: at a load average of 9 a real
+#: probe's p50 was 443 ms, the simulator's 66 ms at x1 and about 290 at x4.
+FACTOR_BOUNDS = (0.5, 8.0)
 
 
 def fit_factor(target_p50: float, points: Sequence[tuple[float, float]]) -> float:
@@ -350,7 +352,7 @@ def fit_factor(target_p50: float, points: Sequence[tuple[float, float]]) -> floa
 async def contention_factor(model: Path, real_probe: dict[str, Any]) -> dict[str, Any]:
     """The factor on the profile's latencies at which the simulator's loaded
     phase matches the real one's TTFT p50 (x1 and x2 measured, interpolated,
-    bounded to 0.5-4, then measured at the factor as a check)."""
+    bounded (FACTOR_BOUNDS), then measured at the factor as a check)."""
 
     async def at(factor: float) -> dict[str, Any]:
         with sim_servers(simulate_args(sim_params(model, factor))) as urls:
