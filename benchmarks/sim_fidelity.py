@@ -67,6 +67,9 @@ only on the held-out workloads. So the simulator's probe is measured on a
 grid of jitters (JITTER_GRID) x factors 1 and 2, and for each pair the
 jitter whose probe p90/p50 matches the real probe's (``fit_jitter``), then
 the factor matching its p50 at that jitter (``curve_at``, ``fit_factor``).
+``--replay NAME`` (no real engines): the simulated side of an earlier
+interleaved run again, each pair fitted as with ``--fit-jitter`` to its
+recorded probe, against its recorded real runs (the simulator runs later).
 ``--models chatml`` / ``llama3`` runs one model (each fits one locked run of
 the real engines); ``--merge`` adds it to an existing ``--output`` JSON.
 """
@@ -474,6 +477,67 @@ def curve_at(sigma: float, grid: Sequence[dict[str, float]]) -> list[tuple[float
     return out
 
 
+async def sim_probe_grid(
+    model: Path, tail: bool
+) -> tuple[list[dict[str, Any]], list[tuple[float, float]]]:
+    """The simulator's probe at factors 1 and 2, at the profile's step jitter
+    or (``tail``) at every JITTER_GRID sigma; and each sigma's p90/p50."""
+    curve = []
+    for sigma in JITTER_GRID if tail else (sim_params(model).step_jitter,):
+        for factor in (1.0, 2.0):
+            params = sim_params(model, factor, step_jitter=sigma)
+            with sim_servers(simulate_args(params)) as urls:
+                measured = await loaded_phase(urls, model, PROBE_REPEATS)
+            taken = {k: measured[k] for k in ("p50", "p90", "loadavg")}
+            curve.append({"sigma": sigma, "factor": factor, **taken})
+            print(f"sim probe x{factor:.2f} jitter {sigma}", curve[-1], flush=True)
+    ratios = [
+        (sigma, statistics.fmean(c["p90"] / c["p50"] for c in curve if c["sigma"] == sigma))
+        for sigma in sorted({c["sigma"] for c in curve})
+    ]
+    return curve, ratios
+
+
+async def replay_model(
+    model: Path, loads: dict[str, list[list[dict[str, Any]]]], earlier: dict[str, Any]
+) -> dict[str, Any]:
+    """``--replay``: the simulated side of an earlier interleaved session again,
+    each pair with the step jitter and factor that its recorded real probe
+    gives (``--fit-jitter``'s fit), against the recorded real runs. Not
+    interleaved: the simulator runs now, the real engines ran then."""
+    curve, ratios = await sim_probe_grid(model, True)
+    cases = list(earlier["real"])
+    sim_runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
+    paired: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
+    pairs = []
+    for pair in earlier["pairs"]:
+        probe, case = pair["probe"], pair["case"]
+        name, policy = case.split("/")
+        sigma = fit_jitter(probe["p90"] / probe["p50"], ratios)
+        factor = fit_factor(probe["p50"], curve_at(sigma, curve))
+        params = sim_params(model, factor, step_jitter=sigma)
+        with sim_servers(simulate_args(params)) as urls:
+            sim = await run(urls, policy, loads[name])
+        sim_runs[case].append(sim)
+        paired[case].append(compare(pair["real"], sim))
+        pairs.append({**pair, "factor": factor, "step_jitter": sigma, "sim": brief(sim)})
+        print(f"replay {case} x{factor:.2f} jitter {sigma:.2f}: sim {summary(sim)}", flush=True)
+    sim_pooled = {c: pooled(sim_runs[c]) for c in cases}
+    return {
+        "dir": model.name,
+        "replay_of": earlier.get("dates") or earlier["dir"],
+        "sim_probe_curve": curve,
+        "fit_jitter": True,
+        "pairs": pairs,
+        "real": earlier["real"],
+        "sim": sim_pooled,
+        "comparison": {c: compare(earlier["real"][c], sim_pooled[c]) for c in cases},
+        "real_spread": earlier["real_spread"],
+        "sim_spread": {c: spread(sim_runs[c]) for c in cases},
+        "paired": paired,
+    }
+
+
 async def interleaved_model(
     model: Path,
     loads: dict[str, list[list[dict[str, Any]]]],
@@ -486,19 +550,7 @@ async def interleaved_model(
     from tests.real.engines import vllm_servers
 
     profile_jitter = sim_params(model).step_jitter
-    curve = []
-    for sigma in JITTER_GRID if tail else (profile_jitter,):
-        for factor in (1.0, 2.0):
-            params = sim_params(model, factor, step_jitter=sigma)
-            with sim_servers(simulate_args(params)) as urls:
-                measured = await loaded_phase(urls, model, PROBE_REPEATS)
-            taken = {k: measured[k] for k in ("p50", "p90", "loadavg")}
-            curve.append({"sigma": sigma, "factor": factor, **taken})
-            print(f"sim probe x{factor:.2f} jitter {sigma}", curve[-1], flush=True)
-    ratios = [
-        (sigma, statistics.fmean(c["p90"] / c["p50"] for c in curve if c["sigma"] == sigma))
-        for sigma in sorted({c["sigma"] for c in curve})
-    ]
+    curve, ratios = await sim_probe_grid(model, tail)
     cases = [f"{name}/{policy}" for name in loads for policy in POLICIES]
     real_runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
     sim_runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
@@ -616,8 +668,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_title(title)
         ax.legend(fontsize=8)
     title = "Simulator fidelity on held-out workloads (2 servers, 81 blocks of 32 tokens)"
-    if result["setup"].get("design") == "interleaved":
-        title += f"; real and simulated interleaved, {result['setup']['repeats']} repeats"
+    design = result["setup"].get("design")
+    if design in ("interleaved", "replay"):
+        repeats = len(next(iter(next(iter(result["models"].values()))["paired"].values())))
+        title += f"; real and simulated interleaved, {repeats} repeats"
+        if design == "replay":
+            title += " (simulated side replayed with the tail fitted)"
         title += " (bars: pooled; whiskers: range of the repeats)"
     fig.suptitle(title)
     fig.tight_layout()
@@ -657,6 +713,12 @@ async def main() -> int:
         "TTFT p90/p50 (the contention's tail at that moment), not only the factor",
     )
     parser.add_argument(
+        "--replay",
+        metavar="NAME",
+        help="no real engines: rerun the simulated side of results/NAME.json (an "
+        "--interleaved run) with --fit-jitter's fit to each pair's recorded probe",
+    )
+    parser.add_argument(
         "--models",
         default="chatml,llama3",
         help="which models: chatml (the calibration's), llama3 (held out), or both",
@@ -678,6 +740,9 @@ async def main() -> int:
     if not chosen or any(m not in known for m in chosen):
         parser.error(f"--models: a comma-separated subset of {', '.join(known)}")
     models = {known[m][0]: known[m][1]() for m in chosen}
+    design = "real, then simulated"
+    if opts.interleaved or opts.replay:
+        design = "replay" if opts.replay else "interleaved"
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "profile": {"name": PROFILE, **sim_params(ensure_tiny_model()).__dict__},
@@ -688,7 +753,7 @@ async def main() -> int:
             "requests": {k: sum(len(r) for r in v) for k, v in loads.items()},
             "repeats": opts.repeats,
             "targets": {"hit_rate_gap": HIT_TARGET, "ttft_relative_error": TTFT_TARGET},
-            "design": "interleaved" if opts.interleaved else "real, then simulated",
+            "design": design,
             "fit_jitter": opts.fit_jitter,
         },
         "models": {},
@@ -699,6 +764,10 @@ async def main() -> int:
         result["models"] = {k: v for k, v in earlier["models"].items() if k not in models}
         result["dates"] = [*earlier.get("dates", [earlier["date"]]), result["date"]]
     for label, model in models.items():
+        if opts.replay:
+            earlier = json.loads((out / f"{opts.replay}.json").read_text())["models"][label]
+            result["models"][label] = await replay_model(model, loads, earlier)
+            continue
         if opts.interleaved:
             with tempfile.TemporaryDirectory() as tmp:
                 result["models"][label] = await interleaved_model(
