@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from backends.sim.engine import StepJitter
+from backends.sim.profiles import PROFILES
 from benchmarks.sim_fidelity import (
     FACTOR_BOUNDS,
+    PROFILE,
     case_result,
     curve_at,
     fit_factor,
     fit_jitter,
     overall,
+    pair_params,
     schedule,
     spread,
 )
@@ -163,3 +168,17 @@ def test_curve_at_interpolates_each_factor_between_grid_sigmas() -> None:
     assert curve_at(2.0, grid) == [(1.0, pytest.approx(0.05)), (2.0, pytest.approx(0.1))]
     # Then the factor as without a jitter fit: p50 0.0825 at sigma 0.4 -> x1.5.
     assert fit_factor(0.0825, curve_at(0.4, grid)) == pytest.approx(1.5)
+
+
+def test_pair_params_scale_the_profile_and_seed_each_repeat_apart(tmp_path: Path) -> None:
+    profile = PROFILES[PROFILE]
+    params = [pair_params(tmp_path, 2.5, 0.8, repeat) for repeat in range(3)]
+    for p in params:
+        assert p.step_base == pytest.approx(2.5 * profile["step_base"])
+        assert p.request_overhead == pytest.approx(2.5 * profile["request_overhead"])
+        assert p.step_jitter == 0.8
+        assert p.tokenizer == str(tmp_path)
+    assert [p.seed for p in params] == [0, 1, 2]
+    # Distinct seeds, distinct jitter sequences: the repeats are separate draws.
+    sequences = [[StepJitter(p.step_jitter, p.seed).factor() for _ in range(5)] for p in params]
+    assert len({tuple(s) for s in sequences}) == 3
