@@ -97,7 +97,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backends.sim.engine import EngineParams  # noqa: E402
+from backends.sim.engine import Engine, EngineParams, Sequence_, Step  # noqa: E402
 from benchmarks.calibrate_sim import (  # noqa: E402
     PARAMS,
     loaded_phase,
@@ -486,6 +486,39 @@ def pair_params(model: Path, factor: float, sigma: float, repeat: int) -> Engine
     return sim_params(model, factor, step_jitter=sigma, seed=repeat)
 
 
+def virtual_hit_rate(
+    params: EngineParams, rounds: list[list[dict[str, Any]]], concurrency: int = CONCURRENCY
+) -> float:
+    """A workload's hit rate on two simulated engines in virtual time (stepped
+    directly: no HTTP, no sleeping), round robin in sending order, rounds
+    one after the other, ``concurrency`` in flight: what the engines' timing
+    (the step jitter, so the seed) does to eviction order, and so to the hit
+    rate, with nothing else moving. ``--virtual-seeds`` prints it per seed."""
+    engines = [Engine(params), Engine(params)]
+    busy: list[tuple[Step, float] | None] = [None, None]
+    now, sent = 0.0, 0
+    for batch in rounds:
+        pending = list(batch)
+        inflight: list[Sequence_] = []
+        while pending or inflight:
+            while pending and len(inflight) < concurrency:
+                body = pending.pop(0)
+                engine = engines[sent % 2]
+                sent += 1
+                prompt = engine.render_chat(body["messages"])
+                inflight.append(engine.submit(prompt, body["max_tokens"], now=now, run=False))
+            for i, engine in enumerate(engines):
+                if busy[i] is None and (step := engine.plan_step()) is not None:
+                    busy[i] = (step, now + step.seconds)
+            # The step that ends first (one is running while anything is in flight).
+            now, i, step = min((b[1], j, b[0]) for j, b in enumerate(busy) if b is not None)
+            busy[i] = None
+            engines[i].finish_step(step, now)
+            inflight = [seq for seq in inflight if not seq.done]
+    queries = sum(e.stats.queries for e in engines)
+    return sum(e.stats.hits for e in engines) / queries if queries else 0.0
+
+
 async def sim_probe_grid(
     model: Path, tail: bool
 ) -> tuple[list[dict[str, Any]], list[tuple[float, float]]]:
@@ -722,6 +755,13 @@ async def main() -> int:
         "TTFT p90/p50 (the contention's tail at that moment), not only the factor",
     )
     parser.add_argument(
+        "--virtual-seeds",
+        type=int,
+        metavar="N",
+        help="no engines, no HTTP: each workload's round-robin hit rate in virtual "
+        "time for simulator seeds 0..N-1, per model",
+    )
+    parser.add_argument(
         "--replay",
         metavar="NAME",
         help="no real engines: rerun the simulated side of results/NAME.json (an "
@@ -741,6 +781,17 @@ async def main() -> int:
         plot(json.loads((out / f"{opts.output}.json").read_text()), out / f"{opts.output}.png")
         return 0
     loads = workloads(opts.quick)
+    if opts.virtual_seeds:
+        for model in (ensure_tiny_model(), ensure_held_out_model()):
+            for name, rounds in loads.items():
+                rates = [
+                    virtual_hit_rate(
+                        pair_params(model, 1.0, sim_params(model).step_jitter, s), rounds
+                    )
+                    for s in range(opts.virtual_seeds)
+                ]
+                print(model.name, name, "round_robin", [round(r, 4) for r in rates], flush=True)
+        return 0
     known = {
         "chatml": ("tiny-llama (chatml)", ensure_tiny_model),
         "llama3": ("tiny-llama3 (held out)", ensure_held_out_model),

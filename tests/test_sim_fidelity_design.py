@@ -20,11 +20,14 @@ from benchmarks.sim_fidelity import (
     curve_at,
     fit_factor,
     fit_jitter,
+    multiturn_workload,
     overall,
     pair_params,
     schedule,
     spread,
+    virtual_hit_rate,
 )
+from tests.helpers import FIXTURES
 
 CASES = ["tenants/round_robin", "tenants/prefix_affinity", "multiturn/round_robin", "m/pa"]
 
@@ -182,3 +185,18 @@ def test_pair_params_scale_the_profile_and_seed_each_repeat_apart(tmp_path: Path
     # Distinct seeds, distinct jitter sequences: the repeats are separate draws.
     sequences = [[StepJitter(p.step_jitter, p.seed).factor() for _ in range(5)] for p in params]
     assert len({tuple(s) for s in sequences}) == 3
+
+
+def test_virtual_hit_rate_is_one_draw_per_seed_and_seeds_differ() -> None:
+    """The tiny tokenizer's fixture (the real tier's ChatML model): in virtual
+    time the multi-turn workload's hit rate depends on the seed alone (the
+    step jitter moves eviction order), and the same seed repeats it exactly."""
+    rounds = multiturn_workload(12, 10, 5)
+    model = FIXTURES / "tiny-llama"
+    rates = [virtual_hit_rate(pair_params(model, 1.0, 0.4, seed), rounds) for seed in range(3)]
+    assert all(0.0 < r < 1.0 for r in rates)
+    assert len(set(rates)) > 1
+    assert virtual_hit_rate(pair_params(model, 1.0, 0.4, 1), rounds) == rates[1]
+    # Without jitter the seed moves nothing: the timing is the model's alone.
+    flat = {virtual_hit_rate(pair_params(model, 1.0, 0.0, seed), rounds) for seed in range(3)}
+    assert len(flat) == 1
