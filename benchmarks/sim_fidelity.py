@@ -70,6 +70,8 @@ the factor matching its p50 at that jitter (``curve_at``, ``fit_factor``).
 ``--replay NAME`` (no real engines): the simulated side of an earlier
 interleaved run again, each pair fitted as with ``--fit-jitter`` to its
 recorded probe, against its recorded real runs (the simulator runs later).
+``--virtual-seeds N`` (no engines, no HTTP): each workload's round-robin hit
+rate in virtual time for simulator seeds 0..N-1 (``virtual_hit_rate``).
 ``--models chatml`` / ``llama3`` runs one model (each fits one locked run of
 the real engines); ``--merge`` adds it to an existing ``--output`` JSON.
 """
