@@ -40,6 +40,40 @@ the held-out workloads; the mean of the two is the target), the
 simulator runs it at the profile's latencies x1 and x2, and the held-out
 simulated runs use the factor that matches the real TTFT p50 then
 (interpolated, as the calibration does). The factor is recorded.
+
+``--interleaved`` (writes ``--output``, e.g. sim_fidelity_interleaved): real
+and simulated runs alternate case by case, so both sides of a comparison see
+the same minutes of the machine's load. Per model, the real servers stay up
+for the session; the simulator's probe p50 is measured once at the profile's
+latencies x1 and x2 (the line through them maps a probe p50 to a factor).
+The real servers' first probe only warms them up. Then every pair, in
+``schedule`` order (each repeat runs every case once, its order rotated by
+one per repeat): the real servers run a probe (2 x 40 unique
+completions through round robin, not a held-out workload; 40 alone moved the
+p50 by +-15 % between probes of one simulator), the factor is refitted to
+that probe's TTFT p50, the real case runs (caches reset), and
+right after it the same case on two fresh simulators with the profile times
+that factor. The statistic, fixed before any interleaved result was seen
+(``case_result``): per case, hit rates pooled over the repeats (hit and query
+tokens summed) and TTFT p50 / p90 of all the repeats' requests pooled, on
+each side; the target is judged on those. Reported beside, not judged: the
+real side's own spread over its repeats (``spread``) and the per-pair errors.
+``--fit-jitter`` (with ``--interleaved``): the probe also sets the
+simulator's step jitter. The first interleaved run (load average 4-10) had
+real probes with a TTFT p90/p50 of 2.2 to 7.2 where the simulator's probe,
+at the profile's jitter, gives 2.1-2.3: the machine's contention then had a
+longer tail than at calibration (load 4.5-6.5), on the probe itself, not
+only on the held-out workloads. So the simulator's probe is measured on a
+grid of jitters (JITTER_GRID) x factors 1 and 2, and for each pair the
+jitter whose probe p90/p50 matches the real probe's (``fit_jitter``), then
+the factor matching its p50 at that jitter (``curve_at``, ``fit_factor``).
+``--replay NAME`` (no real engines): the simulated side of an earlier
+interleaved run again, each pair fitted as with ``--fit-jitter`` to its
+recorded probe, against its recorded real runs (the simulator runs later).
+``--virtual-seeds N`` (no engines, no HTTP): each workload's round-robin hit
+rate in virtual time for simulator seeds 0..N-1 (``virtual_hit_rate``).
+``--models chatml`` / ``llama3`` runs one model (each fits one locked run of
+the real engines); ``--merge`` adds it to an existing ``--output`` JSON.
 """
 
 from __future__ import annotations
@@ -47,13 +81,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import json
 import os
 import random
+import signal
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +99,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backends.sim.engine import EngineParams  # noqa: E402
+from backends.sim.engine import Engine, EngineParams, Sequence_, Step  # noqa: E402
 from benchmarks.calibrate_sim import (  # noqa: E402
     PARAMS,
     loaded_phase,
@@ -233,6 +270,7 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "ttft_p90": percentile(ttfts, 0.9),
         "ttft_mean": statistics.fmean(ttfts),
         "ttft_p50_by_repeat": [r["ttft_p50"] for r in runs],
+        "ttft_p90_by_repeat": [r["ttft_p90"] for r in runs],
         "seconds": sum(r["seconds"] for r in runs),
         "loadavg": [la for r in runs for la in r["loadavg"]],
         "ttfts": ttfts,
@@ -290,7 +328,7 @@ async def measure_real_model(
     return out
 
 
-def sim_params(model: Path, factor: float = 1.0, **overrides: float) -> EngineParams:
+def sim_params(model: Path, factor: float = 1.0, **overrides: float | int) -> EngineParams:
     """The profile for ``model``, its latency parameters times ``factor``."""
     base = EngineParams.profile(
         PROFILE, num_blocks=NUM_BLOCKS, max_model_len=2048, tokenizer=str(model), **overrides
@@ -298,10 +336,28 @@ def sim_params(model: Path, factor: float = 1.0, **overrides: float) -> EnginePa
     return dataclasses.replace(base, **{k: getattr(base, k) * factor for k in PARAMS})
 
 
+#: Bounds on a fitted load factor (the profile's latencies x this). The upper
+#: one was 4 until the first interleaved run: at a load average of 9 a real
+#: probe's p50 was 443 ms, the simulator's 66 ms at x1 and about 290 at x4.
+FACTOR_BOUNDS = (0.5, 8.0)
+
+
+def fit_factor(target_p50: float, points: Sequence[tuple[float, float]]) -> float:
+    """The factor at which the simulator's probe would give ``target_p50``: the
+    line through the first two (factor, simulated p50) points, extrapolated
+    if need be, bounded to FACTOR_BOUNDS; 1 if the line does not rise (a
+    simulator whose p50 does not grow with its latencies says nothing)."""
+    (f0, p0), (f1, p1) = points[0], points[1]
+    if f1 == f0 or (p1 - p0) / (f1 - f0) <= 0:
+        return 1.0
+    factor = f0 + (target_p50 - p0) * (f1 - f0) / (p1 - p0)
+    return min(max(factor, FACTOR_BOUNDS[0]), FACTOR_BOUNDS[1])
+
+
 async def contention_factor(model: Path, real_probe: dict[str, Any]) -> dict[str, Any]:
     """The factor on the profile's latencies at which the simulator's loaded
     phase matches the real one's TTFT p50 (x1 and x2 measured, interpolated,
-    bounded to 0.5-4, then measured at the factor as a check)."""
+    bounded (FACTOR_BOUNDS), then measured at the factor as a check)."""
 
     async def at(factor: float) -> dict[str, Any]:
         with sim_servers(simulate_args(sim_params(model, factor))) as urls:
@@ -310,9 +366,7 @@ async def contention_factor(model: Path, real_probe: dict[str, Any]) -> dict[str
         return {"factor": factor, **{k: measured[k] for k in ("p50", "p90", "loadavg")}}
 
     points = [await at(1.0), await at(2.0)]
-    slope = points[1]["p50"] - points[0]["p50"]
-    factor = 1.0 + (real_probe["p50"] - points[0]["p50"]) / slope if slope > 0 else 1.0
-    factor = min(max(factor, 0.5), 4.0)
+    factor = fit_factor(real_probe["p50"], [(p["factor"], p["p50"]) for p in points])
     points.append(await at(factor))
     return {"factor": factor, "real": real_probe, "sim": points}
 
@@ -334,6 +388,267 @@ async def measure_sim_model(
                 print(tag, model.name, name, policy, summary(runs[-1]), flush=True)
             out[f"{name}/{policy}"] = pooled(runs)
     return out
+
+
+# -- interleaved: real and simulated runs alternate case by case -----------------------
+
+
+def schedule(cases: Sequence[str], repeats: int) -> list[tuple[int, str]]:
+    """(repeat, case) pairs in run order: every repeat runs every case once, its
+    order rotated by one per repeat, so that a drift of the machine's load over
+    the session does not always fall on the same case, nor any case always
+    come first after the servers start."""
+    n = len(cases)
+    return [(r, cases[(r + i) % n]) for r in range(repeats) for i in range(n)]
+
+
+def spread(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """How far one side's repeats of a case are apart: the range of the hit
+    rate (absolute), and of TTFT p50 and p90 relative to the pooled figure
+    ((max - min) / pooled)."""
+    together = pooled(list(runs))
+    out: dict[str, float] = {
+        "hit_rate_range": max(r["hit_rate"] for r in runs) - min(r["hit_rate"] for r in runs)
+    }
+    for key in ("ttft_p50", "ttft_p90"):
+        values = [r[key] for r in runs]
+        out[f"{key}_range"] = (max(values) - min(values)) / together[key]
+    return out
+
+
+def case_result(
+    real_runs: Sequence[dict[str, Any]], sim_runs: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """The fixed statistic for one case: each side pooled over its repeats
+    (``pooled``), compared (``compare``, the targets); beside it each side's
+    own spread, and every pair's errors (the real run and the simulated run
+    right after it), reported, not judged."""
+    if len(real_runs) != len(sim_runs) or not real_runs:
+        raise ValueError("a case needs as many simulated runs as real ones, at least one")
+    real, sim = pooled(list(real_runs)), pooled(list(sim_runs))
+    return {
+        "real": real,
+        "sim": sim,
+        "comparison": compare(real, sim),
+        "real_spread": spread(real_runs),
+        "sim_spread": spread(sim_runs),
+        "paired": [compare(r, s) for r, s in zip(real_runs, sim_runs, strict=True)],
+    }
+
+
+def brief(r: dict[str, Any]) -> dict[str, Any]:
+    """A run without its per-request TTFTs (they are kept pooled per case)."""
+    return {k: v for k, v in r.items() if k != "ttfts"}
+
+
+#: The simulator's step jitters (sigma) probed with ``--fit-jitter``.
+JITTER_GRID = (0.0, 0.4, 0.8, 1.2)
+
+
+def fit_jitter(ratio: float, points: Sequence[tuple[float, float]]) -> float:
+    """The step jitter at which the simulator's probe would give a TTFT
+    p90/p50 of ``ratio``: piecewise linear through (sigma, ratio) points,
+    their running maximum taken so the curve does not fall (a probe's noise),
+    clamped to the points' ends (no extrapolation beyond what was measured)."""
+    ordered = sorted(points)
+    sigmas = [p[0] for p in ordered]
+    ratios: list[float] = []
+    for _, r in ordered:
+        ratios.append(max(r, ratios[-1]) if ratios else r)
+    if ratio <= ratios[0]:
+        return sigmas[0]
+    for (s0, r0), (s1, r1) in itertools.pairwise(zip(sigmas, ratios, strict=True)):
+        if r0 < ratio <= r1:
+            return s0 + (ratio - r0) * (s1 - s0) / (r1 - r0)
+    return sigmas[ratios.index(ratios[-1])]
+
+
+def curve_at(sigma: float, grid: Sequence[dict[str, float]]) -> list[tuple[float, float]]:
+    """(factor, p50) of the simulator's probe at step jitter ``sigma``, for
+    each factor of ``grid`` (points with keys sigma, factor, p50): p50
+    interpolated linearly between the two grid sigmas around ``sigma``."""
+    out = []
+    for factor in sorted({g["factor"] for g in grid}):
+        row = sorted((g["sigma"], g["p50"]) for g in grid if g["factor"] == factor)
+        lo = max((r for r in row if r[0] <= sigma), default=row[0])
+        hi = min((r for r in row if r[0] >= sigma), default=row[-1])
+        p50 = (
+            lo[1] if hi[0] == lo[0] else lo[1] + (sigma - lo[0]) * (hi[1] - lo[1]) / (hi[0] - lo[0])
+        )
+        out.append((factor, p50))
+    return out
+
+
+def pair_params(model: Path, factor: float, sigma: float, repeat: int) -> EngineParams:
+    """A pair's simulator: the profile x ``factor``, step jitter ``sigma``, and
+    seed ``repeat``. One seed for every repeat made the simulated repeats one
+    draw: the jitter sequence, hence the timing and (through eviction order)
+    the hit rate, came out the same (multi-turn round robin: 0.097 in all 4
+    runs; in virtual time seeds 0-2 give 0.096, 0.114, 0.097)."""
+    return sim_params(model, factor, step_jitter=sigma, seed=repeat)
+
+
+def virtual_hit_rate(
+    params: EngineParams, rounds: list[list[dict[str, Any]]], concurrency: int = CONCURRENCY
+) -> float:
+    """A workload's hit rate on two simulated engines in virtual time (stepped
+    directly: no HTTP, no sleeping), round robin in sending order, rounds
+    one after the other, ``concurrency`` in flight: what the engines' timing
+    (the step jitter, so the seed) does to eviction order, and so to the hit
+    rate, with nothing else moving. ``--virtual-seeds`` prints it per seed."""
+    engines = [Engine(params), Engine(params)]
+    busy: list[tuple[Step, float] | None] = [None, None]
+    now, sent = 0.0, 0
+    for batch in rounds:
+        pending = list(batch)
+        inflight: list[Sequence_] = []
+        while pending or inflight:
+            while pending and len(inflight) < concurrency:
+                body = pending.pop(0)
+                engine = engines[sent % 2]
+                sent += 1
+                prompt = engine.render_chat(body["messages"])
+                inflight.append(engine.submit(prompt, body["max_tokens"], now=now, run=False))
+            for i, engine in enumerate(engines):
+                if busy[i] is None and (step := engine.plan_step()) is not None:
+                    busy[i] = (step, now + step.seconds)
+            # The step that ends first (one is running while anything is in flight).
+            now, i, step = min((b[1], j, b[0]) for j, b in enumerate(busy) if b is not None)
+            busy[i] = None
+            engines[i].finish_step(step, now)
+            inflight = [seq for seq in inflight if not seq.done]
+    queries = sum(e.stats.queries for e in engines)
+    return sum(e.stats.hits for e in engines) / queries if queries else 0.0
+
+
+async def sim_probe_grid(
+    model: Path, tail: bool
+) -> tuple[list[dict[str, Any]], list[tuple[float, float]]]:
+    """The simulator's probe at factors 1 and 2, at the profile's step jitter
+    or (``tail``) at every JITTER_GRID sigma; and each sigma's p90/p50."""
+    curve = []
+    for sigma in JITTER_GRID if tail else (sim_params(model).step_jitter,):
+        for factor in (1.0, 2.0):
+            params = sim_params(model, factor, step_jitter=sigma)
+            with sim_servers(simulate_args(params)) as urls:
+                measured = await loaded_phase(urls, model, PROBE_REPEATS)
+            taken = {k: measured[k] for k in ("p50", "p90", "loadavg")}
+            curve.append({"sigma": sigma, "factor": factor, **taken})
+            print(f"sim probe x{factor:.2f} jitter {sigma}", curve[-1], flush=True)
+    ratios = [
+        (sigma, statistics.fmean(c["p90"] / c["p50"] for c in curve if c["sigma"] == sigma))
+        for sigma in sorted({c["sigma"] for c in curve})
+    ]
+    return curve, ratios
+
+
+async def replay_model(
+    model: Path, loads: dict[str, list[list[dict[str, Any]]]], earlier: dict[str, Any]
+) -> dict[str, Any]:
+    """``--replay``: the simulated side of an earlier interleaved session again,
+    each pair with the step jitter and factor that its recorded real probe
+    gives (``--fit-jitter``'s fit), against the recorded real runs. Not
+    interleaved: the simulator runs now, the real engines ran then."""
+    curve, ratios = await sim_probe_grid(model, True)
+    cases = list(earlier["real"])
+    sim_runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
+    paired: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
+    pairs = []
+    for pair in earlier["pairs"]:
+        probe, case = pair["probe"], pair["case"]
+        name, policy = case.split("/")
+        sigma = fit_jitter(probe["p90"] / probe["p50"], ratios)
+        factor = fit_factor(probe["p50"], curve_at(sigma, curve))
+        params = pair_params(model, factor, sigma, pair["repeat"])
+        with sim_servers(simulate_args(params)) as urls:
+            sim = await run(urls, policy, loads[name])
+        sim_runs[case].append(sim)
+        paired[case].append(compare(pair["real"], sim))
+        pairs.append({**pair, "factor": factor, "step_jitter": sigma, "sim": brief(sim)})
+        print(f"replay {case} x{factor:.2f} jitter {sigma:.2f}: sim {summary(sim)}", flush=True)
+    sim_pooled = {c: pooled(sim_runs[c]) for c in cases}
+    return {
+        "dir": model.name,
+        "replay_of": earlier.get("dates") or earlier["dir"],
+        "sim_probe_curve": curve,
+        "fit_jitter": True,
+        "pairs": pairs,
+        "real": earlier["real"],
+        "sim": sim_pooled,
+        "comparison": {c: compare(earlier["real"][c], sim_pooled[c]) for c in cases},
+        "real_spread": earlier["real_spread"],
+        "sim_spread": {c: spread(sim_runs[c]) for c in cases},
+        "paired": paired,
+    }
+
+
+async def interleaved_model(
+    model: Path,
+    loads: dict[str, list[list[dict[str, Any]]]],
+    workdir: Path,
+    repeats: int,
+    tail: bool = False,
+) -> dict[str, Any]:
+    """One model's session (module docstring, ``--interleaved``; ``tail``:
+    ``--fit-jitter``)."""
+    from tests.real.engines import vllm_servers
+
+    profile_jitter = sim_params(model).step_jitter
+    curve, ratios = await sim_probe_grid(model, tail)
+    cases = [f"{name}/{policy}" for name in loads for policy in POLICIES]
+    real_runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
+    sim_runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
+    pairs = []
+    os.environ["VLLM_SERVER_DEV_MODE"] = "1"
+    with vllm_servers(workdir, model=model) as servers:
+        urls = [s.url for s in servers]
+        # Fresh servers answer their first requests several times slower (a
+        # first probe gave a p50 of 361 ms, 4x the next ones): warm them up
+        # with one probe that no pair uses.
+        warmup = await loaded_phase(urls, model, PROBE_REPEATS)
+        print("warm-up probe", {k: warmup[k] for k in ("p50", "p90")}, flush=True)
+        for repeat, case in schedule(cases, repeats):
+            name, policy = case.split("/")
+            probe = await loaded_phase(urls, model, PROBE_REPEATS)
+            sigma = fit_jitter(probe["p90"] / probe["p50"], ratios) if tail else profile_jitter
+            factor = fit_factor(probe["p50"], curve_at(sigma, curve))
+            await reset_caches(urls)
+            real = await run(urls, policy, loads[name])
+            params = pair_params(model, factor, sigma, repeat)
+            with sim_servers(simulate_args(params)) as sim_urls:
+                sim = await run(sim_urls, policy, loads[name])
+            real_runs[case].append(real)
+            sim_runs[case].append(sim)
+            pairs.append(
+                {
+                    "repeat": repeat,
+                    "case": case,
+                    "probe": {k: probe[k] for k in ("p50", "p90", "loadavg")},
+                    "factor": factor,
+                    "step_jitter": sigma,
+                    "real": brief(real),
+                    "sim": brief(sim),
+                }
+            )
+            print(
+                f"pair {repeat} {model.name} {case} x{factor:.2f} jitter {sigma:.2f} "
+                f"(probe p50 {probe['p50'] * 1000:.0f} ms p90 {probe['p90'] * 1000:.0f} ms)"
+                f"\n  real {summary(real)}\n"
+                f"  sim  {summary(sim)}",
+                flush=True,
+            )
+    results = {c: case_result(real_runs[c], sim_runs[c]) for c in cases}
+    return {
+        "dir": model.name,
+        "sim_probe_curve": curve,
+        "fit_jitter": tail,
+        "warmup_probe": {k: warmup[k] for k in ("p50", "p90", "loadavg")},
+        "pairs": pairs,
+        **{
+            key: {c: results[c][key] for c in cases}
+            for key in ("real", "sim", "comparison", "real_spread", "sim_spread", "paired")
+        },
+    }
 
 
 def summary(r: dict[str, Any]) -> str:
@@ -382,17 +697,36 @@ def plot(result: dict[str, Any], path: Path) -> None:
         width = 0.8 / len(sides)
         for j, (side, label) in enumerate(sides):
             values = [result["models"][m][side][k][key] * scale for m, k in cases]
-            ax.bar([i - 0.4 + width * (j + 0.5) for i in x], values, width, label=label)
+            where = [i - 0.4 + width * (j + 0.5) for i in x]
+            ax.bar(where, values, width, label=label)
+            # The repeats' own range (min to max), where they were kept.
+            by_repeat = [result["models"][m][side][k].get(f"{key}_by_repeat") for m, k in cases]
+            if all(by_repeat):
+                low = [max(0.0, v - min(r) * scale) for v, r in zip(values, by_repeat, strict=True)]
+                high = [
+                    max(0.0, max(r) * scale - v) for v, r in zip(values, by_repeat, strict=True)
+                ]
+                ax.errorbar(where, values, yerr=[low, high], fmt="none", ecolor="k", lw=0.8)
         ax.set_xticks(list(x))
         ax.set_xticklabels(labels, fontsize=7)
         ax.set_title(title)
         ax.legend(fontsize=8)
-    fig.suptitle("Simulator fidelity on held-out workloads (2 servers, 81 blocks of 32 tokens)")
+    title = "Simulator fidelity on held-out workloads (2 servers, 81 blocks of 32 tokens)"
+    design = result["setup"].get("design")
+    if design in ("interleaved", "replay"):
+        repeats = len(next(iter(next(iter(result["models"].values()))["paired"].values())))
+        title += f"; real and simulated interleaved, {repeats} repeats"
+        if design == "replay":
+            title += " (simulated side replayed with the tail fitted)"
+        title += " (bars: pooled; whiskers: range of the repeats)"
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 async def main() -> int:
+    # A terminated run unwinds its context managers (servers stopped).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller workloads")
     parser.add_argument("--output", default="sim_fidelity")
@@ -410,14 +744,67 @@ async def main() -> int:
         help="refit the profile's load factor on the calibration's loaded phase, "
         "on the same real servers just before the held-out runs",
     )
+    parser.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="real and simulated runs alternate case by case, the factor refitted "
+        "to a real probe before each pair",
+    )
+    parser.add_argument(
+        "--fit-jitter",
+        action="store_true",
+        help="with --interleaved: also refit the step jitter to each real probe's "
+        "TTFT p90/p50 (the contention's tail at that moment), not only the factor",
+    )
+    parser.add_argument(
+        "--virtual-seeds",
+        type=int,
+        metavar="N",
+        help="no engines, no HTTP: each workload's round-robin hit rate in virtual "
+        "time for simulator seeds 0..N-1, per model",
+    )
+    parser.add_argument(
+        "--replay",
+        metavar="NAME",
+        help="no real engines: rerun the simulated side of results/NAME.json (an "
+        "--interleaved run) with --fit-jitter's fit to each pair's recorded probe",
+    )
+    parser.add_argument(
+        "--models",
+        default="chatml,llama3",
+        help="which models: chatml (the calibration's), llama3 (held out), or both",
+    )
+    parser.add_argument(
+        "--merge", action="store_true", help="add these models to an existing --output JSON"
+    )
     opts = parser.parse_args()
     out = ROOT / "benchmarks" / "results"
     if opts.replot:
         plot(json.loads((out / f"{opts.output}.json").read_text()), out / f"{opts.output}.png")
         return 0
     loads = workloads(opts.quick)
-    models = {"tiny-llama (chatml)": ensure_tiny_model(), "tiny-llama3 (held out)": None}
-    models["tiny-llama3 (held out)"] = ensure_held_out_model()
+    if opts.virtual_seeds:
+        for model in (ensure_tiny_model(), ensure_held_out_model()):
+            for name, rounds in loads.items():
+                rates = [
+                    virtual_hit_rate(
+                        pair_params(model, 1.0, sim_params(model).step_jitter, s), rounds
+                    )
+                    for s in range(opts.virtual_seeds)
+                ]
+                print(model.name, name, "round_robin", [round(r, 4) for r in rates], flush=True)
+        return 0
+    known = {
+        "chatml": ("tiny-llama (chatml)", ensure_tiny_model),
+        "llama3": ("tiny-llama3 (held out)", ensure_held_out_model),
+    }
+    chosen = [m.strip() for m in opts.models.split(",") if m.strip()]
+    if not chosen or any(m not in known for m in chosen):
+        parser.error(f"--models: a comma-separated subset of {', '.join(known)}")
+    models = {known[m][0]: known[m][1]() for m in chosen}
+    design = "real, then simulated"
+    if opts.interleaved or opts.replay:
+        design = "replay" if opts.replay else "interleaved"
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "profile": {"name": PROFILE, **sim_params(ensure_tiny_model()).__dict__},
@@ -428,11 +815,28 @@ async def main() -> int:
             "requests": {k: sum(len(r) for r in v) for k, v in loads.items()},
             "repeats": opts.repeats,
             "targets": {"hit_rate_gap": HIT_TARGET, "ttft_relative_error": TTFT_TARGET},
+            "design": design,
+            "fit_jitter": opts.fit_jitter,
         },
         "models": {},
     }
+    path = out / f"{opts.output}.json"
+    if opts.merge and path.exists():
+        earlier = json.loads(path.read_text())
+        result["models"] = {k: v for k, v in earlier["models"].items() if k not in models}
+        result["dates"] = [*earlier.get("dates", [earlier["date"]]), result["date"]]
     for label, model in models.items():
-        assert model is not None
+        if opts.replay:
+            earlier = json.loads((out / f"{opts.replay}.json").read_text())["models"][label]
+            result["models"][label] = await replay_model(model, loads, earlier)
+            continue
+        if opts.interleaved:
+            with tempfile.TemporaryDirectory() as tmp:
+                result["models"][label] = await interleaved_model(
+                    model, loads, Path(tmp), opts.repeats, opts.fit_jitter
+                )
+            result["models"][label]["loadavg_at_end"] = loadavg()
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             real = await measure_real_model(
                 model, loads, Path(tmp), opts.repeats, opts.contention_probe
@@ -456,8 +860,18 @@ async def main() -> int:
             result["models"][label]["comparison_no_jitter"] = {
                 k: compare(real[k], base[k]) for k in real
             }
+    result["summary"] = overall(result)
+    path.write_text(json.dumps(result, indent=1))
+    plot(result, out / f"{opts.output}.png")
+    print(json.dumps(result["summary"], indent=1))
+    return 0
+
+
+def overall(result: dict[str, Any]) -> dict[str, Any]:
+    """Every model's cases against the targets, and (interleaved) the largest
+    spread of the real engines' own repeats."""
     cmp = [c for m in result["models"].values() for c in m["comparison"].values()]
-    result["summary"] = {
+    summary: dict[str, Any] = {
         "max_abs_hit_rate_gap": max(abs(c["hit_rate_gap"]) for c in cmp),
         "max_abs_ttft_p50_error": max(abs(c["ttft_p50_error"]) for c in cmp),
         "max_abs_ttft_p90_error": max(abs(c["ttft_p90_error"]) for c in cmp),
@@ -466,11 +880,12 @@ async def main() -> int:
         "cases_hit_ok": sum(c["hit_ok"] for c in cmp),
         "cases_ttft_p50_ok": sum(abs(c["ttft_p50_error"]) <= TTFT_TARGET for c in cmp),
         "cases_ttft_p90_ok": sum(abs(c["ttft_p90_error"]) <= TTFT_TARGET for c in cmp),
+        "cases": len(cmp),
     }
-    (out / f"{opts.output}.json").write_text(json.dumps(result, indent=1))
-    plot(result, out / f"{opts.output}.png")
-    print(json.dumps(result["summary"], indent=1))
-    return 0
+    spreads = [s for m in result["models"].values() for s in m.get("real_spread", {}).values()]
+    if spreads:
+        summary["real_max_spread"] = {k: max(s[k] for s in spreads) for k in spreads[0]}
+    return summary
 
 
 if __name__ == "__main__":
