@@ -166,6 +166,11 @@ VARIANTS = {
         {"policy": {"name": "prefix_affinity", "unmeasured_share": 0.5}},
         needs_kv_events=True,
     ),
+    # Recurring prefixes placed at balanced homes while shared (``shared_homes``).
+    "approximate_homes": Arm(
+        "approximate_homes",
+        {"policy": {"name": "prefix_affinity", "shared_homes": True}},
+    ),
 }
 #: Arms whose KV events only the trace reads (the policy routes on characters).
 OBSERVED = {

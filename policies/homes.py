@@ -1,0 +1,84 @@
+"""Homes for recurring prefixes, balanced over the endpoints, that router
+replicas sharing nothing compute alike.
+
+Several routers without KV events place a new prefix at its ring owner, so
+they agree; but a ring spreads a dozen prefixes unevenly (4 replicas, 12
+tenants: 4-6 on the busiest one, whose cache holds about 4), and a cache
+holding more prefixes than fit evicts them in turn (benchmarks/README.md,
+"The index's size under several routers"). One router balances by its own
+counts, which several routers do not share.
+
+What every router does share is the set of prefixes that recur: clients
+spread each tenant's requests over the routers, so each sees every recurring
+prefix. From that set alone the homes are consistent hashing with bounded
+loads over prefixes, not requests: in the order of their keys, each prefix
+goes to the first endpoint along the ring from its key that has fewer than
+``ceil(len(set) / endpoints)`` of them. Two routers with the same set compute
+the same homes whatever order their requests came in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from policies.ring import HashRing
+
+
+class BalancedHomes:
+    def __init__(self, window: int, max_keys: int) -> None:
+        #: A prefix not seen for this many of this router's decisions leaves the set.
+        self.window = window
+        self.max_keys = max_keys
+        #: Key -> (times seen, decision at the last sight), least recent first.
+        self._seen: OrderedDict[int, tuple[int, int]] = OrderedDict()
+        self._clock = 0
+        self._recurring: set[int] = set()
+        self._version = 0
+        self._cached: tuple[int, tuple[str, ...], int, dict[int, str]] | None = None
+
+    def touch(self, key: int) -> None:
+        """This router decided for a prompt whose ring key is ``key``."""
+        self._clock += 1
+        count, _ = self._seen.pop(key, (0, 0))
+        self._seen[key] = (count + 1, self._clock)
+        if count + 1 == 2:
+            self._recurring.add(key)
+            self._version += 1
+        oldest = self._clock - self.window
+        while self._seen:
+            k, (_, last) = next(iter(self._seen.items()))
+            if last > oldest and len(self._seen) <= self.max_keys:
+                break
+            del self._seen[k]
+            if k in self._recurring:
+                self._recurring.discard(k)
+                self._version += 1
+
+    def home(
+        self, key: int, ring: HashRing, endpoint_ids: Sequence[str], fit: int = 0
+    ) -> str | None:
+        """The balanced home of a recurring ``key``; None for a prefix seen
+        once. Each endpoint takes up to the fair share of the recurring
+        prefixes, or up to ``fit`` (how many such prompts its cache holds)
+        when more: the ring's own placement where it fits."""
+        if key not in self._recurring:
+            return None
+        ids = tuple(sorted(endpoint_ids))
+        cap = max(fit, math.ceil(len(self._recurring) / max(1, len(ids))))
+        cached = self._cached
+        if cached is None or cached[:3] != (self._version, ids, cap):
+            cached = self._cached = (self._version, ids, cap, self._assign(ring, cap))
+        return cached[3].get(key)
+
+    def _assign(self, ring: HashRing, cap: int) -> dict[int, str]:
+        counts: dict[str, int] = {}
+        homes: dict[int, str] = {}
+        for key in sorted(self._recurring):
+            for endpoint_id in ring.walk(key):
+                if counts.get(endpoint_id, 0) < cap:
+                    counts[endpoint_id] = counts.get(endpoint_id, 0) + 1
+                    homes[key] = endpoint_id
+                    break
+        return homes
