@@ -23,7 +23,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from policies.ring import HashRing
+from policies.ring import HashRing, key_point
 
 
 class BalancedHomes:
@@ -73,12 +73,27 @@ class BalancedHomes:
         return cached[3].get(key)
 
     def _assign(self, ring: HashRing, cap: int) -> dict[int, str]:
-        counts: dict[str, int] = {}
-        homes: dict[int, str] = {}
-        for key in sorted(self._recurring):
-            for endpoint_id in ring.walk(key):
-                if counts.get(endpoint_id, 0) < cap:
-                    counts[endpoint_id] = counts.get(endpoint_id, 0) + 1
-                    homes[key] = endpoint_id
-                    break
-        return homes
+        """Each recurring key at its ring owner; an endpoint with more than
+        ``cap`` keeps the ``cap`` whose hash keyed by the endpoint is highest
+        and passes the rest one step along their walks, until none has more.
+        Only the set and the hashes decide, never an order of arrival, and a
+        key moves only off an endpoint past ``cap``."""
+        walks = {key: list(ring.walk(key)) for key in self._recurring}
+        step = dict.fromkeys(walks, 0)
+        for _ in range(len(ring_ids := {e for w in walks.values() for e in w}) + 1):
+            at: dict[str, list[int]] = {e: [] for e in ring_ids}
+            for key, i in step.items():
+                at[walks[key][i]].append(key)
+            moved = False
+            for endpoint_id, keys in at.items():
+                if len(keys) <= cap:
+                    continue
+                points = {k: key_point(k, endpoint_id) for k in keys}
+                keys.sort(key=points.__getitem__, reverse=True)
+                for key in keys[cap:]:
+                    if step[key] + 1 < len(walks[key]):
+                        step[key] += 1
+                        moved = True
+            if not moved:
+                break
+        return {key: walks[key][i] for key, i in step.items()}
