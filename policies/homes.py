@@ -10,11 +10,16 @@ counts, which several routers do not share.
 
 What every router does share is the set of prefixes that recur: clients
 spread each tenant's requests over the routers, so each sees every recurring
-prefix. From that set alone the homes are consistent hashing with bounded
-loads over prefixes, not requests: in the order of their keys, each prefix
-goes to the first endpoint along the ring from its key that has fewer than
-``ceil(len(set) / endpoints)`` of them. Two routers with the same set compute
-the same homes whatever order their requests came in.
+prefix. From that set alone: every recurring prefix starts at its ring
+owner; an endpoint holding more than its bound keeps the prefixes whose hash
+keyed by the endpoint is highest (as ``SheddingCapacity`` sheds load) and
+passes the rest one step along their own walks, until none is past it. The
+bound is the fair share, or how many such prompts a cache holds when more
+(then the ring's placement stands where it fits). Neither the order requests
+came in nor anything else private to a router enters: two routers with the
+same set compute the same homes, and a prefix moves only off an endpoint
+past its bound. (Bounded loads in the order of the keys, tried first, moved
+every later key that contended for an endpoint when one key joined.)
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ from collections.abc import Sequence
 
 from policies.ring import HashRing, key_point
 
+#: Ring keys remembered at most (the oldest leave first).
+MAX_KEYS = 4096
+
 
 class BalancedHomes:
-    def __init__(self, window: int, max_keys: int) -> None:
+    def __init__(self, window: int, max_keys: int = MAX_KEYS) -> None:
         #: A prefix not seen for this many of this router's decisions leaves the set.
         self.window = window
         self.max_keys = max_keys

@@ -50,6 +50,12 @@ hash falls in a share of the hash space that grows with its excess load
 the load a little differently but shed the same prefixes first, so a spill
 no longer splits a tenant between two replicas. The load guard stands aside
 then (its imbalance, partly the others' lagging scrape, was spurious).
+With ``shared_homes`` (off by default) a recurring prefix with no history
+goes first to its balanced home (policies/homes.py), which every router
+computes alike from the recurring prefixes it sees, rather than to its ring
+owner: a ring crowds a dozen tenants unevenly, and a crowded cache evicts
+them in turn. The home's bound counts the first candidate's cache (a fleet
+serving one model has alike caches, as a rule).
 
 Precise matches (``policies/precise.py``). When the request's tokens are
 known (``RequestView.tokens``: the model has a tokenizer) an endpoint whose
@@ -222,7 +228,7 @@ class PrefixAffinity:
         #: ``share`` was measured (not assumed): the index is sized by it.
         self.measured = False
         self._counted = CountedShare(params.share_window)
-        self._homes = BalancedHomes(params.homes_window, 4096) if params.shared_homes else None
+        self._homes = BalancedHomes(params.homes_window) if params.shared_homes else None
         self._gauged = GaugedShare()
 
     def capacity_blocks(self, endpoint: EndpointView) -> int:
