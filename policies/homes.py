@@ -65,16 +65,22 @@ class BalancedHomes:
                 self._version += 1
 
     def home(
-        self, key: int, ring: HashRing, endpoint_ids: Sequence[str], fit: int = 0
+        self, key: int, ring: HashRing, endpoint_ids: Sequence[str], fit: int | None = None
     ) -> str | None:
         """The balanced home of a recurring ``key``; None for a prefix seen
         once. Each endpoint takes up to the fair share of the recurring
         prefixes, or up to ``fit`` (how many such prompts its cache holds)
-        when more: the ring's own placement where it fits."""
+        when more: the ring's own placement where it fits. None too when the
+        recurring prefixes would not fit the caches even balanced (``fit``
+        times the endpoints): balancing then only moves prompts that are
+        evicted anyway, and on real vLLM cost hit rate (benchmarks/README.md,
+        "balanced homes")."""
         if key not in self._recurring:
             return None
         ids = tuple(sorted(endpoint_ids))
-        cap = max(fit, math.ceil(len(self._recurring) / max(1, len(ids))))
+        if fit is not None and fit * len(ids) < len(self._recurring):
+            return None
+        cap = max(fit or 0, math.ceil(len(self._recurring) / max(1, len(ids))))
         cached = self._cached
         if cached is None or cached[:3] != (self._version, ids, cap):
             cached = self._cached = (self._version, ids, cap, self._assign(ring, cap))
