@@ -57,6 +57,7 @@ import asyncio
 import json
 import random
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -164,6 +165,11 @@ VARIANTS = {
         "approximate_unmeasured_shared",
         {"policy": {"name": "prefix_affinity", "unmeasured_share": 0.5}},
         needs_kv_events=True,
+    ),
+    # Recurring prefixes placed at balanced homes while shared (``shared_homes``).
+    "approximate_homes": Arm(
+        "approximate_homes",
+        {"policy": {"name": "prefix_affinity", "shared_homes": True}},
     ),
 }
 #: Arms whose KV events only the trace reads (the policy routes on characters).
@@ -920,6 +926,35 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def seed_means(rows: list[dict[str, Any]], baseline: str) -> dict[str, dict[str, float]]:
+    """Per arm@routers over the workload seeds: the mean hit rate, its range,
+    and the mean, least and largest difference to ``baseline`` at the same
+    seed and router count. One seed's difference between two arms swings
+    by several points either way (which tenants' prefixes hash together
+    differs per seed), so a comparison in virtual time reads these."""
+    by: dict[str, dict[int, float]] = {}
+    for r in rows:
+        by.setdefault(f"{r['arm']}@{r['routers']}", {})[r["seed"]] = r["hit_rate"]
+    out: dict[str, dict[str, float]] = {}
+    for key, rates in by.items():
+        values = list(rates.values())
+        entry = {
+            "seeds": float(len(values)),
+            "mean": statistics.fmean(values),
+            "min": min(values),
+            "max": max(values),
+        }
+        base = by.get(f"{baseline}@{key.split('@')[1]}")
+        if base is not None and not key.startswith(f"{baseline}@"):
+            diffs = [rate - base[seed] for seed, rate in rates.items() if seed in base]
+            if diffs:
+                entry["diff_mean"] = statistics.fmean(diffs)
+                entry["diff_min"] = min(diffs)
+                entry["diff_max"] = max(diffs)
+        out[key] = entry
+    return out
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -971,6 +1006,12 @@ def main() -> int:
     parser.add_argument(
         "--single", nargs="*", default=["oracle"], help="arms run with one router only"
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="virtual: workloads from seeds 1..N (mean and paired differences to the first arm)",
+    )
     parser.add_argument("--output", default="replicas")
     parser.add_argument(
         "--trace",
@@ -1009,11 +1050,20 @@ def main() -> int:
     if args.virtual:
         for n in args.fleets or (8, 16):
             for wname in args.workloads:
-                items = workload_items(wname, n)
-                rows = [virtual(n, arm, items, count, 2 * n) for arm, count in plan.runs()]
-                for r in rows:
-                    report(f"virtual {n:2d} replicas {wname}", {**r, "seconds": 0.0})
-                results.setdefault("virtual", {})[f"{n}/{wname}"] = rows
+                seeded: list[dict[str, Any]] = []
+                for seed in range(1, args.seeds + 1):
+                    items = workload_items(wname, n, seed)
+                    rows = [virtual(n, arm, items, count, 2 * n) for arm, count in plan.runs()]
+                    for r in rows:
+                        report(f"virtual {n:2d} {wname} seed {seed}", {**r, "seconds": 0.0})
+                    if seed == 1:
+                        results.setdefault("virtual", {})[f"{n}/{wname}"] = rows
+                    seeded += [{**r, "seed": seed} for r in rows]
+                if args.seeds > 1:
+                    results.setdefault("virtual_seeds", {})[f"{n}/{wname}"] = seeded
+                    results.setdefault("virtual_seed_means", {})[f"{n}/{wname}"] = seed_means(
+                        seeded, args.arms[0]
+                    )
     if args.real:
         with tempfile.TemporaryDirectory() as tmp:
             opener = real_fleet(any(a.needs_kv_events for a in plan.arms), Path(tmp))
@@ -1035,6 +1085,8 @@ def main() -> int:
         fleet: {key: summary(rows) for key, rows in results.get(fleet, {}).items()}
         for fleet in ("simulated", "virtual", "real")
     }
+    if "virtual_seed_means" in results:
+        print(json.dumps(results["virtual_seed_means"], indent=1))
     results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))

@@ -50,6 +50,12 @@ hash falls in a share of the hash space that grows with its excess load
 the load a little differently but shed the same prefixes first, so a spill
 no longer splits a tenant between two replicas. The load guard stands aside
 then (its imbalance, partly the others' lagging scrape, was spurious).
+With ``shared_homes`` (off by default) a recurring prefix with no history
+goes first to its balanced home (policies/homes.py), which every router
+computes alike from the recurring prefixes it sees, rather than to its ring
+owner: a ring crowds a dozen tenants unevenly, and a crowded cache evicts
+them in turn. The home's bound counts the first candidate's cache (a fleet
+serving one model has alike caches, as a rule).
 
 Precise matches (``policies/precise.py``). When the request's tokens are
 known (``RequestView.tokens``: the model has a tokenizer) an endpoint whose
@@ -84,7 +90,7 @@ of the prompt matched whatever the source.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from operator import attrgetter, itemgetter
 
 from pydantic import Field
@@ -99,6 +105,7 @@ from policies.base import (
     RequestView,
 )
 from policies.blocks import leading
+from policies.homes import BalancedHomes
 from policies.precise import DEFAULT_BLOCK_SIZE, InFlight, block_size, live_blocks
 from policies.prefix_index import IndexParams, IndexStats, PrefixIndex, capacity_blocks
 from policies.prompt import (
@@ -199,6 +206,13 @@ class PrefixAffinityParams(IndexParams):
     #: and 4 routers gained 1-5 points of hit rate, one router lost up to 1
     #: (benchmarks/README.md, "Two routers on real vLLM"), hence not the default.
     unmeasured_share: float = Field(1.0, ge=0, le=1)
+    #: While other routers place prefixes too (``shared_below``): a recurring
+    #: prefix with no history goes first to its balanced home
+    #: (policies/homes.py: consistent hashing with bounded loads over the
+    #: recurring prefixes every router sees), not to its ring owner.
+    shared_homes: bool = False
+    #: A prefix unseen for this many decisions leaves the homes' set.
+    homes_window: int = Field(1024, ge=1)
 
 
 class PrefixAffinity:
@@ -220,6 +234,7 @@ class PrefixAffinity:
         #: ``share`` was measured (not assumed): the index is sized by it.
         self.measured = False
         self._counted = CountedShare(params.share_window)
+        self._homes = BalancedHomes(params.homes_window) if params.shared_homes else None
         self._gauged = GaugedShare()
         #: What the share was last learned from (``_learn_share``).
         self._versions: list[int] = []
@@ -235,6 +250,12 @@ class PrefixAffinity:
         if not p.share_index or not self.measured:
             return full
         return max(1, int(full * self.share))
+
+    def _full_blocks(self, endpoint: EndpointView) -> int:
+        p = self.params
+        return capacity_blocks(
+            endpoint, p.default_capacity_tokens, self.chars_per_token, p.block_chars
+        )
 
     def _learn_share(self, candidates: Sequence[EndpointView], ids: list[str]) -> None:
         """This router's share of the fleet's traffic (policies/share.py):
@@ -319,6 +340,8 @@ class PrefixAffinity:
             hashes, prompt_len = self.hashes(request)
         ids = list(map(_ID, candidates))
         self._learn_share(candidates, ids)
+        if self._homes is not None and hashes:
+            self._homes.touch(hashes[0])
         # Routers on KV events (precise_only) keep their choices: measured,
         # the shared rule cost them hit rate across routers.
         shared = not precise_only and self.share < p.shared_below
@@ -361,7 +384,12 @@ class PrefixAffinity:
                 reason = hits[chosen.id]
             else:
                 chosen, reason = self._place_new(
-                    self._key(request, hashes), candidates, ids, capacity, shared
+                    self._key(request, hashes),
+                    candidates,
+                    ids,
+                    capacity,
+                    shared,
+                    len(hashes) if hashes else 1,
                 )
 
         def failover() -> list[EndpointView]:
@@ -462,6 +490,7 @@ class PrefixAffinity:
         ids: list[str],
         capacity: Capacity,
         shared: bool,
+        prompt_blocks: int = 1,
     ) -> tuple[EndpointView, str]:
         """A prefix with no history: of the first ``ring_choices`` endpoints
         along the ring from its key that are not overloaded, the one with the
@@ -479,7 +508,15 @@ class PrefixAffinity:
         owner: EndpointView | None = None
         fitting: list[tuple[float, int, EndpointView]] = []
         roomy: list[tuple[float, int, EndpointView]] = []
-        for n, endpoint_id in enumerate(self._rings.ring(candidates).walk(key)):
+        ring = self._rings.ring(candidates)
+        order: Iterable[str] = ring.walk(key)
+        home = None
+        if shared and self._homes is not None:
+            fit = self._full_blocks(candidates[0]) // max(1, prompt_blocks)
+            home = self._homes.home(key, ring, ids, fit)
+            if home is not None:
+                order = [home, *(x for x in ring.walk(key) if x != home)]
+        for n, endpoint_id in enumerate(order):
             e = by_id[endpoint_id]
             owner = owner or e
             if not capacity.fits(e, e.load):
@@ -503,6 +540,8 @@ class PrefixAffinity:
         if chosen is not pool[0][2]:
             return chosen, "ring_less_loaded"
         if n == 0:
+            if home is not None and home != next(ring.walk(key)):
+                return chosen, "balanced_home"
             return chosen, "ring_owner"
         return chosen, "cache_spill" if chosen is not fitting[0][2] else "ring_spill"
 
