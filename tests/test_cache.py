@@ -332,3 +332,37 @@ async def test_two_routers_sharing_redis_make_one_upstream_call() -> None:
     assert served == 1  # one replica asked; the other waited on its lock
     assert sorted(r.headers["x-kvroute-cache"] for r in answers) == ["hit"] * 19 + ["miss"]
     assert len({r.json()["choices"][0]["message"]["content"] for r in answers}) == 1
+
+
+async def test_a_leader_looks_again_once_it_holds_the_key(
+    store: RedisServer | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that missed, then found no one fetching the key (the leader
+    before it stored the answer and let go between this request's lookup and
+    its lock, on a loaded machine), looks again under the lock: the stored
+    answer, not a second upstream call."""
+    from router.cache.store import MemoryCache, RedisCache
+
+    async with simulator(["m", "plain"]) as (sim, _):
+        cfg = cache_config(sim, store.url if store else None)
+        async with router(cfg) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+            first = await client.post("/v1/chat/completions", json=chat("stored"))
+            assert first.headers["x-kvroute-cache"] == "miss"
+            stale_once = [True]
+            for cls in (MemoryCache, RedisCache):
+                real = cls.get
+
+                async def get(self: Any, model: str, digest: str, real: Any = real) -> Any:
+                    if stale_once[0]:
+                        stale_once[0] = False
+                        return None  # what a lookup just before the store saw
+                    return await real(self, model, digest)
+
+                monkeypatch.setattr(cls, "get", get)
+            second = await client.post("/v1/chat/completions", json=chat("stored"))
+        served = await upstream_requests(sim)
+    assert not stale_once[0]
+    assert second.headers["x-kvroute-cache"] == "hit"
+    assert served == 1
+    content = [r.json()["choices"][0]["message"]["content"] for r in (first, second)]
+    assert content[0] == content[1]

@@ -154,9 +154,11 @@ class CacheStage:
                 if answer is not None:
                     await self._serve(request, send, answer, 0.0)
                     return
-                await self._fetch(request, send, call_next, cache, settings, model, key, False)
+                await self._fetch(request, send, call_next, cache, settings, model, key, None)
                 return
-        await self._fetch(request, send, call_next, cache, settings, model, key, not said.no_cache)
+        await self._fetch(
+            request, send, call_next, cache, settings, model, key, None if said.no_cache else said
+        )
 
     async def _lookup(
         self, cache: ResponseCache, model: str, key: str, said: Directives
@@ -197,19 +199,32 @@ class CacheStage:
         settings: ModelCache,
         model: str,
         key: str,
-        lead: bool,
+        lead: Directives | None,
     ) -> None:
-        """A miss: ask upstream (leading the single flight when ``lead``), and
-        store the answer if it is complete and successful."""
+        """A miss: ask upstream (leading the single flight when ``lead``, the
+        request's cache directives), and store the answer if it is complete
+        and successful."""
         flight = None
         locked = False
         answer: CachedAnswer | None = None
-        if lead and key not in cache.flights:
+        if lead is not None and key not in cache.flights:
             flight = cache.flights[key] = Flight(asyncio.get_running_loop().create_future())
         try:
-            if flight is not None:
+            if flight is not None and lead is not None:
                 locked = await self._lock(cache, model, key)
-                if not locked:
+                if locked:
+                    # Looked up again now that nobody else may be fetching it:
+                    # a leader that stored the answer and let go of the key
+                    # between this request's lookup and its lock (a loaded
+                    # machine) would otherwise be followed by a second call.
+                    found = None
+                    with contextlib.suppress(CacheUnavailable):
+                        found = await self._lookup(cache, model, key, lead)
+                    if found is not None:
+                        answer = found[0]
+                        await self._serve(request, send, found[0], found[1])
+                        return
+                else:
                     # Another replica is fetching it: its answer, if it comes in time.
                     request.ctx.waits.begin(request.ctx.clock())
                     answer = await self._poll(cache, model, key)
