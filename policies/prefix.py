@@ -128,8 +128,6 @@ _LOAD = attrgetter("load")
 _SCRAPE_VERSION = attrgetter("scrape_version")
 _BLOCK_SIZE = attrgetter("block_size")
 _SECOND = itemgetter(1)
-#: The gauges' sample not read since the last scrape.
-_UNREAD = object()
 
 
 class PrefixAffinityParams(IndexParams):
@@ -239,19 +237,20 @@ class PrefixAffinity:
         #: What the share was last learned from (``_learn_share``).
         self._versions: list[int] = []
         self._version_ids: list[str] = []
-        self._sample: float | object | None = _UNREAD
-        self._scraped: bool | None = None
+        #: The gauges' sample and whether any candidate was scraped, as of then.
+        self._sample: float | None = None
+        self._scraped = False
 
     def capacity_blocks(self, endpoint: EndpointView) -> int:
-        p = self.params
-        full = capacity_blocks(
-            endpoint, p.default_capacity_tokens, self.chars_per_token, p.block_chars
-        )
-        if not p.share_index or not self.measured:
+        """The endpoint's share of the index: its cache, sized by this
+        router's share of the traffic once measured (``share_index``)."""
+        full = self._full_blocks(endpoint)
+        if not self.params.share_index or not self.measured:
             return full
         return max(1, int(full * self.share))
 
     def _full_blocks(self, endpoint: EndpointView) -> int:
+        """What the endpoint's whole cache holds, in character blocks."""
         p = self.params
         return capacity_blocks(
             endpoint, p.default_capacity_tokens, self.chars_per_token, p.block_chars
@@ -268,31 +267,21 @@ class PrefixAffinity:
         instructions); the gauges' sample is kept, and stepped towards as
         at every decision."""
         versions = list(map(_SCRAPE_VERSION, candidates))
-        fresh = versions != self._versions or ids != self._version_ids or -1 in versions
-        if fresh:
+        if versions != self._versions or ids != self._version_ids or -1 in versions:
             self._versions, self._version_ids = versions, ids
-            self._sample = _UNREAD
-            self._scraped = None
-        counted = self._counted
-        share = None
-        if self.params.share_counters:
-            if fresh:
-                counted.learn(candidates)
-            share = counted.share
+            if self.params.share_counters:
+                self._counted.learn(candidates)
+            self._sample = GaugedShare.sample(candidates)
+            self._scraped = any(e.in_flight_at_scrape is not None for e in candidates)
+        share = self._counted.share if self.params.share_counters else None
         if share is None:
-            sample = self._sample
-            if sample is _UNREAD:
-                sample = self._sample = GaugedShare.sample(candidates)
-            self._gauged.step(sample)  # type: ignore[arg-type]
+            self._gauged.step(self._sample)
             share = self._gauged.share
         self.measured = share is not None
         if share is None:
             # Not measured yet. Scraped backends may serve other routers too:
             # place as every router would until this one knows it is alone.
-            scraped = self._scraped
-            if scraped is None:
-                scraped = self._scraped = any(e.in_flight_at_scrape is not None for e in candidates)
-            share = self.params.unmeasured_share if scraped else 1.0
+            share = self.params.unmeasured_share if self._scraped else 1.0
         self.share = share
 
     def hashes(self, request: RequestView, head_only: bool = False) -> tuple[list[int], int]:

@@ -305,6 +305,9 @@ SCRAPES_BETWEEN_DECISIONS = [
 @given(ops=SHARE_OPS, counters=st.booleans())
 @example(ops=SCRAPES_BETWEEN_DECISIONS, counters=False)
 @example(ops=SCRAPES_BETWEEN_DECISIONS, counters=True)
+@example(
+    ops=[("quiet", 3, 2), ("decide", 0, 1), ("expire", 3, 0), ("decide", 0, 1)], counters=False
+)
 def test_the_share_is_learned_again_only_when_a_scrape_lands(
     ops: list[tuple[str, int, int]], counters: bool
 ) -> None:
