@@ -372,10 +372,12 @@ class PrefixAffinity:
                 )
                 reason = hits[chosen.id]
             else:
+                # The character path's map of every candidate serves here too.
+                every = views if tokens is None else dict(zip(ids, candidates, strict=True))
                 chosen, reason = self._place_new(
                     self._key(request, hashes),
                     candidates,
-                    ids,
+                    every,
                     capacity,
                     shared,
                     len(hashes) if hashes else 1,
@@ -476,7 +478,7 @@ class PrefixAffinity:
         self,
         key: int,
         candidates: Sequence[EndpointView],
-        ids: list[str],
+        by_id: dict[str, EndpointView],
         capacity: Capacity,
         shared: bool,
         prompt_blocks: int = 1,
@@ -493,7 +495,6 @@ class PrefixAffinity:
         if shared:
             choices = 1
         walk = max(MAX_SPILL_WALK, choices)
-        by_id = dict(zip(ids, candidates, strict=True))
         owner: EndpointView | None = None
         fitting: list[tuple[float, int, EndpointView]] = []
         roomy: list[tuple[float, int, EndpointView]] = []
@@ -502,7 +503,7 @@ class PrefixAffinity:
         home = None
         if shared and self._homes is not None:
             fit = self._full_blocks(candidates[0]) // max(1, prompt_blocks)
-            home = self._homes.home(key, ring, ids, fit)
+            home = self._homes.home(key, ring, list(by_id), fit)
             if home is not None:
                 order = [home, *(x for x in ring.walk(key) if x != home)]
         for n, endpoint_id in enumerate(order):
