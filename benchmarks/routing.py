@@ -593,6 +593,8 @@ def precise_decision_latency(
             views = candidate_views(registry, req)
             decision = policy.rank(RequestView("m", "chat", req, tokens=tokens), views)
             t4 = time.perf_counter()
+            # As the router's loop does once the request has gone on.
+            prompts.check_format()
             attempt(registry, decision)
             policy.observe(decision, decision.ranked[0].id, Outcome(True))
             out["total"].append(t4 - t0)

@@ -160,9 +160,11 @@ class PromptTokenizer:
             LoopFormat.find(chat_template, self.special_tokens or None) if chat_template else None
         )
         #: Formatted requests, one in ``FORMAT_CHECK_EVERY`` also rendered
-        #: with Jinja: the format is dropped at the first difference.
+        #: with Jinja (``check_format``): the format is dropped at the first
+        #: difference.
         self.formatted = 0
         self.format_mismatches = 0
+        self._unchecked: tuple[list[tuple[str, str]], bool, str] | None = None
 
     def _probe(self) -> bool:
         if self._split is None:
@@ -276,17 +278,29 @@ class PromptTokenizer:
             return None
         self.formatted += 1
         if self.formatted % FORMAT_CHECK_EVERY == 1:
-            rendered = self._render([{"role": r, "content": c} for r, c in pairs], None, generation)
-            if rendered is None:  # the template refuses this conversation
-                return None
-            if rendered != text:
-                # Dropped for every later request: a client whose content
-                # steers the template (a branch on the content) costs the
-                # router the fast path, never a wrong prompt beyond this one.
-                self.format = None
-                self.format_mismatches += 1
-                return rendered
+            self._unchecked = (pairs, generation, text)
         return text
+
+    def check_format(self) -> None:
+        """Render the last request due a check (the first formatted one and
+        one in ``FORMAT_CHECK_EVERY``) with Jinja, and drop the format if the
+        texts differ. Off the decision path: the router calls it once the
+        request is on its way (``tokens_async``), since rendering a long
+        prompt costs ~20 us, and the check only guards later requests."""
+        due, self._unchecked = self._unchecked, None
+        if due is None or self.format is None:
+            return
+        pairs, generation, text = due
+        rendered = self._render([{"role": r, "content": c} for r, c in pairs], None, generation)
+        # A conversation the template refuses says nothing about the format.
+        if rendered is not None and rendered != text:
+            # Dropped for every later request: a client whose content steers
+            # the template (a branch on the content) costs the router the
+            # fast path, and the requests since the last check a prompt
+            # routed on the format's text (a routing choice, never what is
+            # forwarded: the engine renders its own template).
+            self.format = None
+            self.format_mismatches += 1
 
     def plan(self, text: str, special: bool) -> _Plan:
         """``text`` as pieces: the cached ones with their ids, the others to encode."""
@@ -384,6 +398,7 @@ class PromptTokenizer:
         plan = self._planned(op, body)
         if not isinstance(plan, _Plan):
             return plan
+        self.check_format()
         try:
             encoded = self.encode_missing(plan)
         except Exception:  # text tokenizers refuse (lone surrogates): route on characters
@@ -391,8 +406,11 @@ class PromptTokenizer:
         return self.finish(plan, encoded)
 
     async def tokens_async(self, op: str, body: Mapping[str, Any]) -> Tokens | None:
-        """As ``tokens``, encoding a long miss in a thread."""
+        """As ``tokens``, encoding a long miss in a thread, and the format's
+        check left to run once this request has gone on (its next await)."""
         plan = self._planned(op, body)
+        if self._unchecked is not None:
+            asyncio.get_running_loop().call_soon(self.check_format)
         if not isinstance(plan, _Plan):
             return plan
         try:

@@ -5,6 +5,7 @@ loop, and dropped by the router at the first request it renders otherwise."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from pathlib import Path
 from typing import Any
@@ -165,8 +166,9 @@ def test_messages_with_more_than_role_and_content_are_rendered() -> None:
 
 def test_a_template_that_reads_the_content_loses_its_format_at_the_first_check() -> None:
     """No probe contains "SECRET", so the format is found; the router renders
-    the first formatted request and one in FORMAT_CHECK_EVERY with Jinja, and
-    the first check that differs drops the format for good."""
+    the first formatted request and one in FORMAT_CHECK_EVERY with Jinja
+    (``check_format``, once the request has gone on), and the first check
+    that differs drops the format for good."""
     sneaky = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
         "{% if 'SECRET' in m['content'] %}[redacted]{% else %}{{ m['content'] }}{% endif %}"
@@ -174,15 +176,49 @@ def test_a_template_that_reads_the_content_loses_its_format_at_the_first_check()
     )
     p = tokenizer(sneaky)
     assert p.format is not None
-    assert p.prompt("chat", body({"role": "user", "content": "plain"}))  # the first: checked
+    assert p.prompt("chat", body({"role": "user", "content": "plain"}))  # the first: due a check
+    p.check_format()
+    assert p.format is not None
     for _ in range(FORMAT_CHECK_EVERY - 1):  # unchecked: the format's text
         text = p.prompt("chat", body({"role": "user", "content": "SECRET"}))
         assert text == ("<|im_start|>user\nSECRET<|im_end|>\n", False)
+        p.check_format()  # nothing due
     assert p.format is not None
-    checked = p.prompt("chat", body({"role": "user", "content": "SECRET"}))
-    assert checked == ("<|im_start|>user\n[redacted]<|im_end|>\n", False)
+    # Due a check: routed on the format's text, then checked.
+    assert p.prompt("chat", body({"role": "user", "content": "SECRET"})) == text
+    p.check_format()
     assert p.format is None and p.format_mismatches == 1
-    assert p.prompt("chat", body({"role": "user", "content": "SECRET"})) == checked
+    assert p.prompt("chat", body({"role": "user", "content": "SECRET"})) == (
+        "<|im_start|>user\n[redacted]<|im_end|>\n",
+        False,
+    )
+
+
+def test_the_router_checks_the_format_after_the_decision(monkeypatch: Any) -> None:
+    """``tokens_async`` (the router's path) renders nothing with Jinja before
+    it returns: the check runs at the request's next await."""
+    sneaky = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if 'SECRET' in m['content'] %}[redacted]{% else %}{{ m['content'] }}{% endif %}"
+        "<|im_end|>\n{% endfor %}"
+    )
+    p = tokenizer(sneaky)
+    renders: list[int] = []
+    real = p._render
+    monkeypatch.setattr(p, "_render", lambda *a: renders.append(1) or real(*a))
+    secret = body({"role": "user", "content": "SECRET"})
+
+    async def run() -> tuple[int, int]:
+        tokens = await p.tokens_async("chat", secret)
+        assert tokens is not None
+        before = len(renders)
+        await asyncio.sleep(0)
+        return before, len(renders)
+
+    assert asyncio.run(run()) == (0, 1)
+    assert p.format is None and p.format_mismatches == 1
+    # The sync path (tests, benchmarks) checks inline; nothing left due.
+    assert p.tokens("chat", secret) is not None and len(renders) == 2
 
 
 def test_a_conversation_the_template_refuses_keeps_the_format() -> None:
@@ -196,7 +232,8 @@ def test_a_conversation_the_template_refuses_keeps_the_format() -> None:
     p = tokenizer(strict)
     assert p.format is not None
     long = body(*({"role": "user", "content": str(i)} for i in range(9)))
-    assert p.prompt("chat", long) is None  # the first formatted request: checked
+    assert p.prompt("chat", long) is not None  # the first formatted request: due a check
+    p.check_format()  # Jinja refuses it
     assert p.format is not None and p.format_mismatches == 0
     assert p.prompt("chat", body({"role": "user", "content": "a"})) == (
         "<|im_start|>user\na<|im_end|>\n",
