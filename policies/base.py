@@ -42,6 +42,13 @@ class HeldBlocks(Protocol):
         a Python ``__contains__`` cost 0.4 us a call."""
         ...
 
+    @property
+    def roots(self) -> Container[int]:
+        """The held hashes that start a chain (a prompt's first block): a few
+        per endpoint, asked of every candidate, where probing ``hashes`` (a
+        dict of up to a million blocks) missed the CPU's cache each time."""
+        ...
+
     def __contains__(self, block_hash: object) -> bool: ...
 
 

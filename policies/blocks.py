@@ -73,7 +73,7 @@ def leading(held: Container[int], hashes: Sequence[int]) -> int:
     return lo + 1
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class EndpointBlocks:
     """One endpoint's blocks (implements ``policies.base.HeldBlocks``)."""
 
@@ -88,6 +88,11 @@ class EndpointBlocks:
     #: Our hash -> how many engine blocks have it (``HeldBlocks.hashes``):
     #: read by policies, written only here.
     hashes: dict[int, int] = field(default_factory=dict)
+    #: The held hashes that start a chain (a prompt's first block;
+    #: ``HeldBlocks.roots``): a few per endpoint, so asking every candidate
+    #: whether it holds a prompt's first block probes small sets that stay in
+    #: the CPU's cache, not dicts of a million blocks.
+    roots: set[int] = field(default_factory=set)
     #: Counters for /admin/prefix-index and metrics.
     stored_total: int = 0
     removed_total: int = 0
@@ -140,6 +145,8 @@ class EndpointBlocks:
                 continue  # at-least-once delivery: a repeat changes nothing
             self._ours[engine_hash] = h
             self.hashes[h] = self.hashes.get(h, 0) + 1
+        if parent is None and n:
+            self.roots.add(ours[0])
         self.stored_total += n
         self.skipped_total += len(engine_hashes) - n
         return n
@@ -156,11 +163,13 @@ class EndpointBlocks:
                 self.hashes[h] = count
             else:
                 del self.hashes[h]
+                self.roots.discard(h)
             self.removed_total += 1
 
     def cleared(self) -> None:
         self._ours.clear()
         self.hashes.clear()
+        self.roots.clear()
         self.cleared_total += 1
 
     def mark_stale(self, reason: str) -> None:

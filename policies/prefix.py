@@ -452,7 +452,7 @@ class PrefixAffinity:
             first = ours[0]
             pending_at = in_flight.holding(first)
             # Most endpoints hold not even the first block: one lookup each, in C.
-            for e, b in [(e, b) for e, b in group if first in b.hashes or e.id in pending_at]:
+            for e, b in [(e, b) for e, b in group if first in b.roots or e.id in pending_at]:
                 held = b.hashes
                 precise = leading(held, ours) if first in held else 0
                 pending = in_flight.match(e.id, ours) if e.id in pending_at else 0
@@ -516,7 +516,10 @@ class PrefixAffinity:
                 fitting.append(choice)
             if shared:
                 break
-            if not shared and self.index.occupancy(endpoint_id) < self.capacity_blocks(e):
+            # An endpoint holds at least one block: none indexed (as on
+            # KV events, where the character index is not fed) is room.
+            occupancy = self.index.occupancy(endpoint_id)
+            if not shared and (not occupancy or occupancy < self.capacity_blocks(e)):
                 roomy.append(choice)
                 if len(roomy) == choices:
                     break

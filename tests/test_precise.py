@@ -153,6 +153,57 @@ def test_in_flight_holders_of_a_first_block_are_exactly_those_that_match(
             assert {e for e in "abc" if e in inflight.holding(f)} == matching
 
 
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["store_root", "store_root", "extend", "remove", "clear"]),
+            st.integers(0, 3),  # which of four prompts
+            st.integers(1, 4),  # how many blocks
+        ),
+        max_size=40,
+    )
+)
+@settings(max_examples=200, deadline=None)
+def test_roots_are_exactly_the_held_first_blocks(ops: list[tuple[str, int, int]]) -> None:
+    """``EndpointBlocks.roots`` is what prefix_affinity asks each candidate
+    instead of its whole ``hashes``: after any stores (from a chain's start or
+    extending a held block), repeats, evictions and clears, a prompt's first
+    block is in ``roots`` exactly when it is in ``hashes``."""
+    prompts = [[p * 1000 + i for i in range(BS * 4)] for p in range(4)]
+    firsts = [chain_hashes(ids, BS)[0] for ids in prompts]
+    eb = EndpointBlocks("e", max_blocks=1000)
+    engine: list[list[int]] = [[] for _ in prompts]  # engine hashes stored, per prompt
+
+    def engine_hash(p: int, i: int) -> int:
+        return p * 100 + i
+
+    for op, p, n in ops:
+        ids, held = prompts[p], engine[p]
+        if op == "store_root":  # the engine stores blocks 0..n-1 (repeats change nothing)
+            eb.stored([engine_hash(p, i) for i in range(n)], None, ids[: BS * n], BS)
+            held[:] = sorted(set(held) | {engine_hash(p, i) for i in range(n)})
+        elif op == "extend" and held:  # one block more, chained on the last held
+            last = max(held) - p * 100
+            if last + 1 < 4:
+                eb.stored(
+                    [engine_hash(p, last + 1)],
+                    engine_hash(p, last),
+                    ids[BS * (last + 1) : BS * (last + 2)],
+                    BS,
+                )
+                held.append(engine_hash(p, last + 1))
+        elif op == "remove" and held:  # evicted tail first, or the root alone
+            victim = held.pop() if n > 1 else held.pop(0)
+            eb.removed([victim])
+        elif op == "clear":
+            eb.cleared()
+            for h in engine:
+                h.clear()
+        for first in firsts:
+            assert (first in eb.roots) == (first in eb.hashes)
+        assert eb.roots <= set(eb.hashes)
+
+
 def test_a_precise_hit_wins_over_the_approximate_belief() -> None:
     body, tokens = prompt(1)
     policy = affinity()
