@@ -53,17 +53,37 @@ def chain_hashes(token_ids: Sequence[int], block_size: int, parent: int = ROOT_H
     return out
 
 
-def leading(held: Container[int], hashes: Sequence[int]) -> int:
+def leading(held: Container[int], hashes: Sequence[int], hint: int = 0) -> int:
     """How many leading ``hashes`` are in ``held``, assuming what is held of a
-    chain is a prefix of it: a gallop, then bisection (O(log n) lookups)."""
+    chain is a prefix of it: a gallop, then bisection (O(log n) lookups).
+
+    ``hint``, an earlier answer for a prompt that starts the same way (a
+    tenant's system prompt: the same length again and again), is tried
+    first: two lookups when it is right. Each lookup of a large cold ``held``
+    misses the CPU's cache; the twenty of a gallop and bisection over a 32k
+    character prompt cost 12 us. Under the prefix assumption the answer is
+    the same with any hint."""
     n = len(hashes)
     if not n or hashes[0] not in held:
         return 0
-    lo, step = 0, 1
+    lo = 0  # hashes[lo] is held
+    if 1 < hint <= n:
+        if hashes[hint - 1] in held:
+            if hint == n or hashes[hint] not in held:
+                return hint
+            lo = hint
+        else:
+            return _bisect(held, hashes, 0, hint - 1)
+    step = 1
     while lo + step < n and hashes[lo + step] in held:
         lo += step
         step *= 2
-    hi = min(n, lo + step)  # hashes[hi] is not held (or hi == n)
+    return _bisect(held, hashes, lo, min(n, lo + step))
+
+
+def _bisect(held: Container[int], hashes: Sequence[int], lo: int, hi: int) -> int:
+    """The leading held count, given ``hashes[lo]`` held and ``hashes[hi]``
+    not (or ``hi == len(hashes)``)."""
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if hashes[mid] in held:

@@ -122,6 +122,9 @@ from policies.share import CountedShare, GaugedShare
 
 #: Ring steps taken looking for a cache with room before settling for the owner.
 MAX_SPILL_WALK = 8
+#: Prompts' first blocks whose last match length is kept as a hint (16 bytes
+#: and two ints each); all dropped at once past it.
+MAX_MATCH_HINTS = 65_536
 
 _ID = attrgetter("id")
 _LOAD = attrgetter("load")
@@ -226,6 +229,9 @@ class PrefixAffinity:
         self.chars_per_token = params.chars_per_token
         self._ratio_samples = 0
         self.in_flight = InFlight(params.max_in_flight)
+        #: The last precise match, in blocks, of a prompt by its first block:
+        #: where ``leading`` looks first (``MAX_MATCH_HINTS`` at most).
+        self._hints: dict[int, int] = {}
         #: This router's estimated share of the fleet's traffic (1: alone;
         #: stays 1 with no scraped load to compare with).
         self.share = 1.0
@@ -451,10 +457,15 @@ class PrefixAffinity:
             )
             first = ours[0]
             pending_at = in_flight.holding(first)
+            hint = self._hints.get(first, 0)
             # Most endpoints hold not even the first block: one lookup each, in C.
             for e, b in [(e, b) for e, b in group if first in b.roots or e.id in pending_at]:
                 held = b.hashes
-                precise = leading(held, ours) if first in held else 0
+                precise = leading(held, ours, hint) if first in held else 0
+                if precise and precise != hint:
+                    if len(self._hints) >= MAX_MATCH_HINTS:
+                        self._hints.clear()
+                    self._hints[first] = hint = precise
                 pending = in_flight.match(e.id, ours) if e.id in pending_at else 0
                 n = precise if precise >= pending else pending
                 if not n:

@@ -82,6 +82,31 @@ def test_leading_counts_the_held_prefix() -> None:
         assert leading(set(hashes[:n]), hashes) == n
 
 
+class CountingSet(set[int]):
+    def __init__(self, items: Sequence[int]) -> None:
+        super().__init__(items)
+        self.lookups = 0
+
+    def __contains__(self, item: object) -> bool:
+        self.lookups += 1
+        return super().__contains__(item)
+
+
+@given(st.integers(1, 300), st.data())
+@settings(max_examples=300, deadline=None)
+def test_leading_with_any_hint_counts_the_held_prefix(length: int, data: st.DataObject) -> None:
+    """A hint (an earlier answer) changes where the search looks, never what
+    it finds; a right one costs two lookups past the first block."""
+    hashes = list(range(1000, 1000 + length))
+    n = data.draw(st.integers(0, length))
+    hint = data.draw(st.integers(-1, length + 2))
+    held = CountingSet(hashes[:n])
+    assert leading(held, hashes, hint) == n
+    held.lookups = 0
+    if n > 1:
+        assert leading(held, hashes, n) == n and held.lookups <= 3
+
+
 def test_in_flight_decisions_are_counted_until_released_and_bounded() -> None:
     inflight = InFlight(max_decisions=2)
     one = inflight.add("a", [1, 2, 3])
@@ -217,6 +242,32 @@ def test_a_precise_hit_wins_over_the_approximate_belief() -> None:
     # Without tokens (no tokenizer configured), only the character index counts.
     decision = affinity_with_a(body).rank(request(body, None), views)
     assert (decision.ranked[0].id, decision.reason) == ("a", "prefix_hit")
+
+
+def test_match_hints_follow_each_prompt_and_stay_bounded(monkeypatch: Any) -> None:
+    """Each endpoint's match is found as without hints, whatever the last
+    answer for the same first block was (here: a longer one elsewhere), and
+    the hints are dropped past their bound."""
+    import policies.prefix
+
+    body, tokens = prompt(3)
+    half = holding("a", tokens, blocks=len(tokens.ids) // BS // 2)
+    policy = affinity(min_match_tokens=1)
+    views = [view("a", half), view("b", holding("b", tokens)), view("c", holding("c"))]
+    for _ in range(3):
+        decision = policy.rank(request(body, tokens), views)
+        assert decision.ranked[0].id == "b" and decision.match_len == decision.prompt_len
+        policy.observe(decision, "b", Outcome(True))
+        # The longer match elsewhere is no answer for "a": alone, "a" matches half.
+        alone = policy.rank(request(body, tokens), [views[0], views[2]])
+        assert alone.ranked[0].id == "a" and alone.reason == "precise_hit"
+        assert alone.match_len == decision.match_len // 2
+        policy.observe(alone, "a", Outcome(True))
+    monkeypatch.setattr(policies.prefix, "MAX_MATCH_HINTS", 2)
+    for seed in range(10, 16):
+        other, other_tokens = prompt(seed)
+        policy.rank(request(other, other_tokens), [view("d", holding("d", other_tokens))])
+        assert len(policy._hints) <= 2
 
 
 def affinity_with_a(body: dict[str, Any]) -> PrefixAffinity:
