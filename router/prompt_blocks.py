@@ -56,11 +56,11 @@ class _State:
         digest = xxhash.xxh3_64_intdigest
         h = self.hashes[-1] if self.hashes else ROOT_HASH
         view = memoryview(data)
-        hashes = array("Q", self.hashes)
+        new = array("Q")
         for start in range(0, full, step):
             h = digest(view[start : start + step], h)
-            hashes.append(h)
-        return _State(hashes, data[full:])
+            new.append(h)
+        return _State(self.hashes + new, data[full:])  # one allocation, one copy
 
 
 _ROOT = _State(array("Q"), b"")
