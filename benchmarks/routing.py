@@ -19,6 +19,7 @@ import argparse
 import collections
 import dataclasses
 import heapq
+import itertools
 import json
 import platform
 import random
@@ -457,13 +458,18 @@ def latency_fleet(endpoints: int, rng: random.Random) -> EndpointRegistry:
     return registry
 
 
-def tenant_chat(system: str, k: int) -> dict[str, Any]:
-    """A tenant's chat: its system prompt and a new question."""
+#: Question numbers: unique across every benchmark run in a process.
+_QUESTIONS = itertools.count()
+
+
+def tenant_chat(system: str, k: int, question: str = "") -> dict[str, Any]:
+    """A tenant's chat: its system prompt and a new question (``question``
+    followed by the number ``k``)."""
     return {
         "model": "m",
         "messages": [
             {"role": "system", "content": system},
-            {"role": "user", "content": f"q{k}"},
+            {"role": "user", "content": f"{question}q{k}"},
         ],
     }
 
@@ -555,6 +561,7 @@ def precise_decision_latency(
     prompt_chars: int = 32_000,
     n: int = 2000,
     tokenizer: str = str(ROOT / "tests" / "fixtures" / "tiny-llama"),
+    question_chars: int = 0,
     **params: Any,
 ) -> dict[str, float]:
     """prefix_affinity on precise matches, the router's tokenizer in the loop:
@@ -565,7 +572,11 @@ def precise_decision_latency(
     prompts seen before, a new question each time (the new piece is a miss,
     the system prompt a cache hit). New prefixes: a system prompt never seen,
     tokenized whole (in a thread on the router's request path: ``thread_s``;
-    ``loop_us`` is what stays on the loop)."""
+    ``loop_us`` is what stays on the loop). Every question is new, in this
+    run and in any later one in the process (the tokenizer's piece cache
+    would otherwise skip the encoding): ``q`` and a number, after
+    ``question_chars`` characters of words (0: none; a question's tokens
+    cost ~0.15 us a character)."""
     from router.prompts import load_prompt_tokenizer
 
     rng = random.Random(3)
@@ -574,7 +585,11 @@ def precise_decision_latency(
     registry = latency_fleet(endpoints, rng)
     tenants = [words(rng, prompt_chars // 4)[: prompt_chars - 100] for _ in range(200)]
     hold_tenants(registry, prompts, tenants, lambda t: t % endpoints)
-    body = tenant_chat
+    questions = [words(rng, question_chars // 3 + 1)[:question_chars] for _ in range(64)]
+
+    def body(system: str, k: int) -> dict[str, Any]:
+        serial = next(_QUESTIONS)
+        return tenant_chat(system, serial, questions[serial % 64])
 
     def timed(system: Callable[[int], str], count: int) -> dict[str, list[float]]:
         out: dict[str, list[float]] = {"total": [], "tokenize": [], "rank": [], "loop": []}
@@ -611,15 +626,12 @@ def precise_decision_latency(
     timed(lambda k: tenants[k % 200], 400)  # warm: every tenant seen twice
     hits = timed(lambda k: tenants[k % 200], n)
     new = timed(lambda k: f"new {k} " + tenants[k % 200], max(20, n // 50))
-    reasons = collections.Counter(
-        policy.rank(
-            RequestView(
-                "m", "chat", body(tenants[k], k), tokens=prompts.tokens("chat", body(tenants[k], k))
-            ),
-            candidate_views(registry, body(tenants[k], k)),
-        ).reason
-        for k in range(200)
-    )
+    reasons: collections.Counter[str] = collections.Counter()
+    for k in range(200):
+        req = body(tenants[k], k)
+        tokens = prompts.tokens("chat", req)
+        views = candidate_views(registry, req)
+        reasons[policy.rank(RequestView("m", "chat", req, tokens=tokens), views).reason] += 1
     return {
         "endpoints": endpoints,
         "prompt_chars": prompt_chars,
