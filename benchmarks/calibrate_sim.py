@@ -388,6 +388,7 @@ def simulate_args(params: EngineParams) -> list[str]:
         f"--decode-per-seq={params.decode_per_seq!r}",
         f"--request-overhead={params.request_overhead!r}",
         f"--step-jitter={params.step_jitter!r}",
+        f"--step-stall={params.step_stall!r}",
         f"--seed={params.seed}",
     ]
     if params.tokenizer:

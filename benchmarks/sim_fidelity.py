@@ -65,7 +65,7 @@ at the profile's jitter, gives 2.1-2.3: the machine's contention then had a
 longer tail than at calibration (load 4.5-6.5), on the probe itself, not
 only on the held-out workloads. So the simulator's probe is measured on a
 grid of jitters (JITTER_GRID) x factors 1 and 2, and for each pair the
-jitter whose probe p90/p50 matches the real probe's (``fit_jitter``), then
+jitter whose probe p90/p50 matches the real probe's (``fit_tail``), then
 the factor matching its p50 at that jitter (``curve_at``, ``fit_factor``).
 ``--replay NAME`` (no real engines): the simulated side of an earlier
 interleaved run again, each pair fitted as with ``--fit-jitter`` to its
@@ -443,11 +443,16 @@ def brief(r: dict[str, Any]) -> dict[str, Any]:
 
 #: The simulator's step jitters (sigma) probed with ``--fit-jitter``.
 JITTER_GRID = (0.0, 0.4, 0.8, 1.2)
+#: The simulator's step stall chances probed with ``--fit-stall`` (at the
+#: profile's jitter): a request sees a few steps, so 0.1 stalls about one
+#: request in three.
+STALL_GRID = (0.0, 0.02, 0.05, 0.1)
 
 
-def fit_jitter(ratio: float, points: Sequence[tuple[float, float]]) -> float:
-    """The step jitter at which the simulator's probe would give a TTFT
-    p90/p50 of ``ratio``: piecewise linear through (sigma, ratio) points,
+def fit_tail(ratio: float, points: Sequence[tuple[float, float]]) -> float:
+    """The tail parameter (step jitter, or stall chance) at which the
+    simulator's probe would give a TTFT p90/p50 of ``ratio``: piecewise
+    linear through (value, ratio) points,
     their running maximum taken so the curve does not fall (a probe's noise),
     clamped to the points' ends (no extrapolation beyond what was measured)."""
     ordered = sorted(points)
@@ -463,13 +468,16 @@ def fit_jitter(ratio: float, points: Sequence[tuple[float, float]]) -> float:
     return sigmas[ratios.index(ratios[-1])]
 
 
-def curve_at(sigma: float, grid: Sequence[dict[str, float]]) -> list[tuple[float, float]]:
-    """(factor, p50) of the simulator's probe at step jitter ``sigma``, for
-    each factor of ``grid`` (points with keys sigma, factor, p50): p50
-    interpolated linearly between the two grid sigmas around ``sigma``."""
+def curve_at(
+    sigma: float, grid: Sequence[dict[str, float]], key: str = "sigma"
+) -> list[tuple[float, float]]:
+    """(factor, p50) of the simulator's probe at step jitter ``sigma`` (or
+    the grid's other tail parameter, ``key``), for each factor of ``grid``
+    (points with keys ``key``, factor, p50): p50 interpolated linearly
+    between the two grid values around ``sigma``."""
     out = []
     for factor in sorted({g["factor"] for g in grid}):
-        row = sorted((g["sigma"], g["p50"]) for g in grid if g["factor"] == factor)
+        row = sorted((g[key], g["p50"]) for g in grid if g["factor"] == factor)
         lo = max((r for r in row if r[0] <= sigma), default=row[0])
         hi = min((r for r in row if r[0] >= sigma), default=row[-1])
         p50 = (
@@ -479,13 +487,16 @@ def curve_at(sigma: float, grid: Sequence[dict[str, float]]) -> list[tuple[float
     return out
 
 
-def pair_params(model: Path, factor: float, sigma: float, repeat: int) -> EngineParams:
-    """A pair's simulator: the profile x ``factor``, step jitter ``sigma``, and
-    seed ``repeat``. One seed for every repeat made the simulated repeats one
-    draw: the jitter sequence, hence the timing and (through eviction order)
-    the hit rate, came out the same (multi-turn round robin: 0.097 in all 4
-    runs; in virtual time seeds 0-2 give 0.096, 0.114, 0.097)."""
-    return sim_params(model, factor, step_jitter=sigma, seed=repeat)
+def pair_params(
+    model: Path, factor: float, sigma: float, repeat: int, stall: float = 0.0
+) -> EngineParams:
+    """A pair's simulator: the profile x ``factor``, step jitter ``sigma``,
+    step stall chance ``stall``, and seed ``repeat``. One seed for every
+    repeat made the simulated repeats one draw: the jitter sequence, hence
+    the timing and (through eviction order) the hit rate, came out the same
+    (multi-turn round robin: 0.097 in all 4 runs; in virtual time seeds 0-2
+    give 0.096, 0.114, 0.097)."""
+    return sim_params(model, factor, step_jitter=sigma, step_stall=stall, seed=repeat)
 
 
 def virtual_hit_rate(
@@ -522,22 +533,28 @@ def virtual_hit_rate(
 
 
 async def sim_probe_grid(
-    model: Path, tail: bool
+    model: Path, tail: bool | str
 ) -> tuple[list[dict[str, Any]], list[tuple[float, float]]]:
-    """The simulator's probe at factors 1 and 2, at the profile's step jitter
-    or (``tail``) at every JITTER_GRID sigma; and each sigma's p90/p50."""
+    """The simulator's probe at factors 1 and 2: at the profile's step jitter,
+    or (``tail``) at every JITTER_GRID sigma, or (``tail == "stall"``) at the
+    profile's jitter and every STALL_GRID stall chance; and each grid value's
+    p90/p50 (keyed by ``sigma``, or ``stall``)."""
+    profile = sim_params(model).step_jitter
     curve = []
-    for sigma in JITTER_GRID if tail else (sim_params(model).step_jitter,):
+    key = "stall" if tail == "stall" else "sigma"
+    grid = STALL_GRID if tail == "stall" else JITTER_GRID if tail else (profile,)
+    for value in grid:
+        sigma, stall = (profile, value) if key == "stall" else (value, 0.0)
         for factor in (1.0, 2.0):
-            params = sim_params(model, factor, step_jitter=sigma)
+            params = sim_params(model, factor, step_jitter=sigma, step_stall=stall)
             with sim_servers(simulate_args(params)) as urls:
                 measured = await loaded_phase(urls, model, PROBE_REPEATS)
             taken = {k: measured[k] for k in ("p50", "p90", "loadavg")}
-            curve.append({"sigma": sigma, "factor": factor, **taken})
-            print(f"sim probe x{factor:.2f} jitter {sigma}", curve[-1], flush=True)
+            curve.append({"sigma": sigma, "stall": stall, "factor": factor, **taken})
+            print(f"sim probe x{factor:.2f} jitter {sigma} stall {stall}", curve[-1], flush=True)
     ratios = [
-        (sigma, statistics.fmean(c["p90"] / c["p50"] for c in curve if c["sigma"] == sigma))
-        for sigma in sorted({c["sigma"] for c in curve})
+        (value, statistics.fmean(c["p90"] / c["p50"] for c in curve if c[key] == value))
+        for value in sorted({c[key] for c in curve})
     ]
     return curve, ratios
 
@@ -557,7 +574,7 @@ async def replay_model(
     for pair in earlier["pairs"]:
         probe, case = pair["probe"], pair["case"]
         name, policy = case.split("/")
-        sigma = fit_jitter(probe["p90"] / probe["p50"], ratios)
+        sigma = fit_tail(probe["p90"] / probe["p50"], ratios)
         factor = fit_factor(probe["p50"], curve_at(sigma, curve))
         params = pair_params(model, factor, sigma, pair["repeat"])
         with sim_servers(simulate_args(params)) as urls:
@@ -587,10 +604,10 @@ async def interleaved_model(
     loads: dict[str, list[list[dict[str, Any]]]],
     workdir: Path,
     repeats: int,
-    tail: bool = False,
+    tail: bool | str = False,
 ) -> dict[str, Any]:
     """One model's session (module docstring, ``--interleaved``; ``tail``:
-    ``--fit-jitter``)."""
+    ``--fit-jitter``, or ``"stall"``: ``--fit-stall``)."""
     from tests.real.engines import vllm_servers
 
     profile_jitter = sim_params(model).step_jitter
@@ -610,11 +627,13 @@ async def interleaved_model(
         for repeat, case in schedule(cases, repeats):
             name, policy = case.split("/")
             probe = await loaded_phase(urls, model, PROBE_REPEATS)
-            sigma = fit_jitter(probe["p90"] / probe["p50"], ratios) if tail else profile_jitter
-            factor = fit_factor(probe["p50"], curve_at(sigma, curve))
+            fitted = fit_tail(probe["p90"] / probe["p50"], ratios) if tail else profile_jitter
+            sigma, stall = (profile_jitter, fitted) if tail == "stall" else (fitted, 0.0)
+            key = "stall" if tail == "stall" else "sigma"
+            factor = fit_factor(probe["p50"], curve_at(fitted, curve, key))
             await reset_caches(urls)
             real = await run(urls, policy, loads[name])
-            params = pair_params(model, factor, sigma, repeat)
+            params = pair_params(model, factor, sigma, repeat, stall)
             with sim_servers(simulate_args(params)) as sim_urls:
                 sim = await run(sim_urls, policy, loads[name])
             real_runs[case].append(real)
@@ -626,12 +645,14 @@ async def interleaved_model(
                     "probe": {k: probe[k] for k in ("p50", "p90", "loadavg")},
                     "factor": factor,
                     "step_jitter": sigma,
+                    "step_stall": stall,
                     "real": brief(real),
                     "sim": brief(sim),
                 }
             )
             print(
                 f"pair {repeat} {model.name} {case} x{factor:.2f} jitter {sigma:.2f} "
+                f"stall {stall:.3f} "
                 f"(probe p50 {probe['p50'] * 1000:.0f} ms p90 {probe['p90'] * 1000:.0f} ms)"
                 f"\n  real {summary(real)}\n"
                 f"  sim  {summary(sim)}",
@@ -642,6 +663,7 @@ async def interleaved_model(
         "dir": model.name,
         "sim_probe_curve": curve,
         "fit_jitter": tail,
+        "fit_stall": tail == "stall",
         "warmup_probe": {k: warmup[k] for k in ("p50", "p90", "loadavg")},
         "pairs": pairs,
         **{
@@ -757,6 +779,12 @@ async def main() -> int:
         "TTFT p90/p50 (the contention's tail at that moment), not only the factor",
     )
     parser.add_argument(
+        "--fit-stall",
+        action="store_true",
+        help="with --interleaved: refit the chance of a stalled step (10x its time) "
+        "to each real probe's TTFT p90/p50, at the profile's jitter, besides the factor",
+    )
+    parser.add_argument(
         "--virtual-seeds",
         type=int,
         metavar="N",
@@ -817,6 +845,7 @@ async def main() -> int:
             "targets": {"hit_rate_gap": HIT_TARGET, "ttft_relative_error": TTFT_TARGET},
             "design": design,
             "fit_jitter": opts.fit_jitter,
+            "fit_stall": opts.fit_stall,
         },
         "models": {},
     }
@@ -833,7 +862,11 @@ async def main() -> int:
         if opts.interleaved:
             with tempfile.TemporaryDirectory() as tmp:
                 result["models"][label] = await interleaved_model(
-                    model, loads, Path(tmp), opts.repeats, opts.fit_jitter
+                    model,
+                    loads,
+                    Path(tmp),
+                    opts.repeats,
+                    "stall" if opts.fit_stall else opts.fit_jitter,
                 )
             result["models"][label]["loadavg_at_end"] = loadavg()
             continue

@@ -19,7 +19,7 @@ from benchmarks.sim_fidelity import (
     case_result,
     curve_at,
     fit_factor,
-    fit_jitter,
+    fit_tail,
     multiturn_workload,
     overall,
     pair_params,
@@ -136,23 +136,23 @@ def test_overall_counts_cases_against_the_targets_and_the_real_spread() -> None:
     assert got["real_max_spread"]["hit_rate_range"] == pytest.approx(0.1)
 
 
-def test_fit_jitter_interpolates_the_probe_tail_within_the_grid() -> None:
+def test_fit_tail_interpolates_the_probe_tail_within_the_grid() -> None:
     points = [(0.0, 1.8), (0.4, 2.2), (0.8, 3.0), (1.2, 4.0)]
-    assert fit_jitter(2.6, points) == pytest.approx(0.6)
-    assert fit_jitter(3.5, list(reversed(points))) == pytest.approx(1.0)
+    assert fit_tail(2.6, points) == pytest.approx(0.6)
+    assert fit_tail(3.5, list(reversed(points))) == pytest.approx(1.0)
     # Outside what was measured: the ends, never beyond.
-    assert fit_jitter(1.5, points) == 0.0
-    assert fit_jitter(7.0, points) == 1.2
+    assert fit_tail(1.5, points) == 0.0
+    assert fit_tail(7.0, points) == 1.2
 
 
-def test_fit_jitter_does_not_fall_back_on_a_noisy_dip() -> None:
+def test_fit_tail_does_not_fall_back_on_a_noisy_dip() -> None:
     # 0.8 measured a lower ratio than 0.4 (noise): treated as 2.4 (the running
     # maximum), so a ratio of 2.3 maps inside 0.0-0.4, not to 0.8.
     points = [(0.0, 1.8), (0.4, 2.4), (0.8, 2.3), (1.2, 3.4)]
-    assert fit_jitter(2.3, points) == pytest.approx(0.4 * 0.5 / 0.6)
-    assert fit_jitter(2.9, points) == pytest.approx(0.8 + 0.4 * 0.5 / 1.0)
+    assert fit_tail(2.3, points) == pytest.approx(0.4 * 0.5 / 0.6)
+    assert fit_tail(2.9, points) == pytest.approx(0.8 + 0.4 * 0.5 / 1.0)
     # A grid whose tail never rises past its second point: its first maximum.
-    assert fit_jitter(5.0, [(0.0, 1.8), (0.4, 2.4), (0.8, 2.0)]) == 0.4
+    assert fit_tail(5.0, [(0.0, 1.8), (0.4, 2.4), (0.8, 2.0)]) == 0.4
 
 
 def test_curve_at_interpolates_each_factor_between_grid_sigmas() -> None:
@@ -171,6 +171,9 @@ def test_curve_at_interpolates_each_factor_between_grid_sigmas() -> None:
     assert curve_at(2.0, grid) == [(1.0, pytest.approx(0.05)), (2.0, pytest.approx(0.1))]
     # Then the factor as without a jitter fit: p50 0.0825 at sigma 0.4 -> x1.5.
     assert fit_factor(0.0825, curve_at(0.4, grid)) == pytest.approx(1.5)
+    # A stall grid (--fit-stall) is read by its own key.
+    stalls = [{**g, "stall": g["sigma"] / 10, "sigma": 0.4} for g in grid]
+    assert curve_at(0.04, stalls, "stall") == curve_at(0.4, grid)
 
 
 def test_pair_params_scale_the_profile_and_seed_each_repeat_apart(tmp_path: Path) -> None:
@@ -182,6 +185,8 @@ def test_pair_params_scale_the_profile_and_seed_each_repeat_apart(tmp_path: Path
         assert p.step_jitter == 0.8
         assert p.tokenizer == str(tmp_path)
     assert [p.seed for p in params] == [0, 1, 2]
+    assert all(p.step_stall == 0.0 for p in params)
+    assert pair_params(tmp_path, 1.0, 0.4, 0, 0.05).step_stall == 0.05
     # Distinct seeds, distinct jitter sequences: the repeats are separate draws.
     sequences = [[StepJitter(p.step_jitter, p.seed).factor() for _ in range(5)] for p in params]
     assert len({tuple(s) for s in sequences}) == 3

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import statistics
 
 import pytest
+import xxhash
 
-from backends.sim.engine import Engine, EngineParams, StepJitter
+from backends.sim.engine import STALL_FACTOR, Engine, EngineParams, StepJitter
 from backends.sim.profiles import PROFILES
 from backends.sim.server import add_simulate_arguments, params_from_args
 from benchmarks.calibrate_sim import simulate_args
@@ -98,3 +100,47 @@ def test_on_in_the_fitted_profile_only_and_off_with_zero_latency() -> None:
     # The benchmarks start simulators with every field explicit: the jitter survives.
     fitted = EngineParams.profile("vllm-cpu-tiny")
     assert params_from_args(parser.parse_args([*base, *simulate_args(fitted)])) == fitted
+
+
+def test_a_stall_multiplies_a_step_by_the_stall_factor_with_its_chance() -> None:
+    """``step_stall``: each step, with that chance, takes STALL_FACTOR times
+    as long; the rest are the jitter's draws as without stalls."""
+    stalled = StepJitter(0.0, 7, stall=0.05)
+    xs = [stalled.factor() for _ in range(DRAWS)]
+    assert set(xs) == {1.0, STALL_FACTOR}
+    # Binomial: the share's standard error is about 0.0015.
+    assert xs.count(STALL_FACTOR) / DRAWS == pytest.approx(0.05, abs=0.006)
+    jittered = StepJitter(0.4, 7, stall=0.05)
+    ys = [jittered.factor() for _ in range(DRAWS)]
+    tall = sum(y > 4 for y in ys) / DRAWS  # a lognormal of sigma 0.4 almost never passes 4
+    assert tall == pytest.approx(0.05, abs=0.008)
+    # No stall, no extra draw: the jitter's sequence is the plain lognormal
+    # stream it was before stalls existed (the simulators' seeds keep their runs).
+    rng = random.Random(xxhash.xxh64_intdigest(b"step-jitter", seed=1))
+    assert draws(0.3, seed=1, n=50) == [rng.lognormvariate(-0.045, 0.3) for _ in range(50)]
+
+
+def test_stalls_lengthen_steps_and_change_no_count() -> None:
+    plain = EngineParams(block_size=16, num_blocks=200, max_num_seqs=4, seed=5)
+    stalling = EngineParams(**{**plain.__dict__, "step_stall": 0.3})
+    base, engine_plain = run_virtual(plain)
+    slow, engine_slow = run_virtual(stalling)
+    ratios = {round(s / b, 6) for s, b in zip(slow, base, strict=True)}
+    assert ratios == {1.0, STALL_FACTOR}
+    assert engine_slow.stats == engine_plain.stats
+    with pytest.raises(ValueError, match="step_stall"):
+        EngineParams(step_stall=1.0)
+    with pytest.raises(ValueError, match="step_stall"):
+        EngineParams(step_stall=-0.01)
+
+
+def test_the_stall_flag_reaches_the_engine_and_zero_latency_drops_it() -> None:
+    parser = argparse.ArgumentParser()
+    add_simulate_arguments(parser)
+    base = ["--port", "1", "--model", "tiny"]
+    assert params_from_args(parser.parse_args([*base, "--step-stall", "0.02"])).step_stall == 0.02
+    profiled = [*base, "--profile", "vllm-cpu-tiny", "--step-stall", "0.02"]
+    assert params_from_args(parser.parse_args(profiled)).step_stall == 0.02
+    assert params_from_args(parser.parse_args([*profiled, "--zero-latency"])).step_stall == 0.0
+    stalled = EngineParams.profile("vllm-cpu-tiny", step_stall=0.05)
+    assert params_from_args(parser.parse_args([*base, *simulate_args(stalled)])) == stalled

@@ -83,10 +83,15 @@ class EngineParams:
     #: Sigma of the lognormal factor (mean 1) each step's time is multiplied
     #: by; 0 for none. Drawn from a generator seeded by ``seed``.
     step_jitter: float = 0.0
+    #: The chance that a step stalls: its time (jitter included) times
+    #: ``STALL_FACTOR``; 0 for none. Drawn from the jitter's generator.
+    step_stall: float = 0.0
 
     def __post_init__(self) -> None:
         if self.step_jitter < 0:
             raise ValueError(f"step_jitter must be >= 0, got {self.step_jitter}")
+        if not 0 <= self.step_stall < 1:
+            raise ValueError(f"step_stall must be in [0, 1), got {self.step_stall}")
 
     @classmethod
     def zero_latency(cls, **kw: int | float) -> EngineParams:
@@ -171,24 +176,38 @@ def generate_text(prompt: str, n: int, seed: int) -> list[str]:
     return [rng.choice(WORDS) for _ in range(n)]
 
 
+#: A stalled step's time over an ordinary one's (``step_stall``).
+STALL_FACTOR = 10.0
+
+
 class StepJitter:
     """The multiplicative noise on step time: a lognormal factor with mean 1
     (``mu = -sigma**2 / 2``), so the mean step keeps the fitted length and the
     median is ``exp(-sigma**2 / 2)`` of it. Its own generator, seeded by the
     engine's seed: the same seed draws the same sequence, and the draws touch
     nothing else (output text, EOS lengths). With sigma 0 every factor is 1.0
-    and nothing is drawn."""
+    and nothing is drawn.
 
-    def __init__(self, sigma: float, seed: int) -> None:
+    With ``stall`` above 0, each step also stalls with that chance: its time
+    is ``STALL_FACTOR`` times longer, and every request in it or queued
+    behind it waits that long. Real vLLM CPU's TTFTs have that shape: up to
+    their 75th percentile the jittered simulator follows them, past it they
+    spread into a flat tail to 8-10 times the median (benchmarks/README.md,
+    "The same interleaved run on a quiet machine"), which a lognormal per
+    step does not give at any sigma. One more draw a step; none at 0."""
+
+    def __init__(self, sigma: float, seed: int, stall: float = 0.0) -> None:
         self.sigma = sigma
+        self.stall = stall
         self._mu = -sigma * sigma / 2
         # A stream of its own, apart from the other users of ``seed``.
         self._rng = random.Random(xxhash.xxh64_intdigest(b"step-jitter", seed=seed))
 
     def factor(self) -> float:
-        if self.sigma == 0:
-            return 1.0
-        return self._rng.lognormvariate(self._mu, self.sigma)
+        factor = 1.0 if self.sigma == 0 else self._rng.lognormvariate(self._mu, self.sigma)
+        if self.stall and self._rng.random() < self.stall:
+            factor *= STALL_FACTOR
+        return factor
 
 
 class Engine:
@@ -201,7 +220,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.model: SimModel | None = SimModel(params.tokenizer) if params.tokenizer else None
-        self.jitter = StepJitter(params.step_jitter, params.seed)
+        self.jitter = StepJitter(params.step_jitter, params.seed, params.step_stall)
 
     def start(self) -> None:
         if self._task is None:

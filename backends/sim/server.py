@@ -123,6 +123,12 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
         "0 for none",
     )
     g.add_argument(
+        "--step-stall",
+        type=float,
+        default=d.step_stall,
+        help="the chance that a step stalls (takes 10x as long; seeded by --seed); 0 for none",
+    )
+    g.add_argument(
         "--kv-events-config",
         help='publish KV-cache events as vLLM does, e.g. \'{"enable_kv_cache_events": true, '
         '"publisher": "zmq", "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}\' '
@@ -165,6 +171,7 @@ def params_from_args(args: argparse.Namespace) -> EngineParams:
         tokenizer=args.tokenizer,
         request_overhead=0.0 if args.zero_latency else args.request_overhead,
         step_jitter=0.0 if args.zero_latency else args.step_jitter,
+        step_stall=0.0 if args.zero_latency else args.step_stall,
     )
 
 
@@ -183,6 +190,7 @@ def profile_params_from_args(args: argparse.Namespace, profile: str) -> EnginePa
         "decode_per_seq",
         "request_overhead",
         "step_jitter",
+        "step_stall",
         "seed",
     )
     overrides: dict[str, object] = {
@@ -196,6 +204,7 @@ def profile_params_from_args(args: argparse.Namespace, profile: str) -> EnginePa
         overrides.update(step_base=0.0, prefill_per_token=0.0, decode_per_seq=0.0)
         overrides["request_overhead"] = 0.0
         overrides["step_jitter"] = 0.0
+        overrides["step_stall"] = 0.0
     return EngineParams.profile(profile, **overrides)
 
 
