@@ -23,8 +23,11 @@ own ``vllm:inter_token_latency_seconds`` histogram (buckets at 10, 25, 50 ms)
 puts its p90/p50 in that phase near 1.6: part of the client-side spread is the
 real server's front end, which the simulator folds into the step. The
 factor is independent step to step, so bursts of contention that stretch many
-steps in a row, and the real p99, are not modelled. Every other use of the
-simulator (default parameters, ``--zero-latency``) has no jitter.
+steps in a row, and the real p99, are not modelled by it; ``step_stall`` (off
+in every profile: a chance per step fitted to a real probe by
+``sim_fidelity.py --fit-stall``) adds steps ten times as long, the flat tail
+real vLLM CPU's TTFTs show past their 75th percentile. Every other use of the
+simulator (default parameters, ``--zero-latency``) has no jitter and no stall.
 
 So TTFT grows with uncached prompt tokens and with queueing (past
 ``max_num_seqs`` or when the KV cache is full, requests wait), cached
