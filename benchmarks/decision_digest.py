@@ -6,9 +6,12 @@ the digests: equal digests mean every ranking (the whole failover order),
 reason, match length and prompt length of 3,600 decisions were equal. Fleets
 of 1 to 24 endpoints; events live, stale and absent; prompts tokenized or
 not; weights; in-flight counts; KV capacities; blocks stored and cleared by
-the engine; failover to another endpoint; failed attempts.
+the engine; failover to another endpoint; failed attempts. With
+``--evictions`` the engines also free chains tail first (a digest of its own:
+compare it with the same option in the other checkout, the harness copied
+there if it predates the option).
 
-    .venv/bin/python benchmarks/decision_digest.py [--seed N]
+    .venv/bin/python benchmarks/decision_digest.py [--seed N] [--evictions]
 
 No scraped loads: the traffic-share estimate (``_learn_share``) is not
 exercised, so a change to it does not change the digest.
@@ -34,7 +37,9 @@ WORDS = ("alpha", "beta", "gamma", "delta", "eps")
 PARAMS = ({}, {"min_overload": 4}, {"ring_choices": 1}, {"balance_abs_threshold": 2})
 
 
-def digest(seed: int, trials: int = 60, steps: int = 60) -> tuple[int, str]:
+def digest(
+    seed: int, trials: int = 60, steps: int = 60, evictions: bool = False
+) -> tuple[int, str]:
     prompts = load_prompt_tokenizer(str(ROOT / "tests" / "fixtures" / "tiny-llama"))
     prompts.render_seconds = 30.0
     rng = random.Random(seed)
@@ -55,6 +60,7 @@ def digest(seed: int, trials: int = 60, steps: int = 60) -> tuple[int, str]:
                     b.mark_live()
         use_tokens = rng.random() < 0.7
         in_flight = {f"e{i}": 0 for i in range(n)}
+        chains: dict[str, list[list[int]]] = {}  # engine hashes stored, per endpoint
         for _ in range(steps):
             body = {
                 "model": "m",
@@ -92,9 +98,19 @@ def digest(seed: int, trials: int = 60, steps: int = 60) -> tuple[int, str]:
                 ids = tokens.token_ids()
                 full = len(ids) // 16 * 16
                 base = rng.getrandbits(40) << 12
-                blocks[served].stored(list(range(base, base + full // 16)), None, ids[:full], 16)
+                engine = list(range(base, base + full // 16))
+                blocks[served].stored(engine, None, ids[:full], 16)
+                chains.setdefault(served, []).append(engine)
+            if evictions and chains.get(served) and rng.random() < 0.3:
+                # The engine frees a request's blocks tail first: some chain
+                # loses its last few blocks (all of them, at times).
+                chain = rng.choice(chains[served])
+                cut = rng.randint(1, len(chain)) if chain else 0
+                blocks[served].removed(chain[len(chain) - cut :])
+                del chain[len(chain) - cut :]
             if rng.random() < 0.05 and served in blocks:
                 blocks[served].cleared()
+                chains.pop(served, None)
             ok = rng.random() < 0.9
             policy.observe(d, served, Outcome(ok, prompt_tokens=rng.choice([None, 500, 900])))
     return count, out.hexdigest()
@@ -103,9 +119,15 @@ def digest(seed: int, trials: int = 60, steps: int = 60) -> tuple[int, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--evictions",
+        action="store_true",
+        help="the engines also evict chains tail first (another digest than without)",
+    )
     args = parser.parse_args()
-    count, hexdigest = digest(args.seed)
-    print(f"{count} decisions, seed {args.seed}: {hexdigest}")
+    count, hexdigest = digest(args.seed, evictions=args.evictions)
+    kind = ", evictions" if args.evictions else ""
+    print(f"{count} decisions, seed {args.seed}{kind}: {hexdigest}")
 
 
 if __name__ == "__main__":
