@@ -713,6 +713,11 @@ def main() -> int:
     if args.latency:
         print("decision latency:", decision_latency(), flush=True)
         print("precise, tokenizer in the loop:", precise_decision_latency(), flush=True)
+        print(
+            "precise, 100-character questions:",
+            precise_decision_latency(question_chars=100),
+            flush=True,
+        )
         return 0
     fleets = (4,) if args.quick else (4, 8, 16)
     duration = 10.0 if args.quick else 20.0
@@ -755,6 +760,8 @@ def main() -> int:
     print("ring_choices 1:", results["decision_latency_ring1"], flush=True)
     results["decision_latency_precise"] = precise_decision_latency()
     print("precise, tokenizer in the loop:", results["decision_latency_precise"], flush=True)
+    results["decision_latency_precise_q100"] = precise_decision_latency(question_chars=100)
+    print("precise, 100-character questions:", results["decision_latency_precise_q100"])
     print("index memory ...", flush=True)
     results["index_memory"] = index_memory()
     print(results["index_memory"], flush=True)
