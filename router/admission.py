@@ -468,8 +468,12 @@ class AdmissionGate:
             if victim is None:
                 raise QueueFull(model, config.max_queue, config.retry_after)
             state.queue.remove(victim)
-            victim.displaced = True
-            victim.future.set_result(False)
+            # A waiter whose client went away (its future cancelled) may not
+            # have unwound yet: it is out of the queue now, and nothing is
+            # set on its future (InvalidStateError for the newcomer before).
+            if not victim.future.done():
+                victim.displaced = True
+                victim.future.set_result(False)
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future())
         state.queue.push(waiter, priority, tenant, weight)

@@ -618,6 +618,23 @@ async def test_models_are_separate() -> None:
     b.release()
 
 
+async def test_displacing_a_waiter_whose_client_just_left() -> None:
+    """A full queue's newest low-priority waiter was cancelled (its client
+    disconnected) and has not unwound yet when a higher-priority request
+    arrives: the newcomer takes its place (here: then times out, no slot),
+    never an InvalidStateError from setting the cancelled future (the churn
+    test below met it once in a CI run: one of 120 clients ended with it)."""
+    g = gate(max_queue=1, max_wait=0.05)
+    left = asyncio.create_task(g.enter("m", 0, "t", "batch", 1))
+    await asyncio.sleep(0)  # queued
+    left.cancel()  # its future is cancelled; its task has not run since
+    with pytest.raises(QueueTimeout):
+        await g.enter("m", 0, "t", "high", 1)  # in this task, before ``left`` resumes
+    (outcome,) = await asyncio.gather(left, return_exceptions=True)
+    assert isinstance(outcome, asyncio.CancelledError)
+    assert g.stats()["m"]["waiting"] == 0 and g.stats()["m"]["admitted"] == 0
+
+
 async def test_churn_never_exceeds_capacity_and_leaks_nothing() -> None:
     rng = random.Random(7)
     g = gate(max_queue=15, max_wait=0.03)
