@@ -587,14 +587,14 @@ def precise_decision_latency(
     hold_tenants(registry, prompts, tenants, lambda t: t % endpoints)
     questions = [words(rng, question_chars // 3 + 1)[:question_chars] for _ in range(64)]
 
-    def body(system: str, k: int) -> dict[str, Any]:
+    def body(system: str) -> dict[str, Any]:
         serial = next(_QUESTIONS)
         return tenant_chat(system, serial, questions[serial % 64])
 
     def timed(system: Callable[[int], str], count: int) -> dict[str, list[float]]:
         out: dict[str, list[float]] = {"total": [], "tokenize": [], "rank": [], "loop": []}
         for k in range(count):
-            req = body(system(k), k)
+            req = body(system(k))
             t0 = time.perf_counter()
             prompt = prompts.prompt("chat", req)
             assert isinstance(prompt, tuple)
@@ -628,7 +628,7 @@ def precise_decision_latency(
     new = timed(lambda k: f"new {k} " + tenants[k % 200], max(20, n // 50))
     reasons: collections.Counter[str] = collections.Counter()
     for k in range(200):
-        req = body(tenants[k], k)
+        req = body(tenants[k])
         tokens = prompts.tokens("chat", req)
         views = candidate_views(registry, req)
         reasons[policy.rank(RequestView("m", "chat", req, tokens=tokens), views).reason] += 1

@@ -92,7 +92,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -453,6 +453,16 @@ JITTER_GRID = (0.0, 0.4, 0.8, 1.2)
 STALL_GRID = (0.0, 0.02, 0.05, 0.1)
 
 
+#: Which tail parameter a run fits to each real probe (``--fit-jitter``,
+#: ``--fit-stall``); None: the profile's jitter, no fit.
+Tail = Literal["jitter", "stall"]
+
+
+def tail_key(tail: Tail | None) -> str:
+    """The key of a probe grid's points that holds ``tail``'s value."""
+    return "stall" if tail == "stall" else "sigma"
+
+
 def fit_tail(ratio: float, points: Sequence[tuple[float, float]]) -> float:
     """The tail parameter (step jitter, or stall chance) at which the
     simulator's probe would give a TTFT p90/p50 of ``ratio``: piecewise
@@ -537,16 +547,16 @@ def virtual_hit_rate(
 
 
 async def sim_probe_grid(
-    model: Path, tail: bool | str
+    model: Path, tail: Tail | None
 ) -> tuple[list[dict[str, Any]], list[tuple[float, float]]]:
-    """The simulator's probe at factors 1 and 2: at the profile's step jitter,
-    or (``tail``) at every JITTER_GRID sigma, or (``tail == "stall"``) at the
-    profile's jitter and every STALL_GRID stall chance; and each grid value's
-    p90/p50 (keyed by ``sigma``, or ``stall``)."""
+    """The simulator's probe at factors 1 and 2: at the profile's step jitter
+    (no ``tail``), at every JITTER_GRID sigma (``"jitter"``), or at the
+    profile's jitter and every STALL_GRID stall chance (``"stall"``); and each
+    grid value's p90/p50 (keyed by ``tail_key(tail)``)."""
     profile = sim_params(model).step_jitter
     curve = []
-    key = "stall" if tail == "stall" else "sigma"
-    grid = STALL_GRID if tail == "stall" else JITTER_GRID if tail else (profile,)
+    key = tail_key(tail)
+    grid = STALL_GRID if tail == "stall" else JITTER_GRID if tail == "jitter" else (profile,)
     for value in grid:
         sigma, stall = (profile, value) if key == "stall" else (value, 0.0)
         for factor in (1.0, 2.0):
@@ -570,7 +580,7 @@ async def replay_model(
     each pair with the step jitter and factor that its recorded real probe
     gives (``--fit-jitter``'s fit), against the recorded real runs. Not
     interleaved: the simulator runs now, the real engines ran then."""
-    curve, ratios = await sim_probe_grid(model, True)
+    curve, ratios = await sim_probe_grid(model, "jitter")
     cases = list(earlier["real"])
     sim_runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
     paired: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
@@ -608,14 +618,15 @@ async def interleaved_model(
     loads: dict[str, list[list[dict[str, Any]]]],
     workdir: Path,
     repeats: int,
-    tail: bool | str = False,
+    tail: Tail | None = None,
 ) -> dict[str, Any]:
     """One model's session (module docstring, ``--interleaved``; ``tail``:
-    ``--fit-jitter``, or ``"stall"``: ``--fit-stall``)."""
+    ``"jitter"`` with ``--fit-jitter``, ``"stall"`` with ``--fit-stall``)."""
     from tests.real.engines import vllm_servers
 
     profile_jitter = sim_params(model).step_jitter
     curve, ratios = await sim_probe_grid(model, tail)
+    key = tail_key(tail)
     cases = [f"{name}/{policy}" for name in loads for policy in POLICIES]
     real_runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
     sim_runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
@@ -633,7 +644,6 @@ async def interleaved_model(
             probe = await loaded_phase(urls, model, PROBE_REPEATS)
             fitted = fit_tail(probe["p90"] / probe["p50"], ratios) if tail else profile_jitter
             sigma, stall = (profile_jitter, fitted) if tail == "stall" else (fitted, 0.0)
-            key = "stall" if tail == "stall" else "sigma"
             factor = fit_factor(probe["p50"], curve_at(fitted, curve, key))
             await reset_caches(urls)
             real = await run(urls, policy, loads[name])
@@ -666,7 +676,7 @@ async def interleaved_model(
     return {
         "dir": model.name,
         "sim_probe_curve": curve,
-        "fit_jitter": tail,
+        "fit_jitter": tail == "jitter",
         "fit_stall": tail == "stall",
         "warmup_probe": {k: warmup[k] for k in ("p50", "p90", "loadavg")},
         "pairs": pairs,
@@ -870,7 +880,7 @@ async def main() -> int:
                     loads,
                     Path(tmp),
                     opts.repeats,
-                    "stall" if opts.fit_stall else opts.fit_jitter,
+                    "stall" if opts.fit_stall else "jitter" if opts.fit_jitter else None,
                 )
             result["models"][label]["loadavg_at_end"] = loadavg()
             continue
