@@ -113,6 +113,18 @@ def test_simulate_refuses_a_negative_latency_with_a_usage_error() -> None:
             raise AssertionError(f"{flag} -1 was accepted")
 
 
+def test_simulate_refuses_a_stall_chance_outside_0_to_1_with_a_usage_error() -> None:
+    from router.cli import main
+
+    for value in ("-0.1", "1", "2", "nan", "x"):
+        try:
+            main(["simulate", "--port", "0", "--model", "m", "--step-stall", value])
+        except SystemExit as exc:
+            assert exc.code == 2, value  # argparse's usage error, not a traceback
+        else:
+            raise AssertionError(f"--step-stall {value} was accepted")
+
+
 def test_serve_and_simulate_commands(tmp_path: Path) -> None:
     sim_port, port = free_port(), free_port()
     sim = subprocess.Popen(

@@ -38,6 +38,17 @@ def seconds(text: str) -> float:
     return value
 
 
+def chance(text: str) -> float:
+    """A probability flag's value: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text}")
+    return value
+
+
 def build_simulator(
     kind: str, models: Sequence[str], params: EngineParams, faults: Faults | None = None
 ) -> Simulator:
@@ -124,7 +135,7 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--step-stall",
-        type=float,
+        type=chance,
         default=d.step_stall,
         help="the chance that a step stalls (takes 10x as long; seeded by --seed); 0 for none",
     )
