@@ -51,10 +51,12 @@ def router_config(
     model: Mapping[str, Any],
     endpoint_extra: Sequence[Mapping[str, Any]] = (),
     seed: int = 3,
+    extra: Mapping[str, Any] | None = None,
 ) -> Config:
     """kvroute over ``urls`` (endpoints ``vllm-i``, model ``tiny`` configured
     as ``model``, e.g. ``{"policy": "round_robin"}``); ``endpoint_extra[i]``
-    adds keys to endpoint i (e.g. ``kv_events``)."""
+    adds keys to endpoint i (e.g. ``kv_events``); ``extra``: top-level sections
+    (e.g. ``placements``)."""
     endpoints = []
     for i, url in enumerate(urls):
         extra = endpoint_extra[i] if i < len(endpoint_extra) else {}
@@ -69,6 +71,7 @@ def router_config(
                 "server": {"access_log": False},
                 "scrape": {"interval": 0.5},
                 "seed": seed,
+                **(extra or {}),
             }
         )
     )

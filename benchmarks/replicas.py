@@ -79,11 +79,14 @@ from benchmarks.measure import loadavg  # noqa: E402
 from benchmarks.real_vllm import reset_prefix_caches, tenant_workload, vllm_fleet  # noqa: E402
 from policies import RequestView  # noqa: E402
 from policies.blocks import EndpointBlocks  # noqa: E402
+from policies.placements import PlacementLog  # noqa: E402
+from policies.prefix import PrefixAffinity  # noqa: E402
 from router.app import RequestMiddleware, build_app  # noqa: E402
 from router.config import Config  # noqa: E402
 from tests.helpers import serve_app, simulator  # noqa: E402
 from tests.kvevents_helpers import free_tcp  # noqa: E402
 from tests.real.engines import BLOCK_SIZE, NUM_BLOCKS, ensure_tiny_model  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 #: The tiny Llama's tokenizer and chat template (the files the real servers
@@ -93,6 +96,9 @@ SIM_MODEL = ROOT / "tests" / "fixtures" / "tiny-llama"
 SYSTEM_WORDS = 200  # ~620 tokens with the tiny Llama's tokenizer
 REQUESTS_PER_TENANT = 20
 WORKLOADS = {"fits": 3, "eviction": 6}  # tenants per replica
+#: Virtual time: seconds from one router's placement to the others indexing it
+#: (``placements.flush_interval``'s default, 5 ms, and a Redis round trip).
+PLACEMENT_DELAY = 0.006
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,10 @@ class Arm:
     needs_kv_events: bool = False
     #: A precise arm's policy parameters (its model config is made when the fleet is up).
     precise_params: tuple[tuple[str, Any], ...] = ()
+    #: The routers tell each other their placements (``placements`` over a
+    #: redis-server this benchmark starts; in virtual time, delivered after
+    #: ``PLACEMENT_DELAY``).
+    placements: bool = False
 
 
 ROUND_ROBIN = Arm("round_robin", {"policy": "round_robin"})
@@ -166,6 +176,10 @@ VARIANTS = {
         {"policy": {"name": "prefix_affinity", "unmeasured_share": 0.5}},
         needs_kv_events=True,
     ),
+    # The routers tell each other their placements (router/placements: Redis pub/sub).
+    "approximate_placements": Arm(
+        "approximate_placements", {"policy": "prefix_affinity"}, placements=True
+    ),
     # Recurring prefixes placed at balanced homes while shared (``shared_homes``).
     "approximate_homes": Arm(
         "approximate_homes",
@@ -210,9 +224,10 @@ def precise_arm(
 PRECISE = Arm("precise", None, needs_kv_events=True)
 
 
-def router_config(urls: Sequence[str], arm: Arm, seed: int) -> Config:
+def router_config(urls: Sequence[str], arm: Arm, seed: int, redis: str | None = None) -> Config:
     assert arm.model is not None
-    return shared.router_config(urls, arm.model, arm.endpoint_extra, seed)
+    extra = {"placements": {"redis": redis}} if redis is not None else None
+    return shared.router_config(urls, arm.model, arm.endpoint_extra, seed, extra)
 
 
 DECISION = re.compile(r"^kvroute_routing_decisions_total\{([^}]*)\} ([0-9.e+]+)$", re.M)
@@ -231,13 +246,33 @@ def decision_reasons(metrics: str) -> dict[str, int]:
 async def routers(
     urls: Sequence[str], arm: Arm, count: int
 ) -> AsyncIterator[list[tuple[str, RequestMiddleware]]]:
-    """``count`` kvroute instances over ``urls``, each with its own state."""
+    """``count`` kvroute instances over ``urls``, each with its own state
+    (with the arm's ``placements``: a redis-server of their own, and every
+    instance subscribed before the first request)."""
     async with AsyncExitStack() as stack:
+        redis = None
+        if arm.placements:
+            redis = (await stack.enter_async_context(RedisServer())).url
         out = []
         for k in range(count):
-            app = build_app(router_config(urls, arm, 3 + k))
+            app = build_app(router_config(urls, arm, 3 + k, redis))
             out.append((await stack.enter_async_context(serve_app(app)), app))
+        if redis is not None:
+            deadline = time.monotonic() + 30
+            while not all(placements_live(app) for _, app in out):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the routers' placements did not go live in 30 s")
+                await asyncio.sleep(0.05)
         yield out
+
+
+def placements_live(app: RequestMiddleware) -> bool:
+    return all(
+        isinstance(route.policy, PrefixAffinity)
+        and route.policy.placements is not None
+        and route.policy.placements.live
+        for route in app.state.routes.routes()
+    )
 
 
 def beliefs(
@@ -762,6 +797,13 @@ def virtual(
         cfg = router_config(["http://127.0.0.1:1"], arm, 3).models["tiny"].policy
         for k in range(router_count):
             policies.append(build_policy(cfg.name, cfg.typed_params, random.Random(3 + k)))
+    logs: list[PlacementLog] = []
+    if arm.placements:
+        for policy in policies:
+            assert isinstance(policy, PrefixAffinity)
+            logs.append(PlacementLog(1_000_000))
+            logs[-1].live = True
+            policy.share_placements(logs[-1])
     in_flight = [[0] * n for _ in range(max(1, router_count))]
     awaiting = [[0] * n for _ in range(max(1, router_count))]
     scraped: list[tuple[float, float]] = [(0.0, 0.0)] * n
@@ -794,6 +836,11 @@ def virtual(
         busy[i] = step is not None
         if step is not None:
             push(now + step.seconds, "step", (i, step))
+
+    def publish(r: int, now: float) -> None:
+        """Router r's placements reach the others ``PLACEMENT_DELAY`` later."""
+        if logs and len(logs[r]):
+            push(now + PLACEMENT_DELAY, "placements", (r, logs[r].drain(len(logs[r]))))
 
     nxt = 0
 
@@ -833,6 +880,7 @@ def virtual(
             )
             request = RequestView(model="tiny", endpoint="chat", body=body, tokens=tokens)
             decision = policies[r].rank(request, views)
+            publish(r, now)
             i = int(decision.ranked[0].id)
             reasons[r][decision.reason] = reasons[r].get(decision.reason, 0) + 1
         seq = engines[i].submit(
@@ -858,6 +906,13 @@ def virtual(
             if owners or nxt < len(items):
                 push(t + scrape_interval, "scrape", None)
             continue
+        if kind == "placements":
+            sender, placed = payload
+            for k, policy in enumerate(policies):
+                if k != sender:
+                    for p in placed:
+                        policy.learn_placement(p.hashes, p.endpoint_id, p.capacity_blocks)
+            continue
         i, step = payload
         engines[i].finish_step(step, t)
         for seq, (r, e, decision, tenant) in list(owners.items()):
@@ -879,6 +934,7 @@ def virtual(
             tally[1] += seq.hit_tokens < seq.num_prompt / 2
             if decision is not None:
                 policies[r].observe(decision, str(e), Outcome(True, seq.num_prompt, seq.hit_tokens))
+                publish(r, t)
             send(t)
         start_step(i, t)
     queries = sum(e.stats.queries for e in engines)

@@ -57,6 +57,13 @@ owner: a ring crowds a dozen tenants unevenly, and a crowded cache evicts
 them in turn. The home's bound counts the first candidate's cache (a fleet
 serving one model has alike caches, as a rule).
 
+Router replicas telling each other their placements (``placements`` in the
+config; policies/placements.py, router/placements): while the link is live
+every decision of every router feeds this index (``learn_placement``), as
+one router's own would, so none of the rules above for routers that share
+nothing applies: the index is sized by the whole cache and new prefixes are
+placed as a router alone places them. When the link drops they apply again.
+
 Precise matches (``policies/precise.py``). When the request's tokens are
 known (``RequestView.tokens``: the model has a tokenizer) an endpoint whose
 KV events are live is matched in tokens against what its engine reports
@@ -106,6 +113,7 @@ from policies.base import (
 )
 from policies.blocks import leading
 from policies.homes import BalancedHomes
+from policies.placements import PlacementLog
 from policies.precise import DEFAULT_BLOCK_SIZE, InFlight, block_size, live_blocks
 from policies.prefix_index import IndexParams, IndexStats, PrefixIndex, capacity_blocks
 from policies.prompt import (
@@ -246,12 +254,34 @@ class PrefixAffinity:
         #: The gauges' sample and whether any candidate was scraped, as of then.
         self._sample: float | None = None
         self._scraped = False
+        #: Placements told to and heard from the other router replicas
+        #: (policies/placements.py; router/placements): None when not shared.
+        self.placements: PlacementLog | None = None
+
+    def share_placements(self, log: PlacementLog | None) -> None:
+        """Record this policy's placements in ``log`` for the other routers
+        (None: stop). While ``log.live``, the index is fed by every router's
+        decisions (``learn_placement``): it is sized and placed from as a
+        router alone's, whatever the traffic share."""
+        self.placements = log
+
+    def learn_placement(self, hashes: Sequence[int], endpoint_id: str, capacity: int) -> None:
+        """Another router placed a prompt (these character blocks) on
+        ``endpoint_id``: index it as this router's own decision would be.
+        ``capacity`` (that router's room for the endpoint, in blocks) is
+        bounded by the whole index's."""
+        self.index.insert(hashes, endpoint_id, min(capacity, self.params.max_index_entries))
+
+    @property
+    def _index_shared(self) -> bool:
+        """Every router's placements reach this index now."""
+        return self.placements is not None and self.placements.live
 
     def capacity_blocks(self, endpoint: EndpointView) -> int:
         """The endpoint's share of the index: its cache, sized by this
         router's share of the traffic once measured (``share_index``)."""
         full = self._full_blocks(endpoint)
-        if not self.params.share_index or not self.measured:
+        if not self.params.share_index or not self.measured or self._index_shared:
             return full
         return max(1, int(full * self.share))
 
@@ -339,7 +369,7 @@ class PrefixAffinity:
             self._homes.touch(hashes[0])
         # Routers on KV events (precise_only) keep their choices: measured,
         # the shared rule cost them hit rate across routers.
-        shared = not precise_only and self.share < p.shared_below
+        shared = not precise_only and self.share < p.shared_below and not self._index_shared
         shedding = shared and p.shared_shedding
         # Per-candidate work is what a decision over many endpoints costs:
         # C-level maps and dicts, no Python call per candidate.
@@ -400,7 +430,10 @@ class PrefixAffinity:
             return held + [e for e in rest if e is not chosen]
 
         if hashes is not None:
-            self.index.insert(hashes, chosen.id, self.capacity_blocks(chosen))
+            room = self.capacity_blocks(chosen)
+            self.index.insert(hashes, chosen.id, room)
+            if self.placements is not None:
+                self.placements.record(hashes, chosen.id, room)
         handle = None
         if tokens is None:
             match_len = min(prompt_len, int(best) * p.block_chars)
@@ -571,7 +604,10 @@ class PrefixAffinity:
             return
         for endpoint in candidates:
             if endpoint.id == endpoint_id:
-                self.index.insert(hashes, endpoint_id, self.capacity_blocks(endpoint))
+                room = self.capacity_blocks(endpoint)
+                self.index.insert(hashes, endpoint_id, room)
+                if self.placements is not None:
+                    self.placements.record(hashes, endpoint_id, room)
 
     def forget(self, endpoint_id: str) -> None:
         self.index.forget(endpoint_id)

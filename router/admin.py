@@ -255,6 +255,9 @@ def admin_routes(state: AppState, reloader: Reloader, kvevents: KVEventsHub) -> 
                 continue
             entry = out[route.model] = dataclasses.asdict(stats)
             entry["sources"] = index_sources(state, route)
+            shared = state.placements_status().get(route.model)
+            if shared is not None:
+                entry["placements"] = shared
         return json_response(out)
 
     async def models(request: Request) -> Response:

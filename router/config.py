@@ -659,9 +659,8 @@ class AuthConfig(Frozen):
     tenants_file: str | None = None
 
 
-class RedisBacked(Frozen):
-    """A store that lives in Redis when ``redis`` is set (shared by every router
-    replica), else in this process; how it behaves when Redis is down or slow."""
+class RedisTarget(Frozen):
+    """Where in Redis, when ``redis`` is set, and how long to wait for it."""
 
     #: ``redis://[user:password@]host:port/db`` (or ``rediss://``, ``unix://``);
     #: the URL is redacted wherever it is shown.
@@ -670,9 +669,7 @@ class RedisBacked(Frozen):
     #: includes the router's own event-loop delay: 50 ms refused 13 of 100
     #: requests of a burst on 2 cores with Redis healthy (tests/test_quotas.py).
     timeout: float = Field(0.25, gt=0, le=5)
-    #: Consecutive failed calls that mark Redis down; then it is not called for
-    #: ``retry_interval`` seconds (no request waits for a timeout meanwhile).
-    trip_after: int = Field(3, ge=1)
+    #: Seconds before Redis is tried again after it failed.
     retry_interval: float = Field(1.0, gt=0)
     key_prefix: str = Field("kvroute:", pattern=r"^[A-Za-z0-9_.:{}-]{0,64}$")
 
@@ -684,6 +681,31 @@ class RedisBacked(Frozen):
     @field_serializer("redis", when_used="json")
     def _redacted(self, url: str | None) -> str | None:
         return None if url is None else redact_url(url)
+
+
+class RedisBacked(RedisTarget):
+    """A store that lives in Redis when ``redis`` is set (shared by every router
+    replica), else in this process; how it behaves when Redis is down or slow."""
+
+    #: Consecutive failed calls that mark Redis down; then it is not called for
+    #: ``retry_interval`` seconds (no request waits for a timeout meanwhile).
+    trip_after: int = Field(3, ge=1)
+
+
+class PlacementsConfig(RedisTarget):
+    """Router replicas telling each other where they placed prompts (README
+    "Many router replicas"): with ``redis`` set, each router publishes the
+    placements of its ``prefix_affinity`` models on the channel
+    ``{key_prefix}placements`` and indexes the others', so routers without KV
+    events route as one. Off without ``redis``."""
+
+    #: Seconds a placement may wait to be published with the next ones.
+    flush_interval: float = Field(0.005, gt=0, le=1)
+    #: Placements one message carries at most (a model's; more go in the next).
+    max_batch: int = Field(256, ge=1, le=4096)
+    #: Placements a model may have waiting (Redis slow or down); past it the
+    #: oldest are dropped (kvroute_placements_dropped_total).
+    max_pending: int = Field(10_000, ge=1)
 
 
 class QuotaConfig(RedisBacked):
@@ -828,6 +850,7 @@ class Config(Frozen):
     admission: AdmissionConfig = AdmissionConfig()
     cache: CacheConfig = CacheConfig()
     tracing: TracingConfig = TracingConfig()
+    placements: PlacementsConfig = PlacementsConfig()
 
     @field_validator("forward_headers")
     @classmethod

@@ -1,7 +1,7 @@
 """The app's background services, peers owned by the lifespan.
 
     lifespan ── Lifecycle.start ──> TracingService, StoreKeeper, Monitor, Discovery,
-             │                       KVEventsHub, Reloader                 (in order)
+             │                       KVEventsHub, PlacementSharing, Reloader   (in order)
              └─ Lifecycle.stop  ──> the reverse                   (each, even if one fails)
 
     Reloader.reload: read + validate (worker thread) -> AppState.apply
@@ -24,6 +24,7 @@ from router.config import Config
 from router.consul import Discovery
 from router.kvevents.hub import KVEventsHub
 from router.monitor import Monitor
+from router.placements.service import PlacementSharing
 from router.quota.service import StoreKeeper
 from router.reload import Reloader
 from router.state import AppState
@@ -107,6 +108,7 @@ class Lifecycle:
             self.monitor,
             self.discovery,
             self.kvevents,
+            PlacementSharing(state),
             self.reloader,
         ]
         self._started: list[Service] = []

@@ -306,6 +306,29 @@ class Metrics:
             ["model"],
             buckets=OVERHEAD_BUCKETS,
         )
+        self.placements_published = self._counter(
+            "kvroute_placements_published_total",
+            "Placements of prompts this router told the other router replicas "
+            "(placements.redis; router/placements).",
+        )
+        self.placements_received = self._counter(
+            "kvroute_placements_received_total",
+            "The other routers' placements by result: applied (indexed), unknown_model "
+            "(no prefix_affinity route for it here yet), unknown_endpoint (not serving "
+            "the model here); invalid counts messages that could not be read.",
+            ["result"],
+        )
+        self.placements_dropped = self._counter(
+            "kvroute_placements_dropped_total",
+            "Placements never published, by reason: backlog (more waiting than "
+            "placements.max_pending), publish_failed (Redis refused or timed out).",
+            ["reason"],
+        )
+        self.placements_up = self._gauge(
+            "kvroute_placements_up",
+            "1 while the other routers' placements arrive and this router's are "
+            "published (the policy routes as one router), else 0.",
+        )
         self._series: dict[tuple[str, str], _EndpointSeries] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 

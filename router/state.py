@@ -78,6 +78,9 @@ class AppState:
     retired_stores: list[Closable] = field(default_factory=list)
     #: The KV-event feeds at scrape time; the KVEventsHub sets it (none without one).
     kv_feeds: Callable[[], Iterable[FeedSnapshot]] = lambda: ()
+    #: Per model, whether its placements are shared with other routers; the
+    #: lifecycle's PlacementSharing sets it (router/placements).
+    placements_status: Callable[[], dict[str, Any]] = lambda: {}
     #: OpenTelemetry spans (None: tracing off); set by the lifecycle's TracingService.
     tracing: Tracing | None = None
 

@@ -1,0 +1,89 @@
+"""The placements message, sans I/O: one model's placements from one router.
+
+msgpack (msgspec), arrays rather than maps::
+
+    [1, router, model, [[endpoint, capacity_blocks, hashes], ...]]
+
+``hashes`` is the prompt's character-block hashes as little-endian unsigned
+64-bit integers, 8 bytes each. Every size is bounded on decode (msgspec
+checks them in C): Redis is the operators', but a message is still input,
+and a bad one is dropped whole (``PlacementsError``), never half applied.
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from typing import Annotated
+
+import msgspec
+
+from policies.placements import Placement
+
+VERSION = 1
+#: Bytes of one message, at most.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+#: Placements in one message, at most (PlacementsConfig.max_batch's bound).
+MAX_ENTRIES = 4096
+#: Hashes of one placement, at most (a 16M-character prompt in 256-character blocks).
+MAX_HASHES = 65_536
+#: Characters of a router id, a model name, an endpoint id.
+MAX_NAME = 256
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
+
+
+class _Entry(msgspec.Struct, array_like=True, frozen=True):
+    endpoint: Name
+    capacity: Annotated[int, msgspec.Meta(ge=1, le=2**62)]
+    hashes: Annotated[bytes, msgspec.Meta(min_length=8, max_length=8 * MAX_HASHES)]
+
+
+class _Message(msgspec.Struct, array_like=True, frozen=True):
+    version: int
+    router: Name
+    model: Name
+    entries: Annotated[list[_Entry], msgspec.Meta(max_length=MAX_ENTRIES)]
+
+
+class PlacementsError(ValueError):
+    """A message kvroute cannot read; the whole message is dropped."""
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(_Message)
+
+
+def _bytes(hashes: array[int]) -> bytes:
+    if sys.byteorder == "little":
+        return hashes.tobytes()
+    swapped = array("Q", hashes)
+    swapped.byteswap()
+    return swapped.tobytes()
+
+
+def encode(router: str, model: str, placements: list[Placement]) -> bytes:
+    entries = [_Entry(p.endpoint_id, p.capacity_blocks, _bytes(p.hashes)) for p in placements]
+    return _ENCODER.encode(_Message(VERSION, router, model, entries))
+
+
+def decode(data: bytes) -> tuple[str, str, list[Placement]]:
+    """(router, model, placements) of one message."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise PlacementsError(f"message of {len(data)} bytes (at most {MAX_MESSAGE_BYTES})")
+    try:
+        message = _DECODER.decode(data)
+    except msgspec.DecodeError as exc:
+        raise PlacementsError(f"undecodable: {str(exc)[:200]}") from None
+    if message.version != VERSION:
+        raise PlacementsError(f"version {message.version} (kvroute reads {VERSION})")
+    out = []
+    for entry in message.entries:
+        if len(entry.hashes) % 8:
+            raise PlacementsError("hashes are not whole 8-byte values")
+        hashes = array("Q")
+        hashes.frombytes(entry.hashes)
+        if sys.byteorder != "little":
+            hashes.byteswap()
+        out.append(Placement(entry.endpoint, entry.capacity, hashes))
+    return message.router, message.model, out
