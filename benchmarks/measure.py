@@ -59,9 +59,9 @@ def router_config(
     (e.g. ``placements``)."""
     endpoints = []
     for i, url in enumerate(urls):
-        extra = endpoint_extra[i] if i < len(endpoint_extra) else {}
+        more = endpoint_extra[i] if i < len(endpoint_extra) else {}
         endpoints.append(
-            {"id": f"vllm-{i}", "url": url, "kind": "vllm", "models": ["tiny"], **extra}
+            {"id": f"vllm-{i}", "url": url, "kind": "vllm", "models": ["tiny"], **more}
         )
     return parse_config(
         json.dumps(

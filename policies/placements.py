@@ -18,7 +18,6 @@ to the policy (``PrefixAffinity.learn_placement``).
 
 from __future__ import annotations
 
-from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,8 +30,9 @@ class Placement:
 
     endpoint_id: str
     capacity_blocks: int
-    #: The prompt's character-block hashes (unsigned 64-bit), in order.
-    hashes: array[int]
+    #: The prompt's character-block hashes (unsigned 64-bit), in order; not
+    #: copied (the policy's lists are made per decision and never changed).
+    hashes: Sequence[int]
 
 
 class PlacementLog:
@@ -57,7 +57,7 @@ class PlacementLog:
         if len(self._pending) >= self.max_pending:
             self._pending.popleft()
             self.dropped += 1
-        self._pending.append(Placement(endpoint_id, capacity_blocks, array("Q", hashes)))
+        self._pending.append(Placement(endpoint_id, capacity_blocks, hashes))
         if self._notify is not None:
             self._notify()
 

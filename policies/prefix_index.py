@@ -185,8 +185,20 @@ class PrefixIndex:
         lru.update(new)
         if len(new) < len(chain):  # all new (and distinct): already in order
             deque(map(lru.move_to_end, chain), maxlen=0)
-        while len(lru) > capacity_blocks:
-            self._evict_one(endpoint_id, lru)
+        excess = len(lru) - capacity_blocks
+        if excess > 0:
+            # The oldest first, inlined: one call per block evicted was most of
+            # an insert that pushed a whole prompt's blocks out (225 -> ? us).
+            pop = lru.popitem
+            for _ in range(excess):
+                h, _ = pop(last=False)
+                held = holders[h] & ~bit
+                if held:
+                    holders[h] = held
+                else:
+                    del holders[h]
+            self.entries -= excess
+            self.evictions += excess
         while self.entries > self.max_entries:
             largest = max(self._lru, key=lambda e: len(self._lru[e]))
             self._evict_one(largest, self._lru[largest])

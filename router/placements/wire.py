@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from array import array
+from collections.abc import Sequence
 from typing import Annotated
 
 import msgspec
@@ -54,12 +55,11 @@ _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(_Message)
 
 
-def _bytes(hashes: array[int]) -> bytes:
-    if sys.byteorder == "little":
-        return hashes.tobytes()
-    swapped = array("Q", hashes)
-    swapped.byteswap()
-    return swapped.tobytes()
+def _bytes(hashes: Sequence[int]) -> bytes:
+    packed = array("Q", hashes)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tobytes()
 
 
 def encode(router: str, model: str, placements: list[Placement]) -> bytes:
