@@ -659,8 +659,9 @@ class AuthConfig(Frozen):
     tenants_file: str | None = None
 
 
-class RedisTarget(Frozen):
-    """Where in Redis, when ``redis`` is set, and how long to wait for it."""
+class RedisBacked(Frozen):
+    """Where in Redis, when ``redis`` is set (shared by every router replica),
+    and how long to wait for it; what counts as Redis being down."""
 
     #: ``redis://[user:password@]host:port/db`` (or ``rediss://``, ``unix://``);
     #: the URL is redacted wherever it is shown.
@@ -669,7 +670,10 @@ class RedisTarget(Frozen):
     #: includes the router's own event-loop delay: 50 ms refused 13 of 100
     #: requests of a burst on 2 cores with Redis healthy (tests/test_quotas.py).
     timeout: float = Field(0.25, gt=0, le=5)
-    #: Seconds before Redis is tried again after it failed.
+    #: Consecutive failed calls that mark Redis down; then it is not called for
+    #: ``retry_interval`` seconds (no request waits for a timeout meanwhile).
+    trip_after: int = Field(3, ge=1)
+    #: Seconds before Redis is tried again after it was marked down.
     retry_interval: float = Field(1.0, gt=0)
     key_prefix: str = Field("kvroute:", pattern=r"^[A-Za-z0-9_.:{}-]{0,64}$")
 
@@ -683,21 +687,18 @@ class RedisTarget(Frozen):
         return None if url is None else redact_url(url)
 
 
-class RedisBacked(RedisTarget):
-    """A store that lives in Redis when ``redis`` is set (shared by every router
-    replica), else in this process; how it behaves when Redis is down or slow."""
-
-    #: Consecutive failed calls that mark Redis down; then it is not called for
-    #: ``retry_interval`` seconds (no request waits for a timeout meanwhile).
-    trip_after: int = Field(3, ge=1)
-
-
-class PlacementsConfig(RedisTarget):
+class PlacementsConfig(RedisBacked):
     """Router replicas telling each other where they placed prompts (README
-    "Many router replicas"): with ``redis`` set, each router publishes the
-    placements of its ``prefix_affinity`` models on the channel
+    "Several routers telling each other their placements"): with ``redis`` set, each router
+    publishes the placements of its ``prefix_affinity`` models on the channel
     ``{key_prefix}placements`` and indexes the others', so routers without KV
-    events route as one. Off without ``redis``."""
+    events route as one. Off without ``redis``. ``timeout`` bounds a publish
+    (nobody waits for one: longer than a store's by default, so a router whose
+    event loop is busy does not count its own delay as Redis failing);
+    ``trip_after`` publishes failing in a row mark the link down;
+    ``retry_interval`` is the wait before subscribing again."""
+
+    timeout: float = Field(1.0, gt=0, le=5)
 
     #: Seconds a placement may wait to be published with the next ones.
     flush_interval: float = Field(0.005, gt=0, le=1)

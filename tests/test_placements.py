@@ -344,3 +344,45 @@ async def test_a_reload_that_turns_sharing_off_detaches_the_policies(
             assert (await c.post("/admin/reload")).json()["result"] == "success"
             assert policy.placements is None
             assert "placements" not in (await c.get("/admin/prefix-index")).json()["tiny"]
+
+
+async def test_one_slow_publish_is_not_an_outage_but_trip_after_in_a_row_are(
+    redis_server: RedisServer,
+) -> None:
+    """A publish that times out (Redis hung, or this router's loop busy) is
+    counted and its placements dropped; the link stays live until
+    ``trip_after`` fail in a row, and comes back with the next that succeeds."""
+    async with simulator() as (s0, _), simulator() as (s1, _):
+        app = build_app(_config([s0, s1], redis_server.url, timeout=0.2, trip_after=2))
+        async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as c:
+            await eventually(lambda: _up(c))
+            policy = app.state.routes.resolve("tiny").policy
+            assert isinstance(policy, PrefixAffinity) and policy.placements is not None
+
+            async def ask(n: int) -> None:
+                body = {
+                    "model": "tiny",
+                    "max_tokens": 2,
+                    "messages": [{"role": "user", "content": f"q{n}"}],
+                }
+                assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
+
+            async def failed(n: int) -> bool:
+                text = (await c.get("/metrics")).text
+                line = f'kvroute_placements_dropped_total{{reason="publish_failed"}} {n}.0'
+                return line in text
+
+            redis_server.pause()
+            try:
+                await ask(0)
+                await eventually(lambda: failed(1))
+                assert policy.placements.live  # one failure: still live
+                await ask(1)
+                await eventually(lambda: failed(2))
+                assert not policy.placements.live
+                assert await _metric(c, "kvroute_placements_up") == 0
+            finally:
+                redis_server.resume()
+            await ask(2)
+            await eventually(lambda: _up(c))
+            assert policy.placements.live

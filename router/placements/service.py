@@ -71,6 +71,8 @@ class PlacementSharing:
         self._attached: dict[str, _Attached] = {}
         self._subscribed = False
         self._publishing = True
+        #: Publishes failed in a row (``trip_after`` of them: not publishing).
+        self._failures = 0
         state.placements_status = self.status
 
     @property
@@ -105,6 +107,7 @@ class PlacementSharing:
             config.redis, PlacementsUnavailable, socket_timeout=max(config.timeout, POLL_TIMEOUT)
         )
         self._publishing = True
+        self._failures = 0
         self._attach()
         self._tasks = [
             asyncio.create_task(self._publish_loop(config), name="placements-publish"),
@@ -178,6 +181,7 @@ class PlacementSharing:
                 # Nothing to publish: ask whether Redis takes commands again.
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
                     await asyncio.wait_for(client.ping(), config.timeout)
+                    self._failures = 0
                     LOG.info({"event": "placements_publish_recovered"})
                     self._set_live(publishing=True)
             for model, attached in list(self._attached.items()):
@@ -191,7 +195,8 @@ class PlacementSharing:
                         )
                     except (RedisError, OSError, TimeoutError) as exc:
                         metrics.placements_dropped.labels("publish_failed").inc(len(batch))
-                        if self._publishing:
+                        self._failures += 1
+                        if self._publishing and self._failures >= config.trip_after:
                             LOG.warning(
                                 {
                                     "event": "placements_publish_failed",
@@ -201,6 +206,7 @@ class PlacementSharing:
                             self._set_live(publishing=False)
                         break
                     metrics.placements_published.inc(len(batch))
+                    self._failures = 0
                     if not self._publishing:
                         LOG.info({"event": "placements_publish_recovered"})
                         self._set_live(publishing=True)
