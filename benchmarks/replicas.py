@@ -266,6 +266,23 @@ async def routers(
         yield out
 
 
+LAG_BUCKET = re.compile(
+    r'^kvroute_placements_lag_seconds_bucket\{le="([^"]+)"\} ([0-9.e+]+)$', re.M
+)
+
+
+def placement_lag(metrics: str) -> dict[str, float]:
+    """One router's lag from the others' publishing to its indexing: how
+    many messages, and the buckets' upper bounds holding the median and the
+    90th percentile (seconds; inf past the last bucket)."""
+    buckets = [(float(le), float(n)) for le, n in LAG_BUCKET.findall(metrics)]
+    total = buckets[-1][1] if buckets else 0.0
+    out = {"messages": total}
+    for name, q in (("p50_le", 0.5), ("p90_le", 0.9)):
+        out[name] = next((le for le, n in buckets if total and n >= q * total), float("nan"))
+    return out
+
+
 def placements_live(app: RequestMiddleware) -> bool:
     return all(
         isinstance(route.policy, PrefixAffinity)
@@ -537,7 +554,9 @@ async def measure_routers(
             await asyncio.gather(*(one(i) for i in range(len(items))))
 
         counted = await shared.measure(c, urls, len(items), send)
-        reasons = [decision_reasons((await c.get(u + "/metrics")).text) for u, _ in instances]
+        texts = [(await c.get(u + "/metrics")).text for u, _ in instances]
+        reasons = [decision_reasons(text) for text in texts]
+        lags = [placement_lag(text) for text in texts] if arm.placements else None
         # The precise arm keeps no character index to read beliefs from.
         belief = (
             beliefs([a for _, a in instances], items)
@@ -567,6 +586,8 @@ async def measure_routers(
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),
     }
+    if lags is not None:
+        row["placement_lag"] = lags
     if live is not None:
         row["events_live_at_start"] = live
     if tracer is not None and trace is not None:

@@ -324,6 +324,14 @@ class Metrics:
             "placements.max_pending), publish_failed (Redis refused or timed out).",
             ["reason"],
         )
+        self.placements_lag = self._histogram(
+            "kvroute_placements_lag_seconds",
+            "From another router publishing placements to this one indexing them (the "
+            "two wall clocks'; flush_interval, both event loops and Redis): while it "
+            "lasts, routers place a new prompt without knowing of each other.",
+            [],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+        )
         self.placements_up = self._gauge(
             "kvroute_placements_up",
             "1 while the other routers' placements arrive and this router's are "

@@ -4,6 +4,7 @@ format, the policy's side, and two routers over a real Redis."""
 from __future__ import annotations
 
 import logging
+import time
 from array import array
 from typing import Any
 
@@ -19,7 +20,7 @@ from policies.base import Outcome
 from policies.placements import Placement, PlacementLog
 from policies.prefix import PrefixAffinity
 from router.app import build_app
-from router.placements.wire import MAX_ENTRIES, PlacementsError, decode, encode
+from router.placements.wire import MAX_ENTRIES, Message, PlacementsError, decode, encode
 from tests.helpers import eventually, router_config, serve_app, simulator
 from tests.redis_server import RedisServer
 from tests.test_prefix_affinity import SYSTEM, chat, fleet, policy, ring_walk, scraped_fleet
@@ -57,7 +58,8 @@ def test_the_log_keeps_the_newest_and_counts_what_it_dropped() -> None:
 )
 def test_messages_decode_to_what_was_encoded(entries: list[tuple[str, int, list[int]]]) -> None:
     placements = [Placement(e, c, array("Q", h)) for e, c, h in entries]
-    assert decode(encode("router-1", "tiny", placements)) == ("router-1", "tiny", placements)
+    message = decode(encode("router-1", 1_700_000_000.25, "tiny", placements))
+    assert message == Message("router-1", 1_700_000_000.25, "tiny", placements)
 
 
 def _raw(*message: Any) -> bytes:
@@ -69,14 +71,15 @@ def _raw(*message: Any) -> bytes:
     [
         b"",
         b"\xc1garbage",
-        _raw(2, "r", "m", []),  # a version kvroute does not read
-        _raw(1, "r", "m", [["e", 5, b"\x00" * 7]]),  # not whole 8-byte hashes
-        _raw(1, "r", "m", [["e", 0, b"\x00" * 8]]),  # no room
-        _raw(1, "r", "m", [["e", 5, b""]]),  # no hashes
-        _raw(1, "", "m", []),  # no router
-        _raw(1, "r", "m" * 300, []),  # a name past its bound
-        _raw(1, "r", "m", [["e", 5, b"\x00" * 8]] * (MAX_ENTRIES + 1)),
-        _raw(1, "r", "m", [{"endpoint": "e"}]),  # a map, not an array
+        _raw(2, "r", 0.0, "m", []),  # a version kvroute does not read
+        _raw(1, "r", 0.0, "m", [["e", 5, b"\x00" * 7]]),  # not whole 8-byte hashes
+        _raw(1, "r", 0.0, "m", [["e", 0, b"\x00" * 8]]),  # no room
+        _raw(1, "r", 0.0, "m", [["e", 5, b""]]),  # no hashes
+        _raw(1, "", 0.0, "m", []),  # no router
+        _raw(1, "r", 0.0, "m" * 300, []),  # a name past its bound
+        _raw(1, "r", 0.0, "m", [["e", 5, b"\x00" * 8]] * (MAX_ENTRIES + 1)),
+        _raw(1, "r", 0.0, "m", [{"endpoint": "e"}]),  # a map, not an array
+        _raw(1, "r", "m", []),  # no time
         b"\x00" * (5 * 1024 * 1024),
     ],
 )
@@ -232,6 +235,7 @@ async def test_two_routers_index_each_others_placements(
                 await eventually(lambda body=body: _agree(a, b, body))
             assert await _metric(ca, "kvroute_placements_published_total") >= 6
             assert await _metric(cb, 'kvroute_placements_received_total{result="applied"}') >= 6
+            assert await _metric(cb, "kvroute_placements_lag_seconds_count") >= 1
             # b's own message comes back to b too, and is not applied twice.
             assert await _metric(ca, 'kvroute_placements_received_total{result="applied"}') == 0
             index = (await cb.get("/admin/prefix-index")).json()["tiny"]
@@ -263,12 +267,16 @@ async def test_a_message_for_an_endpoint_not_served_here_is_not_indexed(
                 await redis.publish(
                     "kvroute:placements",
                     encode(
-                        "other", "tiny", [Placement("e9", 10, hashes), Placement("e1", 10, hashes)]
+                        "other",
+                        time.time(),
+                        "tiny",
+                        [Placement("e9", 10, hashes), Placement("e1", 10, hashes)],
                     ),
                 )
                 await redis.publish("kvroute:placements", b"\xc1 not a message")
                 await redis.publish(
-                    "kvroute:placements", encode("other", "unknown", [Placement("e1", 10, hashes)])
+                    "kvroute:placements",
+                    encode("other", time.time(), "unknown", [Placement("e1", 10, hashes)]),
                 )
             finally:
                 await redis.aclose()

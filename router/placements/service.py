@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,7 +191,9 @@ class PlacementSharing:
                     batch = attached.log.drain(config.max_batch)
                     try:
                         await asyncio.wait_for(
-                            client.publish(channel, encode(self.router_id, model, batch)),
+                            client.publish(
+                                channel, encode(self.router_id, time.time(), model, batch)
+                            ),
                             config.timeout,
                         )
                     except (RedisError, OSError, TimeoutError) as exc:
@@ -242,13 +245,15 @@ class PlacementSharing:
         """Index another router's message (its own are skipped)."""
         received = self.state.metrics.placements_received
         try:
-            router, model, placements = decode(data)
+            message = decode(data)
         except PlacementsError as exc:
             received.labels("invalid").inc()
             LOG.debug({"event": "placements_invalid", "error": str(exc)})
             return
-        if router == self.router_id:
+        if message.router == self.router_id:
             return
+        self.state.metrics.placements_lag.observe(max(0.0, time.time() - message.sent_at))
+        model, placements = message.model, message.placements
         attached = self._attached.get(model)
         if attached is None:
             received.labels("unknown_model").inc(len(placements))

@@ -2,7 +2,11 @@
 
 msgpack (msgspec), arrays rather than maps::
 
-    [1, router, model, [[endpoint, capacity_blocks, hashes], ...]]
+    [1, router, sent_at, model, [[endpoint, capacity_blocks, hashes], ...]]
+
+``sent_at``: the sender's wall clock (Unix seconds) as it published, for
+the receiver's lag (``kvroute_placements_lag_seconds``; across hosts as
+good as their clocks' agreement).
 
 ``hashes`` is the prompt's character-block hashes as little-endian unsigned
 64-bit integers, 8 bytes each. Every size is bounded on decode (msgspec
@@ -15,6 +19,7 @@ from __future__ import annotations
 import sys
 from array import array
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated
 
 import msgspec
@@ -43,6 +48,7 @@ class _Entry(msgspec.Struct, array_like=True, frozen=True):
 class _Message(msgspec.Struct, array_like=True, frozen=True):
     version: int
     router: Name
+    sent_at: float
     model: Name
     entries: Annotated[list[_Entry], msgspec.Meta(max_length=MAX_ENTRIES)]
 
@@ -62,13 +68,22 @@ def _bytes(hashes: Sequence[int]) -> bytes:
     return packed.tobytes()
 
 
-def encode(router: str, model: str, placements: list[Placement]) -> bytes:
+@dataclass(frozen=True, slots=True)
+class Message:
+    router: str
+    #: The sender's wall clock as it published (Unix seconds).
+    sent_at: float
+    model: str
+    placements: list[Placement]
+
+
+def encode(router: str, sent_at: float, model: str, placements: list[Placement]) -> bytes:
     entries = [_Entry(p.endpoint_id, p.capacity_blocks, _bytes(p.hashes)) for p in placements]
-    return _ENCODER.encode(_Message(VERSION, router, model, entries))
+    return _ENCODER.encode(_Message(VERSION, router, sent_at, model, entries))
 
 
-def decode(data: bytes) -> tuple[str, str, list[Placement]]:
-    """(router, model, placements) of one message."""
+def decode(data: bytes) -> Message:
+    """One message, whole, or ``PlacementsError``."""
     if len(data) > MAX_MESSAGE_BYTES:
         raise PlacementsError(f"message of {len(data)} bytes (at most {MAX_MESSAGE_BYTES})")
     try:
@@ -86,4 +101,4 @@ def decode(data: bytes) -> tuple[str, str, list[Placement]]:
         if sys.byteorder != "little":
             hashes.byteswap()
         out.append(Placement(entry.endpoint, entry.capacity, hashes))
-    return message.router, message.model, out
+    return Message(message.router, message.sent_at, message.model, out)
