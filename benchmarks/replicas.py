@@ -780,6 +780,7 @@ def virtual(
     router_count: int,
     concurrency: int,
     scrape_interval: float = 0.5,
+    placement_delay: float = PLACEMENT_DELAY,
 ) -> dict[str, Any]:
     """The HTTP run's setup without HTTP or wall clock: ``n`` simulator engines
     (``sim_params()``) driven step by step in virtual time (as benchmarks/
@@ -824,6 +825,7 @@ def virtual(
             assert isinstance(policy, PrefixAffinity)
             logs.append(PlacementLog(1_000_000))
             logs[-1].live = True
+            logs[-1].lag = placement_delay
             policy.share_placements(logs[-1])
     in_flight = [[0] * n for _ in range(max(1, router_count))]
     awaiting = [[0] * n for _ in range(max(1, router_count))]
@@ -859,9 +861,9 @@ def virtual(
             push(now + step.seconds, "step", (i, step))
 
     def publish(r: int, now: float) -> None:
-        """Router r's placements reach the others ``PLACEMENT_DELAY`` later."""
+        """Router r's placements reach the others ``placement_delay`` later."""
         if logs and len(logs[r]):
-            push(now + PLACEMENT_DELAY, "placements", (r, logs[r].drain(len(logs[r]))))
+            push(now + placement_delay, "placements", (r, logs[r].drain(len(logs[r]))))
 
     nxt = 0
 
@@ -1089,6 +1091,12 @@ def main() -> int:
         default=1,
         help="virtual: workloads from seeds 1..N (mean and paired differences to the first arm)",
     )
+    parser.add_argument(
+        "--placement-delay",
+        type=float,
+        default=PLACEMENT_DELAY,
+        help="virtual: seconds before the other routers index a placement (placements arms)",
+    )
     parser.add_argument("--output", default="replicas")
     parser.add_argument(
         "--trace",
@@ -1130,7 +1138,10 @@ def main() -> int:
                 seeded: list[dict[str, Any]] = []
                 for seed in range(1, args.seeds + 1):
                     items = workload_items(wname, n, seed)
-                    rows = [virtual(n, arm, items, count, 2 * n) for arm, count in plan.runs()]
+                    rows = [
+                        virtual(n, arm, items, count, 2 * n, placement_delay=args.placement_delay)
+                        for arm, count in plan.runs()
+                    ]
                     for r in rows:
                         report(f"virtual {n:2d} {wname} seed {seed}", {**r, "seconds": 0.0})
                     if seed == 1:

@@ -50,6 +50,10 @@ class PlacementLog:
         #: True while the other routers' placements arrive (the subscription
         #: is up): the policy then sizes and places as a router alone.
         self.live = False
+        #: Seconds the others' placements take to arrive, a recent mean (the
+        #: service keeps it): past ``placements_max_lag`` the policy places new
+        #: prefixes as routers that share nothing do.
+        self.lag = 0.0
 
     def record(self, hashes: Sequence[int], endpoint_id: str, capacity_blocks: int) -> None:
         if not hashes:

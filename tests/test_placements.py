@@ -151,6 +151,32 @@ def test_while_shared_live_the_router_sizes_and_places_as_one_alone() -> None:
     assert (d.ranked[0].id, d.reason) == (owner, "ring_owner")
 
 
+def test_placements_heard_late_place_new_prefixes_where_every_router_would() -> None:
+    """Until another router's placement arrives, the others do not know of it:
+    past ``placements_max_lag`` a new prefix goes to the first ring endpoint
+    within the bounded load (every router's pick), not to the one this
+    router's own counts favour; the index stays full-sized."""
+    half = policy()
+    log = _shared(half)
+    for i in range(10):
+        half.rank(chat(f"t {i}: " + SYSTEM, "hi"), scraped_fleet(4, 2, 4, {}))
+    full = half.capacity_blocks(fleet(1)[0])
+    for lag, expected in ((0.005, "ring_less_loaded"), (0.05, "ring_owner")):
+        log.lag = lag
+        req = chat(f"lag {lag}: " + SYSTEM, "hi")
+        owner, *_ = ring_walk(half, req, fleet(4))
+        d = half.rank(req, scraped_fleet(4, 2, 4, {owner: 1}))
+        assert d.reason == expected and (d.ranked[0].id == owner) == (expected == "ring_owner")
+        assert half.capacity_blocks(fleet(1)[0]) == full
+    # A router alone never meets the rule, however late its (own) messages.
+    alone = policy()
+    _shared(alone).lag = 1.0
+    req = chat("alone: " + SYSTEM, "hi")
+    owner, *_ = ring_walk(alone, req, fleet(4))
+    d = alone.rank(req, fleet(4, awaiting={owner: 1}))
+    assert d.reason == "ring_less_loaded"
+
+
 def test_a_placement_cannot_claim_more_room_than_the_whole_index() -> None:
     p = policy(max_index_entries=50)
     p.learn_placement(array("Q", range(1, 201)), "e0", 10**9)
@@ -236,6 +262,9 @@ async def test_two_routers_index_each_others_placements(
             assert await _metric(ca, "kvroute_placements_published_total") >= 6
             assert await _metric(cb, 'kvroute_placements_received_total{result="applied"}') >= 6
             assert await _metric(cb, "kvroute_placements_lag_seconds_count") >= 1
+            heard = b.state.routes.resolve("tiny").policy
+            assert isinstance(heard, PrefixAffinity) and heard.placements is not None
+            assert 0 < heard.placements.lag < 5  # the recent mean the policy reads
             # b's own message comes back to b too, and is not applied twice.
             assert await _metric(ca, 'kvroute_placements_received_total{result="applied"}') == 0
             index = (await cb.get("/admin/prefix-index")).json()["tiny"]

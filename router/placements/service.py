@@ -46,6 +46,8 @@ LOG = logging.getLogger("kvroute.placements")
 ATTACH_INTERVAL = 1.0
 #: Seconds the subscriber waits for a message before looking again.
 POLL_TIMEOUT = 1.0
+#: Weight of a message's lag in the recent mean (``PlacementLog.lag``).
+LAG_WEIGHT = 0.05
 
 
 class PlacementsUnavailable(Exception):
@@ -74,6 +76,8 @@ class PlacementSharing:
         self._publishing = True
         #: Publishes failed in a row (``trip_after`` of them: not publishing).
         self._failures = 0
+        #: The others' placements' lag, a recent mean (seconds).
+        self._lag = 0.0
         state.placements_status = self.status
 
     @property
@@ -158,6 +162,7 @@ class PlacementSharing:
                 continue
             log = PlacementLog(self._config.max_pending, notify=self._wake.set)
             log.live = self.live
+            log.lag = self._lag
             policy.share_placements(log)
             self._attached[model] = _Attached(policy, log)
 
@@ -252,7 +257,11 @@ class PlacementSharing:
             return
         if message.router == self.router_id:
             return
-        self.state.metrics.placements_lag.observe(max(0.0, time.time() - message.sent_at))
+        lag = max(0.0, time.time() - message.sent_at)
+        self.state.metrics.placements_lag.observe(lag)
+        self._lag += (lag - self._lag) * LAG_WEIGHT
+        for other in self._attached.values():
+            other.log.lag = self._lag
         model, placements = message.model, message.placements
         attached = self._attached.get(model)
         if attached is None:
