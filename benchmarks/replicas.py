@@ -934,7 +934,10 @@ def virtual(
             for k, policy in enumerate(policies):
                 if k != sender:
                     for p in placed:
-                        policy.learn_placement(p.hashes, p.endpoint_id, p.capacity_blocks)
+                        view = EndpointView(
+                            id=p.endpoint_id, url="", kind="vllm", kv_capacity_tokens=capacity
+                        )
+                        policy.learn_placement(p.hashes, view)
             continue
         i, step = payload
         engines[i].finish_step(step, t)

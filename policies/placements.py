@@ -22,26 +22,36 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+#: Hashes of one placement, at most: a prompt's first blocks past it are
+#: published (an index holds no more of one prompt than an endpoint's room,
+#: and the message stays bounded).
+MAX_HASHES = 16_384
+#: Hashes waiting in one log, at most (8 bytes each): the oldest placements
+#: go first past it, as past ``max_pending``.
+MAX_PENDING_HASHES = 1_000_000
+
 
 @dataclass(frozen=True, slots=True)
 class Placement:
-    """A prompt's character blocks placed on an endpoint, with the index
-    room the placing router gave that endpoint (in blocks)."""
+    """A prompt's character blocks placed on an endpoint. The receiving
+    router gives them the room its own index gives that endpoint."""
 
     endpoint_id: str
-    capacity_blocks: int
-    #: The prompt's character-block hashes (unsigned 64-bit), in order; not
-    #: copied (the policy's lists are made per decision and never changed).
+    #: The prompt's leading character-block hashes (unsigned 64-bit), in
+    #: order; not copied (the policy's lists are made per decision and never
+    #: changed).
     hashes: Sequence[int]
 
 
 class PlacementLog:
-    """A policy's placements waiting to be published (at most ``max_pending``:
-    past it the oldest are dropped and counted), and whether the other
-    routers' placements are arriving (``live``)."""
+    """A policy's placements waiting to be published (at most ``max_pending``
+    placements and ``MAX_PENDING_HASHES`` hashes: past either the oldest are
+    dropped and counted), and whether the other routers' placements are
+    arriving (``live``) and how late (``lag``)."""
 
     def __init__(self, max_pending: int, notify: Callable[[], None] | None = None) -> None:
         self._pending: deque[Placement] = deque()
+        self._hashes = 0
         self.max_pending = max_pending
         #: Called after each record (the service wakes its publisher).
         self._notify = notify
@@ -55,20 +65,38 @@ class PlacementLog:
         #: prefixes as routers that share nothing do.
         self.lag = 0.0
 
-    def record(self, hashes: Sequence[int], endpoint_id: str, capacity_blocks: int) -> None:
-        if not hashes:
+    def record(self, hashes: Sequence[int], endpoint_id: str, room: int) -> None:
+        """``hashes`` placed on ``endpoint_id``, whose index room is ``room``
+        blocks (no more of them are published: the index keeps no more)."""
+        if not hashes or room <= 0:
             return
-        if len(self._pending) >= self.max_pending:
-            self._pending.popleft()
+        if len(hashes) > min(room, MAX_HASHES):
+            hashes = hashes[: min(room, MAX_HASHES)]
+        pending = self._pending
+        while pending and (
+            len(pending) >= self.max_pending or self._hashes + len(hashes) > MAX_PENDING_HASHES
+        ):
+            self._hashes -= len(pending.popleft().hashes)
             self.dropped += 1
-        self._pending.append(Placement(endpoint_id, capacity_blocks, hashes))
+        pending.append(Placement(endpoint_id, hashes))
+        self._hashes += len(hashes)
         if self._notify is not None:
             self._notify()
 
-    def drain(self, limit: int) -> list[Placement]:
-        """Up to ``limit`` of the oldest pending placements, taken out."""
+    def drain(self, limit: int, max_hashes: int = MAX_PENDING_HASHES) -> list[Placement]:
+        """The oldest pending placements, taken out: up to ``limit`` of them
+        and ``max_hashes`` hashes together (always at least one)."""
         pending = self._pending
-        return [pending.popleft() for _ in range(min(limit, len(pending)))]
+        out: list[Placement] = []
+        total = 0
+        while pending and len(out) < limit:
+            n = len(pending[0].hashes)
+            if out and total + n > max_hashes:
+                break
+            out.append(pending.popleft())
+            total += n
+        self._hashes -= total
+        return out
 
     def __len__(self) -> int:
         return len(self._pending)

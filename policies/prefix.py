@@ -277,12 +277,12 @@ class PrefixAffinity:
         router alone's, whatever the traffic share."""
         self.placements = log
 
-    def learn_placement(self, hashes: Sequence[int], endpoint_id: str, capacity: int) -> None:
+    def learn_placement(self, hashes: Sequence[int], endpoint: EndpointView) -> None:
         """Another router placed a prompt (these character blocks) on
-        ``endpoint_id``: index it as this router's own decision would be.
-        ``capacity`` (that router's room for the endpoint, in blocks) is
-        bounded by the whole index's."""
-        self.index.insert(hashes, endpoint_id, min(capacity, self.params.max_index_entries))
+        ``endpoint``: index it as this router's own decision would be, in
+        the room this router's index gives the endpoint (never the sender's:
+        a router whose link is down sizes by its share)."""
+        self.index.insert(hashes, endpoint.id, self.capacity_blocks(endpoint))
 
     @property
     def _index_shared(self) -> bool:

@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from policies import RequestView
+from policies import EndpointView, RequestView
 from policies.base import Outcome
-from policies.placements import Placement, PlacementLog
+from policies.placements import MAX_HASHES, MAX_PENDING_HASHES, Placement, PlacementLog
 from policies.prefix import PrefixAffinity
 from router.app import build_app
 from router.placements.wire import MAX_ENTRIES, Message, PlacementsError, decode, encode
@@ -42,6 +42,23 @@ def test_the_log_keeps_the_newest_and_counts_what_it_dropped() -> None:
     assert log.drain(10) == [] and len(log) == 0
 
 
+def test_the_log_bounds_what_it_holds_and_what_one_message_takes() -> None:
+    log = PlacementLog(100)
+    log.record(list(range(50)), "e0", 20)  # the index keeps no more than its room
+    assert list(log.drain(1)[0].hashes) == list(range(20))
+    log.record(list(range(MAX_HASHES + 10)), "e0", 10**9)
+    assert len(log.drain(1)[0].hashes) == MAX_HASHES
+    # Hashes waiting are bounded too, not only placements: the oldest go first.
+    big = list(range(MAX_HASHES))
+    for i in range(MAX_PENDING_HASHES // MAX_HASHES + 3):
+        log.record(big, f"e{i}", 10**9)
+    assert log.dropped == 3 and len(log) == MAX_PENDING_HASHES // MAX_HASHES
+    # A batch is cut by hashes as well as by count (one always goes).
+    batch = log.drain(100, max_hashes=2 * MAX_HASHES + 1)
+    assert [p.endpoint_id for p in batch] == ["e3", "e4"]
+    assert len(log.drain(100, max_hashes=1)) == 1
+
+
 # -- the wire format ---------------------------------------------------------
 
 
@@ -50,14 +67,13 @@ def test_the_log_keeps_the_newest_and_counts_what_it_dropped() -> None:
     st.lists(
         st.tuples(
             st.text(min_size=1, max_size=20),
-            st.integers(1, 2**40),
             st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=50),
         ),
         max_size=20,
     )
 )
-def test_messages_decode_to_what_was_encoded(entries: list[tuple[str, int, list[int]]]) -> None:
-    placements = [Placement(e, c, array("Q", h)) for e, c, h in entries]
+def test_messages_decode_to_what_was_encoded(entries: list[tuple[str, list[int]]]) -> None:
+    placements = [Placement(e, array("Q", h)) for e, h in entries]
     message = decode(encode("router-1", 1_700_000_000.25, "tiny", placements))
     assert message == Message("router-1", 1_700_000_000.25, "tiny", placements)
 
@@ -72,12 +88,15 @@ def _raw(*message: Any) -> bytes:
         b"",
         b"\xc1garbage",
         _raw(2, "r", 0.0, "m", []),  # a version kvroute does not read
-        _raw(1, "r", 0.0, "m", [["e", 5, b"\x00" * 7]]),  # not whole 8-byte hashes
-        _raw(1, "r", 0.0, "m", [["e", 0, b"\x00" * 8]]),  # no room
-        _raw(1, "r", 0.0, "m", [["e", 5, b""]]),  # no hashes
+        _raw(1, "r", 0.0, "m", [["e", b"\x00" * 7]]),  # not whole 8-byte hashes
+        _raw(1, "r", 0.0, "m", [["e", 5, b"\x00" * 8]]),  # a field too many
+        _raw(1, "r", 0.0, "m", [["e", b""]]),  # no hashes
+        _raw(1, "r", -1.0, "m", []),  # a time before 1970
+        _raw(1, "r", float("inf"), "m", []),  # no time at all
+        _raw(1, "r", float("nan"), "m", []),
         _raw(1, "", 0.0, "m", []),  # no router
         _raw(1, "r", 0.0, "m" * 300, []),  # a name past its bound
-        _raw(1, "r", 0.0, "m", [["e", 5, b"\x00" * 8]] * (MAX_ENTRIES + 1)),
+        _raw(1, "r", 0.0, "m", [["e", b"\x00" * 8]] * (MAX_ENTRIES + 1)),
         _raw(1, "r", 0.0, "m", [{"endpoint": "e"}]),  # a map, not an array
         _raw(1, "r", "m", []),  # no time
         b"\x00" * (5 * 1024 * 1024),
@@ -110,7 +129,7 @@ def test_a_router_follows_where_another_placed_a_prompt() -> None:
     published = log.drain(10)
     assert [(p.endpoint_id, list(p.hashes)) for p in published] == [(second, a.hashes(req)[0])]
     for p in published:
-        b.learn_placement(p.hashes, p.endpoint_id, p.capacity_blocks)
+        b.learn_placement(p.hashes, next(e for e in fleet(4) if e.id == p.endpoint_id))
     # b, which never routed it, follows; a router that was not told places it anew.
     db = b.rank(chat(SYSTEM, "another question"), fleet(4))
     assert (db.ranked[0].id, db.reason) == (second, "prefix_hit")
@@ -177,10 +196,14 @@ def test_placements_heard_late_place_new_prefixes_where_every_router_would() -> 
     assert d.reason == "ring_less_loaded"
 
 
-def test_a_placement_cannot_claim_more_room_than_the_whole_index() -> None:
-    p = policy(max_index_entries=50)
-    p.learn_placement(array("Q", range(1, 201)), "e0", 10**9)
-    assert p.index_stats().entries == 50
+def test_a_placement_takes_the_room_this_router_gives_the_endpoint() -> None:
+    """Whatever room the sender had (a router whose link is down sizes by its
+    share), the receiver indexes in its own: 200 blocks into an endpoint whose
+    cache holds 1,000 tokens (15 blocks of 256 characters at 4 per token)."""
+    p = policy()
+    small = EndpointView(id="e0", url="http://e0", kind="vllm", kv_capacity_tokens=1000)
+    p.learn_placement(array("Q", range(1, 201)), small)
+    assert p.capacity_blocks(small) == 15 and p.index_stats().entries == 15
 
 
 # -- two routers over Redis ----------------------------------------------------
@@ -265,7 +288,7 @@ async def test_two_routers_index_each_others_placements(
             heard = b.state.routes.resolve("tiny").policy
             assert isinstance(heard, PrefixAffinity) and heard.placements is not None
             assert 0 < heard.placements.lag < 5  # the recent mean the policy reads
-            # b's own message comes back to b too, and is not applied twice.
+            # a's own messages come back to a and are skipped (b published none).
             assert await _metric(ca, 'kvroute_placements_received_total{result="applied"}') == 0
             index = (await cb.get("/admin/prefix-index")).json()["tiny"]
             assert index["placements"] == {"live": True, "pending": 0, "dropped": 0}
@@ -299,13 +322,13 @@ async def test_a_message_for_an_endpoint_not_served_here_is_not_indexed(
                         "other",
                         time.time(),
                         "tiny",
-                        [Placement("e9", 10, hashes), Placement("e1", 10, hashes)],
+                        [Placement("e9", hashes), Placement("e1", hashes)],
                     ),
                 )
                 await redis.publish("kvroute:placements", b"\xc1 not a message")
                 await redis.publish(
                     "kvroute:placements",
-                    encode("other", time.time(), "unknown", [Placement("e1", 10, hashes)]),
+                    encode("other", time.time(), "unknown", [Placement("e1", hashes)]),
                 )
             finally:
                 await redis.aclose()
@@ -376,6 +399,14 @@ async def test_a_reload_that_turns_sharing_off_detaches_the_policies(
             await eventually(lambda: _up(c))
             policy = app.state.routes.resolve("tiny").policy
             assert isinstance(policy, PrefixAffinity) and policy.placements is not None
+            # A reload that replaces the policy: the new one shares at once.
+            raw["models"] = {"tiny": {"policy": {"name": "prefix_affinity", "ring_choices": 2}}}
+            path.write_text(yaml.safe_dump(raw))
+            assert (await c.post("/admin/reload")).json()["result"] == "success"
+            replaced = app.state.routes.resolve("tiny").policy
+            assert isinstance(replaced, PrefixAffinity) and replaced is not policy
+            assert replaced.placements is not None and replaced.placements.live
+            policy = replaced
             del raw["placements"]
             path.write_text(yaml.safe_dump(raw))
             assert (await c.post("/admin/reload")).json()["result"] == "success"

@@ -34,7 +34,7 @@ from redis.exceptions import RedisError
 from policies.placements import PlacementLog
 from policies.prefix import PrefixAffinity
 from router.config import Config, PlacementsConfig
-from router.placements.wire import PlacementsError, decode, encode
+from router.placements.wire import MAX_MESSAGE_HASHES, PlacementsError, decode, encode
 from router.redis_conn import RedisConn
 from router.state import AppState
 from router.tasks import cancel_all
@@ -48,6 +48,8 @@ ATTACH_INTERVAL = 1.0
 POLL_TIMEOUT = 1.0
 #: Weight of a message's lag in the recent mean (``PlacementLog.lag``).
 LAG_WEIGHT = 0.05
+#: Seconds a lag sample counts for at most (a clock far off is not a lag).
+MAX_LAG = 10.0
 
 
 class PlacementsUnavailable(Exception):
@@ -94,6 +96,8 @@ class PlacementSharing:
         if old.placements != new.placements:
             await self._close()
             self._open(new.placements)
+        elif self._config is not None:
+            self._attach()  # a policy the reload replaced shares from now on
 
     def status(self) -> dict[str, Any]:
         """For /admin/prefix-index: per model, whether its placements are shared."""
@@ -173,55 +177,72 @@ class PlacementSharing:
             attached.counted_dropped = attached.log.dropped
 
     async def _publish_loop(self, config: PlacementsConfig) -> None:
-        assert self._conn is not None
-        client, channel = self._conn.client, f"{config.key_prefix}placements"
-        metrics = self.state.metrics
+        """Publish what the logs hold, every ``flush_interval`` while there is
+        any; after a failure, nothing is tried for ``retry_interval`` (the
+        logs keep the newest placements meanwhile). A bug in a round is
+        logged, the link marked down, and the loop goes on."""
+        loop = asyncio.get_running_loop()
+        retry_at = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), ATTACH_INTERVAL)
             # Let the placements of the next few decisions join this message.
             await asyncio.sleep(config.flush_interval)
             self._wake.clear()
-            self._attach()
-            if not self._publishing and not any(a.log for a in self._attached.values()):
-                # Nothing to publish: ask whether Redis takes commands again.
-                with contextlib.suppress(RedisError, OSError, TimeoutError):
-                    await asyncio.wait_for(client.ping(), config.timeout)
-                    self._failures = 0
-                    LOG.info({"event": "placements_publish_recovered"})
-                    self._set_live(publishing=True)
-            for model, attached in list(self._attached.items()):
-                self._count_dropped(attached)
-                while attached.log:
-                    batch = attached.log.drain(config.max_batch)
-                    try:
-                        await asyncio.wait_for(
-                            client.publish(
-                                channel, encode(self.router_id, time.time(), model, batch)
-                            ),
-                            config.timeout,
-                        )
-                    except (RedisError, OSError, TimeoutError) as exc:
-                        metrics.placements_dropped.labels("publish_failed").inc(len(batch))
-                        self._failures += 1
-                        if self._publishing and self._failures >= config.trip_after:
-                            LOG.warning(
-                                {
-                                    "event": "placements_publish_failed",
-                                    "error": self._conn.describe(exc),
-                                }
-                            )
-                            self._set_live(publishing=False)
-                        break
-                    metrics.placements_published.inc(len(batch))
-                    self._failures = 0
-                    if not self._publishing:
-                        LOG.info({"event": "placements_publish_recovered"})
-                        self._set_live(publishing=True)
+            if loop.time() < retry_at:
+                continue
+            try:
+                self._attach()
+                if not await self._publish_round(config):
+                    retry_at = loop.time() + config.retry_interval
+            except Exception:
+                LOG.exception({"event": "placements_publish_crashed"})
+                self._set_live(publishing=False)
+                retry_at = loop.time() + config.retry_interval
+
+    async def _publish_round(self, config: PlacementsConfig) -> bool:
+        """One message per model (more past ``max_batch`` or the hashes'
+        bound) for everything pending; False when Redis failed."""
+        assert self._conn is not None
+        client, channel = self._conn.client, f"{config.key_prefix}placements"
+        metrics = self.state.metrics
+        if not self._publishing and not any(a.log for a in self._attached.values()):
+            # Nothing to publish: ask whether Redis takes commands again.
+            try:
+                await asyncio.wait_for(client.ping(), config.timeout)
+            except (RedisError, OSError, TimeoutError):
+                return False
+            self._recovered()
+            return True
+        for model, attached in list(self._attached.items()):
+            self._count_dropped(attached)
+            while attached.log:
+                batch = attached.log.drain(config.max_batch, MAX_MESSAGE_HASHES)
+                try:
+                    data = encode(self.router_id, time.time(), model, batch)
+                    await asyncio.wait_for(client.publish(channel, data), config.timeout)
+                except (RedisError, OSError, TimeoutError) as exc:
+                    metrics.placements_dropped.labels("publish_failed").inc(len(batch))
+                    self._failures += 1
+                    if self._publishing and self._failures >= config.trip_after:
+                        error = self._conn.describe(exc)
+                        LOG.warning({"event": "placements_publish_failed", "error": error})
+                        self._set_live(publishing=False)
+                    return self._publishing
+                metrics.placements_published.inc(len(batch))
+                self._recovered()
+        return True
+
+    def _recovered(self) -> None:
+        self._failures = 0
+        if not self._publishing:
+            LOG.info({"event": "placements_publish_recovered"})
+            self._set_live(publishing=True)
 
     async def _subscribe_loop(self, config: PlacementsConfig) -> None:
         assert self._conn is not None
         channel = f"{config.key_prefix}placements"
+        warned = False
         while True:
             pubsub = self._conn.client.pubsub()
             try:
@@ -233,13 +254,18 @@ class PlacementSharing:
                     if message["type"] == "subscribe":
                         LOG.info({"event": "placements_subscribed", "channel": channel})
                         self._set_live(subscribed=True)
+                        warned = False
                     elif message["type"] == "message":
                         self.apply(message["data"])
+                        # A burst of buffered messages must not hold the loop.
+                        await asyncio.sleep(0)
             except (RedisError, OSError) as exc:
-                if self._subscribed:
-                    LOG.warning(
-                        {"event": "placements_subscription_lost", "error": self._conn.describe(exc)}
-                    )
+                if not warned:
+                    error = self._conn.describe(exc)
+                    LOG.warning({"event": "placements_subscription_down", "error": error})
+                    warned = True
+            except Exception:
+                LOG.exception({"event": "placements_subscription_crashed"})
             finally:
                 self._set_live(subscribed=False)
                 with contextlib.suppress(RedisError, OSError):
@@ -257,7 +283,8 @@ class PlacementSharing:
             return
         if message.router == self.router_id:
             return
-        lag = max(0.0, time.time() - message.sent_at)
+        # Clocks of two hosts may disagree: a sample is taken within [0, MAX_LAG].
+        lag = min(MAX_LAG, max(0.0, time.time() - message.sent_at))
         self.state.metrics.placements_lag.observe(lag)
         self._lag += (lag - self._lag) * LAG_WEIGHT
         for other in self._attached.values():
@@ -267,11 +294,12 @@ class PlacementSharing:
         if attached is None:
             received.labels("unknown_model").inc(len(placements))
             return
-        serving = {s.id for s in self.state.registry.serving(model)}
+        serving = {s.id: s for s in self.state.registry.serving(model)}
         applied = 0
         for p in placements:
-            if p.endpoint_id in serving:
-                attached.policy.learn_placement(p.hashes, p.endpoint_id, p.capacity_blocks)
+            endpoint = serving.get(p.endpoint_id)
+            if endpoint is not None:
+                attached.policy.learn_placement(p.hashes, endpoint.view(model))
                 applied += 1
         received.labels("applied").inc(applied)
         if applied < len(placements):

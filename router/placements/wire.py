@@ -2,11 +2,11 @@
 
 msgpack (msgspec), arrays rather than maps::
 
-    [1, router, sent_at, model, [[endpoint, capacity_blocks, hashes], ...]]
+    [1, router, sent_at, model, [[endpoint, hashes], ...]]
 
-``sent_at``: the sender's wall clock (Unix seconds) as it published, for
-the receiver's lag (``kvroute_placements_lag_seconds``; across hosts as
-good as their clocks' agreement).
+``sent_at``: the sender's wall clock (Unix seconds, finite, >= 0) as it
+published, for the receiver's lag (``kvroute_placements_lag_seconds``;
+across hosts as good as their clocks' agreement).
 
 ``hashes`` is the prompt's character-block hashes as little-endian unsigned
 64-bit integers, 8 bytes each. Every size is bounded on decode (msgspec
@@ -16,6 +16,7 @@ and a bad one is dropped whole (``PlacementsError``), never half applied.
 
 from __future__ import annotations
 
+import math
 import sys
 from array import array
 from collections.abc import Sequence
@@ -24,15 +25,15 @@ from typing import Annotated
 
 import msgspec
 
-from policies.placements import Placement
+from policies.placements import MAX_HASHES, Placement
 
 VERSION = 1
-#: Bytes of one message, at most.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: Placements in one message, at most (PlacementsConfig.max_batch's bound).
 MAX_ENTRIES = 4096
-#: Hashes of one placement, at most (a 16M-character prompt in 256-character blocks).
-MAX_HASHES = 65_536
+#: Hashes in one message, at most (the publisher cuts its batches by it).
+MAX_MESSAGE_HASHES = 262_144
+#: Bytes of one message, at most: the hashes, and room for the names.
+MAX_MESSAGE_BYTES = 8 * MAX_MESSAGE_HASHES + MAX_ENTRIES * 2 * 300
 #: Characters of a router id, a model name, an endpoint id.
 MAX_NAME = 256
 
@@ -41,14 +42,13 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
 
 class _Entry(msgspec.Struct, array_like=True, frozen=True):
     endpoint: Name
-    capacity: Annotated[int, msgspec.Meta(ge=1, le=2**62)]
     hashes: Annotated[bytes, msgspec.Meta(min_length=8, max_length=8 * MAX_HASHES)]
 
 
 class _Message(msgspec.Struct, array_like=True, frozen=True):
     version: int
     router: Name
-    sent_at: float
+    sent_at: Annotated[float, msgspec.Meta(ge=0)]
     model: Name
     entries: Annotated[list[_Entry], msgspec.Meta(max_length=MAX_ENTRIES)]
 
@@ -78,7 +78,7 @@ class Message:
 
 
 def encode(router: str, sent_at: float, model: str, placements: list[Placement]) -> bytes:
-    entries = [_Entry(p.endpoint_id, p.capacity_blocks, _bytes(p.hashes)) for p in placements]
+    entries = [_Entry(p.endpoint_id, _bytes(p.hashes)) for p in placements]
     return _ENCODER.encode(_Message(VERSION, router, sent_at, model, entries))
 
 
@@ -92,6 +92,8 @@ def decode(data: bytes) -> Message:
         raise PlacementsError(f"undecodable: {str(exc)[:200]}") from None
     if message.version != VERSION:
         raise PlacementsError(f"version {message.version} (kvroute reads {VERSION})")
+    if not math.isfinite(message.sent_at):
+        raise PlacementsError("sent_at is not a finite time")
     out = []
     for entry in message.entries:
         if len(entry.hashes) % 8:
@@ -100,5 +102,5 @@ def decode(data: bytes) -> Message:
         hashes.frombytes(entry.hashes)
         if sys.byteorder != "little":
             hashes.byteswap()
-        out.append(Placement(entry.endpoint, entry.capacity, hashes))
+        out.append(Placement(entry.endpoint, hashes))
     return Message(message.router, message.sent_at, message.model, out)
