@@ -562,7 +562,7 @@ def test_index_insert_keeps_the_lru_order_of_the_plain_loop(
     for endpoint, lru in reference.lru.items():
         while lru:
             oldest = next(iter(lru))
-            index._evict_one(endpoint, index._lru[endpoint])
+            index._evict_oldest(endpoint, index._lru[endpoint])
             del lru[oldest]
             assert list(index._lru[endpoint]) == list(lru)
 
