@@ -284,6 +284,14 @@ class PrefixAffinity:
         a router whose link is down sizes by its share)."""
         self.index.insert(hashes, endpoint.id, self.capacity_blocks(endpoint))
 
+    def _place(self, hashes: Sequence[int], endpoint: EndpointView) -> None:
+        """This router placed the prompt on ``endpoint``: index it, and tell
+        the other routers when placements are shared."""
+        room = self.capacity_blocks(endpoint)
+        self.index.insert(hashes, endpoint.id, room)
+        if self.placements is not None:
+            self.placements.record(hashes, endpoint.id, room)
+
     @property
     def _index_shared(self) -> bool:
         """Every router's placements reach this index now."""
@@ -447,10 +455,7 @@ class PrefixAffinity:
             return held + [e for e in rest if e is not chosen]
 
         if hashes is not None:
-            room = self.capacity_blocks(chosen)
-            self.index.insert(hashes, chosen.id, room)
-            if self.placements is not None:
-                self.placements.record(hashes, chosen.id, room)
+            self._place(hashes, chosen)
         handle = None
         if tokens is None:
             match_len = min(prompt_len, int(best) * p.block_chars)
@@ -621,10 +626,7 @@ class PrefixAffinity:
             return
         for endpoint in candidates:
             if endpoint.id == endpoint_id:
-                room = self.capacity_blocks(endpoint)
-                self.index.insert(hashes, endpoint_id, room)
-                if self.placements is not None:
-                    self.placements.record(hashes, endpoint_id, room)
+                self._place(hashes, endpoint)
 
     def forget(self, endpoint_id: str) -> None:
         self.index.forget(endpoint_id)
