@@ -26,6 +26,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from redis.exceptions import RedisError
 from policies.placements import PlacementLog
 from policies.prefix import PrefixAffinity
 from router.config import Config, PlacementsConfig
+from router.outage import CallGuard
 from router.placements.wire import MAX_MESSAGE_HASHES, PlacementsError, decode, encode
 from router.redis_conn import RedisConn
 from router.state import AppState
@@ -50,6 +52,11 @@ POLL_TIMEOUT = 1.0
 LAG_WEIGHT = 0.05
 #: Seconds a lag sample counts for at most (a clock far off is not a lag).
 MAX_LAG = 10.0
+
+
+def _publishing(conn: RedisConn, channel: str, data: bytes) -> Callable[[], Awaitable[Any]]:
+    """A PUBLISH of ``data`` as a factory: the guard creates it only if it calls."""
+    return lambda: conn.guarded(conn.client.publish(channel, data))
 
 
 class PlacementsUnavailable(Exception):
@@ -75,9 +82,8 @@ class PlacementSharing:
         self._wake = asyncio.Event()
         self._attached: dict[str, _Attached] = {}
         self._subscribed = False
+        #: The last publish round succeeded (the guard's view, or a bug's).
         self._publishing = True
-        #: Publishes failed in a row (``trip_after`` of them: not publishing).
-        self._failures = 0
         #: The others' placements' lag, a recent mean (seconds).
         self._lag = 0.0
         state.placements_status = self.status
@@ -116,7 +122,6 @@ class PlacementSharing:
             config.redis, PlacementsUnavailable, socket_timeout=max(config.timeout, POLL_TIMEOUT)
         )
         self._publishing = True
-        self._failures = 0
         self._attach()
         self._tasks = [
             asyncio.create_task(self._publish_loop(config), name="placements-publish"),
@@ -178,66 +183,61 @@ class PlacementSharing:
 
     async def _publish_loop(self, config: PlacementsConfig) -> None:
         """Publish what the logs hold, every ``flush_interval`` while there is
-        any; after a failure, nothing is tried for ``retry_interval`` (the
-        logs keep the newest placements meanwhile). A bug in a round is
-        logged, the link marked down, and the loop goes on."""
-        loop = asyncio.get_running_loop()
-        retry_at = 0.0
+        any, through a CallGuard (router/outage.py): each publish within
+        ``timeout``; after ``trip_after`` failures in a row the link is down
+        and nothing is tried for ``retry_interval`` (the logs keep the newest
+        placements meanwhile), then a PING probes Redis. A bug in a round is
+        logged, the link marked down for ``retry_interval``, and the loop goes on."""
+        guard = CallGuard(
+            "placements channel",
+            PlacementsUnavailable,
+            config.timeout,
+            config.retry_interval,
+            trip_after=config.trip_after,
+        )
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), ATTACH_INTERVAL)
             # Let the placements of the next few decisions join this message.
             await asyncio.sleep(config.flush_interval)
             self._wake.clear()
-            if loop.time() < retry_at:
-                continue
             try:
                 self._attach()
-                if not await self._publish_round(config):
-                    retry_at = loop.time() + config.retry_interval
+                await self._publish_round(config, guard)
+            except PlacementsUnavailable as exc:
+                if self._publishing and not guard.up:
+                    LOG.warning({"event": "placements_publish_failed", "error": str(exc)})
+                    self._set_live(publishing=False)
+                continue
             except Exception:
                 LOG.exception({"event": "placements_publish_crashed"})
                 self._set_live(publishing=False)
-                retry_at = loop.time() + config.retry_interval
+                await asyncio.sleep(config.retry_interval)
+                continue
+            if not self._publishing:
+                LOG.info({"event": "placements_publish_recovered"})
+                self._set_live(publishing=True)
 
-    async def _publish_round(self, config: PlacementsConfig) -> bool:
+    async def _publish_round(self, config: PlacementsConfig, guard: CallGuard) -> None:
         """One message per model (more past ``max_batch`` or the hashes'
-        bound) for everything pending; False when Redis failed."""
+        bound) for everything pending; ``PlacementsUnavailable`` when Redis
+        failed or the guard is down."""
         assert self._conn is not None
-        client, channel = self._conn.client, f"{config.key_prefix}placements"
+        conn, channel = self._conn, f"{config.key_prefix}placements"
         metrics = self.state.metrics
-        if not self._publishing and not any(a.log for a in self._attached.values()):
-            # Nothing to publish: ask whether Redis takes commands again.
-            try:
-                await asyncio.wait_for(client.ping(), config.timeout)
-            except (RedisError, OSError, TimeoutError):
-                return False
-            self._recovered()
-            return True
+        if not guard.up:
+            await guard.call(lambda: conn.guarded(conn.client.ping()))
         for model, attached in list(self._attached.items()):
             self._count_dropped(attached)
             while attached.log:
                 batch = attached.log.drain(config.max_batch, MAX_MESSAGE_HASHES)
+                data = encode(self.router_id, time.time(), model, batch)
                 try:
-                    data = encode(self.router_id, time.time(), model, batch)
-                    await asyncio.wait_for(client.publish(channel, data), config.timeout)
-                except (RedisError, OSError, TimeoutError) as exc:
+                    await guard.call(_publishing(conn, channel, data))
+                except PlacementsUnavailable:
                     metrics.placements_dropped.labels("publish_failed").inc(len(batch))
-                    self._failures += 1
-                    if self._publishing and self._failures >= config.trip_after:
-                        error = self._conn.describe(exc)
-                        LOG.warning({"event": "placements_publish_failed", "error": error})
-                        self._set_live(publishing=False)
-                    return self._publishing
+                    raise
                 metrics.placements_published.inc(len(batch))
-                self._recovered()
-        return True
-
-    def _recovered(self) -> None:
-        self._failures = 0
-        if not self._publishing:
-            LOG.info({"event": "placements_publish_recovered"})
-            self._set_live(publishing=True)
 
     async def _subscribe_loop(self, config: PlacementsConfig) -> None:
         assert self._conn is not None
