@@ -556,6 +556,25 @@ def decision_latency(
     }
 
 
+def null_work(n: int) -> int:
+    """A fixed piece of pure Python work, the same instructions every call."""
+    total = 0
+    for i in range(n):
+        total += i
+    return total
+
+
+def null_size(seconds: float) -> int:
+    """``null_work``'s size that takes about ``seconds`` here (median of 200)."""
+    n = 1000
+    samples = []
+    for _ in range(200):
+        t0 = time.perf_counter()
+        null_work(n)
+        samples.append(time.perf_counter() - t0)
+    return max(1, round(n * seconds / statistics.median(samples)))
+
+
 def precise_decision_latency(
     endpoints: int = 64,
     prompt_chars: int = 32_000,
@@ -576,7 +595,15 @@ def precise_decision_latency(
     run and in any later one in the process (the tokenizer's piece cache
     would otherwise skip the encoding): ``q`` and a number, after
     ``question_chars`` characters of words (0: none; a question's tokens
-    cost ~0.15 us a character)."""
+    cost ~0.15 us a character).
+
+    ``floor_*``: the machine's own tail in the same run. After each timed
+    decision a fixed piece of pure Python work (``null_work``) sized to the
+    decisions' median in the warm-up is timed too: it runs the same
+    instructions every time, so its spread is only what the machine (its
+    scheduler, interrupts, the hypervisor, frequency changes) adds to any
+    code of that length. A decision p99 near ``floor_p99_us`` is the
+    machine's, not the decision's."""
     from router.prompts import load_prompt_tokenizer
 
     rng = random.Random(3)
@@ -591,8 +618,16 @@ def precise_decision_latency(
         serial = next(_QUESTIONS)
         return tenant_chat(system, serial, questions[serial % 64])
 
+    floor_n = 0
+
     def timed(system: Callable[[int], str], count: int) -> dict[str, list[float]]:
-        out: dict[str, list[float]] = {"total": [], "tokenize": [], "rank": [], "loop": []}
+        out: dict[str, list[float]] = {
+            "total": [],
+            "tokenize": [],
+            "rank": [],
+            "loop": [],
+            "floor": [],
+        }
         for k in range(count):
             req = body(system(k))
             t0 = time.perf_counter()
@@ -618,12 +653,17 @@ def precise_decision_latency(
             # With a miss past the threshold, encode_missing runs in a thread.
             big = plan.missing_chars > prompts.thread_chars
             out["loop"].append((t4 - t0) - (t2 - t1 if big else 0.0))
+            if floor_n:
+                t5 = time.perf_counter()
+                null_work(floor_n)
+                out["floor"].append(time.perf_counter() - t5)
         return {key: sorted(v) for key, v in out.items()}
 
     def pct(xs: list[float], q: float) -> float:
         return xs[min(len(xs) - 1, int(len(xs) * q))] * 1e6
 
-    timed(lambda k: tenants[k % 200], 400)  # warm: every tenant seen twice
+    warm = timed(lambda k: tenants[k % 200], 400)  # warm: every tenant seen twice
+    floor_n = null_size(statistics.median(warm["total"]))
     hits = timed(lambda k: tenants[k % 200], n)
     new = timed(lambda k: f"new {k} " + tenants[k % 200], max(20, n // 50))
     reasons: collections.Counter[str] = collections.Counter()
@@ -641,6 +681,8 @@ def precise_decision_latency(
         "tokenize_p99_us": pct(hits["tokenize"], 0.99),
         "rank_p50_us": pct(hits["rank"], 0.5),
         "rank_p99_us": pct(hits["rank"], 0.99),
+        "floor_p50_us": pct(hits["floor"], 0.5),
+        "floor_p99_us": pct(hits["floor"], 0.99),
         "new_prefix_loop_p50_us": pct(new["loop"], 0.5),
         "new_prefix_loop_p99_us": pct(new["loop"], 0.99),
         "new_prefix_total_p50_us": pct(new["total"], 0.5),

@@ -1,0 +1,323 @@
+"""Where real vLLM CPU's TTFT tail comes from on this test bed, and how far it repeats.
+
+    flock /tmp/kvroute-real.lock .venv/bin/python benchmarks/bed_tail.py --probe [--rounds 2]
+    .venv/bin/python benchmarks/bed_tail.py --resolution
+
+writes benchmarks/results/bed_tail.json (``--probe``; ``--resolution`` adds
+its table to the same file) and bed_tail.png.
+
+``sim_fidelity.py`` compares the simulator's TTFT p50 and p90 with real vLLM's
+on two vLLM CPU servers (tests/real/engines.py: one core each for the
+engine's threads) on a 2-core machine that also runs the client and kvroute.
+Each vLLM server is three processes (API server, engine core, worker); only
+the worker's threads are bound to a core. ``--probe`` measures what the
+client's TTFT is made of there, on the ChatML tiny Llama:
+
+- **first and last chunk**: one completion of 100 prompt tokens and
+  ``max_tokens`` 2-80 (``ignore_eos``), sent to one server while the other is
+  idle, then to both at once; the client's time to the first streamed chunk
+  and to the last. A front end (API server) with a core to run on streams
+  each token as it comes (first chunk early, whatever the length); one
+  without sends what it holds when it next runs.
+- **what a tenants request waited for**: ``sim_fidelity``'s tenants
+  workload (160 requests, concurrency 4), sent straight to the two servers
+  in turn (the client's round robin, no router), each request's TTFT and its
+  uncached prompt tokens (``usage``); each request is then classed by what
+  its server was doing when it arrived: nothing, another request already
+  streaming, or another request not yet at its first chunk.
+
+``--rounds`` repeats both, a few minutes apart on the same servers: the
+machine's state moves between them.
+
+``--resolution`` (no engines): how far the real side of the fidelity runs
+agrees with itself. The interleaved runs made on a quiet machine ran the
+same workloads on the same real servers with the same code (only their
+simulated sides differ), so for each case the real TTFT p50, p90 and hit
+rate of one run (pooled over its repeats) can be judged against another's
+with the fidelity targets (25 %, 0.02): what a simulator that behaved
+exactly as real vLLM does on this bed could expect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.calibrate_sim import Prompts, stream  # noqa: E402
+from benchmarks.measure import loadavg  # noqa: E402
+from benchmarks.sim_fidelity import (  # noqa: E402
+    CONCURRENCY,
+    HIT_TARGET,
+    TTFT_TARGET,
+    percentile,
+    tenants_workload,
+)
+
+RESULTS = ROOT / "benchmarks" / "results"
+MAX_TOKENS = (2, 8, 20, 40, 80)
+#: The interleaved fidelity runs made on a quiet machine (load average < 1
+#: before them), 2026-12-01 17:53-18:45 UTC, 4 repeats per case each.
+QUIET_RUNS = (
+    "sim_fidelity_interleaved_calm",
+    "sim_fidelity_interleaved_stall",
+    "sim_fidelity_interleaved_stall_low",
+)
+
+
+# -- the probe (real engines) ---------------------------------------------------------
+
+
+def prompts_of(prompts: Prompts, count: int) -> list[str]:
+    """``count`` new prompts of 100 tokens (each its own first block)."""
+    return [prompts.make(100) for _ in range(count)]
+
+
+async def first_and_last(
+    client: httpx.AsyncClient, urls: list[str], prompts: Prompts, repeats: int
+) -> list[dict[str, Any]]:
+    """Per number of busy servers and ``max_tokens``: the medians of the
+    first chunk's and the last chunk's time (ms) on the first server."""
+    rows = []
+    for busy in (1, len(urls)):
+        for n in MAX_TOKENS:
+            first, last = [], []
+            for _ in range(repeats):
+                body = {
+                    "model": "tiny",
+                    "max_tokens": n,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                }
+                got = await asyncio.gather(
+                    *(
+                        stream(client, url, "/v1/completions", {**body, "prompt": prompt})
+                        for url, prompt in zip(urls[:busy], prompts_of(prompts, busy), strict=True)
+                    )
+                )
+                first.append(got[0]["ttft"] * 1000)
+                last.append((got[0]["ttft"] + sum(got[0]["gaps"])) * 1000)
+            rows.append(
+                {
+                    "busy_servers": busy,
+                    "max_tokens": n,
+                    "first_ms": statistics.median(first),
+                    "last_ms": statistics.median(last),
+                    "first_over_last": statistics.median(
+                        f / la for f, la in zip(first, last, strict=True)
+                    ),
+                }
+            )
+            print(
+                f"  busy {busy} max_tokens {n:3}: first {rows[-1]['first_ms']:6.1f} ms, "
+                f"last {rows[-1]['last_ms']:6.1f} ms",
+                flush=True,
+            )
+    return rows
+
+
+async def tenants_requests(client: httpx.AsyncClient, urls: list[str]) -> list[dict[str, Any]]:
+    """The tenants workload straight to the servers in turn; per request its
+    server, times (s from the run's start) and usage."""
+    gate = asyncio.Semaphore(CONCURRENCY)
+    turn = itertools.count()
+    out: list[dict[str, Any]] = []
+    start = time.perf_counter()
+
+    async def one(body: dict[str, Any]) -> None:
+        async with gate:
+            server = next(turn) % len(urls)
+            sent = time.perf_counter() - start
+            got = await stream(client, urls[server], "/v1/chat/completions", body)
+            usage = got["usage"]
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+            out.append(
+                {
+                    "server": server,
+                    "sent": sent,
+                    "ttft": got["ttft"],
+                    "end": sent + got["ttft"] + sum(got["gaps"]),
+                    "uncached": usage.get("prompt_tokens", 0) - cached,
+                }
+            )
+
+    await asyncio.gather(*(one(b) for b in tenants_workload(11, 160)[0]))
+    return out
+
+
+def by_server_state(requests: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """TTFT p50/p90 (ms) of the requests by what their server was doing
+    when each arrived: ``alone`` (nothing), ``streaming`` (others, all past
+    their first chunk), ``before_first`` (another not yet at its first chunk)."""
+    groups: dict[str, list[dict[str, Any]]] = {"alone": [], "streaming": [], "before_first": []}
+    for r in requests:
+        others = [
+            o
+            for o in requests
+            if o is not r and o["server"] == r["server"] and o["sent"] < r["sent"] < o["end"]
+        ]
+        if not others:
+            groups["alone"].append(r)
+        elif all(o["sent"] + o["ttft"] <= r["sent"] for o in others):
+            groups["streaming"].append(r)
+        else:
+            groups["before_first"].append(r)
+    return {
+        name: {
+            "requests": len(rs),
+            "ttft_p50_ms": percentile([r["ttft"] for r in rs], 0.5) * 1000 if rs else 0.0,
+            "ttft_p90_ms": percentile([r["ttft"] for r in rs], 0.9) * 1000 if rs else 0.0,
+            "uncached_p50": percentile([r["uncached"] for r in rs], 0.5) if rs else 0.0,
+        }
+        for name, rs in groups.items()
+    }
+
+
+async def probe(rounds: int, pause: float, repeats: int) -> list[dict[str, Any]]:
+    from benchmarks.sim_fidelity import reset_caches
+    from tests.real.engines import ensure_tiny_model, vllm_servers
+
+    os.environ["VLLM_SERVER_DEV_MODE"] = "1"
+    model = ensure_tiny_model()
+    prompts = Prompts(model, seed=9)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp, vllm_servers(Path(tmp), model=model) as servers:
+        urls = [s.url for s in servers]
+        async with httpx.AsyncClient(timeout=120) as client:
+            for _ in range(3):  # fresh servers answer their first requests slowly
+                await asyncio.gather(
+                    *(
+                        stream(
+                            client,
+                            url,
+                            "/v1/completions",
+                            {"model": "tiny", "prompt": prompts.make(300), "max_tokens": 4},
+                        )
+                        for url in urls
+                    )
+                )
+            for k in range(rounds):
+                if k:
+                    await asyncio.sleep(pause)
+                started = time.strftime("%H:%M:%S", time.gmtime())
+                load = loadavg()
+                print(f"round {k} ({started} UTC, load {load})", flush=True)
+                chunks = await first_and_last(client, urls, prompts, repeats)
+                await reset_caches(urls)
+                requests = await tenants_requests(client, urls)
+                ttfts = [r["ttft"] for r in requests]
+                row = {
+                    "round": k,
+                    "started_utc": started,
+                    "loadavg": [load, loadavg()],
+                    "first_and_last": chunks,
+                    "tenants": {
+                        "ttft_p50_ms": percentile(ttfts, 0.5) * 1000,
+                        "ttft_p90_ms": percentile(ttfts, 0.9) * 1000,
+                        "by_server_state": by_server_state(requests),
+                    },
+                    "requests": requests,
+                }
+                print("  tenants", json.dumps(row["tenants"]), flush=True)
+                out.append(row)
+    return out
+
+
+# -- resolution (no engines) --------------------------------------------------------
+
+
+def resolution(names: tuple[str, ...] = QUIET_RUNS, results: Path = RESULTS) -> dict[str, Any]:
+    """Every pair of runs, every model and case both have: the relative
+    difference of the real TTFT p50 and p90, the difference of the hit rate,
+    and how many of them the fidelity targets would pass."""
+    runs = {n: json.loads((results / f"{n}.json").read_text())["models"] for n in names}
+    rows = []
+    for a, b in itertools.combinations(names, 2):
+        for model, ra in runs[a].items():
+            rb = runs[b].get(model, {})
+            for case, x in ra["real"].items():
+                y = rb.get("real", {}).get(case)
+                if y is None:
+                    continue
+                rows.append(
+                    {
+                        "runs": [a, b],
+                        "model": model,
+                        "case": case,
+                        "p50": y["ttft_p50"] / x["ttft_p50"] - 1,
+                        "p90": y["ttft_p90"] / x["ttft_p90"] - 1,
+                        "hit": y["hit_rate"] - x["hit_rate"],
+                    }
+                )
+    return {
+        "runs": list(names),
+        "comparisons": len(rows),
+        "within": {
+            "p50": sum(abs(r["p50"]) <= TTFT_TARGET for r in rows),
+            "p90": sum(abs(r["p90"]) <= TTFT_TARGET for r in rows),
+            "hit": sum(abs(r["hit"]) <= HIT_TARGET for r in rows),
+        },
+        "rows": rows,
+    }
+
+
+def plot(rounds: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rounds), figsize=(5 * len(rounds), 4), squeeze=False)
+    for ax, r in zip(axes[0], rounds, strict=True):
+        for busy, style in ((1, "-"), (2, "--")):
+            pts = [c for c in r["first_and_last"] if c["busy_servers"] == busy]
+            xs = [c["max_tokens"] for c in pts]
+            for key, mark in (("first", "o"), ("last", "s")):
+                ys = [c[f"{key}_ms"] for c in pts]
+                ax.plot(xs, ys, mark + style, label=f"{key} chunk, {busy} busy")
+        ax.set_title(f"round {r['round']} ({r['started_utc']} UTC)")
+        ax.set_xlabel("max_tokens (100-token prompt)")
+        ax.set_ylabel("ms from sending")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--probe", action="store_true", help="run the real engines' probe")
+    parser.add_argument("--resolution", action="store_true", help="real against real, from JSON")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--pause", type=float, default=120.0, help="seconds between rounds")
+    parser.add_argument("--repeats", type=int, default=6, help="requests per first/last point")
+    args = parser.parse_args()
+    if not (args.probe or args.resolution):
+        parser.error("--probe and/or --resolution")
+    path = RESULTS / "bed_tail.json"
+    result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    if args.probe:
+        result["probe"] = asyncio.run(probe(args.rounds, args.pause, args.repeats))
+        plot(result["probe"], RESULTS / "bed_tail.png")
+    if args.resolution:
+        result["resolution"] = resolution()
+        res = result["resolution"]
+        print(f"real against real, {res['comparisons']} comparisons: within target", res["within"])
+    path.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

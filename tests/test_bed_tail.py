@@ -1,0 +1,56 @@
+"""benchmarks/bed_tail.py without engines: how a request is classed by what
+its server was doing, and the real-against-real comparison of fidelity runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.bed_tail import by_server_state, resolution
+
+
+def req(server: int, sent: float, ttft: float, end: float, uncached: int = 100) -> dict[str, Any]:
+    return {"server": server, "sent": sent, "ttft": ttft, "end": end, "uncached": uncached}
+
+
+def test_requests_are_classed_by_their_servers_state_on_arrival() -> None:
+    first = req(0, 0.0, 0.05, 0.30)  # alone: nothing on server 0 before it
+    other_server = req(1, 0.01, 0.40, 0.50)  # server 1: alone too
+    during_prefill = req(0, 0.02, 0.20, 0.35)  # first not at its first chunk yet (0.05)
+    during_stream = req(0, 0.10, 0.08, 0.40)  # first streaming, during_prefill's first at 0.22
+    after_all = req(0, 0.45, 0.03, 0.50)  # every earlier one ended
+    classes = by_server_state([first, other_server, during_prefill, during_stream, after_all])
+    assert classes["alone"]["requests"] == 3
+    assert classes["before_first"]["requests"] == 2
+    assert classes["streaming"]["requests"] == 0
+    # during_stream arrived when both others on server 0 were past their first chunk.
+    moved = req(0, 0.25, 0.08, 0.40)
+    classes = by_server_state([first, during_prefill, moved])
+    assert classes["streaming"]["requests"] == 1
+    assert classes["streaming"]["ttft_p50_ms"] == pytest.approx(80.0)
+    assert classes["before_first"]["ttft_p50_ms"] == pytest.approx(200.0)
+
+
+def run_file(path: Path, cases: dict[str, tuple[float, float, float]]) -> None:
+    """A fidelity result with one model's real side: case -> (p50, p90, hit)."""
+    real = {
+        case: {"ttft_p50": p50, "ttft_p90": p90, "hit_rate": hit}
+        for case, (p50, p90, hit) in cases.items()
+    }
+    path.write_text(json.dumps({"models": {"m": {"real": real}}}))
+
+
+def test_resolution_judges_real_runs_against_each_other(tmp_path: Path) -> None:
+    run_file(tmp_path / "a.json", {"x": (0.10, 0.20, 0.40), "y": (0.10, 0.20, 0.40)})
+    # x: p90 +24 % and hit +0.015 (within); y: p90 +30 %, p50 -30 %, hit -0.03 (outside).
+    run_file(tmp_path / "b.json", {"x": (0.11, 0.248, 0.415), "y": (0.07, 0.26, 0.37)})
+    run_file(tmp_path / "c.json", {"x": (0.10, 0.20, 0.40)})  # y missing: not compared
+    out = resolution(("a", "b", "c"), tmp_path)
+    assert out["comparisons"] == 4  # a-b x and y, a-c x, b-c x
+    assert out["within"] == {"p50": 3, "p90": 3, "hit": 3}
+    ab_y = next(r for r in out["rows"] if r["runs"] == ["a", "b"] and r["case"] == "y")
+    assert ab_y["p90"] == pytest.approx(0.30)
+    assert ab_y["hit"] == pytest.approx(-0.03)
