@@ -1,6 +1,7 @@
 """Where real vLLM CPU's TTFT tail comes from on this test bed, and how far it repeats.
 
     flock /tmp/kvroute-real.lock .venv/bin/python benchmarks/bed_tail.py --probe [--rounds 2]
+    .venv/bin/python benchmarks/bed_tail.py --probe --sim [--rounds 2]
     .venv/bin/python benchmarks/bed_tail.py --resolution
 
 writes benchmarks/results/bed_tail.json (``--probe``; ``--resolution`` adds
@@ -27,7 +28,9 @@ client's TTFT is made of there, on the ChatML tiny Llama:
   streaming, or another request not yet at its first chunk.
 
 ``--rounds`` repeats both, a few minutes apart on the same servers: the
-machine's state moves between them.
+machine's state moves between them. ``--sim``: the same on two simulators
+with the ``vllm-cpu-tiny`` profile as shipped (``sim_probe``,
+bed_tail_sim.png); a fresh pair per run, so no cache to reset.
 
 ``--resolution`` (no engines): how far the real side of the fidelity runs
 agrees with itself. The interleaved runs made on a quiet machine ran the
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -49,6 +53,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,54 +191,92 @@ def by_server_state(requests: list[dict[str, Any]]) -> dict[str, dict[str, float
     }
 
 
-async def probe(rounds: int, pause: float, repeats: int) -> list[dict[str, Any]]:
-    from benchmarks.sim_fidelity import reset_caches
+@contextlib.contextmanager
+def servers(sim: bool) -> Iterator[list[str]]:
+    """Two real vLLM servers of the ChatML tiny Llama, or (``sim``) two
+    simulators with the ``vllm-cpu-tiny`` profile as it ships (x1, no fit)."""
+    from benchmarks.calibrate_sim import sim_servers, simulate_args
+    from benchmarks.sim_fidelity import sim_params
     from tests.real.engines import ensure_tiny_model, vllm_servers
 
-    os.environ["VLLM_SERVER_DEV_MODE"] = "1"
     model = ensure_tiny_model()
-    prompts = Prompts(model, seed=9)
+    if sim:
+        with sim_servers(simulate_args(sim_params(model))) as urls:
+            yield urls
+        return
+    os.environ["VLLM_SERVER_DEV_MODE"] = "1"
+    with tempfile.TemporaryDirectory() as tmp, vllm_servers(Path(tmp), model=model) as real:
+        yield [s.url for s in real]
+
+
+async def probe(rounds: int, pause: float, repeats: int, sim: bool) -> list[dict[str, Any]]:
+    """``rounds`` rounds on the same two real servers (their caches reset
+    before each tenants run), or on a fresh pair of simulators each (``sim``:
+    the simulator has no cache reset)."""
+    from tests.real.engines import ensure_tiny_model
+
+    prompts = Prompts(ensure_tiny_model(), seed=9)
     out = []
-    with tempfile.TemporaryDirectory() as tmp, vllm_servers(Path(tmp), model=model) as servers:
-        urls = [s.url for s in servers]
-        async with httpx.AsyncClient(timeout=120) as client:
-            for _ in range(3):  # fresh servers answer their first requests slowly
-                await asyncio.gather(
-                    *(
-                        stream(
-                            client,
-                            url,
-                            "/v1/completions",
-                            {"model": "tiny", "prompt": prompts.make(300), "max_tokens": 4},
-                        )
-                        for url in urls
-                    )
-                )
+    async with httpx.AsyncClient(timeout=120) as client:
+        if sim:
+            for k in range(rounds):
+                with servers(True) as urls:
+                    await warm_up(client, urls, prompts)
+                    out.append(await one_round(k, client, urls, prompts, repeats))
+            return out
+        with servers(False) as urls:
+            await warm_up(client, urls, prompts)
             for k in range(rounds):
                 if k:
                     await asyncio.sleep(pause)
-                started = time.strftime("%H:%M:%S", time.gmtime())
-                load = loadavg()
-                print(f"round {k} ({started} UTC, load {load})", flush=True)
-                chunks = await first_and_last(client, urls, prompts, repeats)
-                await reset_caches(urls)
-                requests = await tenants_requests(client, urls)
-                ttfts = [r["ttft"] for r in requests]
-                row = {
-                    "round": k,
-                    "started_utc": started,
-                    "loadavg": [load, loadavg()],
-                    "first_and_last": chunks,
-                    "tenants": {
-                        "ttft_p50_ms": percentile(ttfts, 0.5) * 1000,
-                        "ttft_p90_ms": percentile(ttfts, 0.9) * 1000,
-                        "by_server_state": by_server_state(requests),
-                    },
-                    "requests": requests,
-                }
-                print("  tenants", json.dumps(row["tenants"]), flush=True)
-                out.append(row)
+                out.append(await one_round(k, client, urls, prompts, repeats, reset=True))
     return out
+
+
+async def warm_up(client: httpx.AsyncClient, urls: list[str], prompts: Prompts) -> None:
+    """Fresh servers answer their first requests several times slower."""
+    body = {"model": "tiny", "max_tokens": 4}
+    for _ in range(3):
+        await asyncio.gather(
+            *(
+                stream(client, url, "/v1/completions", {**body, "prompt": prompts.make(300)})
+                for url in urls
+            )
+        )
+
+
+async def one_round(
+    k: int,
+    client: httpx.AsyncClient,
+    urls: list[str],
+    prompts: Prompts,
+    repeats: int,
+    reset: bool = False,
+) -> dict[str, Any]:
+    from benchmarks.sim_fidelity import reset_caches
+
+    started = time.strftime("%H:%M:%S", time.gmtime())
+    load = loadavg()
+    print(f"round {k} ({started} UTC, load {load})", flush=True)
+    chunks = await first_and_last(client, urls, prompts, repeats)
+    if reset:
+        await reset_caches(urls)
+    requests = await tenants_requests(client, urls)
+    ttfts = [r["ttft"] for r in requests]
+    row = {
+        "round": k,
+        "started_utc": started,
+        "loadavg": [load, loadavg()],
+        "first_and_last": chunks,
+        "tenants": {
+            "ttft_p50_ms": percentile(ttfts, 0.5) * 1000,
+            "ttft_p90_ms": percentile(ttfts, 0.9) * 1000,
+            "by_server_state": by_server_state(requests),
+        },
+        "requests": requests,
+    }
+    print("  tenants", json.dumps(row["tenants"]), flush=True)
+    return row
 
 
 # -- resolution (no engines) --------------------------------------------------------
@@ -300,6 +343,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probe", action="store_true", help="run the real engines' probe")
     parser.add_argument("--resolution", action="store_true", help="real against real, from JSON")
+    parser.add_argument(
+        "--sim", action="store_true", help="the probe on two simulators (profile as shipped)"
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--pause", type=float, default=120.0, help="seconds between rounds")
     parser.add_argument("--repeats", type=int, default=6, help="requests per first/last point")
@@ -309,8 +355,9 @@ def main() -> int:
     path = RESULTS / "bed_tail.json"
     result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     if args.probe:
-        result["probe"] = asyncio.run(probe(args.rounds, args.pause, args.repeats))
-        plot(result["probe"], RESULTS / "bed_tail.png")
+        key = "sim_probe" if args.sim else "probe"
+        result[key] = asyncio.run(probe(args.rounds, args.pause, args.repeats, args.sim))
+        plot(result[key], RESULTS / f"bed_tail{'_sim' if args.sim else ''}.png")
     if args.resolution:
         result["resolution"] = resolution()
         res = result["resolution"]
