@@ -599,7 +599,7 @@ def precise_decision_latency(
 
     ``floor_*``: the machine's own tail in the same run. After each timed
     decision a fixed piece of pure Python work (``null_work``) sized to the
-    decisions' median in the warm-up is timed too: it runs the same
+    median of 200 decisions on the warm index is timed too: it runs the same
     instructions every time, so its spread is only what the machine (its
     scheduler, interrupts, the hypervisor, frequency changes) adds to any
     code of that length. A decision p99 near ``floor_p99_us`` is the
@@ -662,8 +662,9 @@ def precise_decision_latency(
     def pct(xs: list[float], q: float) -> float:
         return xs[min(len(xs) - 1, int(len(xs) * q))] * 1e6
 
-    warm = timed(lambda k: tenants[k % 200], 400)  # warm: every tenant seen twice
-    floor_n = null_size(statistics.median(warm["total"]))
+    timed(lambda k: tenants[k % 200], 400)  # warm: every tenant seen twice
+    # The floor's size: the median of decisions on the warm index.
+    floor_n = null_size(statistics.median(timed(lambda k: tenants[k % 200], 200)["total"]))
     hits = timed(lambda k: tenants[k % 200], n)
     new = timed(lambda k: f"new {k} " + tenants[k % 200], max(20, n // 50))
     reasons: collections.Counter[str] = collections.Counter()
