@@ -306,9 +306,6 @@ def render(
     preset or template source, followed by the generation prompt (unless
     ``add_generation_prompt`` is false).
 
-    ``special_tokens`` (``bos_token``, ``eos_token``) are the model's own, for
-    a template read from its directory; by default a preset's, else "".
-
     ``special_tokens`` (``bos_token``, ``eos_token``) are the model's own, as
     ``transformers`` passes them to its template; by default a preset's, or
     empty strings.

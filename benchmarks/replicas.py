@@ -361,14 +361,16 @@ class Tracer:
 
                 tokens = self._prompts.tokens("chat", request.body)
                 # None: the template's render ran out of time (a loaded machine).
-                truth = {} if tokens is not None else None
-                for e in candidates if tokens is not None else ():
-                    b = e.blocks
-                    if b is None:
-                        continue
-                    ours = tokens.block_hashes(b.block_size)
-                    token_blocks = len(ours)
-                    truth[e.id] = leading(b.hashes, ours)
+                truth = None
+                if tokens is not None:
+                    truth = {}
+                    for e in candidates:
+                        b = e.blocks
+                        if b is None:
+                            continue
+                        ours = tokens.block_hashes(b.block_size)
+                        token_blocks = len(ours)
+                        truth[e.id] = leading(b.hashes, ours)
             decision = rank(request, candidates)
             if q is not None:
                 self.records[int(q.group(1))] = {
@@ -543,7 +545,9 @@ async def measure_routers(
                         if attempt == 2:
                             raise
                         retries[0] += 1
-                r.raise_for_status()
+                if r.status_code != 200:
+                    # What failed, not only the status (a run was lost to a 400 once).
+                    raise RuntimeError(f"{targets[i]}: {r.status_code} {r.text[:500]}")
                 usage = r.json()["usage"]
                 cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
                 per_request[i] = (tenant, usage["prompt_tokens"], cached)

@@ -176,6 +176,23 @@ async def test_a_template_that_rejects_the_chat_is_a_400(tmp_path: Path) -> None
     assert r.status_code == 400 and "user first" in r.json()["error"]["message"]
 
 
+def test_a_slow_template_is_rendered_as_vllm_would(tmp_path: Path) -> None:
+    """vLLM bounds no render: a template past kvroute's own budget (0.1 s of
+    CPU, for renders on its event loop) is still rendered by the simulator.
+    On two busy cores that budget failed ordinary chats with a 400."""
+    from backends.sim.model import SimModel
+    from backends.templates import MAX_SECONDS, ChatTemplateFailed
+
+    model = llama3_like(tmp_path)
+    slow = "{% for i in range(5000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}"
+    (model / "chat_template.jinja").write_text(slow + LLAMA3_LIKE)
+    with pytest.raises(ChatTemplateFailed, match="longer than"):
+        render(slow + LLAMA3_LIKE, MESSAGES, max_seconds=MAX_SECONDS)
+    (tmp_path / "fast").mkdir()
+    fast = SimModel(llama3_like(tmp_path / "fast")).render_chat(MESSAGES)
+    assert SimModel(model).render_chat(MESSAGES) == fast
+
+
 def test_profile_loads_with_overrides() -> None:
     p = EngineParams.profile("vllm-cpu-tiny", num_blocks=81, tokenizer=str(TINY))
     fields = PROFILES["vllm-cpu-tiny"]

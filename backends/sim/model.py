@@ -27,6 +27,14 @@ from backends import templates
 from backends.hf_model import read_model_files
 from backends.sim.tokenizer import render_chatml
 
+#: How long a chat's rendering may take. vLLM sets no bound: its template is
+#: the operator's, not the client's, and it renders however long that takes.
+#: templates.render's default (0.1 s, kvroute's bound on its event loop)
+#: failed valid chats here with a 400 when 16 simulators and 4 routers shared
+#: two cores (benchmarks/replicas.py --sim). This one only stops a template
+#: that would never finish.
+RENDER_SECONDS = 30.0
+
 
 class SimModel:
     def __init__(self, path: str | Path) -> None:
@@ -45,7 +53,12 @@ class SimModel:
         Raises templates.ChatTemplateRejected / ChatTemplateFailed."""
         if self.chat_template is None:
             return render_chatml(messages)
-        return templates.render(self.chat_template, messages, special_tokens=self.special_tokens)
+        return templates.render(
+            self.chat_template,
+            messages,
+            special_tokens=self.special_tokens,
+            max_seconds=RENDER_SECONDS,
+        )
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         ids: list[int] = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
