@@ -179,7 +179,7 @@ async def test_a_template_that_rejects_the_chat_is_a_400(tmp_path: Path) -> None
 def test_a_slow_template_is_rendered_as_vllm_would(tmp_path: Path) -> None:
     """vLLM bounds no render: a template past kvroute's own budget (0.1 s of
     CPU, for renders on its event loop) is still rendered by the simulator.
-    On two busy cores that budget failed ordinary chats with a 400."""
+    That budget once failed an ordinary chat with a 400 (replicas.py --sim)."""
     from backends.sim.model import SimModel
     from backends.templates import MAX_SECONDS, ChatTemplateFailed
 

@@ -26,7 +26,11 @@ factor is independent step to step, so bursts of contention that stretch many
 steps in a row, and the real p99, are not modelled by it; ``step_stall`` (off
 in every profile: a chance per step fitted to a real probe by
 ``sim_fidelity.py --fit-stall``) adds steps ten times as long, the flat tail
-real vLLM CPU's TTFTs show past their 75th percentile. Every other use of the
+real vLLM CPU's TTFTs show past their 75th percentile. That tail is the test
+bed's (two vLLM servers of three processes each, the client and kvroute on
+two cores: the operating system's scheduling switches it between behaviours
+minute to minute; benchmarks/README.md, "Where the real TTFT tail comes
+from"), which is why no profile turns the stall on. Every other use of the
 simulator (default parameters, ``--zero-latency``) has no jitter and no stall.
 
 So TTFT grows with uncached prompt tokens and with queueing (past

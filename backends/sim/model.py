@@ -29,10 +29,11 @@ from backends.sim.tokenizer import render_chatml
 
 #: How long a chat's rendering may take. vLLM sets no bound: its template is
 #: the operator's, not the client's, and it renders however long that takes.
-#: templates.render's default (0.1 s, kvroute's bound on its event loop)
-#: failed valid chats here with a 400 when 16 simulators and 4 routers shared
-#: two cores (benchmarks/replicas.py --sim). This one only stops a template
-#: that would never finish.
+#: templates.render's default (0.1 s of the thread's CPU time, kvroute's
+#: bound on its event loop) answered one ordinary chat in thousands with a 400
+#: in benchmarks/replicas.py --sim (16 simulators and 4 routers on two cores,
+#: load average under 1; what took the time was not found). This one only
+#: stops a template that would never finish.
 RENDER_SECONDS = 30.0
 
 
