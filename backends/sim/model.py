@@ -32,9 +32,9 @@ from backends.sim.tokenizer import render_chatml
 #: templates.render's default (0.1 s of the thread's CPU time, kvroute's
 #: bound on its event loop) answered one ordinary chat in thousands with a 400
 #: in benchmarks/replicas.py --sim (16 simulators and 4 routers on two cores,
-#: load average under 1): a full garbage collection, 33-70 ms of the thread's
-#: CPU (frozen since, QuietExitServer), landed inside the render. This one
-#: only stops a template that would never finish.
+#: load average under 1), most likely a full garbage collection of that
+#: process (simulators, routers and client in one) landing inside the
+#: render. This one only stops a template that would never finish.
 RENDER_SECONDS = 30.0
 
 
