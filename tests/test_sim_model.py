@@ -222,7 +222,8 @@ def test_simulate_cli_profile_and_overrides() -> None:
 
 async def test_the_simulator_server_freezes_what_exists_once_started() -> None:
     """A full collection walked the simulator's every object, 33-70 ms of its
-    CPU inside a step or a chat render; once started, they are frozen."""
+    CPU inside a step or a chat render; once started, they are frozen (the
+    test fails without)."""
     import asyncio
     import gc
 

@@ -262,7 +262,7 @@ class QuietExitServer(uvicorn.Server):
     server does: a full collection walked it all again, 33-70 ms of a
     simulator's CPU on this machine, inside whatever step or chat render was
     running (0.9 ms after the freeze). That pause is the simulator's, not
-    the engine's it stands for, and it took a render past its budget."""
+    the engine's it stands for."""
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
