@@ -1,6 +1,8 @@
 """Where real vLLM CPU's TTFT tail comes from on this test bed, and how far it repeats.
 
     flock /tmp/kvroute-real.lock .venv/bin/python benchmarks/bed_tail.py --probe [--rounds 2]
+    flock /tmp/kvroute-real.lock .venv/bin/python benchmarks/bed_tail.py --repeats-needed \
+        [--repeats 12]
     .venv/bin/python benchmarks/bed_tail.py --probe --sim [--rounds 2]
     .venv/bin/python benchmarks/bed_tail.py --resolution
 
@@ -32,6 +34,17 @@ machine's state moves between them. ``--sim``: the same on two simulators
 with the ``vllm-cpu-tiny`` profile as shipped (``sim_probe``,
 bed_tail_sim.png); a fresh pair per run, so no cache to reset.
 
+``--repeats-needed`` (real engines): how many repeats the fidelity targets
+need here. ``sim_fidelity``'s four ChatML cases (tenants and multiturn,
+round_robin and prefix_affinity through kvroute, caches reset before each)
+run ``--repeats`` times each on the same two real servers, in
+``sim_fidelity.schedule``'s rotated order, every run's TTFTs and hit counts
+kept. Then for k = 1, 2, 4, ... runs: many random pairs of disjoint groups
+of k runs of a case, each group pooled as the fidelity statistic pools its
+repeats, judged against each other with the targets: the share of pairs
+within 0.02 (hit rate) and 25 % (TTFT p50, p90). A simulator as good as
+real vLLM could expect no better against a real side of k repeats.
+
 ``--resolution`` (no engines): how far the real side of the fidelity runs
 agrees with itself. The interleaved runs made on a quiet machine ran the
 same workloads on the same real servers with the same code (only their
@@ -49,11 +62,12 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +293,73 @@ async def one_round(
     return row
 
 
+# -- repeats needed (real engines) ----------------------------------------------------
+
+
+async def real_case_runs(repeats: int) -> dict[str, list[dict[str, Any]]]:
+    """Every ChatML fidelity case ``repeats`` times on two real servers,
+    rotated order; per case its runs (``sim_fidelity.run``'s rows)."""
+    from benchmarks.sim_fidelity import POLICIES, reset_caches, run, schedule, workloads
+    from tests.real.engines import ensure_tiny_model
+
+    loads = workloads(quick=False)
+    cases = [f"{name}/{policy}" for name in loads for policy in POLICIES]
+    out: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
+    with servers(False) as urls:
+        async with httpx.AsyncClient(timeout=120) as client:
+            await warm_up(client, urls, Prompts(ensure_tiny_model(), seed=9))
+        for k, (repeat, case) in enumerate(schedule(cases, repeats)):
+            name, policy = case.split("/")
+            await reset_caches(urls)
+            row = await run(urls, policy, loads[name])
+            out[case].append(row)
+            print(
+                f"  {k + 1}/{len(cases) * repeats} repeat {repeat} {case}: hit "
+                f"{row['hit_rate']:.3f}, TTFT p50 {row['ttft_p50'] * 1000:.0f} ms, "
+                f"p90 {row['ttft_p90'] * 1000:.0f} ms",
+                flush=True,
+            )
+    return out
+
+
+def group_agreement(
+    runs: dict[str, list[dict[str, Any]]], sizes: Sequence[int], draws: int = 200, seed: int = 0
+) -> list[dict[str, Any]]:
+    """For each group size k (at most half the runs of a case): ``draws``
+    random pairs of disjoint k-run groups per case, each pooled (hits and
+    queries summed, TTFTs pooled), and the share of pairs whose hit rates,
+    TTFT p50s and p90s agree within the fidelity targets."""
+    rng = random.Random(seed)
+    out = []
+    for k in sizes:
+        within = {"hit": 0, "p50": 0, "p90": 0}
+        pairs = 0
+        for case_runs in runs.values():
+            if 2 * k > len(case_runs):
+                continue
+            for _ in range(draws):
+                picked = rng.sample(case_runs, 2 * k)
+                a, b = pooled(picked[:k]), pooled(picked[k:])
+                pairs += 1
+                within["hit"] += abs(a["hit_rate"] - b["hit_rate"]) <= HIT_TARGET
+                for q in ("p50", "p90"):
+                    within[q] += abs(b[q] / a[q] - 1) <= TTFT_TARGET
+        if pairs:
+            out.append({"runs": k, "pairs": pairs, **{q: n / pairs for q, n in within.items()}})
+    return out
+
+
+def pooled(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Runs pooled as the fidelity statistic pools a case's repeats."""
+    queries = sum(r["query_tokens"] for r in runs)
+    ttfts = [t for r in runs for t in r["ttfts"]]
+    return {
+        "hit_rate": sum(r["hit_tokens"] for r in runs) / queries if queries else 0.0,
+        "p50": percentile(ttfts, 0.5),
+        "p90": percentile(ttfts, 0.9),
+    }
+
+
 # -- resolution (no engines) --------------------------------------------------------
 
 
@@ -346,18 +427,42 @@ def main() -> int:
     parser.add_argument(
         "--sim", action="store_true", help="the probe on two simulators (profile as shipped)"
     )
+    parser.add_argument(
+        "--repeats-needed",
+        action="store_true",
+        help="real engines: the fidelity cases --repeats times; agreement by group size",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--pause", type=float, default=120.0, help="seconds between rounds")
-    parser.add_argument("--repeats", type=int, default=6, help="requests per first/last point")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="requests per first/last point (default 6); runs per case (default 12)",
+    )
     args = parser.parse_args()
-    if not (args.probe or args.resolution):
-        parser.error("--probe and/or --resolution")
+    if not (args.probe or args.resolution or args.repeats_needed):
+        parser.error("--probe, --repeats-needed and/or --resolution")
     path = RESULTS / "bed_tail.json"
     result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     if args.probe:
         key = "sim_probe" if args.sim else "probe"
-        result[key] = asyncio.run(probe(args.rounds, args.pause, args.repeats, args.sim))
+        result[key] = asyncio.run(probe(args.rounds, args.pause, args.repeats or 6, args.sim))
         plot(result[key], RESULTS / f"bed_tail{'_sim' if args.sim else ''}.png")
+    if args.repeats_needed:
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        runs = asyncio.run(real_case_runs(args.repeats or 12))
+        sizes = [1, 2, 3, 4, 6, 8]
+        result["repeats_needed"] = {
+            "started": started,
+            "agreement": group_agreement(runs, sizes),
+            "runs": runs,
+        }
+        for row in result["repeats_needed"]["agreement"]:
+            print(
+                f"groups of {row['runs']}: within target hit {row['hit']:.0%}, "
+                f"p50 {row['p50']:.0%}, p90 {row['p90']:.0%} ({row['pairs']} pairs)"
+            )
     if args.resolution:
         result["resolution"] = resolution()
         res = result["resolution"]

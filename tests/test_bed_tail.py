@@ -54,3 +54,25 @@ def test_resolution_judges_real_runs_against_each_other(tmp_path: Path) -> None:
     ab_y = next(r for r in out["rows"] if r["runs"] == ["a", "b"] and r["case"] == "y")
     assert ab_y["p90"] == pytest.approx(0.30)
     assert ab_y["hit"] == pytest.approx(-0.03)
+
+
+def a_run(hit: float, ttfts: list[float]) -> dict[str, Any]:
+    return {"hit_tokens": hit * 100, "query_tokens": 100.0, "ttfts": ttfts}
+
+
+def test_groups_of_runs_are_judged_pooled_against_each_other() -> None:
+    from benchmarks.bed_tail import group_agreement
+
+    low, high = [0.1] * 8 + [0.2] * 2, [0.1] * 8 + [0.4] * 2  # p90 0.2 or 0.4
+    steady = [a_run(0.5, low) for _ in range(4)]
+    rows = group_agreement({"steady": steady}, [1, 2, 3])
+    assert [r["runs"] for r in rows] == [1, 2]  # 3 needs 6 runs
+    assert all(r["hit"] == r["p50"] == r["p90"] == 1.0 for r in rows)
+    # Two runs of each kind. Single runs agree on p90 when both drawn are of a
+    # kind (1/3); groups of two when each holds one of each (2/3: pooled, their
+    # p90 is 0.2, as two lows'; two highs' is 0.4).
+    mixed = [a_run(0.5, low), a_run(0.5, high)] * 2
+    single, double = group_agreement({"mixed": mixed}, [1, 2], draws=3000)
+    assert single["p50"] == double["p50"] == 1.0
+    assert 0.28 < single["p90"] < 0.39
+    assert 0.61 < double["p90"] < 0.72
