@@ -83,6 +83,7 @@ from benchmarks.sim_fidelity import (  # noqa: E402
     HIT_TARGET,
     TTFT_TARGET,
     percentile,
+    pooled,
     tenants_workload,
 )
 
@@ -343,21 +344,10 @@ def group_agreement(
                 pairs += 1
                 within["hit"] += abs(a["hit_rate"] - b["hit_rate"]) <= HIT_TARGET
                 for q in ("p50", "p90"):
-                    within[q] += abs(b[q] / a[q] - 1) <= TTFT_TARGET
+                    within[q] += abs(b[f"ttft_{q}"] / a[f"ttft_{q}"] - 1) <= TTFT_TARGET
         if pairs:
             out.append({"runs": k, "pairs": pairs, **{q: n / pairs for q, n in within.items()}})
     return out
-
-
-def pooled(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Runs pooled as the fidelity statistic pools a case's repeats."""
-    queries = sum(r["query_tokens"] for r in runs)
-    ttfts = [t for r in runs for t in r["ttfts"]]
-    return {
-        "hit_rate": sum(r["hit_tokens"] for r in runs) / queries if queries else 0.0,
-        "p50": percentile(ttfts, 0.5),
-        "p90": percentile(ttfts, 0.9),
-    }
 
 
 # -- resolution (no engines) --------------------------------------------------------

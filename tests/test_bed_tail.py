@@ -57,7 +57,18 @@ def test_resolution_judges_real_runs_against_each_other(tmp_path: Path) -> None:
 
 
 def a_run(hit: float, ttfts: list[float]) -> dict[str, Any]:
-    return {"hit_tokens": hit * 100, "query_tokens": 100.0, "ttfts": ttfts}
+    """A run as ``sim_fidelity.run`` records it (what ``pooled`` reads)."""
+    return {
+        "requests": len(ttfts),
+        "hit_rate": hit,
+        "hit_tokens": hit * 100,
+        "query_tokens": 100.0,
+        "ttft_p50": sorted(ttfts)[len(ttfts) // 2],
+        "ttft_p90": sorted(ttfts)[int(len(ttfts) * 0.9)],
+        "seconds": 1.0,
+        "loadavg": ["0.1", "0.1"],
+        "ttfts": ttfts,
+    }
 
 
 def test_groups_of_runs_are_judged_pooled_against_each_other() -> None:
