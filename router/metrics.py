@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -501,6 +501,37 @@ class IndexCollector(DescribedCollector):
             entries.add_metric([model], stats.entries)
             blocks.add_metric([model], stats.distinct_blocks)
             evictions.add_metric([model], stats.evictions)
+        return out
+
+
+class PromptCollector(DescribedCollector):
+    """Prompts the router had to tokenize and could not, read at scrape time
+    from every distinct prompt tokenizer of the config (models that share
+    one count once). Such requests route on the approximate index."""
+
+    FAMILIES = (
+        Family(
+            "kvroute_prompt_tokenize_failures",
+            Kind.COUNTER,
+            "Prompts the router could not tokenize for precise routing (they routed on "
+            "characters), by reason: rejected (the chat template refused the "
+            "conversation), failed (rendering failed or ran over its time budget), "
+            "encode (the tokenizer refused the text).",
+            ("reason",),
+        ),
+    )
+
+    def __init__(self, source: Callable[[], Iterable[Mapping[str, int]]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        (failures,) = out = self.describe()
+        totals: dict[str, int] = {}
+        for counts in self._source():
+            for reason, n in counts.items():
+                totals[reason] = totals.get(reason, 0) + n
+        for reason, n in totals.items():
+            failures.add_metric([reason], n)
         return out
 
 

@@ -51,7 +51,13 @@ from tokenizers import Tokenizer
 from backends.chat_format import LoopFormat
 from backends.hf_model import ModelFilesError, read_model_files
 from backends.templates import MAX_SECONDS as RENDER_SECONDS
-from backends.templates import PRESETS, ChatTemplateError, check_template, render
+from backends.templates import (
+    PRESETS,
+    ChatTemplateError,
+    ChatTemplateRejected,
+    check_template,
+    render,
+)
 from backends.tokens import TokenizerError, load_tokenizer
 from router.prompt_blocks import ChainCache, Tokens
 from router.prompt_split import AddedTokenSplitter
@@ -121,6 +127,11 @@ def _text_content(content: Any) -> str | None:
     return None
 
 
+#: Why a prompt could not be tokenized (``PromptTokenizer.failures``): a
+#: fixed set, the metric's label values.
+FAILURES = ("rejected", "failed", "encode")
+
+
 class PromptTokenizer:
     """One model's tokenizer and chat template, and its caches."""
 
@@ -145,6 +156,11 @@ class PromptTokenizer:
         self._cached_bytes = 0
         self.hits = 0
         self.misses = 0
+        #: Prompts the router could not tokenize though it had to (the request
+        #: then routes on characters), by cause: the template refused the
+        #: conversation (``rejected``), rendering failed or ran over its
+        #: budget (``failed``), the tokenizer refused the text (``encode``).
+        self.failures: dict[str, int] = dict.fromkeys(FAILURES, 0)
         added = tokenizer.get_added_tokens_decoder()
         self._added = {t.content: _ids([i]) for i, t in added.items()}
         plain = not any(
@@ -255,7 +271,11 @@ class PromptTokenizer:
                 special_tokens=self.special_tokens or None,
                 max_seconds=self.render_seconds,
             )
+        except ChatTemplateRejected:
+            self.failures["rejected"] += 1
+            return None
         except ChatTemplateError:
+            self.failures["failed"] += 1
             return None
 
     def _formatted(self, messages: list[Any], generation: bool) -> str | None:
@@ -402,6 +422,7 @@ class PromptTokenizer:
         try:
             encoded = self.encode_missing(plan)
         except Exception:  # text tokenizers refuse (lone surrogates): route on characters
+            self.failures["encode"] += 1
             return None
         return self.finish(plan, encoded)
 
@@ -419,6 +440,7 @@ class PromptTokenizer:
             else:
                 encoded = self.encode_missing(plan)
         except Exception:  # text tokenizers refuse (lone surrogates): route on characters
+            self.failures["encode"] += 1
             return None
         return self.finish(plan, encoded)
 

@@ -30,6 +30,7 @@ from router.metrics import (
     IndexCollector,
     KVEventsCollector,
     Metrics,
+    PromptCollector,
     QuotaStoreCollector,
 )
 from router.quota import open_store
@@ -113,6 +114,14 @@ class AppState:
             for priority, waiting in stats["waiting_by_priority"].items()
         ]
 
+    def prompt_failures(self) -> list[dict[str, int]]:
+        """Each distinct prompt tokenizer's failure counts (models sharing
+        one tokenizer share its counts)."""
+        distinct = {
+            id(m.prompts): m.prompts for m in self.config.models.values() if m.prompts is not None
+        }
+        return [p.failures for p in distinct.values()]
+
     def quota_store_health(self) -> tuple[bool, int]:
         status = store_status(self.quotas)
         return bool(status["up"]), int(status.get("failures", 0))
@@ -189,5 +198,6 @@ class AppState:
         metrics.register(AdmissionCollector(state.admission_depths))
         metrics.register(CacheStoreCollector(state.cache_store_stats))
         metrics.register(KVEventsCollector(lambda: state.kv_feeds()))
+        metrics.register(PromptCollector(state.prompt_failures))
         state.reload_status.update(path=config_path, last_success=time.time(), last_error=None)
         return state

@@ -110,6 +110,30 @@ def test_a_template_that_raises_gives_no_tokens() -> None:
     loaded = load_prompt_tokenizer(str(TINY))
     strict = PromptTokenizer(loaded.tokenizer, "{{ raise_exception('no') }}")
     assert strict.tokens("chat", chat("a")) is None
+    assert strict.failures == {"rejected": 1, "failed": 0, "encode": 0}
+
+
+def test_failures_are_counted_by_reason() -> None:
+    """What the router meant to tokenize and could not (the request routes on
+    characters): kvroute_prompt_tokenize_failures_total{reason}. Prompts it
+    does not try (images, template arguments) are not failures."""
+    loaded = load_prompt_tokenizer(str(TINY))
+    broken = PromptTokenizer(loaded.tokenizer, "{{ messages[0]['content'] | int // 0 }}")
+    assert broken.tokens("chat", chat("1")) is None
+    slow = PromptTokenizer(
+        loaded.tokenizer,
+        "{% for i in range(2000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}",
+        render_seconds=0.001,
+    )
+    assert slow.tokens("chat", chat("a")) is None
+    assert broken.failures["failed"] == slow.failures["failed"] == 1
+    counted = fresh()
+    lone = "a\ud800b"
+    assert counted.tokens("chat", {"messages": [{"role": "user", "content": lone}]}) is None
+    assert asyncio.run(counted.tokens_async("completion", {"prompt": lone})) is None
+    image = {"type": "image_url", "image_url": {"url": "data:,x"}}
+    assert counted.tokens("chat", {"messages": [{"role": "user", "content": [image]}]}) is None
+    assert counted.failures == {"rejected": 0, "failed": 0, "encode": 2}
 
 
 def test_completion_token_ids_are_taken_as_sent(tiny: PromptTokenizer) -> None:
@@ -337,3 +361,22 @@ def test_cached_chains_are_not_walked_by_the_garbage_collector() -> None:
     # Hashes held as machine ints: a collection visits no int of them.
     assert len(hashes) == 64
     assert not any(isinstance(r, int) for r in gc.get_referents(hashes))
+
+
+def test_metrics_count_each_tokenizers_failures_once() -> None:
+    """Two models on one tokenizer (one object, shared) count its failures once."""
+    from router.app import build_app
+    from tests.helpers import router_config
+
+    template = "{{ raise_exception('no') }}"
+    models = {m: {"tokenizer": str(TINY), "chat_template": template} for m in ("a", "b")}
+    endpoint = {"id": "e", "url": "http://127.0.0.1:9", "kind": "vllm", "models": ["a", "b"]}
+    app = build_app(router_config([endpoint], models=models))
+    prompts = app.state.config.models["a"].prompts
+    assert prompts is app.state.config.models["b"].prompts
+    before = prompts.failures["rejected"]
+    assert prompts.tokens("chat", chat("x")) is None
+    text = app.state.metrics.render().decode()
+    line = f'kvroute_prompt_tokenize_failures_total{{reason="rejected"}} {before + 1}.0'
+    assert line in text
+    assert 'kvroute_prompt_tokenize_failures_total{reason="encode"}' in text
