@@ -259,8 +259,14 @@ class PromptTokenizer:
         return text, bool(body.get("add_special_tokens", False))
 
     def _render(
-        self, messages: list[dict[str, Any]], tools: list[Any] | None, generation: bool
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[Any] | None,
+        generation: bool,
+        counted: bool = True,
     ) -> str | None:
+        """The template's text, or None (``counted``: a request's prompt, whose
+        failure is counted in ``failures``; not the format's check)."""
         assert self.chat_template is not None
         try:
             return render(
@@ -271,11 +277,10 @@ class PromptTokenizer:
                 special_tokens=self.special_tokens or None,
                 max_seconds=self.render_seconds,
             )
-        except ChatTemplateRejected:
-            self.failures["rejected"] += 1
-            return None
-        except ChatTemplateError:
-            self.failures["failed"] += 1
+        except ChatTemplateError as exc:
+            if counted:
+                reason = "rejected" if isinstance(exc, ChatTemplateRejected) else "failed"
+                self.failures[reason] += 1
             return None
 
     def _formatted(self, messages: list[Any], generation: bool) -> str | None:
@@ -311,7 +316,8 @@ class PromptTokenizer:
         if due is None or self.format is None:
             return
         pairs, generation, text = due
-        rendered = self._render([{"role": r, "content": c} for r, c in pairs], None, generation)
+        messages = [{"role": r, "content": c} for r, c in pairs]
+        rendered = self._render(messages, None, generation, counted=False)
         # A conversation the template refuses says nothing about the format.
         if rendered is not None and rendered != text:
             # Dropped for every later request: a client whose content steers

@@ -205,7 +205,7 @@ def test_the_router_checks_the_format_after_the_decision(monkeypatch: Any) -> No
     p = tokenizer(sneaky)
     renders: list[int] = []
     real = p._render
-    monkeypatch.setattr(p, "_render", lambda *a: renders.append(1) or real(*a))
+    monkeypatch.setattr(p, "_render", lambda *a, **kw: renders.append(1) or real(*a, **kw))
     secret = body({"role": "user", "content": "SECRET"})
 
     async def run() -> tuple[int, int]:
@@ -235,6 +235,9 @@ def test_a_conversation_the_template_refuses_keeps_the_format() -> None:
     assert p.prompt("chat", long) is not None  # the first formatted request: due a check
     p.check_format()  # Jinja refuses it
     assert p.format is not None and p.format_mismatches == 0
+    # The request had its tokens (through the format): the check's refusal is
+    # no failure of a request's prompt (kvroute_prompt_tokenize_failures_total).
+    assert p.failures["rejected"] == 0
     assert p.prompt("chat", body({"role": "user", "content": "a"})) == (
         "<|im_start|>user\na<|im_end|>\n",
         False,
