@@ -54,7 +54,7 @@ LAG_WEIGHT = 0.05
 MAX_LAG = 10.0
 
 
-def _publishing(conn: RedisConn, channel: str, data: bytes) -> Callable[[], Awaitable[Any]]:
+def _publish_call(conn: RedisConn, channel: str, data: bytes) -> Callable[[], Awaitable[Any]]:
     """A PUBLISH of ``data`` as a factory: the guard creates it only if it calls."""
     return lambda: conn.guarded(conn.client.publish(channel, data))
 
@@ -233,7 +233,7 @@ class PlacementSharing:
                 batch = attached.log.drain(config.max_batch, MAX_MESSAGE_HASHES)
                 data = encode(self.router_id, time.time(), model, batch)
                 try:
-                    await guard.call(_publishing(conn, channel, data))
+                    await guard.call(_publish_call(conn, channel, data))
                 except PlacementsUnavailable:
                     metrics.placements_dropped.labels("publish_failed").inc(len(batch))
                     raise
