@@ -5,9 +5,10 @@
         [--repeats 12]
     .venv/bin/python benchmarks/bed_tail.py --probe --sim [--rounds 2]
     .venv/bin/python benchmarks/bed_tail.py --resolution
+    .venv/bin/python benchmarks/bed_tail.py --judge
 
-writes benchmarks/results/bed_tail.json (``--probe``; ``--resolution`` adds
-its table to the same file) and bed_tail.png.
+writes benchmarks/results/bed_tail.json (``--probe``; ``--resolution`` and
+``--judge`` add their tables to the same file) and bed_tail.png.
 
 ``sim_fidelity.py`` compares the simulator's TTFT p50 and p90 with real vLLM's
 on two vLLM CPU servers (tests/real/engines.py: one core each for the
@@ -52,12 +53,20 @@ simulated sides differ), so for each case the real TTFT p50, p90 and hit
 rate of one run (pooled over its repeats) can be judged against another's
 with the fidelity targets (25 %, 0.02): what a simulator that behaved
 exactly as real vLLM does on this bed could expect.
+
+``--judge`` (no engines): each interleaved fidelity run's simulated side
+against ``--repeats-needed``'s real runs. Per ChatML case, the simulator's
+error (TTFT p50, p90, hit rate) is placed among the errors of real vLLM
+against itself at the same number of repeats: outside their central 95 %,
+the simulator differs from real vLLM by more than real vLLM differs from
+itself here, which no amount of luck explains.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import itertools
 import json
@@ -388,6 +397,90 @@ def resolution(names: tuple[str, ...] = QUIET_RUNS, results: Path = RESULTS) -> 
     }
 
 
+#: The fidelity runs the judge reads (every interleaved run with ChatML cases).
+JUDGED_RUNS = ("sim_fidelity_interleaved", *QUIET_RUNS)
+#: The model whose cases ``--repeats-needed`` ran on real engines.
+REFERENCE_MODEL = "tiny-llama (chatml)"
+
+
+def spread_of(
+    case_runs: list[dict[str, Any]], k: int, draws: int, rng: random.Random
+) -> dict[str, list[float]]:
+    """Real against real: ``draws`` random pairs of disjoint k-run groups of
+    one case, pooled; each pair's TTFT p50 and p90 relative difference (b / a
+    - 1) and hit rate difference (b - a), each list sorted. Either group is
+    a or b alike, so the errors fall around 0 as far as the engines wander."""
+    out: dict[str, list[float]] = {"p50": [], "p90": [], "hit": []}
+    for _ in range(draws):
+        picked = rng.sample(case_runs, 2 * k)
+        a, b = pooled(picked[:k]), pooled(picked[k:])
+        out["hit"].append(b["hit_rate"] - a["hit_rate"])
+        for q in ("p50", "p90"):
+            out[q].append(b[f"ttft_{q}"] / a[f"ttft_{q}"] - 1)
+    return {q: sorted(v) for q, v in out.items()}
+
+
+def judge(
+    names: tuple[str, ...] = JUDGED_RUNS,
+    results: Path = RESULTS,
+    reference: dict[str, list[dict[str, Any]]] | None = None,
+    draws: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Each fidelity run's simulated side against real vLLM's own spread.
+
+    For every ChatML case of every run in ``names``: the simulator's error
+    (TTFT p50 and p90: sim / real - 1; hit rate: sim - real) and where it
+    falls among the errors of real vLLM against itself at the same number of
+    repeats (``spread_of`` over ``--repeats-needed``'s runs of that case):
+    ``rank`` is the share of real-against-real errors below it, and the
+    simulator is ``inside`` when it lies within their central 95 %. Outside
+    means the simulator differs from real vLLM by more than real vLLM
+    differs from itself on this bed: a gap in the simulator, not luck.
+    Inside is not the fidelity target (25 %, 0.02): it says only that this bed
+    could not tell the two apart."""
+    if reference is None:
+        reference = json.loads((results / "bed_tail.json").read_text())["repeats_needed"]["runs"]
+    rng = random.Random(seed)
+    spreads: dict[tuple[str, int], dict[str, list[float]]] = {}
+    rows = []
+    for name in names:
+        model = json.loads((results / f"{name}.json").read_text())["models"].get(REFERENCE_MODEL)
+        if model is None:
+            continue
+        for case, real in model["real"].items():
+            runs, sim = reference.get(case), model["sim"].get(case)
+            k = real["repeats"]
+            if runs is None or sim is None or 2 * k > len(runs):
+                continue
+            spread = spreads.get((case, k))
+            if spread is None:
+                spread = spreads[case, k] = spread_of(runs, k, draws, rng)
+            errors = {
+                "p50": sim["ttft_p50"] / real["ttft_p50"] - 1,
+                "p90": sim["ttft_p90"] / real["ttft_p90"] - 1,
+                "hit": sim["hit_rate"] - real["hit_rate"],
+            }
+            row: dict[str, Any] = {"run": name, "case": case, "repeats": k}
+            for q, error in errors.items():
+                ref = spread[q]
+                low, high = ref[int(0.025 * len(ref))], ref[int(0.975 * len(ref)) - 1]
+                row[q] = {
+                    "error": error,
+                    "rank": bisect.bisect_left(ref, error) / len(ref),
+                    "real_band": [low, high],
+                    "inside": low <= error <= high,
+                }
+            rows.append(row)
+    return {
+        "reference": "repeats_needed",
+        "model": REFERENCE_MODEL,
+        "judged": len(rows),
+        "inside": {q: sum(r[q]["inside"] for r in rows) for q in ("hit", "p50", "p90")},
+        "rows": rows,
+    }
+
+
 def plot(rounds: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -415,6 +508,9 @@ def main() -> int:
     parser.add_argument("--probe", action="store_true", help="run the real engines' probe")
     parser.add_argument("--resolution", action="store_true", help="real against real, from JSON")
     parser.add_argument(
+        "--judge", action="store_true", help="each fidelity run's simulator against real's spread"
+    )
+    parser.add_argument(
         "--sim", action="store_true", help="the probe on two simulators (profile as shipped)"
     )
     parser.add_argument(
@@ -431,8 +527,8 @@ def main() -> int:
         help="requests per first/last point (default 6); runs per case (default 12)",
     )
     args = parser.parse_args()
-    if not (args.probe or args.resolution or args.repeats_needed):
-        parser.error("--probe, --repeats-needed and/or --resolution")
+    if not (args.probe or args.resolution or args.repeats_needed or args.judge):
+        parser.error("--probe, --repeats-needed, --resolution and/or --judge")
     path = RESULTS / "bed_tail.json"
     result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     if args.probe:
@@ -457,6 +553,19 @@ def main() -> int:
         result["resolution"] = resolution()
         res = result["resolution"]
         print(f"real against real, {res['comparisons']} comparisons: within target", res["within"])
+    if args.judge:
+        result["judge"] = judge()
+        for row in result["judge"]["rows"]:
+            print(
+                f"{row['run']:36s} {row['case']:26s}",
+                "  ".join(
+                    f"{q} {row[q]['error']:+.3f} (rank {row[q]['rank']:.2f},"
+                    f" {'inside' if row[q]['inside'] else 'OUTSIDE'})"
+                    for q in ("hit", "p50", "p90")
+                ),
+            )
+        judged = result["judge"]
+        print("inside real's own 95 % spread:", judged["inside"], "of", judged["judged"])
     path.write_text(json.dumps(result, indent=1))
     return 0
 

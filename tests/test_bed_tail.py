@@ -87,3 +87,60 @@ def test_groups_of_runs_are_judged_pooled_against_each_other() -> None:
     assert single["p50"] == double["p50"] == 1.0
     assert 0.28 < single["p90"] < 0.39
     assert 0.61 < double["p90"] < 0.72
+
+
+def fidelity_file(path: Path, repeats: int, cases: dict[str, dict[str, tuple[float, ...]]]) -> None:
+    """A fidelity result of the reference model: case -> side -> (p50, p90, hit)."""
+    from benchmarks.bed_tail import REFERENCE_MODEL
+
+    model: dict[str, Any] = {"real": {}, "sim": {}}
+    for case, sides in cases.items():
+        for side, (p50, p90, hit) in sides.items():
+            model[side][case] = {
+                "repeats": repeats,
+                "ttft_p50": p50,
+                "ttft_p90": p90,
+                "hit_rate": hit,
+            }
+    path.write_text(json.dumps({"models": {REFERENCE_MODEL: model, "other": model}}))
+
+
+def test_the_simulator_is_judged_against_real_engines_own_spread(tmp_path: Path) -> None:
+    from benchmarks.bed_tail import judge
+
+    # Real runs whose p90 is 0.2 or 0.3 (tail 2 of 10 requests at 0.2 or 0.3),
+    # p50 0.1 always, hit rate 0.5 or 0.52: groups of two pooled agree on p50
+    # exactly and on p90 within 0.2 to 0.3 (-33 % to +50 %).
+    def runs(n: int) -> list[dict[str, Any]]:
+        return [
+            a_run(0.5 + 0.02 * (i % 2), [0.1] * 8 + [0.2 + 0.1 * (i % 2)] * 2) for i in range(n)
+        ]
+
+    reference = {"x": runs(8), "y": runs(3)}
+    fidelity_file(
+        tmp_path / "f.json",
+        2,
+        {
+            # Within the band on all three.
+            "x": {"real": (0.1, 0.25, 0.51), "sim": (0.1, 0.3, 0.52)},
+            # y has too few reference runs for groups of two: not judged.
+            "y": {"real": (0.1, 0.25, 0.51), "sim": (0.1, 0.3, 0.52)},
+        },
+    )
+    fidelity_file(
+        tmp_path / "g.json",
+        2,
+        # p90 half the real's, p50 +5 %, hit +0.05: outside on all three.
+        {"x": {"real": (0.1, 0.3, 0.5), "sim": (0.105, 0.15, 0.55)}},
+    )
+    out = judge(("f", "g"), tmp_path, reference, draws=400)
+    assert out["judged"] == 2  # one case each; "other" models and y are left out
+    f, g = out["rows"]
+    assert (f["run"], f["case"], f["repeats"]) == ("f", "x", 2)
+    assert all(f[q]["inside"] for q in ("hit", "p50", "p90"))
+    assert not any(g[q]["inside"] for q in ("hit", "p50", "p90"))
+    assert g["p90"]["error"] == pytest.approx(-0.5)
+    assert g["p90"]["rank"] == 0.0 and g["hit"]["rank"] == 1.0
+    assert out["inside"] == {"hit": 1, "p50": 1, "p90": 1}
+    low, high = f["p90"]["real_band"]
+    assert low < 0 < high
