@@ -5,7 +5,7 @@
         [--repeats 12]
     .venv/bin/python benchmarks/bed_tail.py --probe --sim [--rounds 2]
     .venv/bin/python benchmarks/bed_tail.py --resolution
-    .venv/bin/python benchmarks/bed_tail.py --judge
+    .venv/bin/python benchmarks/bed_tail.py --judge [RUN ...]
 
 writes benchmarks/results/bed_tail.json (``--probe``; ``--resolution`` and
 ``--judge`` add their tables to the same file) and bed_tail.png.
@@ -472,6 +472,11 @@ def judge(
                     "inside": low <= error <= high,
                 }
             rows.append(row)
+    return judged(rows)
+
+
+def judged(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``judge``'s rows and how many are inside real vLLM's spread, by measure."""
     return {
         "reference": "repeats_needed",
         "model": REFERENCE_MODEL,
@@ -508,7 +513,11 @@ def main() -> int:
     parser.add_argument("--probe", action="store_true", help="run the real engines' probe")
     parser.add_argument("--resolution", action="store_true", help="real against real, from JSON")
     parser.add_argument(
-        "--judge", action="store_true", help="each fidelity run's simulator against real's spread"
+        "--judge",
+        nargs="*",
+        metavar="RUN",
+        help="each fidelity run's simulator against real's spread (RUN: results/RUN.json;"
+        " default: the interleaved runs of 2026-12-01)",
     )
     parser.add_argument(
         "--sim", action="store_true", help="the probe on two simulators (profile as shipped)"
@@ -527,7 +536,7 @@ def main() -> int:
         help="requests per first/last point (default 6); runs per case (default 12)",
     )
     args = parser.parse_args()
-    if not (args.probe or args.resolution or args.repeats_needed or args.judge):
+    if not (args.probe or args.resolution or args.repeats_needed or args.judge is not None):
         parser.error("--probe, --repeats-needed, --resolution and/or --judge")
     path = RESULTS / "bed_tail.json"
     result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
@@ -553,9 +562,13 @@ def main() -> int:
         result["resolution"] = resolution()
         res = result["resolution"]
         print(f"real against real, {res['comparisons']} comparisons: within target", res["within"])
-    if args.judge:
-        result["judge"] = judge()
-        for row in result["judge"]["rows"]:
+    if args.judge is not None:
+        names = tuple(args.judge) or JUDGED_RUNS
+        fresh = judge(names)["rows"]
+        # Runs judged before and not now keep their rows.
+        kept = [r for r in result.get("judge", {}).get("rows", []) if r["run"] not in names]
+        result["judge"] = judged(kept + fresh)
+        for row in fresh:
             print(
                 f"{row['run']:36s} {row['case']:26s}",
                 "  ".join(
@@ -564,8 +577,8 @@ def main() -> int:
                     for q in ("hit", "p50", "p90")
                 ),
             )
-        judged = result["judge"]
-        print("inside real's own 95 % spread:", judged["inside"], "of", judged["judged"])
+        now = judged(fresh)
+        print("inside real's own 95 % spread:", now["inside"], "of", now["judged"])
     path.write_text(json.dumps(result, indent=1))
     return 0
 

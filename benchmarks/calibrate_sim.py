@@ -15,8 +15,10 @@ client:
   to 1900 tokens, each with a unique first block (no prefix-cache hit),
   ``max_tokens=2``: TTFT(L) = a + b * L;
 - decode: N = 1..32 concurrent requests with short prompts and 32 output
-  tokens (``ignore_eos``): the median gap between a request's chunks,
-  ITL(N) = s + d * N.
+  tokens (``ignore_eos``), then the same with 4: the difference of the
+  bursts' median ends over 28 steps, ITL(N) = s + d * N (until 2026-12-02 the
+  median gap between a request's chunks, which a front end merging tokens
+  into fewer chunks empties; ``decode_phase``).
 
 Each point is the median of ``--repeats`` runs (the machine is shared and
 noisy; the median is robust to the odd stalled run, and /proc/loadavg is
@@ -80,6 +82,9 @@ from tests.real.engines import BLOCK_SIZE, NUM_BLOCKS, ensure_tiny_model  # noqa
 LENGTHS = (16, 64, 128, 256, 512, 768, 1024, 1400, 1900)
 CONCURRENCY = (1, 2, 4, 8, 16, 32)
 DECODE_TOKENS = 32
+#: The decode step is timed as the difference between bursts of
+#: ``DECODE_TOKENS`` and of this many tokens (``decode_phase``).
+SHORT_TOKENS = 4
 #: The tenant workloads' words and a few more.
 WORDS = [
     *TENANT_WORDS,
@@ -142,7 +147,8 @@ async def stream(
                 times.append(now)
     ttft = (first if first is not None else time.perf_counter()) - started
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    return {"ttft": ttft, "gaps": gaps, "usage": usage}
+    last = (times[-1] - started) if times else ttft
+    return {"ttft": ttft, "last": last, "gaps": gaps, "usage": usage}
 
 
 # -- the protocol -------------------------------------------------------------------
@@ -170,10 +176,10 @@ async def prefill_phase(
 
 
 async def decode_burst(
-    client: httpx.AsyncClient, url: str, prompts: Prompts, n: int
+    client: httpx.AsyncClient, url: str, prompts: Prompts, n: int, tokens: int = DECODE_TOKENS
 ) -> list[dict[str, Any]]:
-    """``n`` short prompts decoding ``DECODE_TOKENS`` tokens at once on one server."""
-    body = {"model": "tiny", "max_tokens": DECODE_TOKENS, "temperature": 0, "ignore_eos": True}
+    """``n`` short prompts decoding ``tokens`` tokens at once on one server."""
+    body = {"model": "tiny", "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
     return list(
         await asyncio.gather(
             *(
@@ -187,12 +193,31 @@ async def decode_burst(
 async def decode_phase(
     client: httpx.AsyncClient, url: str, prompts: Prompts, repeats: int
 ) -> list[dict[str, Any]]:
+    """Per point (``n`` sequences decoding at once): the time a decode step
+    takes, from the requests' ends, not their chunks' gaps. A front end that
+    falls behind its engine sends several tokens in one chunk (vLLM merges
+    the outputs a slow consumer has not taken yet), so on a quiet machine
+    every chunk of a burst came at once and no gap was left to measure. The
+    end of a burst decoding ``DECODE_TOKENS`` tokens less that of the same
+    burst decoding ``SHORT_TOKENS`` is that many steps more, whatever the
+    chunking. The chunks' median gap is kept beside (``gap_itl``; None when
+    there was none)."""
     points = []
     for rep in range(repeats):
         for n in CONCURRENCY:
             outs = await decode_burst(client, url, prompts, n)
+            short = await decode_burst(client, url, prompts, n, SHORT_TOKENS)
+            ends = statistics.median(o["last"] for o in outs)
+            short_ends = statistics.median(o["last"] for o in short)
             per_request = [statistics.median(o["gaps"]) for o in outs if o["gaps"]]
-            points.append({"rep": rep, "seqs": n, "itl": statistics.median(per_request)})
+            points.append(
+                {
+                    "rep": rep,
+                    "seqs": n,
+                    "itl": (ends - short_ends) / (DECODE_TOKENS - SHORT_TOKENS),
+                    "gap_itl": statistics.median(per_request) if per_request else None,
+                }
+            )
     return points
 
 
@@ -594,6 +619,11 @@ async def main() -> int:
         "--real", type=Path, help="reuse the real measurements of an earlier calibration.json"
     )
     parser.add_argument(
+        "--output",
+        default="calibration",
+        help="results file name (NAME.json, NAME_real.json), so earlier fits are kept",
+    )
+    parser.add_argument(
         "--jitter",
         action="store_true",
         help="only measure step-time jitter (writes results/calibration_jitter.json)",
@@ -612,7 +642,7 @@ async def main() -> int:
             urls = [s.url for s in servers]
             real_measured = await measure(urls, model_dir, opts.repeats)
             real_measured["loaded"] = await loaded_phase(urls, model_dir, opts.loaded_repeats)
-    partial = ROOT / "benchmarks" / "results" / "calibration_real.json"
+    partial = ROOT / "benchmarks" / "results" / f"{opts.output}_real.json"
     partial.write_text(json.dumps({"real": {"measured": real_measured}}))
     real = fit(real_measured)
     print("real:", json.dumps({k: v for k, v in real.items() if "median" not in k}), flush=True)
@@ -681,7 +711,7 @@ async def main() -> int:
         },
         "profile": profile,
     }
-    out = ROOT / "benchmarks" / "results" / "calibration.json"
+    out = ROOT / "benchmarks" / "results" / f"{opts.output}.json"
     out.write_text(json.dumps(result, indent=1))
     print("profile:", json.dumps(profile, indent=1))
     return 0

@@ -100,6 +100,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from backends.sim.engine import Engine, EngineParams, Sequence_, Step  # noqa: E402
+from backends.sim.profiles import PROFILES  # noqa: E402
 from benchmarks.calibrate_sim import (  # noqa: E402
     PARAMS,
     loaded_phase,
@@ -761,6 +762,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 async def main() -> int:
+    global PROFILE
     # A terminated run unwinds its context managers (servers stopped).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -819,7 +821,14 @@ async def main() -> int:
     parser.add_argument(
         "--merge", action="store_true", help="add these models to an existing --output JSON"
     )
+    parser.add_argument(
+        "--profile",
+        default=PROFILE,
+        choices=sorted(PROFILES),
+        help="the simulator's profile (backends/sim/profiles.py)",
+    )
     opts = parser.parse_args()
+    PROFILE = opts.profile
     out = ROOT / "benchmarks" / "results"
     if opts.replot:
         plot(json.loads((out / f"{opts.output}.json").read_text()), out / f"{opts.output}.png")

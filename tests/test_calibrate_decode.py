@@ -1,0 +1,52 @@
+"""calibrate_sim's decode step: timed from the bursts' ends, whatever the chunking."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from benchmarks import calibrate_sim
+from benchmarks.calibrate_sim import DECODE_TOKENS, SHORT_TOKENS, decode_phase
+
+
+def test_decode_step_comes_from_ends_when_every_token_came_in_one_chunk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A front end behind its engine merged each answer into one chunk (no gap
+    to measure: the chunk-gap median raised on the quiet machine); the step is
+    still the difference of the ends: 2 ms + 0.5 ms a sequence here."""
+
+    async def burst(
+        client: Any, url: str, prompts: Any, n: int, tokens: int = DECODE_TOKENS
+    ) -> list[dict[str, Any]]:
+        step = 0.002 + 0.0005 * n
+        end = 0.05 + tokens * step
+        return [{"ttft": end, "last": end, "gaps": [], "usage": {}} for _ in range(n)]
+
+    monkeypatch.setattr(calibrate_sim, "decode_burst", burst)
+    points = asyncio.run(decode_phase(None, "", None, 1))  # type: ignore[arg-type]
+    assert [p["seqs"] for p in points] == list(calibrate_sim.CONCURRENCY)
+    for p in points:
+        assert p["itl"] == pytest.approx(0.002 + 0.0005 * p["seqs"])
+        assert p["gap_itl"] is None
+    fitted = calibrate_sim.fit(
+        {"prefill": [{"tokens": n, "ttft": 0.1} for n in (16, 64)], "decode": points}
+    )
+    assert fitted["itl_intercept"] == pytest.approx(0.002)
+    assert fitted["itl_per_seq"] == pytest.approx(0.0005)
+
+
+def test_chunk_gaps_are_kept_beside(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def burst(
+        client: Any, url: str, prompts: Any, n: int, tokens: int = DECODE_TOKENS
+    ) -> list[dict[str, Any]]:
+        gaps = [0.004] * (tokens - 1)
+        return [{"ttft": 0.01, "last": 0.01 + sum(gaps), "gaps": gaps, "usage": {}}] * n
+
+    monkeypatch.setattr(calibrate_sim, "decode_burst", burst)
+    points = asyncio.run(decode_phase(None, "", None, 2))  # type: ignore[arg-type]
+    assert len(points) == 2 * len(calibrate_sim.CONCURRENCY)
+    assert all(p["itl"] == pytest.approx(0.004) and p["gap_itl"] == 0.004 for p in points)
+    assert DECODE_TOKENS > SHORT_TOKENS
