@@ -233,6 +233,97 @@ def servers(sim: bool) -> Iterator[list[str]]:
         yield [s.url for s in real]
 
 
+#: /proc/<pid>/stat ticks per second.
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(root: int) -> dict[int, str]:
+    """``root`` and every process below it: pid -> its name (``comm``; vLLM
+    names its engine core and worker ``VLLM::EngineCore``, ``VLLM::Worker``)."""
+    children: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text()
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            names[int(entry.name)] = name
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in names:
+            out[pid] = names[pid]
+            todo.extend(children.get(pid, ()))
+    return out
+
+
+def labelled(tree: dict[int, str]) -> dict[int, str]:
+    """Names made unique (the API server and multiprocessing's helpers are
+    all ``python``): the second and later of a name get ``#2``, ``#3``, by pid."""
+    seen: dict[str, int] = {}
+    out = {}
+    for pid in sorted(tree):
+        name = tree[pid]
+        seen[name] = seen.get(name, 0) + 1
+        out[pid] = name if seen[name] == 1 else f"{name}#{seen[name]}"
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far (0 once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+async def idle_spin(window: float = 0.1, seconds: float = 3.0) -> dict[str, Any]:
+    """One real vLLM server, idle, then one short completion: each of its
+    processes' CPU use (share of a core) in ``window``-second windows, from
+    just before the request to ``seconds`` after its answer. A process that
+    waits by polling (sched_yield in a loop) shows a full core while it
+    waits; one that blocks shows none."""
+    from tests.real.engines import vllm_servers
+
+    body = {"model": "tiny", "prompt": "hello there", "max_tokens": 8, "temperature": 0}
+    with tempfile.TemporaryDirectory() as tmp, vllm_servers(Path(tmp), count=1) as real:
+        server = real[0]
+        async with httpx.AsyncClient(timeout=60) as client:
+            await client.post(server.url + "/v1/completions", json=body)  # warm
+            await asyncio.sleep(3.0)  # past any busy loop the warm-up started
+            tree = labelled(process_tree(server.process.pid))
+            before = {pid: cpu_seconds(pid) for pid in tree}
+            await asyncio.sleep(window)
+            idle = {pid: (cpu_seconds(pid) - before[pid]) / window for pid in tree}
+            started = time.perf_counter()
+            await client.post(server.url + "/v1/completions", json=body)
+            answered = time.perf_counter() - started
+            samples = []
+            last = {pid: cpu_seconds(pid) for pid in tree}
+            for k in range(round(seconds / window)):
+                await asyncio.sleep(window)
+                now = {pid: cpu_seconds(pid) for pid in tree}
+                samples.append(
+                    {
+                        "after_s": round((k + 1) * window, 3),
+                        "cpu": {tree[pid]: (now[pid] - last[pid]) / window for pid in tree},
+                    }
+                )
+                last = now
+    return {
+        "window_s": window,
+        "request_s": answered,
+        "processes": sorted(set(tree.values())),
+        "idle_cpu": {tree[pid]: share for pid, share in idle.items()},
+        "after_request": samples,
+    }
+
+
 async def probe(rounds: int, pause: float, repeats: int, sim: bool) -> list[dict[str, Any]]:
     """``rounds`` rounds on the same two real servers (their caches reset
     before each tenants run), or on a fresh pair of simulators each (``sim``:
@@ -527,6 +618,11 @@ def main() -> int:
         action="store_true",
         help="real engines: the fidelity cases --repeats times; agreement by group size",
     )
+    parser.add_argument(
+        "--idle-spin",
+        action="store_true",
+        help="real engine: its processes' CPU use after one request",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--pause", type=float, default=120.0, help="seconds between rounds")
     parser.add_argument(
@@ -536,8 +632,14 @@ def main() -> int:
         help="requests per first/last point (default 6); runs per case (default 12)",
     )
     args = parser.parse_args()
-    if not (args.probe or args.resolution or args.repeats_needed or args.judge is not None):
-        parser.error("--probe, --repeats-needed, --resolution and/or --judge")
+    if not (
+        args.probe
+        or args.resolution
+        or args.repeats_needed
+        or args.idle_spin
+        or args.judge is not None
+    ):
+        parser.error("--probe, --repeats-needed, --resolution, --idle-spin and/or --judge")
     path = RESULTS / "bed_tail.json"
     result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     if args.probe:
@@ -562,6 +664,12 @@ def main() -> int:
         result["resolution"] = resolution()
         res = result["resolution"]
         print(f"real against real, {res['comparisons']} comparisons: within target", res["within"])
+    if args.idle_spin:
+        result["idle_spin"] = spin = asyncio.run(idle_spin())
+        print(f"request {spin['request_s'] * 1000:.0f} ms; idle CPU", spin["idle_cpu"])
+        for row in spin["after_request"]:
+            shares = ", ".join(f"{n} {c:.0%}" for n, c in sorted(row["cpu"].items()) if c >= 0.05)
+            print(f"  +{row['after_s']:.1f} s: {shares or 'idle'}")
     if args.judge is not None:
         names = tuple(args.judge) or JUDGED_RUNS
         fresh = judge(names)["rows"]

@@ -144,3 +144,26 @@ def test_the_simulator_is_judged_against_real_engines_own_spread(tmp_path: Path)
     assert out["inside"] == {"hit": 1, "p50": 1, "p90": 1}
     low, high = f["p90"]["real_band"]
     assert low < 0 < high
+
+
+def test_a_servers_processes_are_found_below_it_and_named_uniquely() -> None:
+    import os
+    import subprocess
+
+    from benchmarks.bed_tail import cpu_seconds, labelled, process_tree
+
+    children = [subprocess.Popen(["sleep", "30"]) for _ in range(2)]
+    try:
+        tree = process_tree(os.getpid())
+        assert {c.pid for c in children} <= set(tree)
+        assert tree[children[0].pid] == "sleep"
+        names = labelled({c.pid: "sleep" for c in children} | {1: "init"})
+        assert sorted(names.values()) == ["init", "sleep", "sleep#2"]
+        assert names[min(c.pid for c in children)] == "sleep"
+        # This process has used CPU; one that is gone reads 0.
+        assert cpu_seconds(os.getpid()) > 0
+    finally:
+        for c in children:
+            c.kill()
+            c.wait()
+    assert cpu_seconds(children[0].pid) == 0.0
