@@ -57,24 +57,32 @@ def router_config(
     as ``model``, e.g. ``{"policy": "round_robin"}``); ``endpoint_extra[i]``
     adds keys to endpoint i (e.g. ``kv_events``); ``extra``: top-level sections
     (e.g. ``placements``)."""
+    return parse_config(json.dumps(router_config_raw(urls, model, endpoint_extra, seed, extra)))
+
+
+def router_config_raw(
+    urls: Sequence[str],
+    model: Mapping[str, Any],
+    endpoint_extra: Sequence[Mapping[str, Any]] = (),
+    seed: int = 3,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``router_config``'s document, before validation (for a ``kvroute
+    serve --config`` file)."""
     endpoints = []
     for i, url in enumerate(urls):
         more = endpoint_extra[i] if i < len(endpoint_extra) else {}
         endpoints.append(
             {"id": f"vllm-{i}", "url": url, "kind": "vllm", "models": ["tiny"], **more}
         )
-    return parse_config(
-        json.dumps(
-            {
-                "endpoints": endpoints,
-                "models": {"tiny": dict(model)},
-                "server": {"access_log": False},
-                "scrape": {"interval": 0.5},
-                "seed": seed,
-                **(extra or {}),
-            }
-        )
-    )
+    return {
+        "endpoints": endpoints,
+        "models": {"tiny": dict(model)},
+        "server": {"access_log": False},
+        "scrape": {"interval": 0.5},
+        "seed": seed,
+        **(extra or {}),
+    }
 
 
 @asynccontextmanager

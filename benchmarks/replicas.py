@@ -10,12 +10,18 @@ The routers are N kvroute ASGI apps (``router.app.build_app``, one config
 and so one ``AppState`` each: own policy objects, metrics registry, scrape
 loop, HTTP client) served by N uvicorn servers on their own ports, in this
 one process and event loop. They share nothing a policy can see; the client
-really spreads requests over N HTTP listeners. Why not N ``kvroute serve``
-processes: on this 2-core machine, shared with other work, N more Python
-processes would compete with the vLLM servers for the cores and make runs
-slower and noisier without changing what is measured (a policy decision is
-synchronous code over its own state; in one loop or N, each router sees only
-its own traffic and the scraped metrics).
+really spreads requests over N HTTP listeners. On this 2-core machine N more
+Python processes compete with the vLLM servers for the cores, and a policy
+decision is synchronous code over its own state, so for routers that share
+nothing one loop or N measures the same. Routers that tell each other their
+placements (``placements``) do depend on the loops: a message waits for the
+publishing router's loop, Redis and the receiving router's loop, and in one
+process those are one loop, shared with the client. ``--processes`` runs
+each router as a ``kvroute serve`` process of its own (config written to a
+temporary file, ready on ``/ready``, placements live on
+``kvroute_placements_up``) as a deployment runs them; what looks into a
+router's objects (``--trace``, beliefs, KV events live) is then not
+recorded.
 
 Arms (``Arm``): a kvroute model config as a parameter (``round_robin``,
 ``prefix_affinity`` = "approximate", and "precise": the same policy with
@@ -44,7 +50,7 @@ prompts, a short question, 8 tokens out):
 - ``eviction``: 6 tenants per replica (~3,700 tokens per replica): eviction
   pressure even for the oracle.
 
-    .venv/bin/python benchmarks/replicas.py [--sim] [--virtual] [--real] [--arms ...]
+    .venv/bin/python benchmarks/replicas.py [--sim] [--virtual] [--real] [--arms ...] [--processes]
 
 Writes benchmarks/results/replicas.json (merged with what is there; ``--output``
 names another) and replicas.png; records /proc/loadavg before and after each run.
@@ -54,10 +60,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,6 +76,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -83,7 +92,7 @@ from policies.placements import PlacementLog  # noqa: E402
 from policies.prefix import PrefixAffinity  # noqa: E402
 from router.app import RequestMiddleware, build_app  # noqa: E402
 from router.config import Config  # noqa: E402
-from tests.helpers import serve_app, simulator  # noqa: E402
+from tests.helpers import KVROUTE, free_socket, serve_app, simulator  # noqa: E402
 from tests.kvevents_helpers import free_tcp  # noqa: E402
 from tests.real.engines import BLOCK_SIZE, NUM_BLOCKS, ensure_tiny_model  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
@@ -230,6 +239,20 @@ def router_config(urls: Sequence[str], arm: Arm, seed: int, redis: str | None = 
     return shared.router_config(urls, arm.model, arm.endpoint_extra, seed, extra)
 
 
+def router_document(
+    urls: Sequence[str], arm: Arm, seed: int, port: int, redis: str | None = None
+) -> dict[str, Any]:
+    """``router_config``'s document for a ``kvroute serve`` process on ``port``
+    (shut down at once when told: no load balancer to wait for)."""
+    assert arm.model is not None
+    extra: dict[str, Any] = {"shutdown": {"grace": 0, "timeout": 5}}
+    if redis is not None:
+        extra["placements"] = {"redis": redis}
+    doc = shared.router_config_raw(urls, arm.model, arm.endpoint_extra, seed, extra)
+    doc["server"] = {**doc["server"], "host": "127.0.0.1", "port": port}
+    return doc
+
+
 DECISION = re.compile(r"^kvroute_routing_decisions_total\{([^}]*)\} ([0-9.e+]+)$", re.M)
 
 
@@ -244,26 +267,94 @@ def decision_reasons(metrics: str) -> dict[str, int]:
 
 @asynccontextmanager
 async def routers(
-    urls: Sequence[str], arm: Arm, count: int
-) -> AsyncIterator[list[tuple[str, RequestMiddleware]]]:
+    urls: Sequence[str], arm: Arm, count: int, processes: bool = False
+) -> AsyncIterator[list[tuple[str, RequestMiddleware | None]]]:
     """``count`` kvroute instances over ``urls``, each with its own state
     (with the arm's ``placements``: a redis-server of their own, and every
-    instance subscribed before the first request)."""
+    instance subscribed before the first request). ``processes``: each a
+    ``kvroute serve`` process of its own (no app object to look into)."""
     async with AsyncExitStack() as stack:
         redis = None
         if arm.placements:
             redis = (await stack.enter_async_context(RedisServer())).url
-        out = []
-        for k in range(count):
-            app = build_app(router_config(urls, arm, 3 + k, redis))
-            out.append((await stack.enter_async_context(serve_app(app)), app))
+        out: list[tuple[str, RequestMiddleware | None]] = []
+        if processes:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            for k in range(count):
+                url = await stack.enter_async_context(
+                    router_process(router_document, urls, arm, 3 + k, redis, workdir / f"r{k}")
+                )
+                out.append((url, None))
+        else:
+            for k in range(count):
+                app = build_app(router_config(urls, arm, 3 + k, redis))
+                out.append((await stack.enter_async_context(serve_app(app)), app))
         if redis is not None:
             deadline = time.monotonic() + 30
-            while not all(placements_live(app) for _, app in out):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the routers' placements did not go live in 30 s")
-                await asyncio.sleep(0.05)
+            async with httpx.AsyncClient(timeout=10) as c:
+                while not all([await placements_up(c, url, app) for url, app in out]):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the routers' placements did not go live in 30 s")
+                    await asyncio.sleep(0.05)
         yield out
+
+
+@asynccontextmanager
+async def router_process(
+    document: Callable[..., dict[str, Any]],
+    urls: Sequence[str],
+    arm: Arm,
+    seed: int,
+    redis: str | None,
+    base: Path,
+) -> AsyncIterator[str]:
+    """One ``kvroute serve`` over ``urls`` (config ``base``.yaml, its output in
+    ``base``.log); yields its URL once it is ready, stops it (SIGTERM, then
+    SIGKILL) after."""
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    config = base.with_suffix(".yaml")
+    config.write_text(yaml.safe_dump(document(urls, arm, seed, port, redis)))
+    log = base.with_suffix(".log")
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            str(KVROUTE), "serve", "--config", str(config), stdout=out, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(timeout=5) as c:
+            deadline = time.monotonic() + 60
+            while True:
+                if proc.returncode is not None:
+                    raise RuntimeError(f"kvroute serve exited: {log.read_text()[-2000:]}")
+                with contextlib.suppress(httpx.TransportError):
+                    if (await c.get(url + "/ready")).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("kvroute serve not ready in 60 s")
+                await asyncio.sleep(0.05)
+        yield url
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+PLACEMENTS_UP = re.compile(r"^kvroute_placements_up ([0-9.e+]+)$", re.M)
+
+
+async def placements_up(c: httpx.AsyncClient, url: str, app: RequestMiddleware | None) -> bool:
+    """The router's placements are live: asked of its app in this process,
+    else read from its ``kvroute_placements_up`` gauge."""
+    if app is not None:
+        return placements_live(app)
+    found = PLACEMENTS_UP.search((await c.get(url + "/metrics")).text)
+    return found is not None and float(found.group(1)) == 1.0
 
 
 LAG_BUCKET = re.compile(
@@ -503,11 +594,14 @@ async def measure_routers(
     router_count: int,
     concurrency: int,
     trace: Path | None = None,
+    processes: bool = False,
 ) -> dict[str, Any]:
     """Send ``items`` (tenant, body) through ``router_count`` kvroute instances,
     request i to instance i mod N (the oracle: to replica tenant mod n, directly);
     hit rate from the backends' counters. ``trace``: record every decision
-    (``Tracer``) to that file, and add their misses by cause to the row."""
+    (``Tracer``) to that file, and add their misses by cause to the row.
+    ``processes``: the instances are ``kvroute serve`` processes; nothing that
+    looks into a router's objects (trace, beliefs, events live) is recorded."""
     urls = list(urls)
     load_before = loadavg()
     live: bool | None = None
@@ -515,19 +609,20 @@ async def measure_routers(
         c = await stack.enter_async_context(httpx.AsyncClient(timeout=300))
         if arm.model is None:
             targets = [urls[t % len(urls)] for t, _ in items]
-            instances: list[tuple[str, RequestMiddleware]] = []
+            instances: list[tuple[str, RequestMiddleware | None]] = []
         else:
-            instances = await stack.enter_async_context(routers(urls, arm, router_count))
+            instances = await stack.enter_async_context(routers(urls, arm, router_count, processes))
             router_urls = [u for u, _ in instances]
             targets = [router_urls[i % len(router_urls)] for i in range(len(items))]
+        apps = [a for _, a in instances if a is not None]
         tracer = None
-        if trace is not None and instances:
+        if trace is not None and apps:
             tracer = Tracer(SIM_MODEL if arm.needs_kv_events else None)
-            for k, (_, app) in enumerate(instances):
+            for k, app in enumerate(apps):
                 for route in app.state.routes.routes():
                     tracer.wrap(route.policy, k)
-        if arm.needs_kv_events:
-            live = await events_live([a for _, a in instances])
+        if arm.needs_kv_events and apps:
+            live = await events_live(apps)
         gate = asyncio.Semaphore(concurrency)
         per_request: list[tuple[int, int, int]] = [(0, 0, 0)] * len(items)
         retries = [0]
@@ -562,17 +657,14 @@ async def measure_routers(
         reasons = [decision_reasons(text) for text in texts]
         lags = [placement_lag(text) for text in texts] if arm.placements else None
         # The precise arm keeps no character index to read beliefs from.
-        belief = (
-            beliefs([a for _, a in instances], items)
-            if instances and not arm.needs_kv_events
-            else None
-        )
+        belief = beliefs(apps, items) if apps and not arm.needs_kv_events else None
     # A "cold" request: less than half its prompt was cached (a prefix miss).
     cold = sum(1 for _, p, k in per_request if k < p / 2)
     tenants = len({t for t, _ in items})
     row = {
         "arm": arm.name,
         "routers": router_count if arm.model is not None else 0,
+        "router_processes": processes and arm.model is not None,
         "requests": len(items),
         "tenants": tenants,
         "concurrency": concurrency,
@@ -664,6 +756,7 @@ async def run_fleets(
     tokenizer: Callable[[], Path],
     per_replica_concurrency: int = 2,
     trace: Path | None = None,
+    processes: bool = False,
 ) -> dict[str, Any]:
     """Every planned run on every fleet size and workload: ``open_fleet(n)``
     brings up a fleet of ``n`` and gives ``fresh``, which hands over its
@@ -690,6 +783,7 @@ async def run_fleets(
                             trace / f"{label}-{n}-{wname}-{arm.name}-{count}.json"
                             if trace is not None
                             else None,
+                            processes,
                         )
                     report(f"{label} {n:2d} replicas {wname}", r)
                     rows.append(r)
@@ -1104,6 +1198,11 @@ def main() -> int:
         default=PLACEMENT_DELAY,
         help="virtual: seconds before the other routers index a placement (placements arms)",
     )
+    parser.add_argument(
+        "--processes",
+        action="store_true",
+        help="--sim/--real: every router a kvroute serve process (default: apps in this one)",
+    )
     parser.add_argument("--output", default="replicas")
     parser.add_argument(
         "--trace",
@@ -1134,6 +1233,7 @@ def main() -> int:
                 simulated_fleet,
                 SIM_MODEL.resolve,
                 trace=trace_dir,
+                processes=args.processes,
             )
         )
         for key, rows in sim.items():
@@ -1171,6 +1271,7 @@ def main() -> int:
                     opener,
                     ensure_tiny_model,
                     trace=trace_dir,
+                    processes=args.processes,
                 )
             )
         for key, rows in real.items():
