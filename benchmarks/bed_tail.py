@@ -6,9 +6,10 @@
     .venv/bin/python benchmarks/bed_tail.py --probe --sim [--rounds 2]
     .venv/bin/python benchmarks/bed_tail.py --resolution
     .venv/bin/python benchmarks/bed_tail.py --judge [RUN ...]
+    flock /tmp/kvroute-real.lock .venv/bin/python benchmarks/bed_tail.py --idle-spin
 
-writes benchmarks/results/bed_tail.json (``--probe``; ``--resolution`` and
-``--judge`` add their tables to the same file) and bed_tail.png.
+writes benchmarks/results/bed_tail.json (``--probe``; ``--resolution``,
+``--judge`` and ``--idle-spin`` add theirs to the same file) and bed_tail.png.
 
 ``sim_fidelity.py`` compares the simulator's TTFT p50 and p90 with real vLLM's
 on two vLLM CPU servers (tests/real/engines.py: one core each for the
@@ -60,6 +61,12 @@ error (TTFT p50, p90, hit rate) is placed among the errors of real vLLM
 against itself at the same number of repeats: outside their central 95 %,
 the simulator differs from real vLLM by more than real vLLM differs from
 itself here, which no amount of luck explains.
+
+``--idle-spin`` (real engine): one server's processes' CPU use, read from
+/proc every 100 ms, after one short completion on an idle server. vLLM's
+worker polls its shared-memory queue for a second after every message
+(``MessageQueue.wait``, ``busy_loop_s``): on this bed each worker is pinned
+to one of the two cores, so while traffic flows both cores are held.
 """
 
 from __future__ import annotations
