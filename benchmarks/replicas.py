@@ -282,7 +282,7 @@ async def routers(
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             for k in range(count):
                 url = await stack.enter_async_context(
-                    router_process(router_document, urls, arm, 3 + k, redis, workdir / f"r{k}")
+                    router_process(urls, arm, 3 + k, redis, workdir / f"r{k}")
                 )
                 out.append((url, None))
         else:
@@ -301,7 +301,6 @@ async def routers(
 
 @asynccontextmanager
 async def router_process(
-    document: Callable[..., dict[str, Any]],
     urls: Sequence[str],
     arm: Arm,
     seed: int,
@@ -315,7 +314,7 @@ async def router_process(
     port = sock.getsockname()[1]
     sock.close()
     config = base.with_suffix(".yaml")
-    config.write_text(yaml.safe_dump(document(urls, arm, seed, port, redis)))
+    config.write_text(yaml.safe_dump(router_document(urls, arm, seed, port, redis)))
     log = base.with_suffix(".log")
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
