@@ -484,6 +484,11 @@ Z90 = 1.2815516
 
 def spread(ratios: Sequence[float]) -> dict[str, float]:
     """Shape of gaps divided by their expected value (1 = no jitter)."""
+    if not ratios:
+        raise ValueError(
+            "no gaps between chunks to measure jitter from: every answer came in one chunk"
+            " (vLLM merges the outputs of a front end that lags its engine)"
+        )
     ordered = sorted(ratios)
 
     def q(p: float) -> float:
@@ -503,7 +508,12 @@ def spread(ratios: Sequence[float]) -> dict[str, float]:
 
 
 def normalised(gaps: Sequence[float]) -> list[float]:
-    median = statistics.median(gaps)
+    """Each gap over the group's median; none for a group with no gap (every
+    answer in one chunk: vLLM merges a lagging front end's outputs) or whose
+    median is 0 (most tokens merged)."""
+    median = statistics.median(gaps) if gaps else 0.0
+    if median <= 0:
+        return []
     return [g / median for g in gaps if g > 0]
 
 

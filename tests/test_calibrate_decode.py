@@ -50,3 +50,19 @@ def test_chunk_gaps_are_kept_beside(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(points) == 2 * len(calibrate_sim.CONCURRENCY)
     assert all(p["itl"] == pytest.approx(0.004) and p["gap_itl"] == 0.004 for p in points)
     assert DECODE_TOKENS > SHORT_TOKENS
+
+
+def test_jitter_groups_without_gaps_add_nothing() -> None:
+    from benchmarks.calibrate_sim import normalised
+
+    assert normalised([]) == []  # every answer of the burst in one chunk
+    assert normalised([0.0, 0.0, 0.004]) == []  # most tokens merged: no median to scale by
+    assert normalised([0.002, 0.004, 0.006]) == [0.5, 1.0, 1.5]
+
+
+def test_no_gaps_at_all_is_a_clear_error_not_a_statistics_one() -> None:
+    from benchmarks.calibrate_sim import spread
+
+    with pytest.raises(ValueError, match="one chunk"):
+        spread([])
+    assert spread([1.0, 1.0, 1.0])["p90_p50"] == 1.0
