@@ -145,7 +145,7 @@ async def first_and_last(
                     )
                 )
                 first.append(got[0]["ttft"] * 1000)
-                last.append((got[0]["ttft"] + sum(got[0]["gaps"])) * 1000)
+                last.append(got[0]["last"] * 1000)
             rows.append(
                 {
                     "busy_servers": busy,
@@ -185,7 +185,7 @@ async def tenants_requests(client: httpx.AsyncClient, urls: list[str]) -> list[d
                     "server": server,
                     "sent": sent,
                     "ttft": got["ttft"],
-                    "end": sent + got["ttft"] + sum(got["gaps"]),
+                    "end": sent + got["last"],
                     "uncached": usage.get("prompt_tokens", 0) - cached,
                 }
             )

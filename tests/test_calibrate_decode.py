@@ -66,3 +66,20 @@ def test_no_gaps_at_all_is_a_clear_error_not_a_statistics_one() -> None:
     with pytest.raises(ValueError, match="one chunk"):
         spread([])
     assert spread([1.0, 1.0, 1.0])["p90_p50"] == 1.0
+
+
+async def test_a_streams_last_chunk_is_its_end_after_the_first() -> None:
+    """``stream``'s ``last`` (what decode_phase and bed_tail time ends by): the
+    last content chunk, ``ttft`` plus the gaps on a completion stream (no role
+    chunk before the first token)."""
+    import httpx
+
+    from benchmarks.calibrate_sim import stream
+    from tests.helpers import simulator
+
+    body = {"model": "tiny", "prompt": "a b c", "max_tokens": 6, "ignore_eos": True}
+    async with simulator() as (url, _), httpx.AsyncClient(timeout=30) as c:
+        got = await stream(c, url, "/v1/completions", body)
+    assert len(got["gaps"]) == 5
+    assert got["last"] >= got["ttft"]
+    assert got["last"] == pytest.approx(got["ttft"] + sum(got["gaps"]), abs=1e-9)

@@ -33,10 +33,10 @@ async def test_router_processes_serve_and_share_placements() -> None:
                 assert r.status_code == 200
                 # routers() returned only once every process's placements were up.
                 assert "kvroute_placements_up 1.0" in (await c.get(router_url + "/metrics")).text
-        pids = [u for u, _ in instances]
+        served = [u for u, _ in instances]
     # Stopped on the way out.
     async with httpx.AsyncClient(timeout=2) as c:
-        for router_url in pids:
+        for router_url in served:
             try:
                 await c.get(router_url + "/ready")
             except httpx.TransportError:
