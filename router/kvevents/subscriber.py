@@ -18,6 +18,13 @@ unknown; the index then holds less than the engine does (a missed prefix,
 never a false one) and stays marked stale for ``resync_grace`` seconds, while
 the engine's own turnover evicts what we never saw.
 
+A SUB socket's subscription takes effect at the publisher a moment after the
+connection (ZMQ's "slow joiner"): batches published in between are lost
+without a gap to show it until the next batch. The probe covers that too: it
+runs whenever the stream's position is known, also at 0 after a resync that
+found the publisher empty, so what an idle engine stored in that moment is
+replayed within ``probe_interval``.
+
 vLLM publishes nothing while idle, so silence is no sign of staleness. The
 blocks are stale while: the SUB socket is not connected (ZMQ's monitor says
 so within a reconnect interval of a publisher's death), the endpoint fails its
@@ -246,7 +253,7 @@ class Subscriber:
         if (
             not self._need_sync
             and self.config.replay_endpoint is not None
-            and self.tracker.last_digest is not None
+            and self.tracker.expected is not None
             and now >= self._next_probe
         ):
             self._request_sync(None)
