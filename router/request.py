@@ -165,8 +165,11 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-#: JSON strings, to count the brackets outside them.
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+#: JSON strings, to count the brackets outside them. Possessive, and an
+#: unterminated string runs to the end of the body: one pass whatever the body
+#: (a backtracking pattern rescanned to the end from every quote of a string
+#: that never closes: minutes of event loop for a 1 MiB body).
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
 _INNERMOST = re.compile(rb"\[\]|\{\}")
 
@@ -180,11 +183,15 @@ def check_json_shape(raw: bytes, limits: RequestLimits) -> None:
     if brackets <= limits.max_json_depth:
         return
     outside = _STRING.sub(b"", raw)
-    if outside.count(b"{") + outside.count(b"[") > limits.max_json_containers:
+    opened = outside.count(b"{") + outside.count(b"[")
+    if opened > limits.max_json_containers:
         raise BodyTooLarge(
             f"request body has more than {limits.max_json_containers} JSON objects and "
             "arrays (requests.max_json_containers)"
         )
+    if outside.count(b"}") + outside.count(b"]") != opened:
+        return  # unbalanced, so not JSON: the parser says where (and the passes
+        # below stay over at most twice the containers' brackets)
     # Each pass removes every innermost pair: the passes are the depth.
     skeleton = _NOT_BRACKET.sub(b"", outside)
     for _ in range(limits.max_json_depth):

@@ -13,8 +13,8 @@ import pytest
 
 from backends import Operation
 from router.config import RequestLimits
-from router.errors import BodyTooLarge, InvalidRequest
-from router.request import parse_body, parse_sampling
+from router.errors import BodyTooLarge, InvalidRequest, MalformedJSON
+from router.request import check_json_shape, parse_body, parse_sampling
 from tests.helpers import router, router_config, sim_stats, simulator
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -186,6 +186,25 @@ def test_json_containers_are_counted_before_parsing_brackets_in_strings_are_not(
     with pytest.raises(InvalidRequest) as info:
         parse_sampling({"stop": ["a"] * 17}, Operation.COMPLETION, False, max_stop=16)
     assert info.value.param == "stop"
+
+
+def test_the_shape_check_is_one_pass_on_strings_that_never_close_and_on_stray_closers() -> None:
+    """Bodies built to make the bracket count rescan: a string that never closes
+    (every escaped quote in it a new start for a backtracking pattern: minutes
+    for this body) and a flood of closing brackets (a pass each for the depth).
+    Both are not JSON: a clean 400 from the parser, at once (the suite's
+    timeout is the bound)."""
+    limits = RequestLimits()
+    opening = b'{"model":"m","prompt":' + b"[" * 65
+    for hostile in (opening + b'"' + b'\\"' * 500_000, opening + b"]" * 8_000_000):
+        with pytest.raises(MalformedJSON):
+            parse_body(hostile, Operation.COMPLETION, limits)
+    # Escapes, and brackets inside strings, still do not count.
+    nested = orjson.dumps({"model": "m", "prompt": 'a\\"[{', "x": [[[1]]] * 3})
+    check_json_shape(nested, RequestLimits(max_json_containers=16, max_json_depth=8))
+    with pytest.raises(InvalidRequest, match="deeper than 8"):
+        deep = b'{"model":"m","prompt":"[","x":' + b"[" * 9 + b"]" * 9 + b"}"
+        check_json_shape(deep, RequestLimits(max_json_containers=16, max_json_depth=8))
 
 
 async def test_a_flood_of_tiny_objects_is_refused_without_parsing_it() -> None:
