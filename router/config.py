@@ -108,6 +108,12 @@ class ClientLimits(Frozen):
     #: Longest gap, in seconds, between two pieces of a request body; beyond,
     #: 408 and the connection closes. nginx's client_body_timeout is 60 s.
     body_timeout: float = Field(30.0, gt=0)
+    #: Seconds for a whole request body to arrive, from the end of its
+    #: headers, however steadily it comes; beyond, 408 and the connection
+    #: closes (HAProxy's ``timeout http-request`` bounds the same). A client
+    #: sending a byte every ``body_timeout`` would otherwise hold its
+    #: connection for as long as its declared length lasts.
+    body_total_timeout: float = Field(60.0, gt=0)
     #: Seconds an idle keep-alive connection stays open. nginx's 75 s, above
     #: the 60 s idle timeout of common load balancers, so the router is never
     #: the side that closes a connection a load balancer is about to reuse.

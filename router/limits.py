@@ -4,10 +4,12 @@ Two layers, one per place where the facts are known:
 
     ClientProtocol   uvicorn's httptools protocol, per connection: the size of
                      the request line and headers (431), the time they take
-                     (408), the pace of a body (408, answered by the app), the
-                     number of open connections (503) and the keep-alive idle
-                     time
-    RequestLimits    ASGI middleware: inference requests in flight (503), and
+                     (408), the pace and the whole time of a body (408,
+                     answered by the app), the number of open connections
+                     (503) and the keep-alive idle time
+    RequestLimits    ASGI middleware: inference requests in flight (503),
+                     counted from the end of their bodies (an upload in
+                     progress is the connection's, bounded by its time), and
                      a body the protocol saw stall becomes the app's 408
 
 Every refusal is OpenAI's error shape and closes the connection, except the
@@ -141,6 +143,8 @@ class ClientProtocol(HttpToolsProtocol):
         self._over_limit = False
         self._refusal: tuple[RouterError, str] | None = None
         self._refused = False
+        #: When the body being read must be in by (loop time).
+        self._body_end = 0.0
 
     # -- connection ---------------------------------------------------------------
 
@@ -182,7 +186,7 @@ class ClientProtocol(HttpToolsProtocol):
             elif self._deadline is None:
                 self._expect(self.limits.header_timeout)
         elif self._phase is BODY:
-            self._expect(self.limits.body_timeout)
+            self._expect_body()
 
     # -- parser callbacks -----------------------------------------------------------
 
@@ -205,6 +209,7 @@ class ClientProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         self._phase = BODY
         self._deadline = None
+        self._body_end = self.loop.time() + self.limits.body_total_timeout
         self._unparsed = 0
         if self._over_limit:
             self.cycle.keep_alive = False
@@ -232,6 +237,10 @@ class ClientProtocol(HttpToolsProtocol):
             self._idle()
 
     # -- deadlines ------------------------------------------------------------------
+
+    def _expect_body(self) -> None:
+        """The next piece of the body within ``body_timeout``, all of it by ``_body_end``."""
+        self._expect(min(self.limits.body_timeout, self._body_end - self.loop.time()))
 
     def _idle(self) -> None:
         self._phase = IDLE
@@ -282,8 +291,14 @@ class ClientProtocol(HttpToolsProtocol):
             return
         # The app reads the body: RequestLimits turns this wake-up into its 408
         # (logged and counted like any error); the connection closes after it.
-        self.refusals.note("body_time")
-        scope[BODY_STALLED] = self.limits.body_timeout
+        limits = self.limits
+        if self.loop.time() >= self._body_end - 0.001:
+            self.refusals.note("body_total_time")
+            why = f"the request body took over {limits.body_total_timeout:g} s to arrive"
+        else:
+            self.refusals.note("body_time")
+            why = f"the request body stopped arriving for {limits.body_timeout:g} s"
+        scope[BODY_STALLED] = why
         cycle.message_event.set()
         self._expect(self.limits.body_timeout)
 
@@ -347,7 +362,12 @@ def client_protocol(limits: ClientLimits, refusals: Refusals) -> type[ClientProt
 class RequestLimits:
     """Inference requests in flight, at most ``max_in_flight`` (503 ``server_busy``
     with Retry-After beyond: a prompt answer, never a queue); and the 408 of a
-    body that ``ClientProtocol`` saw stall, raised where the app reads it."""
+    body that ``ClientProtocol`` saw stall, raised where the app reads it.
+
+    A request counts from the end of its body: one still uploading holds its
+    connection (bounded by ``max_connections`` and the body's time), not one
+    of the slots the requests being answered need. One arriving while the
+    slots are full is refused before its body is read."""
 
     def __init__(self, app: ASGIApp, limits: ClientLimits, refusals: Refusals) -> None:
         self.app = app
@@ -356,27 +376,45 @@ class RequestLimits:
         self.refusals = refusals
         self.in_flight = 0
 
+    def _busy(self) -> ServerBusy:
+        self.refusals.note("in_flight")
+        return ServerBusy(
+            "the server has too many requests in flight; retry later", self.retry_after
+        )
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        receive = _stall_aware(scope, receive)
         if scope["path"] not in OPERATIONS:
-            await self.app(scope, receive, send)
+            await self.app(scope, _stall_aware(scope, receive), send)
             return
         if self.in_flight >= self.max_in_flight:
-            self.refusals.note("in_flight")
-            busy = ServerBusy(
-                "the server has too many requests in flight; retry later", self.retry_after
-            )
-            for message in error_messages(busy):
+            for message in error_messages(self._busy()):
                 await send(message)
             return
-        self.in_flight += 1
+        counted = False
+
+        async def receive_counted() -> Message:
+            nonlocal counted
+            message = await receive()
+            if message["type"] != "http.request":
+                return message
+            if message.get("more_body", False):
+                if not message.get("body") and BODY_STALLED in scope:
+                    raise RequestTimeout(scope[BODY_STALLED])
+            elif not counted:
+                if self.in_flight >= self.max_in_flight:
+                    raise self._busy()
+                self.in_flight += 1
+                counted = True
+            return message
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive_counted, send)
         finally:
-            self.in_flight -= 1
+            if counted:
+                self.in_flight -= 1
 
 
 def _stall_aware(scope: Scope, receive: Receive) -> Receive:
@@ -384,8 +422,7 @@ def _stall_aware(scope: Scope, receive: Receive) -> Receive:
         message = await receive()
         # The protocol wakes a stalled reader with an empty chunk and a mark.
         if message.get("more_body") and not message.get("body") and BODY_STALLED in scope:
-            timeout = scope[BODY_STALLED]
-            raise RequestTimeout(f"the request body stopped arriving for {timeout:g} s")
+            raise RequestTimeout(scope[BODY_STALLED])
         return message
 
     return receive_body

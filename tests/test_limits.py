@@ -305,6 +305,57 @@ async def test_a_body_that_keeps_arriving_slowly_is_served(mode: str, tmp_path: 
         assert answer.status == 200
 
 
+async def test_a_body_that_keeps_arriving_past_its_whole_time_gets_408(
+    mode: str, tmp_path: Path
+) -> None:
+    # Each piece well within body_timeout; the whole body never within body_total_timeout.
+    async with fleet(mode, tmp_path, body_timeout=5.0, body_total_timeout=1.0) as (_, port, sim):
+        reader, writer = await connect(port)
+        raw = request_bytes()
+        cut = raw.index(b"\r\n\r\n") + 4
+        writer.write(raw[:cut])
+
+        async def dribble() -> None:
+            with contextlib.suppress(ConnectionError):
+                for i in range(cut, len(raw) - 1):
+                    writer.write(raw[i : i + 1])
+                    await writer.drain()
+                    await asyncio.sleep(0.2)
+
+        sending = asyncio.create_task(dribble())
+        answer = Answer(await read_until_closed(reader))
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sending
+        writer.close()
+        assert answer.status == 408
+        assert answer.headers["connection"] == "close"
+        error = answer.error()
+        assert error["code"] == "request_timeout"
+        assert "took over 1 s" in error["message"]
+        assert (await sim_stats(sim))["requests"] == 0
+
+
+async def test_uploads_in_progress_do_not_take_the_in_flight_slots(
+    mode: str, tmp_path: Path
+) -> None:
+    async with fleet(mode, tmp_path, max_in_flight=1, body_timeout=20.0) as (url, port, _):
+        raw = request_bytes()
+        cut = raw.index(b"\r\n\r\n") + 4
+        uploading = [await connect(port) for _ in range(3)]
+        for _, writer in uploading:
+            writer.write(raw[: cut + 5])  # headers and part of the body, the rest to come
+            await writer.drain()
+        async with httpx.AsyncClient(timeout=WITHIN) as client:
+            for _ in range(2):  # the one slot, taken and given back
+                assert (await client.post(url + CHAT, content=BODY)).status_code == 200
+        for reader, writer in uploading:  # the uploads end, each in its turn
+            writer.write(raw[cut + 5 :])
+            await writer.drain()
+            assert (await read_one(reader)).status == 200
+            writer.close()
+
+
 async def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout(
     mode: str, tmp_path: Path
 ) -> None:
