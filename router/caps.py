@@ -2,7 +2,9 @@
 
 ``n`` and ``max_tokens`` are bounded per model (``models.<name>.limits``, else
 ``requests``). A request over a cap is the client's error (400 with
-``param``); a request that sets no ``max_tokens`` where a cap exists gets the
+``param``); the length checked is the one the engine will use
+(``max_completion_tokens`` before ``max_tokens`` in a chat, as vLLM and
+OpenAI read them). A request that sets neither where a cap exists gets the
 cap written into its body, so no backend's default can exceed it.
 """
 
@@ -14,7 +16,7 @@ import orjson
 
 from router.errors import InvalidRequest
 from router.pipeline_types import Handler
-from router.request import InferenceRequest
+from router.request import InferenceRequest, max_tokens_field
 from router.state import AppState
 from router.types import Send
 
@@ -40,7 +42,7 @@ class Caps:
             return
         if sampling.max_tokens is not None:
             if sampling.max_tokens > max_tokens:
-                name = "max_tokens" if "max_tokens" in request.body else "max_completion_tokens"
+                name = max_tokens_field(request.body, request.op)
                 raise InvalidRequest(
                     f"'{name}' is at most {max_tokens} for model '{model}'", param=name
                 )

@@ -265,6 +265,25 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+#: The fields that bound a generation's length, by operation: chat has two
+#: (``max_tokens``, deprecated by OpenAI, and ``max_completion_tokens``); the
+#: completions API has only ``max_tokens`` (vLLM ignores the other there).
+TOKEN_FIELDS: dict[Operation, tuple[str, ...]] = {
+    Operation.CHAT: ("max_completion_tokens", "max_tokens"),
+    Operation.COMPLETION: ("max_tokens",),
+}
+
+
+def max_tokens_field(body: Mapping[str, Any], op: Operation) -> str:
+    """The field the engine takes the length bound from: the first of the
+    operation's ``TOKEN_FIELDS`` that is set (vLLM's chat: ``max_completion_tokens``
+    when not null, else ``max_tokens``), else ``max_tokens``."""
+    for name in TOKEN_FIELDS.get(op, ()):
+        if body.get(name) is not None:
+            return name
+    return "max_tokens"
+
+
 def parse_sampling(
     body: Mapping[str, Any], op: Operation, stream: bool, max_stop: int = 16
 ) -> Sampling:
@@ -272,13 +291,11 @@ def parse_sampling(
     with OpenAI's rules (400 with ``param``) whatever the backend."""
     if not op.generates:
         return Sampling()
-    max_tokens = _check(body, "max_tokens", _is_int, "an integer")
-    completion_cap = _check(body, "max_completion_tokens", _is_int, "an integer")
-    if max_tokens is None:
-        max_tokens = completion_cap
-    if max_tokens is not None and max_tokens < 1:
-        name = "max_tokens" if "max_tokens" in body else "max_completion_tokens"
-        raise InvalidRequest(f"'{name}' must be at least 1, got {max_tokens}", param=name)
+    for name in TOKEN_FIELDS[op]:
+        value = _check(body, name, _is_int, "an integer")
+        if value is not None and value < 1:
+            raise InvalidRequest(f"'{name}' must be at least 1, got {value}", param=name)
+    max_tokens = body.get(max_tokens_field(body, op))
     temperature = _check(body, "temperature", _is_number, "a number")
     if temperature is not None and not 0 <= temperature <= 2:
         raise InvalidRequest(

@@ -248,6 +248,29 @@ async def test_per_model_caps_on_n_and_max_tokens() -> None:
             assert capped.json()["choices"][0]["finish_reason"] == "length"
 
 
+async def test_the_cap_is_on_the_length_the_engine_reads() -> None:
+    """A chat's engine reads ``max_completion_tokens`` before ``max_tokens`` (vLLM,
+    OpenAI); the completions API has only ``max_tokens``. The cap is on that one."""
+    async with simulator(["m"]) as (sim_url, _):
+        ep = {"id": "e", "url": sim_url, "kind": "vllm", "models": ["m"]}
+        cfg = router_config([ep], models={"m": {"limits": {"max_tokens": 5}}})
+        async with router(cfg) as url, httpx.AsyncClient(base_url=url) as client:
+            chat = {"model": "m", "messages": [{"role": "user", "content": "Once upon a time"}]}
+            sneaky = {**chat, "max_tokens": 1, "max_completion_tokens": 50}
+            r = await client.post("/v1/chat/completions", json=sneaky)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
+            both = {**chat, "max_tokens": 50, "max_completion_tokens": 3}
+            r = await client.post("/v1/chat/completions", json=both)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+            bad = {**chat, "max_tokens": 0, "max_completion_tokens": 3}
+            r = await client.post("/v1/chat/completions", json=bad)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+            # Not a completions field: the cap is written in, as for no bound at all.
+            prompt = {"model": "m", "prompt": "Once upon a time", "max_completion_tokens": 50}
+            r = await client.post("/v1/completions", json=prompt)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+
+
 async def test_deep_nesting_is_a_clean_400_or_served_never_a_500() -> None:
     async with simulator(["m"], kind="tgi") as (tgi_url, _), simulator(["m"]) as (vllm_url, _):
         endpoints = [endpoint("vllm", vllm_url), endpoint("tgi", tgi_url)]

@@ -64,6 +64,14 @@ def usage(seq: Sequence_, completion_tokens: int, full: bool = True) -> dict[str
     return out
 
 
+def output_bound(body: dict[str, Any], chat: bool) -> Any:
+    """The length bound vLLM reads: a chat's ``max_completion_tokens`` when not
+    null, else ``max_tokens`` (the completions API has only ``max_tokens``)."""
+    if chat and body.get("max_completion_tokens") is not None:
+        return body["max_completion_tokens"]
+    return body.get("max_tokens")
+
+
 class VLLMSimulator:
     def __init__(
         self,
@@ -158,7 +166,7 @@ class VLLMSimulator:
         if model is not None and model not in self.models:
             msg = f"The model `{model}` does not exist. Valid aliases: {', '.join(self.models)}."
             return vllm_error(msg, "NotFoundError", "model", 404)
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        max_tokens = output_bound(body, chat=required == "messages")
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             msg = (
                 f"max_tokens must be at least 1, got {max_tokens}. "
@@ -173,7 +181,7 @@ class VLLMSimulator:
         return body
 
     def _submit(self, prompt: str, body: dict[str, Any], chat: bool) -> Sequence_ | Response:
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        max_tokens = output_bound(body, chat)
         seed = body.get("seed")
         # vLLM: a rendered chat already holds its special tokens; a completion
         # prompt gets the tokenizer's (both overridable per request).
