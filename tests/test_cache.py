@@ -15,6 +15,7 @@ import pytest
 
 from backends.sim.common import Faults
 from backends.sim.engine import EngineParams
+from router.cache.key import directives
 from router.tenants import hash_key, new_key
 from tests.helpers import router, router_config, set_faults, sim_stats, simulator
 from tests.redis_server import RedisServer
@@ -366,3 +367,11 @@ async def test_a_leader_looks_again_once_it_holds_the_key(
     assert served == 1
     content = [r.json()["choices"][0]["message"]["content"] for r in (first, second)]
     assert content[0] == content[1]
+
+
+def test_max_age_takes_ascii_digits_only() -> None:
+    # "²".isdigit() is True and float("²") raises: a 500 and a traceback per request before.
+    for value in ("max-age=²", "max-age=1²", "max-age=٣", "max-age=-1", "max-age="):
+        assert directives({"cache-control": value}).max_age is None
+    assert directives({"cache-control": "no-store, max-age=30"}).max_age == 30
+    assert directives({"x-kvroute-cache": "max-age=0"}).no_cache

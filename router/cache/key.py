@@ -75,8 +75,10 @@ def directives(headers: Mapping[str, str]) -> Directives:
     max_age = None
     for word in words:
         name, _, arg = word.partition("=")
-        if name == "max-age" and arg.strip().isdigit():
-            max_age = float(arg.strip())
+        arg = arg.strip()
+        # ASCII digits only: str.isdigit() also takes superscripts ("²"), which float() refuses.
+        if name == "max-age" and arg.isascii() and arg.isdigit():
+            max_age = float(arg)
     return Directives(
         use="use" in words,
         no_cache="no-cache" in words or max_age == 0,
