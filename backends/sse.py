@@ -12,14 +12,30 @@ from typing import Any
 
 import orjson
 
+from backends.base import UpstreamProtocolError
+
+#: Bytes of one event (its unfinished line and the data lines before it), at
+#: most: a backend that never ends a line or an event must not fill memory,
+#: nor cost a copy of everything held at each chunk. A TGI or Triton stream's
+#: events are a token each; the largest, TGI's last, holds the whole text.
+MAX_EVENT_BYTES = 4 << 20
+
 
 class SSEParser:
-    def __init__(self) -> None:
+    def __init__(self, max_event_bytes: int | None = None) -> None:
         self._buffer = b""
         self._data: list[bytes] = []
+        self._held = 0  # bytes in ``_data``
+        self.max_event_bytes = MAX_EVENT_BYTES if max_event_bytes is None else max_event_bytes
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        """Complete events' data in ``chunk`` (and what came before it)."""
+        """Complete events' data in ``chunk`` (and what came before it).
+
+        Raises ``UpstreamProtocolError`` for an event over ``max_event_bytes``."""
+        if len(self._buffer) + len(chunk) + self._held > self.max_event_bytes and (
+            b"\n" not in chunk
+        ):
+            raise UpstreamProtocolError(f"an SSE event longer than {self.max_event_bytes} bytes")
         buffer = self._buffer + chunk if self._buffer else chunk
         events: list[bytes] = []
         start = 0
@@ -38,10 +54,16 @@ class SSEParser:
                 if self._data:
                     events.append(b"\n".join(self._data))
                     self._data = []
+                    self._held = 0
                 continue
             if line.startswith(b"data:"):
                 value = line[5:]
                 self._data.append(value[1:] if value.startswith(b" ") else value)
+                self._held += len(value)
+                if self._held > self.max_event_bytes:
+                    raise UpstreamProtocolError(
+                        f"an SSE event longer than {self.max_event_bytes} bytes"
+                    )
 
     def close(self) -> list[bytes]:
         """An event left open when the stream ended (no blank line after it)."""
@@ -49,6 +71,7 @@ class SSEParser:
         if self._data:
             events.append(b"\n".join(self._data))
             self._data = []
+            self._held = 0
         return events
 
 

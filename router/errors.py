@@ -180,6 +180,8 @@ def error_body(
 
 #: Characters of a backend's error message passed on to the client and the log.
 MAX_UPSTREAM_MESSAGE = 2000
+#: Characters of a backend's error ``type``, ``param`` and ``code`` passed on.
+MAX_UPSTREAM_FIELD = 64
 
 
 def normalise_upstream_error(
@@ -207,19 +209,27 @@ def normalise_upstream_error(
         if isinstance(err, dict):
             message = str(err.get("message") or "")[:MAX_UPSTREAM_MESSAGE]
             raw_type = err.get("type")
-            type_ = raw_type if isinstance(raw_type, str) and raw_type else None
+            type_ = (
+                raw_type[:MAX_UPSTREAM_FIELD] if isinstance(raw_type, str) and raw_type else None
+            )
             raw_param = err.get("param")
-            param = raw_param if isinstance(raw_param, str) else None
+            param = raw_param[:MAX_UPSTREAM_FIELD] if isinstance(raw_param, str) else None
             raw_code = err.get("code")
-            code = raw_code if isinstance(raw_code, str) else None
+            code = raw_code[:MAX_UPSTREAM_FIELD] if isinstance(raw_code, str) else None
         elif isinstance(err, str):
             message = err
             raw_type = parsed.get("error_type")
-            type_ = raw_type if isinstance(raw_type, str) else None
+            type_ = raw_type[:MAX_UPSTREAM_FIELD] if isinstance(raw_type, str) else None
         elif isinstance(parsed.get("message"), str):
             message = parsed["message"]
         elif isinstance(parsed.get("detail"), str):
             message = parsed["detail"]
+    if not 400 <= status <= 599:
+        # A redirect (not followed) or a status outside HTTP's classes: no error
+        # a client can act on, and not a status to pass on (uvicorn has no status
+        # line past 599). The backend's fault.
+        message = f"upstream answered HTTP {status}, which is not an answer kvroute relays"
+        status, type_, param, code = 502, None, None, None
     message = message[:MAX_UPSTREAM_MESSAGE]
     if not message:
         text = body[: MAX_UPSTREAM_MESSAGE * 4].decode("utf-8", "replace").strip()

@@ -78,7 +78,11 @@ class Forwarder:
         try:
             try:
                 resp = await self._session.post(
-                    request.url, data=request.body, headers=request.headers, timeout=timeout
+                    request.url,
+                    data=request.body,
+                    headers=request.headers,
+                    timeout=timeout,
+                    allow_redirects=False,
                 )
             except aiohttp.ServerDisconnectedError:
                 # The server closed the connection without a byte of answer: the
@@ -86,7 +90,11 @@ class Forwarder:
                 # Once more (a backend that is really down refuses the next
                 # connection, and the caller fails over).
                 resp = await self._session.post(
-                    request.url, data=request.body, headers=request.headers, timeout=timeout
+                    request.url,
+                    data=request.body,
+                    headers=request.headers,
+                    timeout=timeout,
+                    allow_redirects=False,
                 )
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"endpoint {request.endpoint_id} did not answer in time") from exc

@@ -39,6 +39,15 @@ class Loop:
     task: asyncio.Task[None]
 
 
+#: Bytes of a metrics scrape, at most: vLLM's is about 100 KB; it is parsed on
+#: the event loop, so a backend must not hand it megabytes to chew.
+MAX_SCRAPE_BYTES = 4 << 20
+
+
+class ScrapeTooLarge(Exception):
+    """The metrics answer passed ``MAX_SCRAPE_BYTES``."""
+
+
 class Monitor:
     """A lifespan service: ``start``, ``stop``, and ``reconfigure`` on a reload.
 
@@ -158,6 +167,21 @@ class Monitor:
         await asyncio.gather(*(self.scrape(ep) for ep in self.state.registry.all()))
         self.expire_stale()
 
+    async def _metrics_text(self, url: str) -> str:
+        """The exposition at ``url``, at most ``MAX_SCRAPE_BYTES`` (it is parsed on
+        the event loop)."""
+        assert self._client is not None
+        async with self._client.stream("GET", url, timeout=self.state.config.scrape.timeout) as r:
+            r.raise_for_status()
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in r.aiter_bytes():
+                size += len(chunk)
+                if size > MAX_SCRAPE_BYTES:
+                    raise ScrapeTooLarge
+                chunks.append(chunk)
+        return b"".join(chunks).decode(r.encoding or "utf-8", "replace")
+
     async def scrape(self, endpoint: EndpointState) -> None:
         assert self._client is not None
         path = endpoint.adapter.metrics_path
@@ -165,11 +189,14 @@ class Monitor:
         if url is None:
             return
         try:
-            r = await self._client.get(url, timeout=self.state.config.scrape.timeout)
-            r.raise_for_status()
-            load = endpoint.adapter.parse_load(r.text)
+            text = await self._metrics_text(url)
+            load = endpoint.adapter.parse_load(text)
         except httpx.HTTPStatusError as exc:
             error = f"metrics answered HTTP {exc.response.status_code}"
+            LOG.debug({"event": "scrape_failed", "endpoint": endpoint.id, "error": error})
+            return
+        except ScrapeTooLarge:
+            error = f"metrics over {MAX_SCRAPE_BYTES} bytes"
             LOG.debug({"event": "scrape_failed", "endpoint": endpoint.id, "error": error})
             return
         except (httpx.HTTPError, ValueError) as exc:

@@ -157,9 +157,9 @@ class Relay:
                 ctx.waits.begin(ctx.clock())
                 resp = await self.forwarder.send(upstream, stream=True)
                 try:
-                    if resp.status >= 400 or not resp.headers.get("content-type", "").startswith(
-                        "text/event-stream"
-                    ):
+                    if not 200 <= resp.status < 300 or not resp.headers.get(
+                        "content-type", ""
+                    ).startswith("text/event-stream"):
                         # An error, or a backend that answered a stream request
                         # with one JSON answer.
                         await _relay_whole(resp, request, send, tr, endpoint_id)
@@ -229,6 +229,13 @@ def _stream_failure(exc: Exception, endpoint_id: str, started: bool) -> Upstream
     )
 
 
+#: Bytes of one whole answer a backend may send (as decompressed); beyond, 502.
+#: Room for embeddings of a 2,048-input batch at 4,096 dimensions as JSON.
+MAX_ANSWER_BYTES = 256 << 20
+#: Bytes of an error body read (its message is cut to 2,000 characters anyway).
+MAX_ERROR_BYTES = 64 << 10
+
+
 async def _relay_whole(
     resp: aiohttp.ClientResponse,
     request: InferenceRequest,
@@ -236,12 +243,15 @@ async def _relay_whole(
     tr: Translator,
     endpoint_id: str,
 ) -> None:
-    """An error status, or one whole answer, translated to OpenAI JSON."""
-    data = await _read_all(resp, endpoint_id)
+    """An error status, or one whole answer, translated to OpenAI JSON. Only a
+    2xx is an answer: a redirect (not followed) or a status outside HTTP's
+    classes is the backend's fault (502)."""
+    ok = 200 <= resp.status < 300
+    data = await _read_all(resp, endpoint_id, MAX_ANSWER_BYTES if ok else MAX_ERROR_BYTES, ok)
     request.ctx.waits.end(request.ctx.clock())
-    if resp.status >= 400:
+    if not ok:
         err = normalise_upstream_error(resp.status, data, resp.headers.get("retry-after"))
-        err.server_fault = tr.server_fault(resp.status, data)
+        err.server_fault = err.status != resp.status or tr.server_fault(resp.status, data)
         raise err
     await _send_json(send, request, _answer(tr, data, endpoint_id))
 
@@ -319,9 +329,28 @@ async def _send_json(send: Send, request: InferenceRequest, data: bytes) -> None
     await send({"type": "http.response.body", "body": data})
 
 
-async def _read_all(resp: aiohttp.ClientResponse, endpoint_id: str) -> bytes:
+async def _read_all(
+    resp: aiohttp.ClientResponse, endpoint_id: str, limit: int, whole: bool
+) -> bytes:
+    """The body, at most ``limit`` bytes (as decompressed): beyond, a ``whole``
+    answer is a 502 (it cannot be cut and still be one), an error body is cut."""
+    declared = resp.content_length
+    if whole and declared is not None and declared > limit:
+        raise UpstreamHTTPError(502, f"endpoint {endpoint_id} sent an answer over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
     try:
-        return await resp.read()
+        async for chunk in resp.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                if whole:
+                    raise UpstreamHTTPError(
+                        502, f"endpoint {endpoint_id} sent an answer over {limit} bytes"
+                    )
+                chunks.append(chunk[: limit - size + len(chunk)])
+                break
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
     except TimeoutError as exc:
         raise UpstreamTimeout(f"endpoint {endpoint_id} stopped sending its answer") from exc
     except aiohttp.ClientError as exc:

@@ -79,6 +79,22 @@ def test_sse_parser_handles_any_split_and_both_data_forms() -> None:
     assert tail.close() == [b"last"]
 
 
+def test_sse_parser_bounds_an_event_that_never_ends() -> None:
+    endless = SSEParser(max_event_bytes=1000)
+    endless.feed(b"data: ")
+    with pytest.raises(UpstreamProtocolError, match="longer than 1000 bytes"):
+        for _ in range(100):
+            endless.feed(b"x" * 100)  # a line that never ends
+    many = SSEParser(max_event_bytes=1000)
+    with pytest.raises(UpstreamProtocolError):
+        for _ in range(100):
+            many.feed(b"data: " + b"y" * 50 + b"\n")  # data lines, never a blank one
+    # Up to the bound, events of any length and count pass, and the count restarts.
+    fine = SSEParser(max_event_bytes=1000)
+    for _ in range(100):
+        assert fine.feed(b"data: " + b"z" * 900 + b"\n\n") == [b"z" * 900]
+
+
 def test_chat_templates() -> None:
     assert render("chatml", MESSAGES).endswith("<|im_start|>assistant\n")
     assert render("llama-3", MESSAGES).startswith("<|begin_of_text|><|start_header_id|>system")

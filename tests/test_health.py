@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from backends import build_adapter
 from router.circuit import Circuit
@@ -120,6 +121,25 @@ async def test_probe_and_scrape_over_http() -> None:
     monitor.expire_stale()
     assert ep.running is None and ep.scraped_at is None
     assert calls == ["/health", "/metrics"]
+
+
+async def test_a_scrape_over_its_bound_is_not_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("router.monitor.MAX_SCRAPE_BYTES", len(VLLM_METRICS.encode()) + 100)
+    padding = ["\n# " + "x" * 96 + "\n"]  # 100 bytes
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text=VLLM_METRICS + "".join(padding))
+
+    state = state_with()
+    monitor = Monitor(state, client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    ep = state.registry.get("a")
+    assert ep is not None
+    await monitor.scrape_all()
+    assert ep.scraped_at is not None  # within the bound: read
+    ep.scraped_at = ep.running = None
+    padding.append(padding[0])  # now 100 bytes past it
+    await monitor.scrape_all()
+    assert ep.scraped_at is None and ep.running is None
 
 
 def test_vllm_load_parsing_sums_engines() -> None:

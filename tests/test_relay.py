@@ -307,3 +307,99 @@ async def test_a_pooled_connection_the_backend_closed_is_retried_once() -> None:
         await server.wait_closed()
     assert statuses == [(200, b'{"ok": true}')] * 2
     assert connections == 2
+
+
+# -- what a backend may send, bounded ---------------------------------------------------
+
+
+async def test_a_redirect_is_not_followed_and_is_the_backends_fault() -> None:
+    """A backend (or whoever answers for it) sending 307 elsewhere must not make
+    kvroute re-post the client's prompt there."""
+    posted_to_target: list[bytes] = []
+
+    async def target(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            posted_to_target.append((await receive())["body"])
+        await backend(200, [(b"content-type", b"application/json")], [OPENAI_ANSWER])(
+            scope, receive, send
+        )
+
+    async with serve_app(target) as target_url:
+        moved = [(b"location", (target_url + "/v1/chat/completions").encode())]
+        async with (
+            behind_router(backend(307, moved, [b""])) as url,
+            httpx.AsyncClient() as client,
+        ):
+            for body in (CHAT, {**CHAT, "stream": True}):
+                r = await client.post(url + "/v1/chat/completions", json=body)
+                assert r.status_code == 502
+                error = r.json()["error"]
+                assert error["type"] == "upstream_error" and "HTTP 307" in error["message"]
+    assert posted_to_target == []
+
+
+async def test_a_status_outside_http_classes_is_a_clean_502() -> None:
+    """aiohttp reads any three digits; uvicorn has no status line past 599 (it
+    dropped the client's connection with no answer)."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.lower().split(b"\r\n")
+            if line.startswith(b"content-length")
+        )
+        await reader.readexactly(length)
+        body = b'{"error":"odd"}'
+        writer.write(
+            b"HTTP/1.1 999 Odd\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    endpoints = [{"id": "b", "url": f"http://127.0.0.1:{port}", "kind": "openai", "models": ["m"]}]
+    cfg = router_config(endpoints, health={"enabled": False}, scrape={"enabled": False})
+    async with server, router(cfg) as url, httpx.AsyncClient() as client:
+        r = await client.post(url + "/v1/chat/completions", json=CHAT)
+        assert r.status_code == 502 and "HTTP 999" in r.json()["error"]["message"]
+
+
+async def test_an_answer_over_the_bound_is_a_502_and_error_fields_are_cut(
+    monkeypatch: Any,
+) -> None:
+    monkeypatch.setattr("router.relay.MAX_ANSWER_BYTES", 10_000)
+    big = orjson.dumps({**orjson.loads(OPENAI_ANSWER), "pad": "x" * 20_000})
+    json_type = [(b"content-type", b"application/json")]
+    # In pieces and without a length, so that only counting can tell.
+    parts = [big[i : i + 4096] for i in range(0, len(big), 4096)]
+    async with behind_router(backend(200, json_type, parts)) as url, httpx.AsyncClient() as client:
+        r = await client.post(url + "/v1/chat/completions", json=CHAT)
+        assert r.status_code == 502 and "over 10000 bytes" in r.json()["error"]["message"]
+    wordy = orjson.dumps(
+        {"error": {"message": "m" * 5000, "type": "t" * 500, "param": "p" * 500, "code": "c" * 500}}
+    )
+    error_parts = [wordy, b" " * (200 << 10)]  # and a long tail nobody needs
+    async with (
+        behind_router(backend(400, json_type, error_parts)) as url,
+        httpx.AsyncClient() as client,
+    ):
+        r = await client.post(url + "/v1/chat/completions", json=CHAT)
+        assert r.status_code == 400
+        error = r.json()["error"]
+        assert len(error["message"]) == 2000
+        assert error["param"] == "p" * 64 and error["code"] == "c" * 64
+
+
+async def test_a_tgi_event_that_never_ends_is_cut_off(monkeypatch: Any) -> None:
+    monkeypatch.setattr("backends.sse.MAX_EVENT_BYTES", 50_000)
+    good = {"index": 1, "token": {"id": 1, "text": "a", "special": False}, "details": None}
+    endless = [*sse(good), b"data: " + b"x" * 4096, *([b"x" * 4096] * 40)]
+    app = backend(200, [(b"content-type", b"text/event-stream")], endless, {1: 0.2})
+    async with behind_router(app, kind="tgi") as url, httpx.AsyncClient() as client:
+        r = await client.post(url + "/v1/chat/completions", json={**CHAT, "stream": True})
+        assert r.status_code == 200
+        error = orjson.loads(r.content.split(b"\n\n")[-2].removeprefix(b"data: "))["error"]
+        assert "longer than 50000 bytes" in error["message"]
