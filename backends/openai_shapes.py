@@ -102,6 +102,22 @@ class ChunkWriter:
         return out + DONE
 
 
-def error_event(message: str, type_: str = "upstream_error", code: str | None = None) -> bytes:
-    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+#: A backend's error message in a stream, at most (the router's own cut for error bodies).
+MAX_ERROR_MESSAGE = 2000
+#: A backend's error code, at most.
+MAX_ERROR_CODE = 64
+
+
+def error_event(message: str, type_: str = "upstream_error", code: object = None) -> bytes:
+    """An OpenAI error as an SSE event; the backend's words in ``message`` and
+    ``code`` cut (``code`` kept only when it is a string)."""
+    kept = code[:MAX_ERROR_CODE] if isinstance(code, str) else None
+    body = {
+        "error": {
+            "message": message[:MAX_ERROR_MESSAGE],
+            "type": type_,
+            "param": None,
+            "code": kept,
+        }
+    }
     return b"data: " + orjson.dumps(body) + b"\n\n"

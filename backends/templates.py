@@ -49,6 +49,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import AfterValidator
 from pydantic_core import PydanticCustomError
 
+from backends.openai_shapes import MAX_ERROR_MESSAGE
+
 PRESETS: dict[str, str] = {
     "chatml": (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -227,7 +229,8 @@ class _GenerationTag(Extension):
 
 
 def _raise_exception(message: Any) -> None:
-    raise ChatTemplateRejected(str(message))
+    # The message may hold the client's words (a role, a content): cut, as a backend's are.
+    raise ChatTemplateRejected(str(message)[:MAX_ERROR_MESSAGE])
 
 
 def _strftime_now(format: str) -> str:
@@ -348,5 +351,6 @@ def render(
     except ChatTemplateError:
         raise
     except Exception as exc:  # the template is foreign code: any error is its own
-        raise ChatTemplateFailed(f"chat template failed: {type(exc).__name__}: {exc}") from exc
+        failure = f"chat template failed: {type(exc).__name__}: {exc}"
+        raise ChatTemplateFailed(failure[:MAX_ERROR_MESSAGE]) from exc
     return "".join(parts)

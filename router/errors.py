@@ -29,6 +29,8 @@ from typing import Any
 
 import orjson
 
+from backends.openai_shapes import MAX_ERROR_CODE, MAX_ERROR_MESSAGE
+
 
 class RouterError(Exception):
     status: int = 500
@@ -178,10 +180,10 @@ def error_body(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-#: Characters of a backend's error message passed on to the client and the log.
-MAX_UPSTREAM_MESSAGE = 2000
-#: Characters of a backend's error ``type``, ``param`` and ``code`` passed on.
-MAX_UPSTREAM_FIELD = 64
+#: Characters of a backend's error message passed on to the client and the log
+#: (``MAX_ERROR_MESSAGE``), and of its ``type``, ``param`` and ``code``: the same
+#: cuts as the adapters' error events.
+MAX_UPSTREAM_MESSAGE, MAX_UPSTREAM_FIELD = MAX_ERROR_MESSAGE, MAX_ERROR_CODE
 
 
 def normalise_upstream_error(

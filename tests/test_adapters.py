@@ -469,6 +469,12 @@ def test_tgi_answers_become_openai() -> None:
         "param": None,
         "code": "generation",
     }
+    # A backend's words are cut, and a code that is not a string is dropped.
+    for error_type, code in (("g" * 500, "g" * 64), ({"nested": 1}, None)):
+        wordy = translator(tgi(), CHAT, {"messages": MESSAGES, "stream": True})
+        error = {"error": "o" * 10_000, "error_type": error_type}
+        out = openai_events(wordy.feed(b"data:" + orjson.dumps(error) + b"\n\n"))
+        assert out[-1]["error"]["message"] == "o" * 2000 and out[-1]["error"]["code"] == code
 
 
 def tgi_answer(text: str, generated: int, prefill: list[dict[str, Any]]) -> bytes:

@@ -95,6 +95,17 @@ def test_raise_exception_rejects_the_conversation() -> None:
         render(MISTRAL_HF, [USER_FIRST[0], {"role": "tool", "content": "42"}])
 
 
+def test_a_templates_error_carrying_the_clients_words_is_cut() -> None:
+    echo = "{% for m in messages %}{{ raise_exception('bad role ' + m.role) }}{% endfor %}"
+    with pytest.raises(ChatTemplateRejected) as rejected:
+        render(echo, [{"role": "r" * 100_000, "content": "x"}])
+    assert len(rejected.value.message) == 2000
+    index = "{% for m in messages %}{{ {}[m.role].x }}{% endfor %}"  # names the missing key
+    with pytest.raises(ChatTemplateFailed) as failed:
+        render(index, [{"role": "r" * 100_000, "content": "x"}])
+    assert "rrrr" in str(failed.value) and len(str(failed.value)) == 2000
+
+
 def test_hugging_face_context() -> None:
     block_tags = "{% for m in messages %}\n  {{ m.role }}\n{% endfor %}"
     assert render(block_tags, USER_FIRST) == "  user\n  assistant\n  user\n"
