@@ -46,6 +46,16 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+def shown_url(url: str) -> str:
+    """``url`` as a config error may echo it: redacted (``redact_url``), also
+    when it is not a URL at all (``user:secret@host`` without a scheme), and cut."""
+    redacted = redact_url(url)
+    head, at, tail = redacted.rpartition("@")
+    if at and not head.endswith("***"):
+        redacted = "***@" + tail
+    return redacted[:200]
+
+
 def redis_url(url: str | None) -> str | None:
     """A Redis URL as the config allows it ("" is none)."""
     if url in (None, ""):
@@ -315,11 +325,13 @@ class KVEventsConfig(Frozen):
             raise PydanticCustomError(
                 "zmq_url",
                 "'{url}' is a bind address: give the engine's host (tcp://host:port)",
-                {"url": url},
+                {"url": shown_url(url)},
             )
         if not _ZMQ_URL.match(url):
             raise PydanticCustomError(
-                "zmq_url", "must be tcp://host:port or ipc://path, got '{url}'", {"url": url}
+                "zmq_url",
+                "must be tcp://host:port or ipc://path, got '{url}'",
+                {"url": shown_url(url)},
             )
         return url
 
@@ -362,7 +374,7 @@ class EndpointConfig(Frozen):
     def _http_url(cls, url: str) -> str:
         if not re.match(r"^https?://[^/\s]+", url):
             raise PydanticCustomError(
-                "url", "must be an http:// or https:// URL, got '{url}'", {"url": url}
+                "url", "must be an http:// or https:// URL, got '{url}'", {"url": shown_url(url)}
             )
         return url.rstrip("/")
 

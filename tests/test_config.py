@@ -190,3 +190,22 @@ def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
     assert info.value.errors == [
         f"{path}: line 2: not UTF-8 text (byte 0xe9: invalid continuation byte)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("field", "url"),
+    [
+        ("url", "ftp://admin:S3cret@host:8000"),
+        ("url", "admin:S3cret@host"),  # the scheme forgotten
+        ("kv_events", "tcp://u:S3cret@*:5557"),
+        ("kv_events", "udp://u:S3cret@host:5557"),
+    ],
+)
+def test_a_rejected_url_is_echoed_without_its_credentials(field: str, url: str) -> None:
+    """Config errors reach the log, /admin/reload's answer and the fleet page."""
+    endpoint = {"id": "a", "url": "http://h:1", "kind": "vllm", "models": ["m"]}
+    endpoint[field] = url if field == "url" else {"endpoint": url}
+    with pytest.raises(ConfigError) as info:
+        parse_config(str({"endpoints": [endpoint]}), {})
+    (error,) = info.value.errors
+    assert "S3cret" not in error and "***@" in error
