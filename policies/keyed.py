@@ -91,28 +91,31 @@ class SessionAffinity(StatelessPolicy):
     def __init__(self, params: SessionAffinityParams, rng: random.Random) -> None:
         self.params = params
         self._rings = RingCache(params.vnodes)
-        self._sessions: OrderedDict[str, str] = OrderedDict()
+        #: Endpoint id by the session's ``key_hash`` (the model's and the key's):
+        #: a client's key, up to a header's or a body's size, is not kept.
+        self._sessions: OrderedDict[int, str] = OrderedDict()
 
     def rank(self, request: RequestView, candidates: Sequence[EndpointView]) -> Decision:
         key = request_key(request, self.params)
         if key is None:
             ranked = sorted(candidates, key=lambda e: e.load / e.weight)
             return Decision(tuple(ranked), "no_key")
-        sticky = self._sessions.get(key)
+        session = key_hash(request.model, key)
+        sticky = self._sessions.get(session)
         by_id = {e.id: e for e in candidates}
         if sticky is not None and sticky in by_id:
             endpoint = by_id[sticky]
             cap = bounded_capacity(candidates, self.params.epsilon)
             if self.params.on_overload == "stay" or endpoint.load + 1 <= cap[sticky]:
-                self._sessions.move_to_end(key)
+                self._sessions.move_to_end(session)
                 rest = sorted(
                     (e for e in candidates if e.id != sticky), key=lambda e: e.load / e.weight
                 )
                 return Decision((endpoint, *rest), "sticky")
         ring = self._rings.ring(candidates)
-        order, _ = ring_order(ring, key_hash(request.model, key), candidates, self.params.epsilon)
-        self._sessions[key] = order[0].id
-        self._sessions.move_to_end(key)
+        order, _ = ring_order(ring, session, candidates, self.params.epsilon)
+        self._sessions[session] = order[0].id
+        self._sessions.move_to_end(session)
         if len(self._sessions) > self.params.max_sessions:
             self._sessions.popitem(last=False)
         return Decision(tuple(order), "new_session" if sticky is None else "moved")

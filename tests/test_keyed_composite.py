@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import random
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -83,6 +84,23 @@ def test_session_affinity_sticks_moves_and_forgets() -> None:
     assert first(p.rank(req(h), rest)) != moved
     p.forget(first(p.rank(req(h), fleet(4))))
     assert p.rank(req(h), fleet(4)).reason == "new_session"
+
+
+def test_session_affinity_keeps_a_hash_per_model_and_key_not_the_clients_key() -> None:
+    p = build_policy("session_affinity", {}, random.Random(0))
+    h = {"x-session-id": "abc"}
+    assert p.rank(req(h), fleet(4)).reason == "new_session"
+    other_model = RequestView(model="n", endpoint="chat", body={"model": "n"}, headers=h)
+    assert p.rank(other_model, fleet(4)).reason == "new_session"  # not m's session
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(200):  # 32 KiB session ids, as a header may carry: 6.4 MiB kept before
+            p.rank(req({"x-session-id": f"{i:05d}" + "s" * 32_000}), fleet(4))
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 200 * 1_000
 
 
 def test_composite_filters_scorers_and_picker() -> None:
