@@ -6,7 +6,10 @@ the character chains (``policies/prompt.py``) and the token chains
 (``router/prompt_blocks.py``) keep such states by a key naming the prefix, so
 that a prompt whose leading part was seen hashes only what follows it. This
 is their store: least recently used out first, bounded by the hashes held
-(a state too large for the bound alone is not kept).
+plus ``ENTRY_COST`` a state (a state too large for the bound alone is not
+kept). Without the entry's cost, states of prefixes shorter than a block
+(no hashes, a tail) were free: a flood of short chats kept hundreds of
+thousands of them.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ class ChainState(Protocol):
     @property
     def hashes(self) -> Sequence[int]: ...
 
+
+#: What one stored state costs besides its hashes, in hashes: its dict entry,
+#: key, state object and unfinished tail (about 300 bytes against about 40 for
+#: a held hash in a list; a state holds at most a block's tail).
+ENTRY_COST = 4
 
 K = TypeVar("K", bound=Hashable)
 S = TypeVar("S", bound=ChainState)
@@ -36,7 +44,7 @@ class ChainStates(Generic[K, S]):
 
     @property
     def held(self) -> int:
-        """Hashes held across the stored states."""
+        """Hashes held across the stored states, plus ``ENTRY_COST`` each."""
         return self._held
 
     def longest(self, keys: Sequence[K]) -> tuple[int, S | None]:
@@ -53,14 +61,14 @@ class ChainStates(Generic[K, S]):
         return 0, None
 
     def put(self, key: K, state: S) -> None:
-        size = len(state.hashes)
+        size = len(state.hashes) + ENTRY_COST
         if size > self.max_hashes:
             return
         old = self._states.pop(key, None)
         if old is not None:
-            self._held -= len(old.hashes)
+            self._held -= len(old.hashes) + ENTRY_COST
         self._states[key] = state
         self._held += size
         while self._held > self.max_hashes:
             _, dropped = self._states.popitem(last=False)
-            self._held -= len(dropped.hashes)
+            self._held -= len(dropped.hashes) + ENTRY_COST

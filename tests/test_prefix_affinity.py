@@ -494,6 +494,19 @@ def test_char_chains_hash_as_block_hashes(
     assert chains.held <= max_hashes
 
 
+def test_char_chains_count_states_shorter_than_a_block() -> None:
+    """Prefixes shorter than a block hold no hash, only a tail: each still costs
+    its entry, so a flood of short, unique chats stays within the bound."""
+    from policies.chain_states import ENTRY_COST
+    from policies.prompt import CharChains
+
+    chains = CharChains(256, max_hashes=1_000)
+    seed = model_seed("m")
+    for i in range(2_000):
+        chains.hashes([f"user\x1fhi {i}", "assistant\x1fhello", "user\x1fbye"], seed)
+    assert 0 < len(chains) <= 1_000 // ENTRY_COST and chains.held <= 1_000
+
+
 def test_char_chains_reuse_a_seen_prefix_of_messages() -> None:
     from policies.prompt import CharChains, message_parts
 
