@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import ipaddress
 import logging
 from typing import Any
 from urllib.parse import urlsplit
@@ -171,13 +172,31 @@ def cross_site(request: Request) -> bool:
         return True
 
 
+def loopback_host(host: str | None) -> bool:
+    """The ``Host`` header names this machine's loopback (``localhost``,
+    ``127.x.y.z``, ``[::1]``, with or without a port)."""
+    if not host:
+        return False
+    host = host.lower()
+    name, colon, port = host.rpartition(":")
+    if colon and port.isdigit() and not host.endswith("]"):
+        host = name
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
+
+
 def admin_denied(config: AdminConfig, request: Request, mutating: bool) -> Response | None:
     """Why ``request`` may not use the admin API (a response), or None.
 
     With a token, every call needs ``Authorization: Bearer <token>``; a browser
     cannot add that header to a forged form, and kvroute never reads a cookie.
-    Without one the API is off, unless ``open`` (a demo), where calls that
-    change something still refuse cross-site browser requests."""
+    Without one the API is off, unless ``open`` (a demo), which answers only
+    requests addressed to a loopback host (a rebound name is refused) and
+    where calls that change something still refuse cross-site browser requests."""
     if config.token is not None:
         given = request.headers.get("authorization", "").encode()
         if hmac.compare_digest(given, b"Bearer " + config.token.get_secret_value().encode()):
@@ -187,6 +206,11 @@ def admin_denied(config: AdminConfig, request: Request, mutating: bool) -> Respo
     if not config.open:
         message = "the admin API is off: set admin.token in the config (or admin.open for a demo)"
         return json_response(error_body(message, "permission_error", None, "admin_disabled"), 403)
+    if not loopback_host(request.headers.get("host")):
+        # A page whose name was rebound to this machine's address (DNS
+        # rebinding) is same-origin with it: only the Host header tells.
+        message = "admin.open answers only requests addressed to a loopback host"
+        return json_response(error_body(message, "permission_error", None, "admin_host"), 403)
     if mutating and cross_site(request):
         message = "admin calls that change state are not taken from other sites' pages"
         return json_response(error_body(message, "permission_error", None, "cross_site"), 403)

@@ -67,6 +67,24 @@ async def test_open_admin_refuses_state_changes_from_other_sites() -> None:
         assert fetched[2:] == [403, 403]
 
 
+async def test_open_admin_answers_only_a_loopback_host() -> None:
+    """DNS rebinding: a page at attacker.example whose name now points at this
+    machine is same-origin with it; its requests say ``Host: attacker.example``."""
+    async with simulator(["m"]) as (sim, _), router(config(sim, open=True)) as url:
+        rebound = {"host": "attacker.example:8080", "origin": "http://attacker.example:8080"}
+        assert await admin_calls(url, **rebound) == [403, 403, 403, 403]
+        async with httpx.AsyncClient(base_url=url) as client:
+            page = await client.get("/admin/overview", headers={"host": "attacker.example"})
+            assert page.status_code == 403 and page.json()["error"]["code"] == "admin_host"
+            for host in ("localhost:8080", "127.0.0.1", "[::1]:8080"):
+                r = await client.get("/admin/endpoints", headers={"host": host})
+                assert r.status_code == 200, host
+        # A token is what a router on a reachable address uses: any Host then.
+    async with simulator(["m"]) as (sim, _), router(config(sim, token="t")) as url:
+        auth = {"host": "kvroute.internal", "authorization": "Bearer t"}
+        assert (await admin_calls(url, **auth))[:2] == [200, 200]
+
+
 def test_the_older_admin_token_spelling_still_works() -> None:
     assert parse_config("admin_token: t", {}).admin.token is not None
     with pytest.raises(Exception, match="both set"):
