@@ -124,6 +124,10 @@ class ClientLimits(Frozen):
     #: sending a byte every ``body_timeout`` would otherwise hold its
     #: connection for as long as its declared length lasts.
     body_total_timeout: float = Field(60.0, gt=0)
+    #: Seconds a client may leave the answer unread (its socket full, kvroute's
+    #: buffer past its high-water mark) before the connection is dropped; the
+    #: request ends as if the client had left. nginx's send_timeout is 60 s.
+    send_timeout: float = Field(60.0, gt=0)
     #: Seconds an idle keep-alive connection stays open. nginx's 75 s, above
     #: the 60 s idle timeout of common load balancers, so the router is never
     #: the side that closes a connection a load balancer is about to reuse.

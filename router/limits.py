@@ -6,7 +6,8 @@ Two layers, one per place where the facts are known:
                      the request line and headers (431), the time they take
                      (408), the pace and the whole time of a body (408,
                      answered by the app), the number of open connections
-                     (503) and the keep-alive idle time
+                     (503), the keep-alive idle time, and how long a client
+                     may leave its answer unread (dropped)
     RequestLimits    ASGI middleware: inference requests in flight (503),
                      counted from the end of their bodies (an upload in
                      progress is the connection's, bounded by its time), and
@@ -131,7 +132,12 @@ class ClientProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         limits = self.limits
         self.timeout_keep_alive = limits.keep_alive_timeout
-        self._step = min(limits.header_timeout, limits.body_timeout, limits.keep_alive_timeout)
+        self._step = min(
+            limits.header_timeout,
+            limits.body_timeout,
+            limits.keep_alive_timeout,
+            limits.send_timeout,
+        )
         self._max_header_bytes = limits.max_header_bytes
         self._phase = HEADERS
         self._deadline: float | None = None
@@ -145,6 +151,8 @@ class ClientProtocol(HttpToolsProtocol):
         self._refused = False
         #: When the body being read must be in by (loop time).
         self._body_end = 0.0
+        #: When a client that stopped reading is dropped (while writing is paused).
+        self._write_deadline: float | None = None
 
     # -- connection ---------------------------------------------------------------
 
@@ -155,7 +163,7 @@ class ClientProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self._deadline = None
+        self._deadline = self._write_deadline = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -253,25 +261,55 @@ class ClientProtocol(HttpToolsProtocol):
             # A timer already armed fires within ``step``: never after this deadline.
             self._timer = self.loop.call_at(now + min(seconds, self._step), self._on_timer)
 
+    def pause_writing(self) -> None:
+        # The client is not reading what it asked for: it has ``send_timeout``.
+        super().pause_writing()
+        now = self.loop.time()
+        self._write_deadline = now + self.limits.send_timeout
+        self._rearm(now)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._write_deadline = None
+
     def _on_timer(self) -> None:
         self._timer = None
-        deadline = self._deadline
-        if deadline is None or self.transport.is_closing():
-            return
         now = self.loop.time()
-        if self._phase is BODY and self.flow.read_paused:
-            # The app has not taken what came yet: the pace is the app's, not the client's.
-            deadline = self._deadline = now + self.limits.body_timeout
-        if now < deadline - 0.001:
-            self._timer = self.loop.call_at(min(deadline, now + self._step), self._on_timer)
+        write = self._write_deadline
+        if write is not None and now >= write - 0.001:
+            # Dropped, not closed: a close would wait for the client to read.
+            # The app sees a disconnect; the request ends as abandoned.
+            self._write_deadline = None
+            self.refusals.note("send_time")
+            self.transport.abort()
             return
-        self._deadline = None
-        if self._phase is HEADERS:
-            self._headers_late()
-        elif self._phase is BODY:
-            self._body_late()
-        else:
-            self.transport.close()
+        if self.transport.is_closing():
+            if write is not None:
+                self._rearm(now)  # a close still flushing to a client that does not read
+            return
+        deadline = self._deadline
+        if deadline is not None:
+            if self._phase is BODY and self.flow.read_paused:
+                # The app has not taken what came yet: the pace is the app's, not the client's.
+                deadline = self._deadline = now + self.limits.body_timeout
+            if now >= deadline - 0.001:
+                self._deadline = None
+                if self._phase is HEADERS:
+                    self._headers_late()
+                elif self._phase is BODY:
+                    self._body_late()
+                else:
+                    self.transport.close()
+        self._rearm(now)
+
+    def _rearm(self, now: float) -> None:
+        """The timer at the nearest deadline (at most ``step`` ahead), unless armed."""
+        if self._timer is not None:
+            return
+        deadline, write = self._deadline, self._write_deadline
+        nearest = deadline if write is None else write if deadline is None else min(deadline, write)
+        if nearest is not None:
+            self._timer = self.loop.call_at(min(nearest, now + self._step), self._on_timer)
 
     def _headers_late(self) -> None:
         if self._unparsed:

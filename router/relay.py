@@ -185,6 +185,11 @@ class Relay:
                     )
                 finally:
                     resp.release()
+        except ClientStalled:
+            # As if the client had left: the attempt is abandoned, no verdict on
+            # the endpoint (server.limits.send_timeout drops the connection).
+            ctx.cancelled = True
+            raise asyncio.CancelledError("the client stopped reading its stream") from None
         except (TimeoutError, aiohttp.ClientError, OSError, UpstreamProtocolError) as exc:
             err = _stream_failure(exc, endpoint_id, started)
             if not started:
@@ -227,6 +232,10 @@ def _stream_failure(exc: Exception, endpoint_id: str, started: bool) -> Upstream
     return UpstreamConnectError(
         f"stream from endpoint {endpoint_id} broke off: {exc.__class__.__name__}"
     )
+
+
+class ClientStalled(Exception):
+    """The stream's idle bound passed while a chunk waited for the client to read."""
 
 
 #: Bytes of one whole answer a backend may send (as decompressed); beyond, 502.
@@ -288,7 +297,14 @@ async def _pump(
     out = first
     while True:
         if out:
-            await send({"type": "http.response.body", "body": out, "more_body": True})
+            try:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+            except asyncio.CancelledError:
+                if bound.expired():
+                    # The bound passed while the client was not taking what the
+                    # backend had sent: the client's stall, not the backend's.
+                    raise ClientStalled from None
+                raise
         bound.reschedule(loop.time() + idle)
         chunk = await anext(chunks, b"")
         if not chunk:

@@ -21,7 +21,7 @@ from router.app import build_app
 from router.config import ClientLimits, ServerConfig, parse_config
 from router.limits import RequestTimeout, ServerBusy, raw_response
 from router.serve import Server, uvicorn_config
-from tests.helpers import eventually, free_socket, set_faults, sim_stats, simulator
+from tests.helpers import eventually, free_socket, serve_app, set_faults, sim_stats, simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = "/v1/chat/completions"
@@ -354,6 +354,94 @@ async def test_uploads_in_progress_do_not_take_the_in_flight_slots(
             await writer.drain()
             assert (await read_one(reader)).status == 200
             writer.close()
+
+
+def flood_backend(events: int = 2_000, size: int = 10_000) -> Any:
+    """An OpenAI backend that streams ``events`` chunks of ``size`` bytes at once."""
+    chunk = orjson.dumps(
+        {
+            "id": "x",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "tiny",
+            "choices": [{"index": 0, "delta": {"content": "x" * size}, "finish_reason": None}],
+        }
+    )
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": message["type"] + ".complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        while (await receive()).get("more_body"):
+            pass
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for _ in range(events):
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": b"data: " + chunk + b"\n\n",
+                    "more_body": True,
+                }
+            )
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("limits", "timeouts"),
+    [
+        ({"send_timeout": 0.5}, {}),  # the connection is dropped
+        ({"send_timeout": 30}, {"idle": 0.3}),  # the stream's idle bound passes first
+    ],
+    ids=["send_timeout", "idle_first"],
+)
+async def test_a_client_that_stops_reading_is_dropped_and_the_backend_not_blamed(
+    limits: dict[str, Any], timeouts: dict[str, Any]
+) -> None:
+    async with serve_app(flood_backend()) as backend_url:
+        sock = free_socket()
+        port = sock.getsockname()[1]
+        raw = raw_config(backend_url, port, limits)
+        raw["endpoints"][0]["kind"] = "openai"
+        raw["timeouts"] = timeouts
+        raw["admin"] = {"open": True}
+        async with in_process(raw, sock):
+            client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.connect(("127.0.0.1", port))
+            stream = orjson.dumps({**orjson.loads(BODY), "stream": True})
+            client.sendall(request_bytes(body=stream))
+            url = f"http://127.0.0.1:{port}"
+            async with httpx.AsyncClient(timeout=WITHIN) as http:
+
+                async def in_flight() -> float:
+                    text = (await http.get(url + "/metrics")).text
+                    line = next(
+                        x for x in text.splitlines() if x.startswith("kvroute_requests_in_flight ")
+                    )
+                    return float(line.split()[1])
+
+                async def streaming() -> bool:
+                    return await in_flight() == 1
+
+                async def ended() -> bool:
+                    return await in_flight() == 0
+
+                await eventually(streaming, within=WITHIN)
+                await eventually(ended, within=WITHIN)
+                text = (await http.get(url + "/metrics")).text
+                assert "kvroute_upstream_errors_total{" not in text
+                (endpoint,) = (await http.get(url + "/admin/endpoints")).json()["endpoints"]
+                assert endpoint["circuit"]["state"] == "closed"
+                assert endpoint["circuit"]["failures"] == 0
+                # Served again at once.
+                again = await http.post(url + CHAT, content=BODY)
+                assert again.status_code == 200
+            client.close()
 
 
 async def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout(
