@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from backends.sim.engine import Engine, EngineParams
 from backends.sim.kvevents import KVEventPublisher, PublisherConfig
 from policies.blocks import chain_hashes
-from tests.helpers import free_socket
+from tests.helpers import eventually, free_socket
 
 
 def free_tcp() -> str:
@@ -50,6 +50,17 @@ async def publishing_engine(
     finally:
         await engine.stop()
         await publisher.close()
+
+
+async def subscribed(publisher: KVEventPublisher, count: int = 1) -> None:
+    """Until ``count`` subscriptions are in effect at the publisher: a batch
+    published before a SUB socket's subscription arrives is dropped, with no
+    gap to show it (ZMQ's slow joiner)."""
+
+    async def check() -> bool:
+        return publisher.subscriptions() >= count
+
+    await eventually(check, within=10)
 
 
 async def generate(engine: Engine, prompt: str, max_tokens: int = 2) -> list[int]:

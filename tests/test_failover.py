@@ -30,7 +30,10 @@ from tests.helpers import (
 
 MSG = [{"role": "user", "content": "Tell me about failover."}]
 FAST = {
-    "health": {"interval": 0.1, "timeout": 0.5, "fall": 1, "rise": 1, "jitter": 0},
+    # A killed replica refuses connections at once, so fall 1 still marks it down
+    # within an interval; a probe of a live one on a loaded machine may take
+    # more than half a second, and must not take it out (it did, in CI).
+    "health": {"interval": 0.1, "timeout": 5, "fall": 1, "rise": 1, "jitter": 0},
     "scrape": {"interval": 0.2},
     "circuit": {"failures": 2, "base_backoff": 0.3, "max_backoff": 2},
     "retries": {"max_attempts": 3, "budget_min": 1000},

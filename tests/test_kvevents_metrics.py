@@ -17,7 +17,7 @@ from router.kvevents.hub import KVEventsHub
 from router.kvevents.subscriber import FeedState
 from router.state import AppState
 from tests.helpers import eventually, router_config
-from tests.kvevents_helpers import free_tcp, generate, publishing_engine
+from tests.kvevents_helpers import free_tcp, generate, publishing_engine, subscribed
 
 PROMPTS = [
     "the quick brown fox jumps over the lazy dog again and again",
@@ -100,6 +100,7 @@ async def until(check: Any, within: float = 10.0) -> None:
 async def test_a_live_feed_counts_batches_events_and_blocks_and_a_gap_is_replayed() -> None:
     async with publishing_engine() as p, feeding(p.endpoint, p.replay_endpoint) as state:
         await until(lambda: current_state(state) == "live")
+        await subscribed(p.publisher)
         assert value(state, "gaps") == 0
         for prompt in PROMPTS[:2]:
             await generate(p.engine, prompt)
@@ -128,7 +129,7 @@ async def test_a_gap_without_replay_is_stale_for_the_grace() -> None:
     ):
         # Connected, but nothing can say what came before: history lost.
         await until(lambda: current_state(state) == "grace")
-        await asyncio.sleep(0.3)  # the subscription reaches the PUB socket
+        await subscribed(p.publisher)
         await generate(p.engine, PROMPTS[0])  # seq 0: the whole history, trusted
         await until(lambda: current_state(state) == "live")
         clears = value(state, "clears")
@@ -148,6 +149,7 @@ async def test_a_restart_is_counted_with_its_resync_and_the_clear() -> None:
     clock = Clock()
     async with publishing_engine() as p, feeding(p.endpoint, p.replay_endpoint, clock) as state:
         await until(lambda: current_state(state) == "live")
+        await subscribed(p.publisher)
         await generate(p.engine, PROMPTS[0])
         await until(lambda: value(state, "blocks") > 0)
         clears = value(state, "clears")

@@ -100,7 +100,12 @@ async def test_index_predicts_the_simulators_cached_tokens_and_survives_a_kill()
                 usage = await chat(url, conversation(question))
                 assert usage["prompt_tokens"] == len(ids)
                 reported.append(usage["prompt_tokens_details"]["cached_tokens"])
-                await asyncio.sleep(0.3)  # the step's batch is published at once
+
+                async def indexed(ids: list[int] = ids) -> bool:
+                    # The step's batch, published at once, crossed two processes.
+                    return sub.blocks.match(chain_hashes(ids, BLOCK)) >= (len(ids) - 1) // BLOCK
+
+                await eventually(indexed, within=10)
             assert predicted == reported and reported[1] > 0
             assert len(sub.blocks) > 0
             proc.send_signal(signal.SIGKILL)

@@ -30,6 +30,11 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 
 def quota_config(sim: str, redis: str | None = None, **tenant: Any) -> Any:
     quotas: dict[str, Any] = {"redis": redis} if redis else {}
+    if redis:
+        # A healthy Redis on a loaded 2-core machine can take longer than the
+        # default 0.25 s, counting this process's own event-loop delay: a fail-
+        # open admit then drops its limit headers, a fail-closed one a 503.
+        quotas["timeout"] = 2.0
     quotas.update(tenant.pop("quotas", {}))
     return router_config(
         [{"id": "e", "url": sim, "kind": "vllm", "models": ["m", "n"]}],
@@ -347,7 +352,9 @@ async def test_two_router_processes_sharing_redis_enforce_one_limit(
                     "endpoints": [{"id": "e", "url": sim, "kind": "vllm", "models": ["m"]}],
                     "auth": {"enabled": True},
                     "tenants": {"acme": {"keys": [hash_key(KEY)], "rpm": 40}},
-                    "quotas": {"redis": redis.url, "on_failure": "fail_closed"},
+                    # 100 requests at once on two processes: the default
+                    # 0.25 s (event-loop delay included) refused some with 503.
+                    "quotas": {"redis": redis.url, "on_failure": "fail_closed", "timeout": 5},
                     "server": {"access_log": False},
                     "admin": {"open": True},
                 }

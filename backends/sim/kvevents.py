@@ -76,10 +76,14 @@ class KVEventPublisher:
         self.seq = 0
         #: Test hook: this many next batches are buffered but not sent (lost on the wire).
         self.lose = 0
+        self._subscriptions = 0
 
     async def start(self) -> None:
-        # A plain socket for PUB: a non-blocking send needs no awaiting.
-        self._pub = zmq.Socket(self._ctx, zmq.PUB)
+        # A plain socket: a non-blocking send needs no awaiting. XPUB, which a
+        # SUB peer cannot tell from vLLM's PUB, so that tests can see when a
+        # subscription is in effect (``subscriptions``).
+        self._pub = zmq.Socket(self._ctx, zmq.XPUB)
+        self._pub.setsockopt(zmq.XPUB_VERBOSE, 1)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, self.config.hwm)
         self._pub.bind(self.config.endpoint)
@@ -88,6 +92,20 @@ class KVEventPublisher:
             self._router.setsockopt(zmq.LINGER, 0)
             self._router.bind(self.config.replay_endpoint)
             self._task = asyncio.create_task(self._serve_replay(), name="sim-kv-replay")
+
+    def subscriptions(self) -> int:
+        """Subscriptions in effect at the publishing socket: what a SUB peer sent
+        before this reaches it is dropped (ZMQ's slow joiner). For tests."""
+        while self._pub is not None:
+            try:
+                frame = self._pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if frame[:1] == b"\x01":
+                self._subscriptions += 1
+            elif frame[:1] == b"\x00":
+                self._subscriptions -= 1
+        return self._subscriptions
 
     async def close(self) -> None:
         if self._task is not None:
