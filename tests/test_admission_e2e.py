@@ -10,7 +10,7 @@ import httpx
 
 from backends.sim.engine import EngineParams
 from router.tenants import hash_key, new_key
-from tests.helpers import router, router_config, simulator
+from tests.helpers import eventually, router, router_config, simulator
 
 HIGH, BATCH = new_key(), new_key()
 SLOW = EngineParams(step_base=0.02, prefill_per_token=0.0, decode_per_seq=0.0)
@@ -36,23 +36,47 @@ def ask(client: httpx.AsyncClient, key: str, tokens: int = 10) -> Any:
     )
 
 
+async def gauge(client: httpx.AsyncClient, line_start: str) -> float:
+    """A sample of /metrics by the start of its line (0 when absent)."""
+    for line in (await client.get("/metrics")).text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def reaches(client: httpx.AsyncClient, line_start: str, value: float) -> None:
+    async def check() -> bool:
+        return await gauge(client, line_start) == value
+
+    await eventually(check, within=10)
+
+
+def queued(priority: str) -> str:
+    return f'kvroute_admission_queue_depth{{model="m",priority="{priority}"}}'
+
+
+RUNNING = "kvroute_requests_in_flight "
+
+
 async def test_waiters_are_served_high_priority_first() -> None:
     async with simulator(["m"], SLOW) as (sim, _), router(config(sim)) as url:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             finished: list[str] = []
 
-            async def run(name: str, key: str, delay: float) -> None:
-                await asyncio.sleep(delay)
-                r = await ask(client, key)
+            async def run(name: str, key: str, tokens: int = 10) -> None:
+                r = await ask(client, key, tokens)
                 assert r.status_code == 200
                 finished.append(name)
 
-            await asyncio.gather(
-                run("first", BATCH, 0.0),  # takes the only slot
-                run("batch-1", BATCH, 0.05),
-                run("batch-2", BATCH, 0.1),
-                run("high", HIGH, 0.15),  # arrives last, served next
-            )
+            # Each arrives once the one before holds the slot or waits for it.
+            tasks = [asyncio.ensure_future(run("first", BATCH, tokens=150))]  # the slot, 3 s
+            await reaches(client, RUNNING, 1)
+            tasks.append(asyncio.ensure_future(run("batch-1", BATCH)))
+            await reaches(client, queued("batch"), 1)
+            tasks.append(asyncio.ensure_future(run("batch-2", BATCH)))
+            await reaches(client, queued("batch"), 2)
+            tasks.append(asyncio.ensure_future(run("high", HIGH)))  # arrives last, served next
+            await asyncio.gather(*tasks)
             metrics = (await client.get("/metrics")).text
     assert finished == ["first", "high", "batch-1", "batch-2"]
     assert 'kvroute_admission_wait_seconds_count{model="m",priority="high"} 1.0' in metrics
@@ -61,12 +85,13 @@ async def test_waiters_are_served_high_priority_first() -> None:
 
 async def test_a_full_queue_and_a_passed_deadline_answer_503_with_retry_after() -> None:
     async with simulator(["m"], SLOW) as (sim, _):
-        async with router(config(sim, max_queue=1, max_wait=0.1, retry_after=3)) as url:
+        async with router(config(sim, max_queue=1, max_wait=1.0, retry_after=3)) as url:
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-                busy = asyncio.ensure_future(ask(client, BATCH, tokens=30))
-                await asyncio.sleep(0.05)
+                # Holds the slot for 3 s, past the waiter's 1 s.
+                busy = asyncio.ensure_future(ask(client, BATCH, tokens=150))
+                await reaches(client, RUNNING, 1)
                 waiting = asyncio.ensure_future(ask(client, HIGH))
-                await asyncio.sleep(0.02)
+                await reaches(client, queued("high"), 1)
                 full = await ask(client, HIGH)
                 timed_out = await waiting
                 ok = await busy

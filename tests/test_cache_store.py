@@ -89,12 +89,14 @@ async def test_put_then_get_per_model_and_replace(h: Harness) -> None:
 
 
 async def test_entries_expire_after_their_ttl(h: Harness) -> None:
+    # Seconds long enough that a loaded machine's calls between put and get
+    # stay well inside the entry's life (on Redis, a real clock).
     d = digest("short")
-    assert await h.store.put("m", d, b"short", 0.2)
+    assert await h.store.put("m", d, b"short", 1.5)
     assert await h.store.put("m", digest("long"), b"long", 60.0)
     await h.advance(0.05)
     assert await h.store.get("m", d) == b"short"
-    await h.advance(0.25)
+    await h.advance(1.6)
     assert await h.store.get("m", d) is None
     assert await h.store.get("m", digest("long")) == b"long"
     with pytest.raises(ValueError):
@@ -314,10 +316,10 @@ async def test_redis_lock_is_shared_and_only_its_holder_releases_it(
         await b.release("m", d)  # not b's: nothing happens
         assert not await b.acquire("m", d, 5.0)
         await a.release("m", d)
-        assert await b.acquire("m", d, 0.2)
+        assert await b.acquire("m", d, 1.5)
 
         assert not await a.acquire("m", d, 5.0)
-        await asyncio.sleep(0.3)  # b died holding it: the TTL frees it
+        await asyncio.sleep(1.7)  # b died holding it: the TTL frees it
         assert await a.acquire("m", d, 5.0)
         await b.release("m", d)  # b's token is stale: a's lock stays (compare-and-delete)
         assert not await b.acquire("m", d, 5.0)

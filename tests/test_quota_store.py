@@ -51,6 +51,9 @@ class Harness:
     wall: Callable[[], float]
     #: Seconds of slack on numbers that depend on time elapsed between calls.
     tol: float
+    #: How much longer a test's periods are on a real clock (Redis), so that the
+    #: few calls between two checks stay a small part of a unit's refill.
+    scale: float = 1.0
 
     def approx(self, value: float) -> Any:
         return pytest.approx(value, abs=self.tol)
@@ -74,7 +77,9 @@ async def h(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     async with server:
         store = RedisStore(server.url, "test:", lease_ttl=5.0)
         try:
-            yield Harness(store, asyncio.sleep, time.time, 0.1)
+            # 0.3 s: a loaded machine's calls (this process's loop included) take
+            # that long; the tests' tokens cost 0.6 s or more, so one still shows.
+            yield Harness(store, asyncio.sleep, time.time, 0.3, scale=10.0)
         finally:
             await store.close()
 
@@ -111,13 +116,14 @@ async def test_burst_of_the_whole_limit_then_refusal(h: Harness) -> None:
 
 
 async def test_refills_one_unit_per_period_over_limit(h: Harness) -> None:
-    plan = Plan(rates=(rpm(5, period=1.0),))  # one unit every 0.2 s
+    k = h.scale
+    plan = Plan(rates=(rpm(5, period=1.0 * k),))  # one unit every 0.2 s (x k)
     assert [(await h.store.admit(plan)).admitted for _ in range(6)] == [True] * 5 + [False]
-    await h.advance(0.25)
+    await h.advance(0.25 * k)
     v = await h.store.admit(plan)
     assert v.admitted and remaining(v) == (0,)
     v = await h.store.admit(plan)
-    assert not v.admitted and v.retry_after == h.approx(0.15)
+    assert not v.admitted and v.retry_after == h.approx(0.15 * k)
 
 
 async def test_token_costs_and_settling_refunds_and_extra(h: Harness) -> None:
@@ -322,16 +328,18 @@ async def test_two_routers_sharing_redis_never_exceed_a_limit(redis_server: Redi
 async def test_a_dead_routers_leases_expire_a_live_ones_are_renewed(
     redis_server: RedisServer,
 ) -> None:
-    dead = RedisStore(redis_server.url, "l:", lease_ttl=0.3)
-    live = RedisStore(redis_server.url, "l:", lease_ttl=0.3)
-    other = RedisStore(redis_server.url, "l:", lease_ttl=0.3)
+    # 1.5 s: a lease expires without renewals well inside the test, and the
+    # renewals (every lease_ttl / 3) keep one on a loaded machine.
+    dead = RedisStore(redis_server.url, "l:", lease_ttl=1.5)
+    live = RedisStore(redis_server.url, "l:", lease_ttl=1.5)
+    other = RedisStore(redis_server.url, "l:", lease_ttl=1.5)
     raw = aioredis.Redis.from_url(redis_server.url)
     try:
         assert (await dead.admit(Plan(lease=Lease("conc:a", 1, "dead-1")))).admitted
         assert (await live.admit(Plan(lease=Lease("conc:b", 1, "live-1")))).admitted
         await dead.close()  # the router dies without settling
         assert (await other.peek(Plan(lease=Lease("conc:a", 1, "x")))).refused == "concurrency"
-        await asyncio.sleep(0.5)  # past lease_ttl: only renewals keep a lease
+        await asyncio.sleep(2.0)  # past lease_ttl: only renewals keep a lease
         assert (await other.admit(Plan(lease=Lease("conc:a", 1, "x")))).admitted
         v = await other.admit(Plan(lease=Lease("conc:b", 1, "x")))
         assert (v.refused, v.in_flight) == ("concurrency", 1)
