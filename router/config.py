@@ -531,9 +531,14 @@ class TracingConfig(Frozen):
     #: ``/v1/traces`` (``http://collector:4318`` is enough). Redacted when shown.
     otlp_endpoint: str | None = None
     service_name: str = Field("kvroute", min_length=1, max_length=128)
-    #: Share of traces recorded, decided on the trace id (so every router
-    #: replica and every span of one trace agree).
+    #: Share of traces recorded, decided on the trace id hashed with
+    #: ``sampling_key`` (so every span of one trace agrees, and a client cannot
+    #: pick trace ids that are always recorded).
     sample_ratio: float = Field(1.0, ge=0, le=1)
+    #: The secret the sampling hash is keyed with: give every router replica the
+    #: same one so that a trace's requests through different replicas are
+    #: recorded alike. Unset: a random key per process. Never shown.
+    sampling_key: SecretStr | None = None
     #: Follow a client's sampled flag instead. Off by default: a client must not
     #: be able to make the router record (and export) every one of its requests.
     trust_client_sampling: bool = False

@@ -20,16 +20,23 @@ own: the event loop only queues them. ``Tracing.close`` flushes and stops it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 import time
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from opentelemetry import trace as otel
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import (
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
 from opentelemetry.util.types import AttributeValue
 
 from backends.base import Operation
@@ -50,10 +57,33 @@ GEN_AI_OPERATIONS = {
 SCOPE = "kvroute"
 
 
+class KeyedRatio(TraceIdRatioBased):
+    """``TraceIdRatioBased`` on a keyed hash of the trace id. The plain one
+    compares the id's low 64 bits with the ratio's bound, so a client that
+    sends ids whose low bits are 0 has every request recorded and exported
+    whatever the ratio; with a secret key it cannot tell which ids pass."""
+
+    def __init__(self, rate: float, key: bytes) -> None:
+        super().__init__(rate)
+        self._key = key
+
+    def should_sample(
+        self, parent_context: Any, trace_id: int, *args: Any, **kwargs: Any
+    ) -> SamplingResult:
+        digest = hashlib.blake2b(trace_id.to_bytes(16, "big"), key=self._key, digest_size=8)
+        keyed = int.from_bytes(digest.digest(), "big")
+        return super().should_sample(parent_context, keyed, *args, **kwargs)
+
+    def get_description(self) -> str:
+        return f"KeyedRatio{{{self.rate}}}"
+
+
 def sampler(config: TracingConfig) -> Sampler:
-    """By the trace id at ``sample_ratio`` (a client's flag is ignored, unless
-    ``trust_client_sampling``: then a client's sampled flag decides)."""
-    by_id = TraceIdRatioBased(config.sample_ratio)
+    """By the keyed hash of the trace id at ``sample_ratio`` (a client's flag is
+    ignored, unless ``trust_client_sampling``: then a client's sampled flag decides)."""
+    secret = config.sampling_key
+    key = secret.get_secret_value().encode() if secret is not None else os.urandom(32)
+    by_id = KeyedRatio(config.sample_ratio, hashlib.sha256(key).digest())
     return ParentBased(by_id) if config.trust_client_sampling else by_id
 
 

@@ -462,3 +462,29 @@ def test_a_client_cannot_choose_what_is_recorded_unless_trusted() -> None:
     # trust_client_sampling: the client's flag decides.
     assert _decide(0.0, trust=True, client_sampled=True)
     assert not _decide(1.0, trust=True, client_sampled=False)
+
+
+def test_a_client_cannot_pick_trace_ids_that_are_always_recorded() -> None:
+    """The SDK's ratio sampler compares the id's low 64 bits with the ratio's
+    bound: ids whose low bits are 0 were always recorded, at any ratio."""
+    from opentelemetry.sdk.trace.sampling import Decision
+
+    from router.tracing import sampler
+
+    def tracing(key: str | None = None) -> Any:
+        extra = f", sampling_key: {key}" if key else ""
+        text = f"tracing: {{otlp_endpoint: 'http://c:4318', sample_ratio: 0.5{extra}}}"
+        return parse_config(text, {}).tracing
+
+    def recorded(s: Any, ids: list[int]) -> list[bool]:
+        return [
+            s.should_sample(None, i, "POST").decision is Decision.RECORD_AND_SAMPLE for i in ids
+        ]
+
+    chosen = [(n + 1) << 64 for n in range(400)]  # low 64 bits all 0
+    shared = recorded(sampler(tracing("s3cret")), chosen)
+    assert 120 < sum(shared) < 280  # about half, as for any ids
+    # One key on every replica: the same decisions; a key of its own each: not.
+    assert recorded(sampler(tracing("s3cret")), chosen) == shared
+    assert recorded(sampler(tracing()), chosen) != recorded(sampler(tracing()), chosen)
+    assert "s3cret" not in str(tracing("s3cret"))
