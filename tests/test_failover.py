@@ -259,7 +259,10 @@ async def test_sigterm_finishes_in_flight_requests(tmp_path: Path) -> None:
                 proc.send_signal(signal.SIGTERM)
 
                 async def not_ready() -> bool:
-                    return (await c.get("/ready")).status_code == 503
+                    try:
+                        return (await c.get("/ready")).status_code == 503
+                    except httpx.TransportError:
+                        return True  # past the grace on a loaded machine: the listener closed
 
                 await eventually(not_ready)
                 done = await asyncio.gather(*flights)

@@ -80,8 +80,9 @@ async def test_admin_reload_and_file_watch(tmp_path: Path) -> None:
                 return await models(c) == ["small", "tiny"]
 
             await eventually(watched)
-            metrics = (await c.get("/metrics")).text
-            assert 'kvroute_config_reload_total{result="success"} 2.0' in metrics
+            # At least the two: a loaded machine's watcher may also have taken
+            # the first edit before /admin/reload did.
+            assert reloads((await c.get("/metrics")).text, "success") >= 2
 
 
 async def test_invalid_reload_under_load_loses_nothing_and_changes_nothing(tmp_path: Path) -> None:

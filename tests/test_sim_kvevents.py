@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import zmq
@@ -37,10 +38,21 @@ class Listener:
         self.sock.connect(endpoint)
         self.batches: list[Batch] = []
 
-    async def drain(self, quiet: float = 0.2) -> list[Batch]:
-        while await self.sock.poll(int(quiet * 1000)):
-            self.batches.append(decode(await self.sock.recv_multipart()))
-        return self.batches
+    async def drain(
+        self, quiet: float = 0.2, publisher: KVEventPublisher | None = None
+    ) -> list[Batch]:
+        """What arrives until ``quiet`` seconds pass without a batch; with
+        ``publisher``, until its last batch is in (a loaded machine may pause
+        longer than ``quiet`` between two)."""
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            while await self.sock.poll(int(quiet * 1000)):
+                self.batches.append(decode(await self.sock.recv_multipart()))
+            last = self.batches[-1].seq if self.batches else -1
+            if publisher is None or last >= publisher.seq - 1:
+                return self.batches
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"batch {publisher.seq - 1} never arrived (last {last})")
 
 
 async def subscribed(listener: Listener, publisher: KVEventPublisher) -> None:
@@ -99,7 +111,7 @@ async def test_events_rebuild_the_cache_and_evictions_remove() -> None:
             seen: list[list[int]] = []
             for prompt in prompts:
                 seen.append(await generate(p.engine, prompt))
-                await listener.drain()
+                await listener.drain(publisher=p.publisher)
                 held = held_engine_hashes(listener.batches)
                 assert held == set(p.engine.cache._cached)
             assert p.engine.cache.evictions > 0
@@ -134,7 +146,7 @@ async def test_chained_blocks_carry_their_parent_and_tokens() -> None:
             longer = await generate(
                 p.engine, "one two three four five six seven eight nine ten eleven twelve thirteen"
             )
-            batches = await listener.drain()
+            batches = await listener.drain(publisher=p.publisher)
             stored = [e for b in batches for e in b.events if isinstance(e, BlockStored)]
             first, second = stored[0], stored[1]
             assert first.parent_block_hash is None
