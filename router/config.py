@@ -139,6 +139,12 @@ class ClientLimits(Frozen):
     #: ``server_busy`` with Retry-After. /health, /ready, /metrics and /admin
     #: are never refused for it.
     max_in_flight: int = Field(2_000, ge=1)
+    #: Bytes of request bodies held at once by the requests being read or
+    #: answered (each at most ``server.max_body_bytes``); a request that would
+    #: pass it gets 503 ``server_busy`` with Retry-After. Without it, many
+    #: connections sending large bodies could hold ``max_connections`` times
+    #: 32 MiB. Parsed, a body takes a few times its size again.
+    max_body_bytes_in_flight: int = Field(512 * 1024 * 1024, ge=1024)
     #: Seconds a refused client is told to wait (Retry-After).
     retry_after: int = Field(1, ge=0)
 

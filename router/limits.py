@@ -10,8 +10,9 @@ Two layers, one per place where the facts are known:
                      may leave its answer unread (dropped)
     RequestLimits    ASGI middleware: inference requests in flight (503),
                      counted from the end of their bodies (an upload in
-                     progress is the connection's, bounded by its time), and
-                     a body the protocol saw stall becomes the app's 408
+                     progress is the connection's, bounded by its time), the
+                     bytes of bodies held at once (503), and a body the
+                     protocol saw stall becomes the app's 408
 
 Every refusal is OpenAI's error shape and closes the connection, except the
 in-flight refusal, which leaves a keep-alive connection usable for the retry.
@@ -410,14 +411,23 @@ class RequestLimits:
     def __init__(self, app: ASGIApp, limits: ClientLimits, refusals: Refusals) -> None:
         self.app = app
         self.max_in_flight = limits.max_in_flight
+        self.max_body_bytes = limits.max_body_bytes_in_flight
         self.retry_after = limits.retry_after
         self.refusals = refusals
         self.in_flight = 0
+        #: Bytes of the bodies of the inference requests being read or answered.
+        self.body_bytes = 0
 
     def _busy(self) -> ServerBusy:
         self.refusals.note("in_flight")
         return ServerBusy(
             "the server has too many requests in flight; retry later", self.retry_after
+        )
+
+    def _full(self) -> ServerBusy:
+        self.refusals.note("body_bytes")
+        return ServerBusy(
+            "the server holds too many request bodies at once; retry later", self.retry_after
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -427,17 +437,30 @@ class RequestLimits:
         if scope["path"] not in OPERATIONS:
             await self.app(scope, _stall_aware(scope, receive), send)
             return
-        if self.in_flight >= self.max_in_flight:
-            for message in error_messages(self._busy()):
+        refusal = self._busy() if self.in_flight >= self.max_in_flight else None
+        if refusal is None and self.body_bytes:
+            for name, value in scope["headers"]:
+                if name == b"content-length":
+                    if value.isdigit() and self.body_bytes + int(value) > self.max_body_bytes:
+                        refusal = self._full()  # before its bytes come
+                    break
+        if refusal is not None:
+            for message in error_messages(refusal):
                 await send(message)
             return
         counted = False
+        held = 0
 
         async def receive_counted() -> Message:
-            nonlocal counted
+            nonlocal counted, held
             message = await receive()
             if message["type"] != "http.request":
                 return message
+            if size := len(message.get("body", b"")):
+                if self.body_bytes + size > self.max_body_bytes:
+                    raise self._full()
+                self.body_bytes += size
+                held += size
             if message.get("more_body", False):
                 if not message.get("body") and BODY_STALLED in scope:
                     raise RequestTimeout(scope[BODY_STALLED])
@@ -451,6 +474,7 @@ class RequestLimits:
         try:
             await self.app(scope, receive_counted, send)
         finally:
+            self.body_bytes -= held
             if counted:
                 self.in_flight -= 1
 

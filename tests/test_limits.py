@@ -444,6 +444,42 @@ async def test_a_client_that_stops_reading_is_dropped_and_the_backend_not_blamed
             client.close()
 
 
+async def test_the_bytes_of_bodies_held_at_once_are_bounded(mode: str, tmp_path: Path) -> None:
+    padded = orjson.dumps({**orjson.loads(BODY), "user": "u" * 700})  # about 800 bytes
+    async with fleet(mode, tmp_path, max_body_bytes_in_flight=1024) as (url, port, _):
+        raw = request_bytes(body=padded)
+        cut = raw.index(b"\r\n\r\n") + 4 + 600
+        reader, writer = await connect(port)
+        writer.write(raw[:cut])  # 600 bytes of its body held, the rest to come
+        await writer.drain()
+        async with httpx.AsyncClient(timeout=WITHIN) as client:
+
+            async def refused() -> bool:  # 600 + 800 > 1024: refused before reading
+                r = await client.post(url + CHAT, content=padded)
+                return r.status_code == 503 and r.json()["error"]["code"] == "server_busy"
+
+            await eventually(refused, within=WITHIN)
+            # Chunked, with no length to go by: refused as its bytes pass the bound.
+            chunked = await connect(port)
+            chunked[1].write(
+                b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                % (CHAT.encode(), len(padded), padded)
+            )
+            answer = await read_one(chunked[0])
+            chunked[1].close()
+            assert answer.status == 503 and answer.error()["code"] == "server_busy"
+            small = await client.post(url + CHAT, content=BODY)  # 600 + ~90 fits
+            assert small.status_code == 200
+            writer.write(raw[cut:])
+            await writer.drain()
+            assert (await read_one(reader)).status == 200
+            writer.close()
+            # Every byte given back: the large body fits again, one at a time.
+            for _ in range(3):
+                assert (await client.post(url + CHAT, content=padded)).status_code == 200
+
+
 async def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout(
     mode: str, tmp_path: Path
 ) -> None:
