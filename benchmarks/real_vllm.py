@@ -151,10 +151,13 @@ async def reset_prefix_caches(client: httpx.AsyncClient, urls: list[str]) -> Non
             raise RuntimeError(f"{url}: prefix cache not reset")
 
 
-async def run_policy(urls: list[str], policy: str, bodies: list[dict[str, Any]]) -> dict[str, Any]:
-    """Send ``bodies`` through kvroute over ``urls``; hit rates from the backends."""
+async def run_policy(
+    urls: list[str], policy: str, bodies: list[dict[str, Any]], concurrency: int = CONCURRENCY
+) -> dict[str, Any]:
+    """Send ``bodies`` through kvroute over ``urls``, ``concurrency`` at a time;
+    hit rates from the backends."""
     async with through_router(urls, policy) as router, httpx.AsyncClient(timeout=120) as c:
-        gate = asyncio.Semaphore(CONCURRENCY)
+        gate = asyncio.Semaphore(concurrency)
         client_cached = 0
 
         async def one(body: dict[str, Any]) -> None:
@@ -180,15 +183,20 @@ async def run_policy(urls: list[str], policy: str, bodies: list[dict[str, Any]])
     }
 
 
-async def measure_real(workdir: Path, bodies: list[dict[str, Any]]) -> dict[str, Any]:
+async def measure_real(
+    workdir: Path, bodies: list[dict[str, Any]], concurrency: int = CONCURRENCY
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for policy in ("round_robin", "prefix_affinity"):
         with vllm_servers(workdir / policy) as servers:
-            out[policy] = await run_policy([s.url for s in servers], policy, bodies)
+            urls = [s.url for s in servers]
+            out[policy] = await run_policy(urls, policy, bodies, concurrency)
     return out
 
 
-async def measure_simulated(bodies: list[dict[str, Any]]) -> dict[str, Any]:
+async def measure_simulated(
+    bodies: list[dict[str, Any]], concurrency: int = CONCURRENCY
+) -> dict[str, Any]:
     tokenizer = str(ensure_tiny_model() / "tokenizer.json")
     params = EngineParams.zero_latency(
         block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS, max_model_len=2048
@@ -198,7 +206,7 @@ async def measure_simulated(bodies: list[dict[str, Any]]) -> dict[str, Any]:
     for policy in ("round_robin", "prefix_affinity"):
         async with AsyncExitStack() as stack:
             sims = [await stack.enter_async_context(simulator(params=params)) for _ in range(2)]
-            out[policy] = await run_policy([u for u, _ in sims], policy, bodies)
+            out[policy] = await run_policy([u for u, _ in sims], policy, bodies, concurrency)
     return out
 
 

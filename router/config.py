@@ -119,14 +119,18 @@ class ClientLimits(Frozen):
     #: 408 and the connection closes. nginx's client_body_timeout is 60 s.
     body_timeout: float = Field(30.0, gt=0)
     #: Seconds for a whole request body to arrive, from the end of its
-    #: headers, however steadily it comes; beyond, 408 and the connection
-    #: closes (HAProxy's ``timeout http-request`` bounds the same). A client
-    #: sending a byte every ``body_timeout`` would otherwise hold its
-    #: connection for as long as its declared length lasts.
+    #: headers, plus one for every ``body_min_rate`` bytes received (Apache's
+    #: mod_reqtimeout ``body=...,MinRate=``); beyond, 408 and the connection
+    #: closes. A client sending a byte every ``body_timeout`` would otherwise
+    #: hold its connection for as long as its declared length lasts, while a
+    #: slow link sending steadily at ``body_min_rate`` or more is never cut.
     body_total_timeout: float = Field(60.0, gt=0)
-    #: Seconds a client may leave the answer unread (its socket full, kvroute's
-    #: buffer past its high-water mark) before the connection is dropped; the
-    #: request ends as if the client had left. nginx's send_timeout is 60 s.
+    #: Bytes per second that earn a body more time (above).
+    body_min_rate: int = Field(16 * 1024, ge=1)
+    #: Seconds a client may take none of its answer (its socket full, kvroute's
+    #: buffer past its high-water mark) before the connection is dropped; each
+    #: time it takes some, another period. The request ends as if the client
+    #: had left. nginx's send_timeout (between two writes) is 60 s.
     send_timeout: float = Field(60.0, gt=0)
     #: Seconds an idle keep-alive connection stays open. nginx's 75 s, above
     #: the 60 s idle timeout of common load balancers, so the router is never
@@ -163,6 +167,17 @@ class ServerConfig(Frozen):
     #: Bounds on what clients may hold: header size and time, body pace,
     #: connections and in-flight requests.
     limits: ClientLimits = ClientLimits()
+
+    @model_validator(mode="after")
+    def _one_body_fits_the_budget(self) -> ServerConfig:
+        if self.limits.max_body_bytes_in_flight < self.max_body_bytes:
+            # A body between the two would be told to retry (503) for ever.
+            raise PydanticCustomError(
+                "limits",
+                "limits.max_body_bytes_in_flight ({budget}) is below max_body_bytes ({body})",
+                {"budget": self.limits.max_body_bytes_in_flight, "body": self.max_body_bytes},
+            )
+        return self
 
 
 class Timeouts(Frozen):

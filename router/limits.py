@@ -23,12 +23,14 @@ Their errors extend the tree in router/errors.py:
     └── RequestTimeout    408 request_timeout
     ServerBusy            503 server_busy, with Retry-After   (a RouterError)
 
-Each connection has one deadline (headers, body or idle, by phase) and at
-most one timer, armed lazily and never more than ``step`` seconds ahead: a
-new deadline is never earlier than the timer, so a request on a keep-alive
-connection arms no timer and cancels none (uvicorn arms and cancels one per
-request for its keep-alive alone). The timer re-arms itself until the
-deadline passes, or stops when the connection has none.
+Each connection has one deadline (headers, body or idle, by phase), a write
+deadline while its client leaves the answer unread, and at most one timer,
+armed lazily and never more than ``step`` seconds ahead: a new deadline is
+rarely earlier than the timer, so a request on a keep-alive connection arms
+no timer and cancels none (uvicorn arms and cancels one per request for its
+keep-alive alone); one that is (the end of a body's whole time, a linger)
+re-arms it. The timer re-arms itself until a deadline passes, or stops when
+the connection has none.
 """
 
 from __future__ import annotations
@@ -152,8 +154,10 @@ class ClientProtocol(HttpToolsProtocol):
         self._refused = False
         #: When the body being read must be in by (loop time).
         self._body_end = 0.0
-        #: When a client that stopped reading is dropped (while writing is paused).
+        #: When a client that stopped reading is dropped (while writing is paused),
+        #: unless the bytes waiting for it (``_unsent``) went down meanwhile.
         self._write_deadline: float | None = None
+        self._unsent = 0
 
     # -- connection ---------------------------------------------------------------
 
@@ -195,6 +199,10 @@ class ClientProtocol(HttpToolsProtocol):
             elif self._deadline is None:
                 self._expect(self.limits.header_timeout)
         elif self._phase is BODY:
+            # Each ``body_min_rate`` bytes add a second to the whole body's time
+            # (Apache's mod_reqtimeout MinRate): a slow link sending steadily
+            # is served, a trickle is not.
+            self._body_end += len(data) / self.limits.body_min_rate
             self._expect_body()
 
     # -- parser callbacks -----------------------------------------------------------
@@ -257,16 +265,21 @@ class ClientProtocol(HttpToolsProtocol):
 
     def _expect(self, seconds: float) -> None:
         now = self.loop.time()
-        self._deadline = now + seconds
-        if self._timer is None:
-            # A timer already armed fires within ``step``: never after this deadline.
+        deadline = self._deadline = now + seconds
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            # An armed timer fires within ``step``: re-armed only for a nearer deadline.
+            if timer is not None:
+                timer.cancel()
             self._timer = self.loop.call_at(now + min(seconds, self._step), self._on_timer)
 
     def pause_writing(self) -> None:
-        # The client is not reading what it asked for: it has ``send_timeout``.
+        # The client is not taking what it asked for as fast as it comes: it
+        # has ``send_timeout`` to take some of it (nginx's, between two writes).
         super().pause_writing()
         now = self.loop.time()
         self._write_deadline = now + self.limits.send_timeout
+        self._unsent = self.transport.get_write_buffer_size()
         self._rearm(now)
 
     def resume_writing(self) -> None:
@@ -278,12 +291,13 @@ class ClientProtocol(HttpToolsProtocol):
         now = self.loop.time()
         write = self._write_deadline
         if write is not None and now >= write - 0.001:
-            # Dropped, not closed: a close would wait for the client to read.
-            # The app sees a disconnect; the request ends as abandoned.
-            self._write_deadline = None
-            self.refusals.note("send_time")
-            self.transport.abort()
-            return
+            unsent = self.transport.get_write_buffer_size()
+            if unsent < self._unsent:  # it read some meanwhile: another period
+                self._unsent = unsent
+                write = self._write_deadline = now + self.limits.send_timeout
+            else:
+                self.drop()
+                return
         if self.transport.is_closing():
             if write is not None:
                 self._rearm(now)  # a close still flushing to a client that does not read
@@ -291,8 +305,10 @@ class ClientProtocol(HttpToolsProtocol):
         deadline = self._deadline
         if deadline is not None:
             if self._phase is BODY and self.flow.read_paused:
-                # The app has not taken what came yet: the pace is the app's, not the client's.
+                # The app has not taken what came yet: the pace is the app's, not
+                # the client's, and so is the time (of the whole body's too).
                 deadline = self._deadline = now + self.limits.body_timeout
+                self._body_end = max(self._body_end, deadline)
             if now >= deadline - 0.001:
                 self._deadline = None
                 if self._phase is HEADERS:
@@ -302,6 +318,15 @@ class ClientProtocol(HttpToolsProtocol):
                 else:
                     self.transport.close()
         self._rearm(now)
+
+    def drop(self) -> None:
+        """Drop the connection of a client that does not read what it was sent:
+        aborted, not closed (a close would wait for it to read). The app sees a
+        disconnect; its request ends as abandoned."""
+        self._write_deadline = None
+        if not self.transport.is_closing() or self.transport.get_write_buffer_size():
+            self.refusals.note("send_time")
+            self.transport.abort()
 
     def _rearm(self, now: float) -> None:
         """The timer at the nearest deadline (at most ``step`` ahead), unless armed."""

@@ -38,9 +38,17 @@ def mode(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def raw_config(sim_url: str, port: int, limits: dict[str, Any]) -> dict[str, Any]:
+def raw_config(
+    sim_url: str, port: int, limits: dict[str, Any], server: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {
-        "server": {"port": port, "access_log": False, "watch_config": False, "limits": limits},
+        "server": {
+            "port": port,
+            "access_log": False,
+            "watch_config": False,
+            "limits": limits,
+            **(server or {}),
+        },
         "endpoints": [{"id": "sim", "url": sim_url, "kind": "vllm", "models": ["tiny"]}],
         "health": {"enabled": False},
         "scrape": {"enabled": False},
@@ -96,13 +104,17 @@ async def kvroute_serve(raw: dict[str, Any], port: int, tmp: Path) -> AsyncItera
 
 @contextlib.asynccontextmanager
 async def fleet(
-    mode: str, tmp: Path, faults: Faults | None = None, **limits: Any
+    mode: str,
+    tmp: Path,
+    faults: Faults | None = None,
+    server: dict[str, Any] | None = None,
+    **limits: Any,
 ) -> AsyncIterator[tuple[str, int, str]]:
     """A simulator and the router in front of it, with ``limits``: (url, port, sim url)."""
     async with simulator(faults=faults) as (sim_url, _):
         sock = free_socket()
         port = sock.getsockname()[1]
-        raw = raw_config(sim_url, port, limits)
+        raw = raw_config(sim_url, port, limits, server)
         if mode == "in-process":
             router = in_process(raw, sock)
         else:
@@ -291,7 +303,9 @@ async def test_a_body_that_stops_arriving_gets_408(mode: str, tmp_path: Path) ->
 
 
 async def test_a_body_that_keeps_arriving_slowly_is_served(mode: str, tmp_path: Path) -> None:
-    async with fleet(mode, tmp_path, body_timeout=1.0) as (_, port, _):
+    # 40 bytes/s: past body_total_timeout, but each 8 bytes earn it a second more.
+    slow = {"body_timeout": 1.0, "body_total_timeout": 1.0, "body_min_rate": 8}
+    async with fleet(mode, tmp_path, **slow) as (_, port, _):
         reader, writer = await connect(port)
         raw = request_bytes()
         cut = raw.index(b"\r\n\r\n") + 4
@@ -308,8 +322,11 @@ async def test_a_body_that_keeps_arriving_slowly_is_served(mode: str, tmp_path: 
 async def test_a_body_that_keeps_arriving_past_its_whole_time_gets_408(
     mode: str, tmp_path: Path
 ) -> None:
-    # Each piece well within body_timeout; the whole body never within body_total_timeout.
-    async with fleet(mode, tmp_path, body_timeout=5.0, body_total_timeout=1.0) as (_, port, sim):
+    # Each piece well within body_timeout; the whole body never within
+    # body_total_timeout. The other bounds are long, so that the 408 comes from
+    # the whole body's time, when it passes (not at the next timer of 30 s).
+    bounds = {"header_timeout": 30.0, "body_timeout": 30.0, "body_total_timeout": 1.0}
+    async with fleet(mode, tmp_path, **bounds) as (_, port, sim):
         reader, writer = await connect(port)
         raw = request_bytes()
         cut = raw.index(b"\r\n\r\n") + 4
@@ -446,7 +463,12 @@ async def test_a_client_that_stops_reading_is_dropped_and_the_backend_not_blamed
 
 async def test_the_bytes_of_bodies_held_at_once_are_bounded(mode: str, tmp_path: Path) -> None:
     padded = orjson.dumps({**orjson.loads(BODY), "user": "u" * 700})  # about 800 bytes
-    async with fleet(mode, tmp_path, max_body_bytes_in_flight=1024) as (url, port, _):
+    one_body = {"max_body_bytes": 1024}
+    async with fleet(mode, tmp_path, server=one_body, max_body_bytes_in_flight=1024) as (
+        url,
+        port,
+        _,
+    ):
         raw = request_bytes(body=padded)
         cut = raw.index(b"\r\n\r\n") + 4 + 600
         reader, writer = await connect(port)
@@ -478,6 +500,60 @@ async def test_the_bytes_of_bodies_held_at_once_are_bounded(mode: str, tmp_path:
             # Every byte given back: the large body fits again, one at a time.
             for _ in range(3):
                 assert (await client.post(url + CHAT, content=padded)).status_code == 200
+
+
+async def test_a_client_reading_a_large_answer_slowly_but_steadily_is_served() -> None:
+    """send_timeout is between two writes the client takes (nginx's), not for
+    the whole answer."""
+    answer = orjson.dumps(
+        {
+            "id": "x",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "tiny",
+            # Past what the kernel's socket buffers hold (some MB on loopback), so
+            # that kvroute's own buffer fills and its writes pause.
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "x" * (24 << 20)}}
+            ],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+    )
+
+    async def backend(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": message["type"] + ".complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        while (await receive()).get("more_body"):
+            pass
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": answer})
+
+    async with serve_app(backend) as backend_url:
+        sock = free_socket()
+        port = sock.getsockname()[1]
+        raw = raw_config(backend_url, port, {"send_timeout": 2.0})
+        raw["endpoints"][0]["kind"] = "openai"
+        async with in_process(raw, sock):
+            reader, writer = await connect(port)
+            writer.write(request_bytes())
+            chunks: list[bytes] = []
+            size = 0
+            async with asyncio.timeout(60):
+                while size < len(answer):
+                    # About 5 MB/s: seconds in all, past send_timeout, with
+                    # kvroute's buffer going down at least every second or so.
+                    chunk = await reader.read(256 * 1024)
+                    assert chunk, "dropped"
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    await asyncio.sleep(0.05)
+            writer.close()
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and len(body) == len(answer)
 
 
 async def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout(
