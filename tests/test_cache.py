@@ -375,3 +375,20 @@ def test_max_age_takes_ascii_digits_only() -> None:
         assert directives({"cache-control": value}).max_age is None
     assert directives({"cache-control": "no-store, max-age=30"}).max_age == 30
     assert directives({"x-kvroute-cache": "max-age=0"}).no_cache
+
+
+def test_the_key_holds_the_length_the_engine_reads() -> None:
+    from backends.base import Operation
+    from router.cache.key import digest
+
+    def key(op: Operation, **body: Any) -> str:
+        return digest(op, "m", "*", {"prompt": "p", "temperature": 0, **body})
+
+    chat, completion = Operation.CHAT, Operation.COMPLETION
+    # A chat: max_completion_tokens first, however the body spells it.
+    assert key(chat, max_completion_tokens=50) == key(chat, max_tokens=50)
+    assert key(chat, max_tokens=9, max_completion_tokens=50) == key(chat, max_tokens=50)
+    assert key(chat, max_tokens=50, max_completion_tokens=None) == key(chat, max_tokens=50)
+    # A completion: the engine ignores max_completion_tokens (its own default applies).
+    assert key(completion, max_completion_tokens=50) == key(completion)
+    assert key(completion, max_completion_tokens=50) != key(completion, max_tokens=50)

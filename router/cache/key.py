@@ -11,8 +11,10 @@ The key is a SHA-256 over the operation, the tenant (or ``*`` for a model
 whose cache is shared), the resolved model and the canonical body: keys
 sorted, ``stream``, ``stream_options`` and ``user`` left out (they change how
 an answer is delivered or who asked, not what it is), values equal to
-OpenAI's defaults dropped, ``null`` dropped, ``max_completion_tokens`` spelt
-``max_tokens``, one stop string as a list, sampling numbers as floats.
+OpenAI's defaults dropped, ``null`` dropped, the length bound the engine
+reads (a chat's ``max_completion_tokens`` before its ``max_tokens``; only
+``max_tokens`` in a completion) spelt ``max_tokens`` and the other left out,
+one stop string as a list, sampling numbers as floats.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import orjson
 
 from backends.base import Operation
+from router.request import max_tokens_field
 
 #: Fields that change how an answer is delivered or who asked, not what it is.
 IGNORED = frozenset({"stream", "stream_options", "user", "model"})
@@ -96,7 +99,7 @@ def deterministic(op: Operation, body: Mapping[str, Any]) -> bool:
     return isinstance(body.get("seed"), int)
 
 
-def canonical(body: Mapping[str, Any]) -> dict[str, Any]:
+def canonical(op: Operation, body: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in body.items():
         if name in IGNORED or value is None:
@@ -106,8 +109,13 @@ def canonical(body: Mapping[str, Any]) -> dict[str, Any]:
         if name in DEFAULTS and _same(DEFAULTS[name], value):
             continue
         out[name] = value
-    if "max_completion_tokens" in out and "max_tokens" not in out:
-        out["max_tokens"] = out.pop("max_completion_tokens")
+    # The length the engine reads, under one name (a chat's max_completion_tokens
+    # before its max_tokens; the completions API has only max_tokens).
+    bound = body.get(max_tokens_field(body, op))
+    out.pop("max_completion_tokens", None)
+    out.pop("max_tokens", None)
+    if bound is not None:
+        out["max_tokens"] = bound
     if isinstance(out.get("stop"), str):
         out["stop"] = [out["stop"]]
     return out
@@ -120,7 +128,7 @@ def digest(op: Operation, model: str, scope: str, body: Mapping[str, Any]) -> st
     for part in (op.value, scope, model):
         h.update(part.encode())
         h.update(b"\0")
-    h.update(orjson.dumps(canonical(body), option=orjson.OPT_SORT_KEYS))
+    h.update(orjson.dumps(canonical(op, body), option=orjson.OPT_SORT_KEYS))
     return h.hexdigest()
 
 
