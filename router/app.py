@@ -34,7 +34,7 @@ from router.openapi import openapi
 from router.overhead import HEADER as OVERHEAD
 from router.overhead import header_value
 from router.pipeline import Pipeline
-from router.request import OPERATIONS, RequestContext
+from router.request import DROP_CONNECTION, OPERATIONS, RequestContext
 from router.state import AppState
 from router.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -91,6 +91,7 @@ class RequestMiddleware:
             span = tracing.server_span(trace, OPERATIONS[scope["path"]], scope["path"], request_id)
             trace = span.trace
         ctx = RequestContext(request_id, clock(), trace, span, clock=clock)
+        ctx.drop = scope.get(DROP_CONNECTION)
         scope["kvroute.ctx"] = ctx
         rid_header = (REQUEST_ID, request_id.encode("latin-1"))
         inference = scope["path"] in OPERATIONS

@@ -49,7 +49,7 @@ from uvicorn.server import ServerState
 from router.config import ClientLimits
 from router.errors import InvalidRequest, RouterError, error_messages
 from router.logs import LOG
-from router.request import OPERATIONS
+from router.request import DROP_CONNECTION, OPERATIONS
 from router.types import ASGIApp, Message, Receive, Scope, Send
 
 #: Set in a request's scope by the protocol when its body stalled.
@@ -224,6 +224,7 @@ class ClientProtocol(HttpToolsProtocol):
             )
             self._stop(busy, "connections")
         super().on_headers_complete()
+        self.cycle.scope[DROP_CONNECTION] = self.drop  # type: ignore[literal-required]
         self._phase = BODY
         self._deadline = None
         self._body_end = self.loop.time() + self.limits.body_total_timeout
@@ -327,6 +328,11 @@ class ClientProtocol(HttpToolsProtocol):
         if not self.transport.is_closing() or self.transport.get_write_buffer_size():
             self.refusals.note("send_time")
             self.transport.abort()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # As connection_lost will say, now: the app may return before it runs.
+            cycle.disconnected = True
+            cycle.message_event.set()
 
     def _rearm(self, now: float) -> None:
         """The timer at the nearest deadline (at most ``step`` ahead), unless armed."""

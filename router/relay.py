@@ -187,7 +187,10 @@ class Relay:
                     resp.release()
         except ClientStalled:
             # As if the client had left: the attempt is abandoned, no verdict on
-            # the endpoint (server.limits.send_timeout drops the connection).
+            # the endpoint, and the connection dropped (a close would wait for
+            # the client to read; uvicorn would log the unfinished answer).
+            if ctx.drop is not None:
+                ctx.drop()
             ctx.cancelled = True
             raise asyncio.CancelledError("the client stopped reading its stream") from None
         except (TimeoutError, aiohttp.ClientError, OSError, UpstreamProtocolError) as exc:

@@ -40,6 +40,10 @@ REQUIRED = {
 }
 
 
+#: The scope key under which the connection's ``ClientProtocol`` offers to drop it.
+DROP_CONNECTION = "kvroute.drop_connection"
+
+
 @dataclass(slots=True)
 class RequestContext:
     """What one request's handling learns; the access log reads it at the end."""
@@ -77,6 +81,10 @@ class RequestContext:
     #: Set just before the last body message: a disconnect after it is no abort.
     finishing: bool = False
     cancelled: bool = False
+    #: Drops the client's connection (``ClientProtocol.drop``, from the scope's
+    #: ``DROP_CONNECTION``): for a client that stopped reading. None when
+    #: kvroute is served without its client limits (tests).
+    drop: Callable[[], None] | None = None
     #: Who is calling (set before the body is read).
     tenant: Tenant | None = None
     extra: dict[str, Any] = field(default_factory=dict)
