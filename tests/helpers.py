@@ -19,7 +19,7 @@ from backends.sim.server import build_simulator
 from router.app import build_app
 from router.config import Config, parse_config
 from router.serve import Server, uvicorn_config
-from router.types import ASGIApp
+from router.types import ASGIApp, Receive, Scope, Send
 
 #: Copied byte for byte from shared/fixtures (responses recorded from real engines).
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -151,3 +151,37 @@ async def admin_endpoints(url: str) -> dict[str, dict[str, Any]]:
     async with httpx.AsyncClient() as client:
         data = (await client.get(url + "/admin/endpoints")).json()
     return {e["id"]: e for e in data["endpoints"]}
+
+
+Backend = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def backend(
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    parts: list[bytes],
+    pauses: dict[int, float] | None = None,
+) -> Backend:
+    """An ASGI app that answers every POST with ``parts``, pausing before part i
+    for ``pauses[i]`` seconds; GETs (health probes) get 200."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": message["type"] + ".complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["method"] == "GET":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+            return
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        for i, part in enumerate(parts):
+            if pauses and i in pauses:
+                await asyncio.sleep(pauses[i])
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    return app

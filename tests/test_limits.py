@@ -21,7 +21,15 @@ from router.app import build_app
 from router.config import ClientLimits, ServerConfig, parse_config
 from router.limits import RequestTimeout, ServerBusy, raw_response
 from router.serve import Server, uvicorn_config
-from tests.helpers import eventually, free_socket, serve_app, set_faults, sim_stats, simulator
+from tests.helpers import (
+    backend,
+    eventually,
+    free_socket,
+    serve_app,
+    set_faults,
+    sim_stats,
+    simulator,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = "/v1/chat/completions"
@@ -384,28 +392,8 @@ def flood_backend(events: int = 2_000, size: int = 10_000) -> Any:
             "choices": [{"index": 0, "delta": {"content": "x" * size}, "finish_reason": None}],
         }
     )
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": message["type"] + ".complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        while (await receive()).get("more_body"):
-            pass
-        headers = [(b"content-type", b"text/event-stream")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        for _ in range(events):
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": b"data: " + chunk + b"\n\n",
-                    "more_body": True,
-                }
-            )
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
-
-    return app
+    parts = [b"data: " + chunk + b"\n\n"] * events + [b"data: [DONE]\n\n"]
+    return backend(200, [(b"content-type", b"text/event-stream")], parts)
 
 
 @pytest.mark.parametrize(
@@ -523,19 +511,8 @@ async def test_a_client_reading_a_large_answer_slowly_but_steadily_is_served() -
         }
     )
 
-    async def backend(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": message["type"] + ".complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        while (await receive()).get("more_body"):
-            pass
-        headers = [(b"content-type", b"application/json")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": answer})
-
-    async with serve_app(backend) as backend_url:
+    json_type = [(b"content-type", b"application/json")]
+    async with serve_app(backend(200, json_type, [answer])) as backend_url:
         sock = free_socket()
         port = sock.getsockname()[1]
         raw = raw_config(backend_url, port, {"send_timeout": 2.0})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,7 +18,7 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.types import Receive, Scope, Send
-from tests.helpers import router, router_config, serve_app, simulator
+from tests.helpers import Backend, backend, router, router_config, serve_app, simulator
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 OPENAI_ANSWER = orjson.dumps(
@@ -45,40 +45,6 @@ def chunk(text: str) -> dict[str, Any]:
         "model": "m",
         "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
     }
-
-
-Backend = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-def backend(
-    status: int,
-    headers: list[tuple[bytes, bytes]],
-    parts: list[bytes],
-    pauses: dict[int, float] | None = None,
-) -> Backend:
-    """An ASGI app that answers every POST with ``parts``, pausing before part i
-    for ``pauses[i]`` seconds; GETs (health probes) get 200."""
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": message["type"] + ".complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        if scope["method"] == "GET":
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            await send({"type": "http.response.body", "body": b"{}"})
-            return
-        while (await receive()).get("more_body"):
-            pass
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        for i, part in enumerate(parts):
-            if pauses and i in pauses:
-                await asyncio.sleep(pauses[i])
-            await send({"type": "http.response.body", "body": part, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
-
-    return app
 
 
 @asynccontextmanager
