@@ -318,6 +318,12 @@ class ClientProtocol(HttpToolsProtocol):
                     self._body_late()
                 else:
                     self.transport.close()
+                    if unsent := self.transport.get_write_buffer_size():
+                        # The close waits for the client to take what is left:
+                        # it has ``send_timeout`` (renewed on progress), as when
+                        # writing paused; a client that never reads is dropped.
+                        self._write_deadline = now + self.limits.send_timeout
+                        self._unsent = unsent
         self._rearm(now)
 
     def drop(self) -> None:

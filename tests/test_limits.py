@@ -680,3 +680,70 @@ def test_raw_response_is_one_closing_http_response() -> None:
     assert answer.error()["code"] == "server_busy"
     closing = raw_response(RequestTimeout("late"), [])
     assert closing.count(b"connection:") == 1
+
+
+class HeldTransport:
+    """What ClientProtocol's timer asks of a transport, with bytes the client
+    has not taken (``unsent``)."""
+
+    def __init__(self, unsent: int) -> None:
+        self.unsent = unsent
+        self.closing = self.aborted = False
+
+    def get_write_buffer_size(self) -> int:
+        return self.unsent
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.aborted = self.closing = True
+
+
+async def test_a_close_waiting_on_a_client_that_never_reads_is_dropped() -> None:
+    """A keep-alive (or linger) close with bytes still in kvroute's buffer, too
+    few to have paused writing: the close waits for the client to read them, and
+    a client holding a zero window would keep the connection for ever."""
+    from uvicorn.config import Config as UvicornConfig
+    from uvicorn.server import ServerState
+
+    from router.limits import IDLE, Refusals, client_protocol
+
+    loop = asyncio.get_running_loop()
+    cls = client_protocol(ClientLimits(send_timeout=0.2), Refusals())
+    config = UvicornConfig(app=lambda *_: None, loop="none", log_config=None)
+    config.load()
+
+    def closing(unsent: int) -> tuple[Any, HeldTransport]:
+        protocol = cls(config, ServerState(), {}, loop)
+        transport = protocol.transport = HeldTransport(unsent)
+        protocol._phase = IDLE
+        protocol._deadline = loop.time()  # the keep-alive time is up
+        protocol._on_timer()
+        assert transport.closing and not transport.aborted
+        return protocol, transport
+
+    def fire(protocol: Any) -> None:
+        """The timer, at its write deadline (driven here, not waited for)."""
+        protocol._timer.cancel()
+        protocol._timer = None
+        protocol._write_deadline = loop.time()
+        protocol._on_timer()
+
+    stuck_protocol, stuck = closing(1000)
+    assert stuck_protocol._timer is not None  # a deadline for the close
+    fire(stuck_protocol)
+    assert stuck.aborted
+    # Taking some of it earns another period; nothing more, the drop.
+    reading_protocol, reading = closing(1000)
+    reading.unsent = 500
+    fire(reading_protocol)
+    assert not reading.aborted and reading_protocol._timer is not None
+    fire(reading_protocol)
+    assert reading.aborted
+    # A clean close arms nothing.
+    clean_protocol, clean = closing(0)
+    assert not clean.aborted and clean_protocol._timer is None
