@@ -70,9 +70,7 @@ async def run_demo(host: str, port: int, sim_base_port: int) -> int:
         file=sys.stderr,
     )
     router = Server(
-        uvicorn_config(
-            build_app(config), host, port, config.server.log_level, limits=config.server.limits
-        )
+        uvicorn_config(build_app(config), host, port, config.server.log_level, server=config.server)
     )
     try:
         await router.serve(sockets=[sockets[0]])

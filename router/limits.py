@@ -46,7 +46,7 @@ from uvicorn.config import Config as UvicornConfig
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from router.config import ClientLimits
+from router.config import ClientLimits, ServerConfig
 from router.errors import InvalidRequest, RouterError, error_messages
 from router.logs import LOG
 from router.request import DROP_CONNECTION, OPERATIONS
@@ -445,10 +445,13 @@ class RequestLimits:
     of the slots the requests being answered need. One arriving while the
     slots are full is refused before its body is read."""
 
-    def __init__(self, app: ASGIApp, limits: ClientLimits, refusals: Refusals) -> None:
+    def __init__(self, app: ASGIApp, server: ServerConfig, refusals: Refusals) -> None:
+        limits = server.limits
         self.app = app
         self.max_in_flight = limits.max_in_flight
         self.max_body_bytes = limits.max_body_bytes_in_flight
+        #: One body's bound (the app answers 413 beyond): never a 503 to retry.
+        self.max_body = server.max_body_bytes
         self.retry_after = limits.retry_after
         self.refusals = refusals
         self.in_flight = 0
@@ -478,7 +481,11 @@ class RequestLimits:
         if refusal is None and self.body_bytes:
             for name, value in scope["headers"]:
                 if name == b"content-length":
-                    if value.isdigit() and self.body_bytes + int(value) > self.max_body_bytes:
+                    declared = int(value) if value.isdigit() else 0
+                    if (
+                        declared <= self.max_body
+                        and self.body_bytes + declared > self.max_body_bytes
+                    ):
                         refusal = self._full()  # before its bytes come
                     break
         if refusal is not None:

@@ -15,7 +15,7 @@ import uvicorn
 import uvicorn.config
 
 from router.app import build_app
-from router.config import ClientLimits, Config
+from router.config import ClientLimits, Config, ServerConfig
 from router.limits import Refusals, RequestLimits, client_protocol
 from router.logs import LOG, setup_logging
 from router.types import ASGIApp
@@ -89,21 +89,21 @@ def uvicorn_config(
     log_level: str = "info",
     quiet: bool = False,
     graceful_timeout: float = 30.0,
-    limits: ClientLimits | None = None,
+    server: ServerConfig | None = None,
 ) -> uvicorn.Config:
     """``quiet`` leaves uvicorn's logging setup alone (for servers that share a process).
 
-    With ``limits``, connections are served by ``ClientProtocol`` and the app is
-    wrapped in ``RequestLimits`` (router/limits.py); without, uvicorn's own
-    httptools protocol serves it as is (the simulators).
+    With ``server``, connections are served by ``ClientProtocol`` with its
+    ``limits`` and the app is wrapped in ``RequestLimits`` (router/limits.py);
+    without, uvicorn's own httptools protocol serves it as is (the simulators).
     """
     http: type[asyncio.Protocol] | str = "httptools"
     keep_alive = 5
-    if limits is not None:
+    if server is not None:
         refusals = Refusals()
-        app = RequestLimits(app, limits, refusals)
-        http = client_protocol(limits, refusals)
-        keep_alive = limits.keep_alive_timeout
+        app = RequestLimits(app, server, refusals)
+        http = client_protocol(server.limits, refusals)
+        keep_alive = server.limits.keep_alive_timeout
     return uvicorn.Config(
         app,
         host=host,
@@ -171,7 +171,7 @@ async def serve(
             config.server.port,
             config.server.log_level,
             graceful_timeout=config.shutdown.timeout,
-            limits=limits,
+            server=config.server,
         ),
         on_signal=not_ready,
         grace=config.shutdown.grace,

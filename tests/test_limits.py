@@ -67,7 +67,7 @@ def raw_config(
 async def in_process(raw: dict[str, Any], sock: socket.socket) -> AsyncIterator[None]:
     cfg = parse_config(yaml.safe_dump(raw))
     port = sock.getsockname()[1]
-    uv = uvicorn_config(build_app(cfg), "127.0.0.1", port, quiet=True, limits=cfg.server.limits)
+    uv = uvicorn_config(build_app(cfg), "127.0.0.1", port, quiet=True, server=cfg.server)
     server = Server(uv, owns_signals=False)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
@@ -472,6 +472,9 @@ async def test_the_bytes_of_bodies_held_at_once_are_bounded(mode: str, tmp_path:
                 return r.status_code == 503 and r.json()["error"]["code"] == "server_busy"
 
             await eventually(refused, within=WITHIN)
+            # A body over max_body_bytes is never a 503 to retry: 413 whatever is held.
+            too_large = await client.post(url + CHAT, content=padded + b" " * 300)
+            assert too_large.status_code == 413
             # Chunked, with no length to go by: refused as its bytes pass the bound.
             chunked = await connect(port)
             chunked[1].write(
