@@ -35,7 +35,7 @@ class SSEParser:
         if len(self._buffer) + len(chunk) + self._held > self.max_event_bytes and (
             b"\n" not in chunk
         ):
-            raise UpstreamProtocolError(f"an SSE event longer than {self.max_event_bytes} bytes")
+            raise self._too_long()
         buffer = self._buffer + chunk if self._buffer else chunk
         events: list[bytes] = []
         start = 0
@@ -61,9 +61,10 @@ class SSEParser:
                 self._data.append(value[1:] if value.startswith(b" ") else value)
                 self._held += len(value)
                 if self._held > self.max_event_bytes:
-                    raise UpstreamProtocolError(
-                        f"an SSE event longer than {self.max_event_bytes} bytes"
-                    )
+                    raise self._too_long()
+
+    def _too_long(self) -> UpstreamProtocolError:
+        return UpstreamProtocolError(f"an SSE event longer than {self.max_event_bytes} bytes")
 
     def close(self) -> list[bytes]:
         """An event left open when the stream ended (no blank line after it)."""

@@ -29,6 +29,9 @@ from typing import Any
 
 import orjson
 
+#: A backend's error message is cut to MAX_ERROR_MESSAGE characters for the client
+#: and the log, its ``type``, ``param`` and ``code`` to MAX_ERROR_CODE: the same
+#: cuts as the adapters' error events.
 from backends.openai_shapes import MAX_ERROR_CODE, MAX_ERROR_MESSAGE
 
 
@@ -180,12 +183,6 @@ def error_body(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-#: Characters of a backend's error message passed on to the client and the log
-#: (``MAX_ERROR_MESSAGE``), and of its ``type``, ``param`` and ``code``: the same
-#: cuts as the adapters' error events.
-MAX_UPSTREAM_MESSAGE, MAX_UPSTREAM_FIELD = MAX_ERROR_MESSAGE, MAX_ERROR_CODE
-
-
 def normalise_upstream_error(
     status: int, body: bytes, retry_after: str | None = None
 ) -> UpstreamHTTPError:
@@ -209,19 +206,17 @@ def normalise_upstream_error(
     if isinstance(parsed, dict):
         err = parsed.get("error")
         if isinstance(err, dict):
-            message = str(err.get("message") or "")[:MAX_UPSTREAM_MESSAGE]
+            message = str(err.get("message") or "")[:MAX_ERROR_MESSAGE]
             raw_type = err.get("type")
-            type_ = (
-                raw_type[:MAX_UPSTREAM_FIELD] if isinstance(raw_type, str) and raw_type else None
-            )
+            type_ = raw_type[:MAX_ERROR_CODE] if isinstance(raw_type, str) and raw_type else None
             raw_param = err.get("param")
-            param = raw_param[:MAX_UPSTREAM_FIELD] if isinstance(raw_param, str) else None
+            param = raw_param[:MAX_ERROR_CODE] if isinstance(raw_param, str) else None
             raw_code = err.get("code")
-            code = raw_code[:MAX_UPSTREAM_FIELD] if isinstance(raw_code, str) else None
+            code = raw_code[:MAX_ERROR_CODE] if isinstance(raw_code, str) else None
         elif isinstance(err, str):
             message = err
             raw_type = parsed.get("error_type")
-            type_ = raw_type[:MAX_UPSTREAM_FIELD] if isinstance(raw_type, str) else None
+            type_ = raw_type[:MAX_ERROR_CODE] if isinstance(raw_type, str) else None
         elif isinstance(parsed.get("message"), str):
             message = parsed["message"]
         elif isinstance(parsed.get("detail"), str):
@@ -232,10 +227,10 @@ def normalise_upstream_error(
         # line past 599). The backend's fault.
         message = f"upstream answered HTTP {status}, which is not an answer kvroute relays"
         status, type_, param, code = 502, None, None, None
-    message = message[:MAX_UPSTREAM_MESSAGE]
+    message = message[:MAX_ERROR_MESSAGE]
     if not message:
-        text = body[: MAX_UPSTREAM_MESSAGE * 4].decode("utf-8", "replace").strip()
-        message = text[:MAX_UPSTREAM_MESSAGE] if text else f"upstream answered HTTP {status}"
+        text = body[: MAX_ERROR_MESSAGE * 4].decode("utf-8", "replace").strip()
+        message = text[:MAX_ERROR_MESSAGE] if text else f"upstream answered HTTP {status}"
     if type_ is not None and not _looks_like_openai_type(type_):
         type_ = None
     return UpstreamHTTPError(

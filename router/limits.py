@@ -506,8 +506,7 @@ class RequestLimits:
                 self.body_bytes += size
                 held += size
             if message.get("more_body", False):
-                if not message.get("body") and BODY_STALLED in scope:
-                    raise RequestTimeout(scope[BODY_STALLED])
+                _raise_if_stalled(scope, message)
             elif not counted:
                 if self.in_flight >= self.max_in_flight:
                     raise self._busy()
@@ -526,9 +525,15 @@ class RequestLimits:
 def _stall_aware(scope: Scope, receive: Receive) -> Receive:
     async def receive_body() -> Message:
         message = await receive()
-        # The protocol wakes a stalled reader with an empty chunk and a mark.
-        if message.get("more_body") and not message.get("body") and BODY_STALLED in scope:
-            raise RequestTimeout(scope[BODY_STALLED])
+        if message.get("more_body"):
+            _raise_if_stalled(scope, message)
         return message
 
     return receive_body
+
+
+def _raise_if_stalled(scope: Scope, message: Message) -> None:
+    """The 408 of a body part that is the protocol's wake-up of a stalled
+    reader (an empty chunk, and the scope marked), for a message with more to come."""
+    if not message.get("body") and BODY_STALLED in scope:
+        raise RequestTimeout(scope[BODY_STALLED])

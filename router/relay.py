@@ -353,9 +353,10 @@ async def _read_all(
 ) -> bytes:
     """The body, at most ``limit`` bytes (as decompressed): beyond, a ``whole``
     answer is a 502 (it cannot be cut and still be one), an error body is cut."""
+    too_large = f"endpoint {endpoint_id} sent an answer over {limit} bytes"
     declared = resp.content_length
     if whole and declared is not None and declared > limit:
-        raise UpstreamHTTPError(502, f"endpoint {endpoint_id} sent an answer over {limit} bytes")
+        raise UpstreamHTTPError(502, too_large)
     chunks: list[bytes] = []
     size = 0
     try:
@@ -363,9 +364,7 @@ async def _read_all(
             size += len(chunk)
             if size > limit:
                 if whole:
-                    raise UpstreamHTTPError(
-                        502, f"endpoint {endpoint_id} sent an answer over {limit} bytes"
-                    )
+                    raise UpstreamHTTPError(502, too_large)
                 chunks.append(chunk[: limit - size + len(chunk)])
                 break
             chunks.append(chunk)
